@@ -1,0 +1,98 @@
+"""Encode/decode throughput of every codec, in fp32 input GB/s (GB = 1e9 bytes).
+
+Usage: python benchmarks/codec_throughput.py [--quick] [--out PATH]
+
+For each codec and size: the median over timed repeats (after one warm-up) of encode and of
+decode, with a persistent generator as in training. All codecs run side by side in one process,
+so ratios between them are meaningful even where absolute times on a shared machine are not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import commpress as cp
+
+CODECS = {
+    "identity": cp.Identity(), "fp16": cp.FP16(), "bf16": cp.BF16(),
+    "qsgd2": cp.QSGD(bits=2, bucket_size=128), "qsgd4": cp.QSGD(bits=4),
+    "qsgd8": cp.QSGD(bits=8), "qsgd4-l2": cp.QSGD(bits=4, norm="l2"),
+    "natural": cp.NaturalCompression(), "dithering": cp.NaturalDithering(),
+}
+
+
+def timed(fn, repeats):
+    fn()  # warm-up: first-touch page faults, table caches
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(sizes, repeats, device):
+    rows = []
+    jobs = [(name, codec, n) for n in sizes for name, codec in CODECS.items()]
+    for name, codec, n in tqdm(jobs, desc="codecs", disable=not sys.stderr.isatty()):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        payload = codec.encode(x, generator=gen)
+        t_enc = timed(lambda: codec.encode(x, generator=gen), repeats)
+        t_dec = timed(lambda: codec.decode(payload), repeats)
+        gb = 4 * n / 1e9
+        rows.append({
+            "codec": name, "repr": repr(codec), "numel": n, "device": str(device),
+            "wire_bytes": payload.nbytes, "ratio": round(4 * n / payload.nbytes, 3),
+            "encode_s": t_enc, "decode_s": t_dec,
+            "encode_GBps": round(gb / t_enc, 3), "decode_GBps": round(gb / t_dec, 3),
+            "roundtrip_GBps": round(gb / (t_enc + t_dec), 3),
+        })
+    return rows
+
+
+def markdown(rows):
+    lines = ["| codec | elements | ratio | encode GB/s | decode GB/s | encode+decode GB/s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['codec']} | {r['numel']:,} | {r['ratio']:.2f} | {r['encode_GBps']:.2f} "
+                     f"| {r['decode_GBps']:.2f} | {r['roundtrip_GBps']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1 << 20, 25_000_000])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes, 2 repeats (CI)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                      "codec_throughput.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeats = [1 << 16], 2
+    rows = run(args.sizes, args.repeats, torch.device(args.device))
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "command": " ".join(["python", "benchmarks/codec_throughput.py"] + (argv or sys.argv[1:]))}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=1)
+    print(markdown(rows))
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

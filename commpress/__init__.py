@@ -1,0 +1,7 @@
+"""commpress: communication compression for PyTorch data-parallel training."""
+from .codecs import (BF16, FP16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering,
+                     Payload, codec_names, get_codec)
+
+__version__ = "0.1.0"
+__all__ = ["Codec", "Payload", "get_codec", "codec_names", "QSGD", "NaturalCompression",
+           "NaturalDithering", "Identity", "FP16", "BF16"]

@@ -1,0 +1,34 @@
+"""The ``commpress`` command."""
+from __future__ import annotations
+
+import argparse
+import logging
+import runpy
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _bench(args, rest):
+    script = BENCHMARKS / f"{args.name}.py"
+    if not script.exists():
+        sys.exit(f"commpress bench: no benchmark {args.name!r} (expected {script}; benchmarks "
+                 "ship with a source checkout, not with an installed wheel)")
+    sys.argv = [str(script)] + rest
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="commpress", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args pass through)")
+    bench.add_argument("name", help="e.g. codec_throughput")
+    bench.set_defaults(func=_bench)
+    args, rest = parser.parse_known_args(argv)
+    args.func(args, rest)
+
+
+if __name__ == "__main__":
+    main()

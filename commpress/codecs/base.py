@@ -1,0 +1,239 @@
+"""Codec protocol, the :class:`Payload` wire format, and the codec name registry.
+
+A payload is one contiguous ``uint8`` tensor laid out as::
+
+    header (24 bytes) | scales (fp32, codec-specific count) | packed codes
+
+Header, little endian:
+
+=====  ======  ===========================================================
+bytes  field   meaning
+=====  ======  ===========================================================
+0-1    magic   ``b"CP"``
+2      ver     format version (:data:`FORMAT_VERSION`)
+3      codec   codec id (:attr:`Codec.codec_id`)
+4      dtype   dtype of the encoded tensor (0 fp32, 1 fp16, 2 bf16)
+5      a       first codec parameter (bits, levels)
+6      b       second codec parameter (norm code)
+7      -       reserved, zero
+8-15   numel   number of encoded elements (int64)
+16-19  block   block length the scales apply to (uint32)
+20-23  crc     CRC-32 of bytes 0-19
+=====  ======  ===========================================================
+
+Everything after the header is a pure function of (codec, numel), so ranks never exchange
+sizes before a collective, and :meth:`Codec.decode` can reject any payload whose length,
+header or parameters disagree with the codec that decodes it.
+"""
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Dict, Optional
+
+import torch
+
+FORMAT_VERSION = 1
+HEADER_BYTES = 24
+_MAGIC = b"CP"
+_HEADER = struct.Struct("<2sBBBBBBqI")  # 20 bytes, then the CRC
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class Header:
+    codec_id: int
+    dtype: torch.dtype
+    param_a: int
+    param_b: int
+    numel: int
+    block: int
+
+    def to_bytes(self) -> bytes:
+        head = _HEADER.pack(_MAGIC, FORMAT_VERSION, self.codec_id, _DTYPE_CODES[self.dtype],
+                            self.param_a, self.param_b, 0, self.numel, self.block)
+        return head + struct.pack("<I", zlib.crc32(head))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "Header":
+        if len(raw) < HEADER_BYTES:
+            raise ValueError(f"payload truncated: {len(raw)} bytes is shorter than the "
+                             f"{HEADER_BYTES}-byte header")
+        head, (crc,) = raw[:20], struct.unpack("<I", raw[20:24])
+        magic, version, codec_id, dtype_code, a, b, reserved, numel, block = _HEADER.unpack(head)
+        if magic != _MAGIC:
+            raise ValueError(f"not a commpress payload (magic {magic!r}, expected {_MAGIC!r})")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unsupported payload format version {version} "
+                             f"(this commpress reads version {FORMAT_VERSION})")
+        if zlib.crc32(head) != crc:
+            raise ValueError("payload header is corrupted (CRC mismatch)")
+        if dtype_code not in _CODE_DTYPES or reserved != 0 or numel < 0:
+            raise ValueError("payload header has invalid fields "
+                             f"(dtype code {dtype_code}, reserved {reserved}, numel {numel})")
+        return cls(codec_id, _CODE_DTYPES[dtype_code], a, b, numel, block)
+
+
+@dataclass
+class Payload:
+    """An encoded tensor: ``data`` is the wire bytes, ``shape`` the host-side original shape.
+
+    Only ``data`` crosses the network. A payload rebuilt from received bytes has
+    ``shape=None`` and decodes to a 1-D tensor.
+    """
+
+    data: torch.Tensor
+    shape: Optional[torch.Size] = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+def check_float_tensor(tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _DTYPE_CODES:
+        raise TypeError(f"commpress codecs encode float32, float16 or bfloat16 tensors, "
+                        f"got {tensor.dtype}")
+
+
+class Codec:
+    """Turns a float tensor into a :class:`Payload` and back.
+
+    Subclasses set ``codec_id`` and ``name``, and implement :meth:`_body_bytes`,
+    :meth:`_encode_body` (flat tensor -> the uint8 body) and :meth:`_decode_body`
+    (uint8 body -> flat tensor). This base class owns the header, the length checks and the
+    dtype/shape bookkeeping, so no codec can forget them.
+    """
+
+    codec_id: ClassVar[int]
+    name: ClassVar[str]
+    #: chunks of a vector split for ``reduce_scatter`` start at multiples of this
+    block_size: int = 1
+    #: True when the encoding of a sum is the sum of encodings (plain all_reduce works)
+    summable: ClassVar[bool] = False
+    #: True when ``E[decode(encode(x))] == x``
+    unbiased: ClassVar[bool] = True
+    #: True when ``encode`` draws random numbers
+    stochastic: ClassVar[bool] = False
+
+    # -- to implement -------------------------------------------------------------------
+    def _params(self) -> tuple:
+        """(param_a, param_b, block) written into the header."""
+        return (0, 0, 0)
+
+    def _body_bytes(self, numel: int) -> int:
+        raise NotImplementedError
+
+    def _encode_body(self, flat: torch.Tensor, generator: Optional[torch.Generator],
+                     out: torch.Tensor) -> None:
+        """Write the body of non-empty ``flat`` into ``out`` (``_body_bytes`` uint8s)."""
+        raise NotImplementedError
+
+    def _decode_body(self, body: torch.Tensor, out: torch.Tensor) -> None:
+        """Fill the non-empty flat ``out`` (any float dtype) from a length-checked ``body``."""
+        raise NotImplementedError
+
+    # -- public API ---------------------------------------------------------------------
+    def wire_bytes(self, numel: int) -> int:
+        """Exact payload size in bytes for a tensor of ``numel`` elements."""
+        if numel < 0:
+            raise ValueError(f"numel must be >= 0, got {numel}")
+        return HEADER_BYTES + self._body_bytes(numel)
+
+    def encode(self, tensor: torch.Tensor, generator: Optional[torch.Generator] = None) -> Payload:
+        check_float_tensor(tensor)
+        numel = tensor.numel()
+        a, b, block = self._params()
+        header = Header(self.codec_id, tensor.dtype, a, b, numel, block).to_bytes()
+        data = torch.empty(self.wire_bytes(numel), dtype=torch.uint8, device=tensor.device)
+        data[:HEADER_BYTES].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8),
+                                  non_blocking=True)
+        if numel:
+            self._encode_body(tensor.reshape(-1), generator, data[HEADER_BYTES:])
+        return Payload(data, tensor.shape)
+
+    def decode(self, payload: Payload, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Decode to the original shape and dtype (or ``dtype`` if given, e.g. float32 for
+        reducing fp16 payloads without overflow). Raises ``ValueError`` on a payload that this
+        codec did not produce."""
+        header = self.read_header(payload.data)
+        numel = header.numel
+        if payload.shape is not None and math.prod(payload.shape) != numel:
+            raise ValueError(f"payload holds {numel} elements but its shape is {tuple(payload.shape)}")
+        flat = torch.empty(numel, dtype=dtype or header.dtype, device=payload.data.device)
+        if numel:
+            self._decode_body(payload.data[HEADER_BYTES:], flat)
+        return flat.view(payload.shape if payload.shape is not None else (numel,))
+
+    def read_header(self, data: torch.Tensor) -> Header:
+        """Validate ``data`` as a payload of this codec and return its header."""
+        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+            raise ValueError("a payload must be a 1-D uint8 tensor")
+        header = Header.from_bytes(bytes(data[:HEADER_BYTES].cpu().numpy()))
+        if header.codec_id != self.codec_id:
+            raise ValueError(f"payload was encoded by codec id {header.codec_id}, "
+                             f"not by {self.name} (id {self.codec_id})")
+        if (header.param_a, header.param_b, header.block) != self._params():
+            raise ValueError(f"payload parameters {(header.param_a, header.param_b, header.block)} "
+                             f"do not match {self!r} {self._params()}")
+        expected = self.wire_bytes(header.numel)
+        if data.numel() != expected:
+            raise ValueError(f"payload length {data.numel()} does not match the {expected} bytes "
+                             f"{self!r} produces for {header.numel} elements "
+                             f"({'truncated' if data.numel() < expected else 'trailing bytes'})")
+        return header
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self._params() == other._params()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._params()))
+
+
+#: Elements per step of the chunked CPU kernels: a few MB of temporaries that stay in cache
+#: and are recycled by the allocator, instead of page-faulting fresh 100 MB tensors.
+CPU_CHUNK = 1 << 18
+
+
+def chunk_ranges(numel: int, align: int, device: torch.device):
+    """``(start, stop)`` ranges covering ``numel`` with starts at multiples of ``align``:
+    cache-sized on CPU, one range on accelerators (where each op is one big kernel)."""
+    if device.type != "cpu":
+        yield 0, numel
+        return
+    step = max(align, CPU_CHUNK // align * align)
+    for start in range(0, numel, step):
+        yield start, min(start + step, numel)
+
+
+_REGISTRY: Dict[str, Callable[..., Codec]] = {}
+
+
+def register_codec(*names: str):
+    """Class decorator: make a codec constructible by ``get_codec(name, **kwargs)``."""
+    def wrap(cls):
+        for name in names:
+            _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def get_codec(name: str, **kwargs) -> Codec:
+    """Build a codec by name, e.g. ``get_codec("qsgd", bits=4)``."""
+    try:
+        factory = _REGISTRY[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+    return factory(**kwargs)
+
+
+def codec_names() -> list:
+    return sorted(_REGISTRY)

@@ -1,0 +1,145 @@
+"""Shared machinery of the scaled-level codecs (QSGD, natural dithering).
+
+Both split the flat vector into buckets of ``bucket_size`` values, scale each bucket by its
+norm (one fp32 per bucket on the wire), round ``|x| / norm`` stochastically to one of
+``levels + 1`` magnitudes, and send ``levels + sign * level`` as a ``bits``-wide code. They
+differ only in the magnitudes and in how a value is rounded between its two neighbours.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import bitpack
+from .base import Codec, chunk_ranges
+
+_NORMS = {"max": 0, "l2": 1}
+
+
+def random_bits(numel: int, device: torch.device, generator: Optional[torch.Generator],
+                bits: int = 23) -> torch.Tensor:
+    """``numel`` independent uniform integers in ``[0, 2**bits)``, ``bits <= 31``, as int32.
+
+    Drawn as int64 words split in two: one pass of the generator for two values, several
+    times faster than ``torch.rand`` on CPU.
+    """
+    words = torch.empty((numel + 1) // 2, dtype=torch.int64, device=device)
+    words.random_(generator=generator)
+    return words.view(torch.int32)[:numel].bitwise_and_((1 << bits) - 1)
+
+
+def uniform_1_2(numel: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Uniform floats in ``[1, 2)`` on a grid of ``2**-23``: 23 random mantissa bits under the
+    exponent of 1.0, so no int-to-float conversion is needed."""
+    return random_bits(numel, device, generator).bitwise_or_(0x3F800000).view(torch.float32)
+
+
+def aligned(data: torch.Tensor, itemsize: int) -> torch.Tensor:
+    """``data`` itself if it can be viewed as a dtype of ``itemsize`` bytes, else a copy
+    (received payloads may start at any byte offset of a receive buffer)."""
+    return data if data.storage_offset() % itemsize == 0 else data.clone()
+
+
+def block_norms(blocks: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-row max or L2 norm of a 2-D fp32 tensor, propagating NaN/Inf and never
+    overflowing for finite input (the L2 norm is taken of the max-scaled rows)."""
+    peak = blocks.abs().amax(dim=1)
+    if norm == "max":
+        return peak
+    safe = torch.where(torch.isfinite(peak) & (peak > 0), peak, torch.ones_like(peak))
+    return torch.linalg.vector_norm(blocks / safe.unsqueeze(1), dim=1) * safe
+
+
+class BucketedLevelCodec(Codec):
+    """Base of codecs sending a norm per bucket and a signed level per entry."""
+
+    stochastic = True
+
+    def __init__(self, bits: int, levels: int, bucket_size: int, norm: str):
+        if not isinstance(bucket_size, int) or bucket_size < 1 or bucket_size >= 2 ** 32:
+            raise ValueError(f"bucket_size must be a positive integer, got {bucket_size!r}")
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be one of {sorted(_NORMS)}, got {norm!r}")
+        if 2 * levels + 1 > 2 ** bits:
+            raise ValueError(f"{levels} levels and a sign do not fit in {bits} bits")
+        self.bits, self.levels, self.bucket_size, self.norm = bits, levels, bucket_size, norm
+        self.block_size = bucket_size
+        self._tables = {}
+
+    # -- subclass hooks -------------------------------------------------------------------
+    def _magnitudes(self) -> torch.Tensor:
+        """fp32 tensor of the ``levels + 1`` magnitudes, level 0 being 0 and the top 1."""
+        raise NotImplementedError
+
+    #: ``_round`` receives ``|x| / norm * _ratio_unit``
+    _ratio_unit = 1
+
+    def _round(self, scaled: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Stochastic level index (float, 0..levels) of ``scaled`` in ``[0, _ratio_unit]``,
+        given uniforms ``u`` in [1, 2). May overwrite ``scaled`` and ``u``."""
+        raise NotImplementedError
+
+    # -- Codec ----------------------------------------------------------------------------
+    def _buckets(self, numel: int) -> int:
+        return -(-numel // self.bucket_size)
+
+    def _body_bytes(self, numel: int) -> int:
+        return 4 * self._buckets(numel) + bitpack.packed_bytes(numel, self.bits)
+
+    def _quantize(self, part, generator):
+        """Scales (one per bucket) and unpacked uint8 codes of a bucket-aligned slice."""
+        numel, d = part.numel(), self.bucket_size
+        nb = self._buckets(numel)
+        x = part.float()
+        if numel % d:
+            x = torch.nn.functional.pad(x, (0, nb * d - numel))
+        blocks = x.view(nb, d)
+        scales = block_norms(blocks, self.norm)
+        # A non-finite bucket keeps its non-finite scale, so it decodes non-finite; its codes
+        # only need to be valid integers (fmin below maps NaN to the top level).
+        usable = torch.isfinite(scales) & (scales > 0)
+        factor = torch.where(usable, self._ratio_unit / scales, torch.zeros_like(scales))
+        scaled = blocks.abs().mul_(factor.unsqueeze(1)).view(-1)[:numel]
+        torch.fmin(scaled, torch.tensor(float(self._ratio_unit)), out=scaled)
+        level = self._round(scaled, uniform_1_2(numel, part.device, generator))
+        return scales, level.copysign_(part).add_(self.levels).to(torch.uint8)
+
+    def _encode_body(self, flat, generator, out):
+        d, bits = self.bucket_size, self.bits
+        nb = self._buckets(flat.numel())
+        scales_out, packed_out = out[: 4 * nb].view(torch.float32), out[4 * nb:]
+        for lo, hi in chunk_ranges(flat.numel(), math.lcm(d, 8), flat.device):
+            scales, codes = self._quantize(flat[lo:hi], generator)
+            scales_out[lo // d: lo // d + scales.numel()] = scales
+            packed_out[lo * bits // 8: lo * bits // 8 + bitpack.packed_bytes(hi - lo, bits)] = \
+                bitpack.pack(codes, bits)
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """Code -> signed fraction of the scale. Codes no encoder produces map to NaN, so a
+        corrupted body can never pass as a plausible gradient."""
+        table = self._tables.get(device)
+        if table is None:
+            mags = self._magnitudes()
+            table = torch.full((2 ** self.bits,), float("nan"))
+            table[: 2 * self.levels + 1] = torch.cat([-mags.flip(0)[:-1], mags])
+            table = self._tables[device] = table.to(device)
+        return table
+
+    def _decode_body(self, body, out):
+        d, bits, numel = self.bucket_size, self.bits, out.numel()
+        nb = self._buckets(numel)
+        scales = aligned(body[: 4 * nb], 4).view(torch.float32)
+        packed, table = body[4 * nb:], self._table(body.device)
+        for lo, hi in chunk_ranges(numel, math.lcm(d, 8), body.device):
+            n, nbytes = hi - lo, bitpack.packed_bytes(hi - lo, bits)
+            codes = bitpack.unpack(packed[lo * bits // 8: lo * bits // 8 + nbytes], n, bits)
+            values = torch.empty(-(-n // d) * d, dtype=torch.float32, device=body.device)
+            torch.index_select(table, 0, codes.to(torch.int32), out=values[:n])
+            values[n:] = 0
+            values.view(-1, d).mul_(scales[lo // d: lo // d + values.numel() // d].unsqueeze(1))
+            out[lo:hi] = values[:n]
+
+    def _params(self):
+        return (self.levels, _NORMS[self.norm], self.bucket_size)

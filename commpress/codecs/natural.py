@@ -1,0 +1,120 @@
+"""Natural compression C_nat and natural dithering D_nat (Horvath et al., 2019)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Codec, chunk_ranges, register_codec
+from .bucketed import BucketedLevelCodec, aligned, random_bits
+
+# C_nat code byte: bit 7 the sign, bits 0-6 an exponent code.
+_ZERO, _INF, _NAN = 0, 127, 0x80
+_SPAN = 126  # exponent codes 1..126 cover e_top-125 .. e_top
+
+
+@register_codec("natural", "cnat")
+class NaturalCompression(Codec):
+    """C_nat: each value rounds, unbiasedly, to one of the two powers of two around it
+    (``E[C(t)] = t``, ``E[C(t)^2] <= 9/8 t^2``). Exactly 8 bits per entry plus one int32
+    per payload: a sign bit and a 7-bit exponent offset below ``e_top``, the largest
+    exponent the rounding can reach. Values more than 2^125 below the largest one are
+    rounded unbiasedly between zero and the smallest representable power. Code 127 is
+    +-inf and 0x80 NaN, so non-finite input stays non-finite.
+
+    On fp32 bits the rounding is exact: keep the exponent, and add one to it when a
+    uniform 23-bit integer is below the mantissa.
+
+    Example::
+
+        >>> codec = NaturalCompression()
+        >>> codec.decode(codec.encode(torch.tensor([2.5, -0.75, 0.0])))  # e.g. [2., -1., 0.]
+    """
+
+    codec_id = 5
+    name = "natural"
+    stochastic = True
+
+    def _body_bytes(self, numel):
+        return 4 + numel
+
+    def _encode_body(self, flat, generator, out):
+        ranges = list(chunk_ranges(flat.numel(), 1, flat.device))
+        biggest = torch.zeros((), dtype=torch.int32, device=flat.device)
+        for lo, hi in ranges:  # largest finite exponent, without a host sync
+            expo = (flat[lo:hi].float().view(torch.int32) >> 23) & 0xFF
+            biggest = torch.maximum(biggest, torch.where(expo != 0xFF, expo, 0).amax())
+        e_top = biggest + 1  # rounding up adds at most one
+        out[:4] = e_top.reshape(1).view(torch.uint8)
+        for lo, hi in ranges:
+            out[4 + lo: 4 + hi] = self._codes(flat[lo:hi].float(), e_top, generator)
+
+    @staticmethod
+    def _codes(x, e_top, generator):
+        bits = x.view(torch.int32)
+        expo = (bits >> 23) & 0xFF
+        mant = bits & 0x7FFFFF
+        e_low = e_top - (_SPAN - 1)
+        r = random_bits(x.numel(), x.device, generator)
+        # In range: C_nat on the bits; a subnormal (expo 0) rounds to 2^-126 or to zero.
+        e_out = expo + (r < mant).to(torch.int32)
+        # Below range: to 2^(e_low-127) w.p. |x| / 2^(e_low-127), i.e. when r*2^(e_low-150) < |x|.
+        up = r.float().mul_(torch.ldexp(torch.ones((), device=x.device), (e_low - 150).float())) < x.abs()
+        e_out = torch.where(expo >= e_low, e_out, up.to(torch.int32) * e_low)
+        low = (e_out - e_top + _SPAN).mul_(e_out != 0)
+        low = torch.where(expo != 0xFF, low, _INF)
+        code = low.bitwise_or_(((bits < 0) & (low != _ZERO)).to(torch.int32) << 7)
+        return torch.where((expo != 0xFF) | (mant == 0), code, _NAN).to(torch.uint8)
+
+    def _decode_body(self, body, out):
+        e_top = aligned(body[:4], 4).view(torch.int32)
+        low = torch.arange(128, device=body.device, dtype=torch.int32)
+        mags = torch.ldexp(torch.ones(128, device=body.device),
+                           (e_top - 127 - _SPAN + low).to(torch.float32))
+        mags[_ZERO], mags[_INF] = 0.0, math.inf
+        table = torch.cat([mags, -mags])
+        table[_NAN] = math.nan
+        for lo, hi in chunk_ranges(out.numel(), 1, body.device):
+            out[lo:hi] = torch.index_select(table, 0, body[4 + lo: 4 + hi].to(torch.int32))
+
+
+@register_codec("dithering", "dnat")
+class NaturalDithering(BucketedLevelCodec):
+    """D_nat^{p,s}: ``|x_i| / ||x||_p`` (per bucket) rounds unbiasedly between neighbours of
+    ``{0, 2^(1-s), ..., 1/2, 1}``; sign and level take ``1 + ceil(log2(s+1))`` bits
+    (the default ``s = 7`` fills 4 bits), plus one fp32 norm per bucket.
+
+    Example::
+
+        >>> codec = NaturalDithering(levels=7, p=float("inf"))
+        >>> codec.bits
+        4
+    """
+
+    codec_id = 6
+    name = "dithering"
+
+    def __init__(self, levels: int = 7, p: float = math.inf, bucket_size: int = 512):
+        if not isinstance(levels, int) or not 1 <= levels <= 127:
+            raise ValueError(f"natural dithering levels must be an integer in 1..127, got {levels!r}")
+        if p not in (2, math.inf):
+            raise ValueError(f"natural dithering supports p=2 or p=inf, got {p!r}")
+        self.p = p
+        bits = 1 + math.ceil(math.log2(levels + 1))
+        super().__init__(bits, levels, bucket_size, "max" if p == math.inf else "l2")
+
+    def _magnitudes(self):
+        mags = torch.ldexp(torch.ones(self.levels + 1),
+                           torch.arange(self.levels + 1, dtype=torch.float32) - self.levels)
+        mags[0] = 0.0
+        return mags
+
+    def _round(self, ratio, u):
+        mant, expo = torch.frexp(ratio)  # ratio = mant * 2^expo, mant in [0.5, 1)
+        small = ratio < 2.0 ** (1 - self.levels)
+        low = torch.where(small, 0, expo - 1 + self.levels)
+        p_up = torch.where(small, ratio * 2.0 ** (self.levels - 1), 2 * mant - 1)
+        return (low + (u.sub_(1.0) < p_up)).clamp_(max=self.levels).float()
+
+    def __repr__(self):
+        return f"NaturalDithering(levels={self.levels}, p={self.p}, bucket_size={self.bucket_size})"

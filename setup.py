@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="commpress",
+    version="0.1.0",
+    description="Communication compression (QSGD, natural compression, AC/DC) for PyTorch "
+                "data-parallel training",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["commpress", "commpress.*"]),
+    install_requires=["torch>=2.2", "numpy", "tqdm"],
+    extras_require={
+        "test": ["pytest>=7", "scikit-learn"],
+        "mpi": ["mpi4py>=3.1"],
+        "horovod": ["horovod>=0.28"],
+        "bench": ["matplotlib", "scikit-learn"],
+    },
+    entry_points={"console_scripts": ["commpress=commpress.cli:main"]},
+)
