@@ -1,0 +1,157 @@
+"""Compressed mean-reductions, each algorithm written once over a :class:`Transport`.
+
+``compressed_mean(flat, codec, transport, algorithm)`` returns the fp32 mean over ranks of
+``flat`` (bit-identical on every rank) and, with ``keep_local=True``, what this rank's own
+contribution became after compression (what error feedback needs). It blocks; front ends run
+it on a :class:`~commpress.comm.ordered.OrderedExecutor` to overlap it with computation.
+
+Algorithms (wire bytes per rank for a vector whose payload is ``B`` bytes):
+
+- ``allgather``: everyone's payload to everyone, decode all W, average. ``(W-1) * B``.
+- ``reduce_scatter``: split into W chunks aligned to the codec's block, ``all_to_all`` the
+  encoded chunks, each rank decodes and averages its chunk, re-encodes it, ``all_gather`` of the
+  reduced chunks. About ``2(W-1)/W * B``, flat in W like a ring allreduce, at the price of a
+  second quantization of the averaged chunk.
+- ``allreduce``: for summable encodings (fp32/fp16/bf16 casts) a plain all_reduce of the cast,
+  pre-divided by W (as PyTorch's fp16 hook) so the sum cannot overflow. ``2(W-1)/W * B``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional, Tuple
+
+import torch
+
+from ..codecs import Codec, Payload
+from ..stats import CommStats
+from .transport import Transport
+
+ALGORITHMS = ("allgather", "reduce_scatter", "allreduce")
+#: below this many payload bytes a collective is latency-bound: one round beats two
+SMALL_PAYLOAD_BYTES = 64 * 1024
+
+
+def wire_bytes_per_rank(algorithm: str, codec: Codec, numel: int, world_size: int) -> float:
+    """Bytes one rank sends for one vector of ``numel`` elements, under the algorithms above."""
+    w = world_size
+    if algorithm == "allgather":
+        return (w - 1) * codec.wire_bytes(numel)
+    if algorithm == "reduce_scatter":
+        chunks = [hi - lo for lo, hi in chunk_bounds(numel, codec.block_size, w)]
+        mine = max(chunks)
+        return (sum(codec.wire_bytes(c) for c in chunks) - codec.wire_bytes(mine)
+                + (w - 1) * codec.wire_bytes(mine))
+    if algorithm == "allreduce":
+        return 2 * (w - 1) / w * numel * _wire_dtype(codec).itemsize
+    raise ValueError(f"unknown collective {algorithm!r}; choose from {ALGORITHMS}")
+
+
+def choose_algorithm(codec: Codec, numel: int, world_size: int) -> str:
+    """The ``auto`` cost model.
+
+    - Summable codecs (fp32/fp16/bf16): ``allreduce``, which no compressed scheme beats for them.
+    - Otherwise the algorithm with the fewest bytes per rank: ``allgather`` sends ``(W-1)B``,
+      ``reduce_scatter`` about ``2(W-1)/W B``, so they tie at ``W = 2`` and reduce_scatter wins
+      beyond. Ties, and payloads under ``SMALL_PAYLOAD_BYTES`` (latency-bound: one round
+      instead of two), go to ``allgather``, which also quantizes only once (less noise).
+    """
+    if codec.summable:
+        return "allreduce"
+    if world_size <= 2 or codec.wire_bytes(numel) < SMALL_PAYLOAD_BYTES:
+        return "allgather"
+    return "reduce_scatter"
+
+
+def chunk_bounds(numel: int, block: int, world_size: int):
+    """W contiguous ``(lo, hi)`` ranges covering ``numel``, starting at multiples of ``block``
+    (so no codec bucket straddles two ranks); trailing ones may be empty."""
+    per_rank = math.ceil(math.ceil(numel / block) / world_size) * block
+    return [(min(r * per_rank, numel), min((r + 1) * per_rank, numel)) for r in range(world_size)]
+
+
+def _wire_dtype(codec: Codec) -> torch.dtype:
+    if not codec.summable:
+        raise ValueError(f"collective 'allreduce' needs a summable codec (identity, fp16, bf16), "
+                         f"not {codec!r}: its payloads cannot be added")
+    return codec.wire_dtype
+
+
+class _Timer:
+    def __init__(self, stats: Optional[CommStats], field: str):
+        self.stats, self.field = stats, field
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.stats is not None:
+            self.stats.add(**{self.field: time.perf_counter() - self.start})
+
+
+def _decode_mean(codec: Codec, gathered: torch.Tensor, sizes, stats) -> torch.Tensor:
+    """Average of the consecutive payloads of ``sizes`` bytes in ``gathered`` (fp32)."""
+    with _Timer(stats, "decode_seconds"):
+        total, offset = None, 0
+        for size in sizes:
+            part = codec.decode(Payload(gathered[offset: offset + size]), dtype=torch.float32)
+            total = part if total is None else total.add_(part)
+            offset += size
+        return total.div_(len(sizes))
+
+
+def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algorithm: str,
+                    generator: Optional[torch.Generator] = None,
+                    stats: Optional[CommStats] = None,
+                    keep_local: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(mean, local)``: the fp32 mean over ranks of the 1-D ``flat``, and (``keep_local``)
+    this rank's compressed contribution, decoded. See the module docstring."""
+    if flat.dim() != 1:
+        raise ValueError(f"compressed_mean takes a flat tensor, got shape {tuple(flat.shape)}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown collective {algorithm!r}; choose from {ALGORITHMS}")
+    before, started = transport.sent_bytes, time.perf_counter()
+    run = {"allreduce": _allreduce, "allgather": _allgather, "reduce_scatter": _reduce_scatter}
+    mean, local = run[algorithm](flat, codec, transport, generator, stats, keep_local)
+    if stats is not None:
+        stats.add(wire_bytes=transport.sent_bytes - before,
+                  comm_seconds=time.perf_counter() - started)
+    return mean, local
+
+
+def _allreduce(flat, codec, transport, generator, stats, keep_local):
+    wire = (flat / transport.world_size).to(_wire_dtype(codec))
+    local = (wire.float() * transport.world_size) if keep_local else None
+    return transport.all_reduce_sum(wire).float(), local
+
+
+def _allgather(flat, codec, transport, generator, stats, keep_local):
+    with _Timer(stats, "encode_seconds"):
+        payload = codec.encode(flat, generator)
+    local = codec.decode(payload, dtype=torch.float32) if keep_local else None
+    gathered = transport.all_gather(payload.data)
+    return _decode_mean(codec, gathered, [payload.nbytes] * transport.world_size, stats), local
+
+
+def _reduce_scatter(flat, codec, transport, generator, stats, keep_local):
+    w, rank = transport.world_size, transport.rank
+    bounds = chunk_bounds(flat.numel(), codec.block_size, w)
+    with _Timer(stats, "encode_seconds"):
+        payloads = [codec.encode(flat[lo:hi], generator) for lo, hi in bounds]
+    local = (torch.cat([codec.decode(p, dtype=torch.float32) for p in payloads])
+             if keep_local else None)
+    sizes = [p.nbytes for p in payloads]
+    mine = sizes[rank]
+    received = transport.all_to_all(torch.cat([p.data for p in payloads]), sizes, [mine] * w)
+    chunk_mean = _decode_mean(codec, received, [mine] * w, stats)
+    with _Timer(stats, "encode_seconds"):
+        reduced = codec.encode(chunk_mean, generator).data
+    # all_gather needs equal sizes: every reduced chunk travels in a slot of the largest size
+    slot = max(sizes)
+    padded = torch.zeros(slot, dtype=torch.uint8, device=flat.device)
+    padded[:mine] = reduced
+    gathered = transport.all_gather(padded)
+    with _Timer(stats, "decode_seconds"):
+        mean = torch.cat([codec.decode(Payload(gathered[r * slot: r * slot + sizes[r]]),
+                                       dtype=torch.float32) for r in range(w)])
+    return mean, local

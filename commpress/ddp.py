@@ -1,0 +1,290 @@
+"""DDP front end: a communication hook that averages gradient buckets through compression.
+
+Two lines in a DDP script::
+
+    state = commpress.CompressionState(codec=commpress.QSGD(bits=4))
+    commpress.register_hook(ddp_model, state)   # or ddp_model.register_comm_hook(state, compress_hook)
+
+The hook follows DDP's contract: it returns a ``Future`` of a tensor shaped like the bucket
+holding the *mean* of the gradients over ranks. Each bucket's reduction runs on one background
+thread per state, in bucket order (see :mod:`commpress.comm.ordered`), so communication
+overlaps the rest of the backward pass.
+"""
+
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .codecs import FP16, BF16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering
+from .comm.collectives import ALGORITHMS, choose_algorithm, compressed_mean
+from .comm.ordered import OrderedExecutor
+from .comm.transport import TorchTransport
+from .feedback import KINDS, ErrorFeedback
+from .stats import CommStats
+
+logger = logging.getLogger("commpress")
+
+_FP32 = Identity()
+
+
+class CompressionState:
+    """Configuration and memory of :func:`compress_hook`.
+
+    Args:
+        codec: the :class:`~commpress.Codec` applied to each bucket's large layers.
+        process_group: the group to reduce over (None: the default group).
+        collective: ``"allgather"``, ``"reduce_scatter"``, ``"allreduce"`` (summable codecs
+            only) or ``"auto"`` (a cost model, see :func:`commpress.comm.collectives.choose_algorithm`).
+        error_feedback: None, ``"ef"`` or ``"ef21"`` (see :mod:`commpress.feedback`).
+        start_iter: plain fp32 all-reduce for the first ``start_iter`` steps; must be >= 2 with
+            error feedback, because DDP rebuilds its buckets after the first iteration.
+        min_numel: parameters with fewer elements, and all 1-D ones (biases, norms), are sent
+            uncompressed in one fp32 all-reduce per bucket: compressing them saves little and
+            costs accuracy.
+        seed: stochastic rounding on rank ``r`` uses a generator seeded from ``(seed, r)``, so
+            noise is independent across ranks and runs are reproducible.
+        log_every: log :attr:`stats` on rank 0 every this many steps (0: never).
+
+    Like PyTorch's ``PowerSGDState``, it pickles without its process group (which falls back to
+    the default group) and has ``state_dict()``/``load_state_dict()`` covering the step
+    counter, the error-feedback memories, the random generators and the statistics.
+
+    Example::
+
+        >>> state = CompressionState(codec=QSGD(bits=4), collective="auto", error_feedback=None)
+        >>> ddp_model.register_comm_hook(state, compress_hook)
+        >>> ...train...
+        >>> print(state.stats.summary())
+    """
+
+    def __init__(self, codec: Codec, process_group: Optional[dist.ProcessGroup] = None,
+                 collective: str = "auto", error_feedback: Optional[str] = None,
+                 start_iter: int = 2, min_numel: int = 1024, seed: int = 0, log_every: int = 100):
+        if not isinstance(codec, Codec):
+            raise TypeError(f"codec must be a commpress Codec, got {type(codec).__name__}")
+        if collective != "auto" and collective not in ALGORITHMS:
+            raise ValueError(f"collective must be 'auto' or one of {ALGORITHMS}, got {collective!r}")
+        if collective == "allreduce" and not codec.summable:
+            raise ValueError(f"collective 'allreduce' needs a summable codec (identity, fp16, "
+                             f"bf16); {codec!r} payloads cannot be added")
+        if error_feedback is not None and error_feedback not in KINDS:
+            raise ValueError(f"error_feedback must be None or one of {KINDS}, got {error_feedback!r}")
+        if not isinstance(start_iter, int) or start_iter < 0:
+            raise ValueError(f"start_iter must be a non-negative integer, got {start_iter!r}")
+        if error_feedback is not None and start_iter < 2:
+            raise ValueError("start_iter must be >= 2 with error feedback: DDP rebuilds its "
+                             "buckets after the first iteration")
+        if not isinstance(min_numel, int) or min_numel < 0:
+            raise ValueError(f"min_numel must be a non-negative integer, got {min_numel!r}")
+        self.codec = codec
+        self.process_group = process_group
+        self.collective = collective
+        self.error_feedback = error_feedback
+        self.start_iter = start_iter
+        self.min_numel = min_numel
+        self.seed = seed
+        self.log_every = log_every
+        self.iter = 0
+        self.stats = CommStats()
+        self.feedback = ErrorFeedback(error_feedback) if error_feedback else None
+        self._init_runtime()
+
+    def _init_runtime(self):
+        self.param_index: Dict[torch.Tensor, int] = {}
+        self._transport: Optional[TorchTransport] = None
+        self._executor: Optional[OrderedExecutor] = None
+        self._generators: Dict[str, torch.Generator] = {}
+        self._saved_rng: Dict[str, torch.Tensor] = {}
+
+    # -- runtime pieces, created on first use (they need an initialized process group) -----
+    @property
+    def transport(self) -> TorchTransport:
+        if self._transport is None:
+            self._transport = TorchTransport(self.process_group)
+        return self._transport
+
+    @property
+    def executor(self) -> OrderedExecutor:
+        if self._executor is None:
+            self._executor = OrderedExecutor()
+        return self._executor
+
+    def generator(self, device: torch.device) -> Optional[torch.Generator]:
+        if not self.codec.stochastic:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            gen = torch.Generator(device=device)
+            if key in self._saved_rng:
+                gen.set_state(self._saved_rng.pop(key))
+            else:
+                gen.manual_seed(self.seed * 1_000_003 + self.transport.rank)
+            self._generators[key] = gen
+        return self._generators[key]
+
+    def bind(self, model: torch.nn.Module) -> "CompressionState":
+        """Learn the model's parameters: their names, so error-feedback memories can be
+        checkpointed, and their order, so compression does not depend on DDP's bucket order.
+        :func:`register_hook` calls it."""
+        self.param_index = {p: i for i, p in enumerate(model.parameters())}
+        if self.feedback is not None:
+            self.feedback.bind(model.named_parameters())
+        return self
+
+    # -- persistence ----------------------------------------------------------------------
+    def _config(self) -> Dict:
+        return {"codec": repr(self.codec), "collective": self.collective,
+                "error_feedback": self.error_feedback, "start_iter": self.start_iter,
+                "min_numel": self.min_numel, "seed": self.seed}
+
+    def state_dict(self) -> Dict:
+        rng = {key: gen.get_state() for key, gen in self._generators.items()}
+        return {"config": self._config(), "iter": self.iter, "rng": {**self._saved_rng, **rng},
+                "feedback": self.feedback.state_dict() if self.feedback else None,
+                "stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state["config"] != self._config():
+            raise ValueError(f"checkpoint was made with {state['config']}, this state is "
+                             f"{self._config()}")
+        self.iter = state["iter"]
+        self._generators, self._saved_rng = {}, dict(state["rng"])
+        if self.feedback is not None:
+            self.feedback.load_state_dict(state["feedback"])
+        self.stats.load_state_dict(state["stats"])
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("process_group", "_transport", "_executor", "_generators",
+                              "_saved_rng", "param_index")}
+        state["_saved_rng"] = {**self._saved_rng,
+                               **{k: g.get_state() for k, g in self._generators.items()}}
+        return state
+
+    def __setstate__(self, state):
+        saved_rng = state.pop("_saved_rng")
+        self.__dict__.update(state)
+        self.process_group = None
+        self._init_runtime()
+        self._saved_rng = saved_rng
+        logger.warning("CompressionState unpickled: process_group is not serializable and was "
+                       "reset to the default group")
+
+
+def _segments(state: CompressionState, bucket):
+    """Where each parameter's gradient lies in the bucket buffer: ``(small, big)``, lists of
+    ``(offset, numel, param)`` for the parameters sent uncompressed and compressed. ``big`` is
+    in model order when the model is bound, so a bucket compresses the same vector whichever
+    order DDP put it in (DDP's first iteration uses registration order, later ones the order
+    gradients become ready): this is what makes a resumed run bit-identical."""
+    small, big, offset = [], [], 0
+    for p in bucket.parameters():
+        compress = p.dim() >= 2 and p.numel() >= state.min_numel
+        (big if compress else small).append((offset, p.numel(), p))
+        offset += p.numel()
+    if state.param_index:
+        big.sort(key=lambda seg: state.param_index.get(seg[2], -1))
+    return small, big
+
+
+def _gather(buffer, segments):
+    if len(segments) == 1 and segments[0][1] == buffer.numel():
+        return buffer
+    parts = [buffer[o:o + n] for o, n, _ in segments]
+    return torch.cat(parts) if parts else buffer[:0]
+
+
+def _scatter(buffer, segments, values):
+    start = 0
+    for o, n, _ in segments:
+        buffer[o:o + n].copy_(values[start:start + n])
+        start += n
+
+
+def _reduce_bucket(state: CompressionState, buffer: torch.Tensor, small, big,
+                   compress: bool, last: bool) -> torch.Tensor:
+    transport = state.transport
+    w = transport.world_size
+    state.stats.add(dense_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
+    if not compress:
+        small, big = [(0, buffer.numel(), None)], []
+    if small:
+        mean, _ = compressed_mean(_gather(buffer, small), _FP32, transport, "allreduce",
+                                  stats=state.stats)
+        _scatter(buffer, small, mean)
+    if big:
+        flat = _gather(buffer, big)
+        params = [p for _, _, p in big]
+        algorithm = (choose_algorithm(state.codec, flat.numel(), w)
+                     if state.collective == "auto" else state.collective)
+        fb = state.feedback
+        sent = fb.compensate(params, flat) if fb else flat
+        mean, local = compressed_mean(sent, state.codec, transport, algorithm,
+                                      state.generator(buffer.device), state.stats,
+                                      keep_local=fb is not None)
+        if fb:
+            mean = fb.update(params, sent, local, mean)
+        _scatter(buffer, big, mean)
+    if last:
+        state.stats.end_step()
+        if state.log_every and state.stats.steps % state.log_every == 0 and transport.rank == 0:
+            logger.info("commpress %s", state.stats.summary())
+    return buffer
+
+
+def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: the mean over ranks of ``bucket``, compressed with
+    ``state.codec`` from step ``state.start_iter`` on (plain fp32 all-reduce before).
+
+    Example::
+
+        >>> state = CompressionState(codec=NaturalCompression())
+        >>> ddp_model.register_comm_hook(state, compress_hook)
+    """
+    compress = state.iter >= state.start_iter
+    last = bucket.is_last()
+    if last:
+        state.iter += 1
+    small, big = _segments(state, bucket)
+    buffer = bucket.buffer()
+    return state.executor.submit(lambda: _reduce_bucket(state, buffer, small, big, compress, last))
+
+
+# -- named hooks, for command lines and configuration files ----------------------------------
+NAMED_CODECS = {
+    "fp32": Identity, "fp16": FP16, "bf16": BF16,
+    "qsgd2": lambda: QSGD(bits=2, bucket_size=128), "qsgd4": lambda: QSGD(bits=4),
+    "qsgd8": lambda: QSGD(bits=8), "natural": NaturalCompression, "cnat": NaturalCompression,
+    "dithering": NaturalDithering, "dnat": NaturalDithering,
+}
+
+
+def state_from_name(name: str, **kwargs) -> CompressionState:
+    """``"qsgd4"``, ``"natural"``, ... with an optional ``+ef`` or ``+ef21`` suffix,
+    e.g. ``"qsgd4+ef"``; keyword arguments go to :class:`CompressionState`."""
+    base, _, feedback = name.lower().partition("+")
+    if base not in NAMED_CODECS:
+        raise ValueError(f"unknown hook {name!r}; known: {', '.join(sorted(NAMED_CODECS))} "
+                         "(optionally with +ef or +ef21)")
+    if feedback:
+        kwargs["error_feedback"] = feedback
+    return CompressionState(codec=NAMED_CODECS[base](), **kwargs)
+
+
+def register_hook(model: torch.nn.parallel.DistributedDataParallel, state, **kwargs) -> CompressionState:
+    """Register :func:`compress_hook` on ``model`` with ``state`` (a :class:`CompressionState`
+    or a name for :func:`state_from_name`), naming parameters for checkpoints. Returns the state.
+
+    Example::
+
+        >>> state = commpress.register_hook(ddp_model, "qsgd4+ef")
+    """
+    if isinstance(state, str):
+        state = state_from_name(state, **kwargs)
+    elif kwargs:
+        raise TypeError("keyword arguments are only accepted with a hook name")
+    state.bind(model.module if hasattr(model, "module") else model)
+    model.register_comm_hook(state, compress_hook)
+    return state

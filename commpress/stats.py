@@ -1,0 +1,83 @@
+"""Communication statistics: bytes on the wire against the dense baseline, and where time goes.
+
+``wire_bytes`` is what this rank handed to the engine, weighted by the bytes each collective
+algorithm sends per rank (see :class:`~commpress.comm.transport.Transport`);
+``dense_bytes`` is what a ring all-reduce of the same gradients in fp32 would have sent,
+``2(W-1)/W * 4 * numel``. Their ratio is the saving, after every overhead (headers, scales,
+padding, the uncompressed small layers, the plain warm-up steps).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict
+
+
+@dataclass
+class StepCounters:
+    wire_bytes: int = 0
+    dense_bytes: int = 0
+    encode_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    comm_seconds: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        """dense / wire: how many times fewer bytes than an fp32 all-reduce."""
+        return self.dense_bytes / self.wire_bytes if self.wire_bytes else float("nan")
+
+
+@dataclass
+class CommStats(StepCounters):
+    """Cumulative counters (the inherited fields), ``steps``, and ``last_step``: the counters
+    of the most recently finished step. Thread-safe: reductions report from a worker thread."""
+
+    steps: int = 0
+    last_step: StepCounters = field(default_factory=StepCounters)
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+        self._current = StepCounters()
+
+    def add(self, **amounts) -> None:
+        with self._lock:
+            for name, value in amounts.items():
+                setattr(self, name, getattr(self, name) + value)
+                setattr(self._current, name, getattr(self._current, name) + value)
+
+    def end_step(self) -> None:
+        """Close the current step (call once all its reductions have finished)."""
+        with self._lock:
+            self.steps += 1
+            self.last_step, self._current = self._current, StepCounters()
+
+    def per_step(self) -> Dict[str, float]:
+        n = max(self.steps, 1)
+        return {f.name: getattr(self, f.name) / n for f in fields(StepCounters)}
+
+    def summary(self) -> str:
+        return (f"step {self.steps}: wire {self.wire_bytes / 1e6:.2f} MB vs dense "
+                f"{self.dense_bytes / 1e6:.2f} MB ({self.ratio:.2f}x fewer); last step "
+                f"{self.last_step.wire_bytes / 1e3:.1f} kB ({self.last_step.ratio:.2f}x); "
+                f"encode {self.encode_seconds:.2f}s decode {self.decode_seconds:.2f}s "
+                f"comm {self.comm_seconds:.2f}s")
+
+    def state_dict(self) -> Dict:
+        counters = {f.name: getattr(self, f.name) for f in fields(StepCounters)}
+        return {**counters, "steps": self.steps, "last_step": asdict(self.last_step)}
+
+    def load_state_dict(self, state: Dict) -> None:
+        with self._lock:
+            for f in fields(StepCounters):
+                setattr(self, f.name, state[f.name])
+            self.steps = state["steps"]
+            self.last_step = StepCounters(**state["last_step"])
+            self._current = StepCounters()
+
+    def __getstate__(self):
+        return self.state_dict()
+
+    def __setstate__(self, state):
+        self.__post_init__()
+        self.last_step = StepCounters()
+        self.load_state_dict(state)

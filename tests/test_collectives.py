@@ -1,0 +1,115 @@
+"""Compressed collectives on real gloo process groups of 2, 3 and 4 ranks."""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import commpress as cp
+from commpress.comm import TorchTransport, chunk_bounds, choose_algorithm, compressed_mean, wire_bytes_per_rank
+from distributed import run_workers
+
+CODECS = {"qsgd4": cp.QSGD(bits=4, bucket_size=128), "natural": cp.NaturalCompression(),
+          "dithering": cp.NaturalDithering(bucket_size=128)}
+
+
+def exactness_worker(rank, world_size):
+    transport = TorchTransport()
+    out = {}
+    for n in (1, 7, 1000, 12_345):  # not divisible by W nor by any block size
+        x = torch.randn(n, generator=torch.Generator().manual_seed(100 * rank + n))
+        exact = x.clone()
+        dist.all_reduce(exact)
+        exact /= world_size
+        for algorithm in ("allgather", "reduce_scatter", "allreduce"):
+            mean, local = compressed_mean(x, cp.Identity(), transport, algorithm, keep_local=True)
+            out[(n, algorithm)] = ((mean - exact).abs().max().item(),
+                                     torch.allclose(local, x, rtol=1e-6, atol=0), mean)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_identity_codec_matches_all_reduce(world_size):
+    results = run_workers(exactness_worker, world_size)
+    for key in results[0]:
+        for r in range(world_size):
+            err, local_ok, mean = results[r][key]
+            assert err <= 1e-6 and local_ok, (key, r, err)
+            assert torch.equal(mean, results[0][key][2]), "ranks disagree"
+
+
+def unbiased_worker(rank, world_size, trials):
+    transport = TorchTransport()
+    n = 700
+    x = torch.randn(n, generator=torch.Generator().manual_seed(rank)) * (1 + rank)
+    exact = x.clone()
+    dist.all_reduce(exact)
+    exact /= world_size
+    gen = torch.Generator().manual_seed(1000 + rank)
+    out = {}
+    for name, codec in CODECS.items():
+        for algorithm in ("allgather", "reduce_scatter"):
+            samples = torch.stack([compressed_mean(x, codec, transport, algorithm, gen)[0]
+                                   for _ in range(trials)])
+            out[(name, algorithm)] = (samples.double(), exact.double())
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_compressed_means_are_unbiased(world_size):
+    """The averaged result is unbiased: along 32 random directions, the Monte Carlo mean of
+    w.(mean - exact) is within 5 standard errors of zero."""
+    trials = 300
+    results = run_workers(unbiased_worker, world_size, trials)
+    directions = torch.randn(700, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for key, (samples, exact) in results[0].items():
+        for r in range(1, world_size):
+            assert torch.equal(results[r][key][0], samples), f"{key}: ranks disagree"
+        proj = (samples - exact) @ directions
+        z = proj.mean(0) / (proj.std(0) / math.sqrt(trials))
+        assert z.abs().max() < 5, (key, z.abs().max())
+        # and the codec really compressed: single trials are noisy
+        assert (samples[0] - exact).norm() > 1e-3 * exact.norm()
+
+
+def wire_worker(rank, world_size):
+    transport = TorchTransport()
+    codec = cp.QSGD(bits=4, bucket_size=512)
+    x = torch.randn(400_000)
+    out = {}
+    for algorithm in ("allgather", "reduce_scatter"):
+        before = transport.sent_bytes
+        compressed_mean(x, codec, transport, algorithm, torch.Generator().manual_seed(rank))
+        out[algorithm] = transport.sent_bytes - before
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_wire_bytes_per_rank(world_size):
+    results = run_workers(wire_worker, world_size)
+    compressed = cp.QSGD(bits=4, bucket_size=512).wire_bytes(400_000)
+    w = world_size
+    for r, measured in enumerate(results):
+        assert measured["allgather"] == (w - 1) * compressed
+        ring = 2 * (w - 1) / w * compressed
+        assert abs(measured["reduce_scatter"] - ring) <= 0.10 * ring, (r, measured, ring)
+        model = wire_bytes_per_rank("reduce_scatter", cp.QSGD(bits=4, bucket_size=512), 400_000, w)
+        assert abs(measured["reduce_scatter"] - model) <= 0.01 * model
+
+
+def test_chunk_bounds_align_and_cover():
+    for numel, block, w in [(0, 512, 3), (1, 512, 4), (1000, 128, 3), (12_345, 512, 4), (10, 1, 4)]:
+        bounds = chunk_bounds(numel, block, w)
+        assert len(bounds) == w and bounds[0][0] == 0 and bounds[-1][1] == numel
+        for (lo, hi), (lo2, _) in zip(bounds, bounds[1:]):
+            assert hi == lo2 and (lo % block == 0 or lo == numel)
+
+
+def test_auto_cost_model():
+    q4 = cp.QSGD(bits=4)
+    assert choose_algorithm(cp.FP16(), 10 ** 7, 8) == "allreduce"
+    assert choose_algorithm(q4, 10 ** 7, 2) == "allgather"
+    assert choose_algorithm(q4, 10 ** 7, 4) == "reduce_scatter"
+    assert choose_algorithm(q4, 1000, 8) == "allgather"  # latency-bound
+    with pytest.raises(ValueError, match="summable"):
+        wire_bytes_per_rank("allreduce", q4, 100, 2)
