@@ -11,6 +11,7 @@ setup(
     packages=find_packages(include=["commpress", "commpress.*"]),
     install_requires=["torch>=2.2", "numpy", "tqdm"],
     extras_require={
+        "train": ["scikit-learn"],
         "test": ["pytest>=7", "scikit-learn"],
         "mpi": ["mpi4py>=3.1"],
         "horovod": ["horovod>=0.28"],

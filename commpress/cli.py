@@ -23,6 +23,13 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="commpress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    from . import train
+    train_parser = sub.add_parser("train", help="compressed multi-process training against fp32, "
+                                                "with a report", description=train.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_arguments(train_parser)
+    train_parser.set_defaults(func=lambda args, rest: train.run(args) if not rest else
+                              parser.error(f"unrecognized arguments: {' '.join(rest)}"))
     bench = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args pass through)")
     bench.add_argument("name", help="e.g. codec_throughput")
     bench.set_defaults(func=_bench)

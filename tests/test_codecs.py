@@ -142,6 +142,19 @@ def test_qsgd_variance_bound(bits, norm):
     assert (exact <= bound).all() and (mean <= bound + 5 * se).all()  # and meets the paper's bound
 
 
+@pytest.mark.parametrize("codec", STOCHASTIC + [cp.QSGD(bits=8), cp.QSGD(bits=6)], ids=codec_id)
+def test_values_on_a_level_decode_exactly(codec):
+    """Entries equal to the bucket norm never round past the top level, even when the random
+    draw is within float rounding of 1 (a 2^-18 event per entry: 2^21 entries catch it)."""
+    x = torch.full((1 << 21,), -0.75)
+    y = codec.decode(codec.encode(x, generator=torch.Generator().manual_seed(0)))
+    if isinstance(codec, cp.NaturalCompression):  # -0.75 is not a power of two
+        assert set(y.unique().tolist()) <= {-0.5, -1.0}
+    elif codec.norm == "max":
+        assert torch.equal(y, x)
+    assert torch.isfinite(y).all()
+
+
 def test_natural_compression_outputs_signed_powers_of_two():
     x = torch.randn(100_000) * torch.logspace(-15, 15, 100_000)  # within C_nat's 2^125 span
     y = cp.NaturalCompression().decode(cp.NaturalCompression().encode(x))

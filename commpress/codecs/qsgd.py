@@ -41,8 +41,10 @@ class QSGD(BucketedLevelCodec):
         return self.levels
 
     def _round(self, scaled, u):
-        # floor(t + U), U ~ [0, 1), is floor(t) + 1 with probability frac(t): unbiased
-        return scaled.add_(u).floor_().sub_(1.0)
+        # floor(t + U), U ~ [0, 1), is floor(t) + 1 with probability frac(t): unbiased up to the
+        # fp32 rounding of t + U (< 2^-16 of a level at 8 bits). That rounding can carry
+        # t = levels over the top, hence the clamp.
+        return scaled.add_(u).floor_().sub_(1.0).clamp_(max=self.levels)
 
     def __repr__(self):
         return f"QSGD(bits={self.bits}, bucket_size={self.bucket_size}, norm={self.norm!r})"

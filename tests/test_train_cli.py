@@ -1,0 +1,27 @@
+"""The main job, end to end, as a user runs it."""
+import json
+import subprocess
+import sys
+
+
+def test_commpress_train_reports(tmp_path):
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "commpress.cli", "train", "qsgd4", "natural+ef", "--epochs", "2",
+         "--quiet", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test acc" in proc.stdout and "qsgd4" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2
+    results = {r["method"]: r for r in report["results"]}
+    assert set(results) == {"fp32-allreduce", "qsgd4", "natural+ef"}
+    for r in results.values():
+        assert r["replicas_identical"]
+        assert r["accuracy"] > 0.8  # two epochs on digits already reach ~95%
+    assert results["qsgd4"]["ratio"] > 5 and results["natural+ef"]["ratio"] > 3
+
+
+def test_commpress_train_rejects_unknown_hook():
+    proc = subprocess.run([sys.executable, "-m", "commpress.cli", "train", "qsgd3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "unknown hook 'qsgd3'" in proc.stderr
