@@ -27,9 +27,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     out_len = packed_bytes(n, bits)
     if 8 % bits == 0:
         per_byte = 8 // bits
-        padded = torch.zeros(out_len * per_byte, dtype=torch.uint8, device=codes.device)
-        padded[:n] = codes
-        groups = padded.view(out_len, per_byte)
+        if n % per_byte:
+            padded = torch.zeros(out_len * per_byte, dtype=torch.uint8, device=codes.device)
+            padded[:n] = codes
+            codes = padded
+        groups = codes.view(out_len, per_byte)
         out = groups[:, 0].clone()
         for k in range(1, per_byte):  # at most 8 vectorised steps, not a per-element loop
             out |= groups[:, k] << (k * bits)

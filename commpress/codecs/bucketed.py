@@ -42,14 +42,14 @@ def aligned(data: torch.Tensor, itemsize: int) -> torch.Tensor:
     return data if data.storage_offset() % itemsize == 0 else data.clone()
 
 
-def block_norms(blocks: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-row max or L2 norm of a 2-D fp32 tensor, propagating NaN/Inf and never
+def block_norms(magnitudes: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-row max or L2 norm of a 2-D fp32 tensor of ``|x|``, propagating NaN/Inf and never
     overflowing for finite input (the L2 norm is taken of the max-scaled rows)."""
-    peak = blocks.abs().amax(dim=1)
+    peak = magnitudes.amax(dim=1)
     if norm == "max":
         return peak
     safe = torch.where(torch.isfinite(peak) & (peak > 0), peak, torch.ones_like(peak))
-    return torch.linalg.vector_norm(blocks / safe.unsqueeze(1), dim=1) * safe
+    return torch.linalg.vector_norm(magnitudes / safe.unsqueeze(1), dim=1) * safe
 
 
 class BucketedLevelCodec(Codec):
@@ -77,8 +77,9 @@ class BucketedLevelCodec(Codec):
     _ratio_unit = 1
 
     def _round(self, scaled: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Stochastic level index (float, 0..levels) of ``scaled`` in ``[0, _ratio_unit]``,
-        given uniforms ``u`` in [1, 2). May overwrite ``scaled`` and ``u``."""
+        """Stochastic level index (float, clamped to 0..levels) of ``scaled``, which is in
+        ``[0, _ratio_unit]`` up to rounding, given uniforms ``u`` in [1, 2). May overwrite
+        ``scaled`` and ``u``."""
         raise NotImplementedError
 
     # -- Codec ----------------------------------------------------------------------------
@@ -95,14 +96,13 @@ class BucketedLevelCodec(Codec):
         x = part.float()
         if numel % d:
             x = torch.nn.functional.pad(x, (0, nb * d - numel))
-        blocks = x.view(nb, d)
-        scales = block_norms(blocks, self.norm)
+        magnitudes = x.abs().view(nb, d)
+        scales = block_norms(magnitudes, self.norm)
         # A non-finite bucket keeps its non-finite scale, so it decodes non-finite; its codes
-        # only need to be valid integers (fmin below maps NaN to the top level).
+        # only need to be valid integers (NaN and Inf become level 0, overshoot is clamped).
         usable = torch.isfinite(scales) & (scales > 0)
         factor = torch.where(usable, self._ratio_unit / scales, torch.zeros_like(scales))
-        scaled = blocks.abs().mul_(factor.unsqueeze(1)).view(-1)[:numel]
-        torch.fmin(scaled, torch.tensor(float(self._ratio_unit)), out=scaled)
+        scaled = magnitudes.mul_(factor.unsqueeze(1)).view(-1)[:numel].nan_to_num_(0.0, 0.0, 0.0)
         level = self._round(scaled, uniform_1_2(numel, part.device, generator))
         return scales, level.copysign_(part).add_(self.levels).to(torch.uint8)
 

@@ -43,28 +43,42 @@ class NaturalCompression(Codec):
         biggest = torch.zeros((), dtype=torch.int32, device=flat.device)
         for lo, hi in ranges:  # largest finite exponent, without a host sync
             expo = (flat[lo:hi].float().view(torch.int32) >> 23) & 0xFF
-            biggest = torch.maximum(biggest, torch.where(expo != 0xFF, expo, 0).amax())
+            biggest = torch.maximum(biggest, expo.masked_fill_(expo == 0xFF, 0).amax())
         e_top = biggest + 1  # rounding up adds at most one
         out[:4] = e_top.reshape(1).view(torch.uint8)
+        table = self._code_table(e_top)
+        # Values more than 2^125 below the largest need a second rounding step; on CPU, where
+        # looking is free, skip it when no value can be that small.
+        low_range = flat.device.type != "cpu" or int(e_top) > _SPAN - 1
         for lo, hi in ranges:
-            out[4 + lo: 4 + hi] = self._codes(flat[lo:hi].float(), e_top, generator)
+            out[4 + lo: 4 + hi] = self._codes(flat[lo:hi].float(), e_top, table, low_range, generator)
 
     @staticmethod
-    def _codes(x, e_top, generator):
+    def _code_table(e_top):
+        """Code byte for index ``(sign << 8) | rounded biased exponent``: 0 stays zero (unsigned),
+        255 is Inf, the rest count down from ``e_top``."""
+        expo = torch.arange(256, dtype=torch.int32, device=e_top.device)
+        low = (expo - e_top + _SPAN).clamp_(min=0)
+        low[0], low[255] = _ZERO, _INF
+        return torch.cat([low, torch.where(low == _ZERO, low, low | 0x80)]).to(torch.uint8)
+
+    @staticmethod
+    def _codes(x, e_top, table, low_range, generator):
         bits = x.view(torch.int32)
-        expo = (bits >> 23) & 0xFF
-        mant = bits & 0x7FFFFF
-        e_low = e_top - (_SPAN - 1)
-        r = random_bits(x.numel(), x.device, generator)
-        # In range: C_nat on the bits; a subnormal (expo 0) rounds to 2^-126 or to zero.
-        e_out = expo + (r < mant).to(torch.int32)
-        # Below range: to 2^(e_low-127) w.p. |x| / 2^(e_low-127), i.e. when r*2^(e_low-150) < |x|.
-        up = r.float().mul_(torch.ldexp(torch.ones((), device=x.device), (e_low - 150).float())) < x.abs()
-        e_out = torch.where(expo >= e_low, e_out, up.to(torch.int32) * e_low)
-        low = (e_out - e_top + _SPAN).mul_(e_out != 0)
-        low = torch.where(expo != 0xFF, low, _INF)
-        code = low.bitwise_or_(((bits < 0) & (low != _ZERO)).to(torch.int32) << 7)
-        return torch.where((expo != 0xFF) | (mant == 0), code, _NAN).to(torch.uint8)
+        magnitude = bits & 0x7FFFFFFF
+        nan = magnitude > 0x7F800000
+        # C_nat on the bits: a uniform 23-bit integer added to the mantissa carries into the
+        # exponent with probability mantissa / 2^23 (a subnormal becomes 2^-126 or zero).
+        expo = magnitude.clamp_(max=0x7F800000).add_(random_bits(x.numel(), x.device, generator)) >> 23
+        if low_range:
+            # below 2^(e_low-127): up to it with probability 2^(expo - e_low), else to zero
+            e_low = e_top - (_SPAN - 1)
+            below = (expo < e_low) & (expo > 0)
+            threshold = (1 << 23) >> (e_low - expo).clamp_(0, 31)
+            up = random_bits(x.numel(), x.device, generator) < threshold
+            expo = torch.where(below, up * e_low, expo)
+        index = expo.bitwise_or_((bits >> 23) & 0x100)
+        return torch.index_select(table, 0, index).masked_fill_(nan, _NAN)
 
     def _decode_body(self, body, out):
         e_top = aligned(body[:4], 4).view(torch.int32)
