@@ -38,6 +38,8 @@ class CompressionState:
         collective: ``"allgather"``, ``"reduce_scatter"``, ``"allreduce"`` (summable codecs
             only) or ``"auto"`` (a cost model, see :func:`commpress.comm.collectives.choose_algorithm`).
         error_feedback: None, ``"ef"`` or ``"ef21"`` (see :mod:`commpress.feedback`).
+        server_feedback: with ``"ef"``, also keep the residual of ``reduce_scatter``'s second
+            quantization at the reducing rank.
         start_iter: plain fp32 all-reduce for the first ``start_iter`` steps; must be >= 2 with
             error feedback, because DDP rebuilds its buckets after the first iteration.
         min_numel: parameters with fewer elements, and all 1-D ones (biases, norms), are sent
@@ -61,7 +63,7 @@ class CompressionState:
 
     def __init__(self, codec: Codec, process_group: Optional[dist.ProcessGroup] = None,
                  collective: str = "auto", error_feedback: Optional[str] = None,
-                 start_iter: int = 2, min_numel: int = 1024, seed: int = 0, log_every: int = 100):
+                 server_feedback: bool = False, start_iter: int = 2, min_numel: int = 1024, seed: int = 0, log_every: int = 100):
         if not isinstance(codec, Codec):
             raise TypeError(f"codec must be a commpress Codec, got {type(codec).__name__}")
         if collective != "auto" and collective not in ALGORITHMS:
@@ -88,7 +90,10 @@ class CompressionState:
         self.log_every = log_every
         self.iter = 0
         self.stats = CommStats()
-        self.feedback = ErrorFeedback(error_feedback) if error_feedback else None
+        if server_feedback and error_feedback != "ef":
+            raise ValueError("server_feedback=True needs error_feedback='ef'")
+        self.server_feedback = server_feedback
+        self.feedback = ErrorFeedback(error_feedback, server_feedback) if error_feedback else None
         self._init_runtime()
 
     def _init_runtime(self):
@@ -136,7 +141,8 @@ class CompressionState:
     # -- persistence ----------------------------------------------------------------------
     def _config(self) -> Dict:
         return {"codec": repr(self.codec), "collective": self.collective,
-                "error_feedback": self.error_feedback, "start_iter": self.start_iter,
+                "error_feedback": self.error_feedback, "server_feedback": self.server_feedback,
+                "start_iter": self.start_iter,
                 "min_numel": self.min_numel, "seed": self.seed}
 
     def state_dict(self) -> Dict:
@@ -221,11 +227,13 @@ def _reduce_bucket(state: CompressionState, buffer: torch.Tensor, small, big,
                      if state.collective == "auto" else state.collective)
         fb = state.feedback
         sent = fb.compensate(params, flat) if fb else flat
+        server = fb.server_memory(params, flat) if fb else None
         mean, local = compressed_mean(sent, state.codec, transport, algorithm,
                                       state.generator(buffer.device), state.stats,
-                                      keep_local=fb is not None)
+                                      keep_local=fb is not None, server_residual=server)
         if fb:
             mean = fb.update(params, sent, local, mean)
+            fb.store_server_memory(params, server)
         _scatter(buffer, big, mean)
     if last:
         state.stats.end_step()

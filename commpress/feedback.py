@@ -5,6 +5,8 @@
 - ``"ef21"`` (Richtarik et al., 2021): each worker keeps its estimate ``g_i`` and sends
   ``c_i = C(grad_i - g_i)``; then ``g_i += c_i`` and every rank applies ``g += mean(c_i)``,
   using ``g`` as the gradient.
+- ``server=True`` (with ``"ef"``): a second memory for ``reduce_scatter``'s re-quantization of
+  the averaged chunk, at the rank that reduces it (DeepSpeed 1-bit Adam's "server error").
 
 A front end calls :meth:`ErrorFeedback.compensate` on a flat vector made of whole parameters,
 sends the result through a compressed collective, then calls :meth:`ErrorFeedback.update`
@@ -13,7 +15,7 @@ on the gradient's device.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 
@@ -23,11 +25,14 @@ _MEMORIES = {"ef": ("residual",), "ef21": ("worker", "shared")}
 
 
 class ErrorFeedback:
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, server: bool = False):
         if kind not in KINDS:
             raise ValueError(f"error_feedback must be None or one of {KINDS}, got {kind!r}")
-        self.kind = kind
-        self.memories: Dict[str, Dict[torch.Tensor, torch.Tensor]] = {m: {} for m in _MEMORIES[kind]}
+        if server and kind != "ef":
+            raise ValueError("server-side error feedback needs error_feedback='ef'")
+        self.kind, self.server = kind, server
+        self._names = _MEMORIES[kind] + (("server",) if server else ())
+        self.memories: Dict[str, Dict[torch.Tensor, torch.Tensor]] = {m: {} for m in self._names}
         self.names: Dict[torch.Tensor, str] = {}
         self._pending: Dict[str, Dict[str, torch.Tensor]] = {}
 
@@ -60,6 +65,14 @@ class ErrorFeedback:
         shared = self._gather("shared", params, mean) + mean
         self._scatter("shared", params, shared)
         return shared
+
+    def server_memory(self, params: Sequence[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+        """The server residual for ``params`` (to pass to ``compressed_mean``), or None."""
+        return self._gather("server", params, like) if self.server else None
+
+    def store_server_memory(self, params: Sequence[torch.Tensor], residual: Optional[torch.Tensor]) -> None:
+        if residual is not None:
+            self._scatter("server", params, residual)
 
     def mask_(self, masks: Dict[torch.Tensor, torch.Tensor]) -> None:
         """Zero the memories where ``masks[param]`` is 0 (entries pruned by AC/DC)."""
@@ -96,7 +109,7 @@ class ErrorFeedback:
         if state.get("kind") != self.kind:
             raise ValueError(f"checkpoint holds {state.get('kind')!r} error feedback, this state "
                              f"uses {self.kind!r}")
-        self.memories = {m: {} for m in _MEMORIES[self.kind]}
-        self._pending = {m: dict(state.get(m, {})) for m in _MEMORIES[self.kind]}
+        self.memories = {m: {} for m in self._names}
+        self._pending = {m: dict(state.get(m, {})) for m in self._names}
         if self.names:
             self.bind((name, p) for p, name in self.names.items())

@@ -113,3 +113,40 @@ def test_auto_cost_model():
     assert choose_algorithm(q4, 1000, 8) == "allgather"  # latency-bound
     with pytest.raises(ValueError, match="summable"):
         wire_bytes_per_rank("allreduce", q4, 100, 2)
+
+
+def server_feedback_worker(rank, world_size, steps):
+    """Running sum of (output - exact mean of the first-stage payloads) over ``steps``."""
+    transport = TorchTransport()
+    codec = cp.QSGD(bits=2, bucket_size=64)
+    x = torch.randn(600, generator=torch.Generator().manual_seed(rank))
+    drift = {}
+    for use_server in (False, True):
+        gen = torch.Generator().manual_seed(rank)
+        server = torch.zeros(600) if use_server else None
+        total = torch.zeros(600, dtype=torch.float64)
+        for _ in range(steps):
+            mean, local = compressed_mean(x, codec, transport, "reduce_scatter", gen,
+                                          keep_local=True, server_residual=server)
+            first_stage = local.clone()
+            dist.all_reduce(first_stage)
+            error = (mean - first_stage / world_size).double()
+            drift.setdefault("one_step", error.norm().item())
+            total += error
+        drift[use_server] = total.norm().item()
+        if use_server:
+            lo, hi = chunk_bounds(600, 64, world_size)[rank]
+            outside = torch.cat([server[:lo], server[hi:]])
+            drift["outside"] = outside.abs().max().item() if outside.numel() else 0.0
+    return drift
+
+
+def test_server_error_feedback_cancels_second_quantization():
+    """With the reducing rank's residual, the second quantization's errors telescope: their
+    running sum stays about one quantization error, instead of growing like sqrt(steps)
+    (sqrt(60) ~ 7.7 single-step errors)."""
+    results = run_workers(server_feedback_worker, 3, 60)
+    for drift in results:
+        assert drift["outside"] == 0.0  # a rank only keeps the residual of its own chunk
+        assert drift[False] > 4 * drift["one_step"], drift
+        assert drift[True] < 3 * drift["one_step"], drift

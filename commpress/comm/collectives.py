@@ -102,17 +102,30 @@ def _decode_mean(codec: Codec, gathered: torch.Tensor, sizes, stats) -> torch.Te
 
 def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algorithm: str,
                     generator: Optional[torch.Generator] = None,
-                    stats: Optional[CommStats] = None,
-                    keep_local: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                    stats: Optional[CommStats] = None, keep_local: bool = False,
+                    server_residual: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(mean, local)``: the fp32 mean over ranks of the 1-D ``flat``, and (``keep_local``)
-    this rank's compressed contribution, decoded. See the module docstring."""
+    this rank's compressed contribution, decoded. See the module docstring.
+
+    ``server_residual``: an fp32 vector like ``flat``, the error feedback of the second
+    quantization in ``reduce_scatter`` (DeepSpeed's "server error"): this rank adds its chunk
+    of it to the averaged chunk before re-encoding, and stores there what re-encoding lost.
+    Other algorithms quantize once and leave it untouched."""
     if flat.dim() != 1:
         raise ValueError(f"compressed_mean takes a flat tensor, got shape {tuple(flat.shape)}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown collective {algorithm!r}; choose from {ALGORITHMS}")
     before, started = transport.sent_bytes, time.perf_counter()
-    run = {"allreduce": _allreduce, "allgather": _allgather, "reduce_scatter": _reduce_scatter}
-    mean, local = run[algorithm](flat, codec, transport, generator, stats, keep_local)
+    if server_residual is not None and server_residual.shape != flat.shape:
+        raise ValueError(f"server_residual has shape {tuple(server_residual.shape)}, "
+                         f"expected {tuple(flat.shape)}")
+    if algorithm == "reduce_scatter":
+        mean, local = _reduce_scatter(flat, codec, transport, generator, stats, keep_local,
+                                      server_residual)
+    else:
+        run = _allreduce if algorithm == "allreduce" else _allgather
+        mean, local = run(flat, codec, transport, generator, stats, keep_local)
     if stats is not None:
         stats.add(wire_bytes=transport.sent_bytes - before,
                   comm_seconds=time.perf_counter() - started)
@@ -133,7 +146,7 @@ def _allgather(flat, codec, transport, generator, stats, keep_local):
     return _decode_mean(codec, gathered, [payload.nbytes] * transport.world_size, stats), local
 
 
-def _reduce_scatter(flat, codec, transport, generator, stats, keep_local):
+def _reduce_scatter(flat, codec, transport, generator, stats, keep_local, server_residual):
     w, rank = transport.world_size, transport.rank
     bounds = chunk_bounds(flat.numel(), codec.block_size, w)
     with _Timer(stats, "encode_seconds"):
@@ -144,8 +157,13 @@ def _reduce_scatter(flat, codec, transport, generator, stats, keep_local):
     mine = sizes[rank]
     received = transport.all_to_all(torch.cat([p.data for p in payloads]), sizes, [mine] * w)
     chunk_mean = _decode_mean(codec, received, [mine] * w, stats)
+    lo, hi = bounds[rank]
+    if server_residual is not None:
+        chunk_mean += server_residual[lo:hi]
     with _Timer(stats, "encode_seconds"):
         reduced = codec.encode(chunk_mean, generator).data
+    if server_residual is not None:
+        server_residual[lo:hi] = chunk_mean - codec.decode(Payload(reduced), dtype=torch.float32)
     # all_gather needs equal sizes: every reduced chunk travels in a slot of the largest size
     slot = max(sizes)
     padded = torch.zeros(slot, dtype=torch.uint8, device=flat.device)
