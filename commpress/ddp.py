@@ -90,6 +90,9 @@ class CompressionState:
         self.log_every = log_every
         self.iter = 0
         self.stats = CommStats()
+        #: AC/DC phase ("dense" or "sparse") and per-phase statistics, set by :class:`commpress.ACDC`
+        self.phase = "dense"
+        self.phase_stats = {"dense": CommStats(), "sparse": CommStats()}
         if server_feedback and error_feedback != "ef":
             raise ValueError("server_feedback=True needs error_feedback='ef'")
         self.server_feedback = server_feedback
@@ -98,6 +101,8 @@ class CompressionState:
 
     def _init_runtime(self):
         self.param_index: Dict[torch.Tensor, int] = {}
+        self.masks: Dict[torch.Tensor, torch.Tensor] = {}
+        self._keep_cache: Dict[tuple, Optional[torch.Tensor]] = {}
         self._transport: Optional[TorchTransport] = None
         self._executor: Optional[OrderedExecutor] = None
         self._generators: Dict[str, torch.Generator] = {}
@@ -129,6 +134,15 @@ class CompressionState:
             self._generators[key] = gen
         return self._generators[key]
 
+    def set_masks(self, masks: Dict[torch.Tensor, torch.Tensor]) -> None:
+        """Send only the gradient entries where ``masks[param]`` is true (zeros elsewhere);
+        ``{}`` sends everything. Drops the error-feedback memories of masked-out entries.
+        Called by :class:`commpress.ACDC` at every prune and restore."""
+        self.masks = {p: m.reshape(-1).bool() for p, m in masks.items()}
+        self._keep_cache = {}
+        if self.feedback is not None and masks:
+            self.feedback.mask_(masks)
+
     def bind(self, model: torch.nn.Module) -> "CompressionState":
         """Learn the model's parameters: their names, so error-feedback memories can be
         checkpointed, and their order, so compression does not depend on DDP's bucket order.
@@ -149,7 +163,8 @@ class CompressionState:
         rng = {key: gen.get_state() for key, gen in self._generators.items()}
         return {"config": self._config(), "iter": self.iter, "rng": {**self._saved_rng, **rng},
                 "feedback": self.feedback.state_dict() if self.feedback else None,
-                "stats": self.stats.state_dict()}
+                "stats": self.stats.state_dict(), "phase": self.phase,
+                "phase_stats": {k: v.state_dict() for k, v in self.phase_stats.items()}}
 
     def load_state_dict(self, state: Dict) -> None:
         if state["config"] != self._config():
@@ -160,11 +175,14 @@ class CompressionState:
         if self.feedback is not None:
             self.feedback.load_state_dict(state["feedback"])
         self.stats.load_state_dict(state["stats"])
+        self.phase = state["phase"]
+        for phase, saved in state["phase_stats"].items():
+            self.phase_stats[phase].load_state_dict(saved)
 
     def __getstate__(self):
         state = {k: v for k, v in self.__dict__.items()
                  if k not in ("process_group", "_transport", "_executor", "_generators",
-                              "_saved_rng", "param_index")}
+                              "_saved_rng", "param_index", "masks", "_keep_cache")}
         state["_saved_rng"] = {**self._saved_rng,
                                **{k: g.get_state() for k, g in self._generators.items()}}
         return state
@@ -209,35 +227,68 @@ def _scatter(buffer, segments, values):
         start += n
 
 
+def _kept_indices(state: CompressionState, segments, device) -> Optional[torch.Tensor]:
+    """Indices, in the gathered vector of ``segments``, of the entries under the AC/DC mask
+    (None when no parameter of them is masked); cached until the masks change."""
+    if not state.masks:
+        return None
+    key = tuple(id(p) for _, _, p in segments)
+    if key not in state._keep_cache:
+        parts, offset = [], 0
+        for _, n, p in segments:
+            mask = state.masks.get(p)
+            kept = mask.to(device).nonzero().view(-1) if mask is not None else torch.arange(n, device=device)
+            parts.append(kept + offset)
+            offset += n
+        masked = any(p in state.masks for _, _, p in segments)
+        state._keep_cache[key] = torch.cat(parts) if masked else None
+    return state._keep_cache[key]
+
+
+def _reduce_group(state: CompressionState, buffer, segments, codec, collective,
+                  feedback: Optional[ErrorFeedback]) -> None:
+    """Average the gradients of ``segments`` over ranks through ``codec`` and write them back:
+    mask, add error feedback, compact to the kept entries, reduce, expand, update memories."""
+    flat = _gather(buffer, segments)
+    keep = _kept_indices(state, segments, buffer.device)
+    if keep is not None:  # the masked gradient: zero outside the mask
+        flat = torch.zeros_like(flat).index_copy_(0, keep, flat.index_select(0, keep))
+    params = [p for _, _, p in segments]
+    sent = feedback.compensate(params, flat) if feedback else flat
+    server = feedback.server_memory(params, flat) if feedback else None
+    compact = sent if keep is None else sent.index_select(0, keep)
+    server_compact = server if keep is None or server is None else server.index_select(0, keep)
+    algorithm = (choose_algorithm(codec, compact.numel(), state.transport.world_size)
+                 if collective == "auto" else collective)
+    mean, local = compressed_mean(compact, codec, state.transport, algorithm,
+                                  state.generator(buffer.device), state.stats,
+                                  keep_local=feedback is not None, server_residual=server_compact)
+    if keep is not None:
+        mean = torch.zeros_like(flat, dtype=torch.float32).index_copy_(0, keep, mean)
+        if local is not None:
+            local = torch.zeros_like(mean).index_copy_(0, keep, local)
+        if server is not None:
+            server.index_copy_(0, keep, server_compact)
+    if feedback:
+        mean = feedback.update(params, sent, local, mean)
+        feedback.store_server_memory(params, server)
+    _scatter(buffer, segments, mean)
+
+
 def _reduce_bucket(state: CompressionState, buffer: torch.Tensor, small, big,
-                   compress: bool, last: bool) -> torch.Tensor:
-    transport = state.transport
-    w = transport.world_size
+                   compress: bool, last: bool, phase: str) -> torch.Tensor:
+    w = state.transport.world_size
     state.stats.add(dense_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
     if not compress:
-        small, big = [(0, buffer.numel(), None)], []
+        small, big = small + big, []
     if small:
-        mean, _ = compressed_mean(_gather(buffer, small), _FP32, transport, "allreduce",
-                                  stats=state.stats)
-        _scatter(buffer, small, mean)
+        _reduce_group(state, buffer, small, _FP32, "allreduce", None)
     if big:
-        flat = _gather(buffer, big)
-        params = [p for _, _, p in big]
-        algorithm = (choose_algorithm(state.codec, flat.numel(), w)
-                     if state.collective == "auto" else state.collective)
-        fb = state.feedback
-        sent = fb.compensate(params, flat) if fb else flat
-        server = fb.server_memory(params, flat) if fb else None
-        mean, local = compressed_mean(sent, state.codec, transport, algorithm,
-                                      state.generator(buffer.device), state.stats,
-                                      keep_local=fb is not None, server_residual=server)
-        if fb:
-            mean = fb.update(params, sent, local, mean)
-            fb.store_server_memory(params, server)
-        _scatter(buffer, big, mean)
+        _reduce_group(state, buffer, big, state.codec, state.collective, state.feedback)
     if last:
         state.stats.end_step()
-        if state.log_every and state.stats.steps % state.log_every == 0 and transport.rank == 0:
+        state.phase_stats[phase].absorb(state.stats.last_step)
+        if state.log_every and state.stats.steps % state.log_every == 0 and state.transport.rank == 0:
             logger.info("commpress %s", state.stats.summary())
     return buffer
 
@@ -256,8 +307,9 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
     if last:
         state.iter += 1
     small, big = _segments(state, bucket)
-    buffer = bucket.buffer()
-    return state.executor.submit(lambda: _reduce_bucket(state, buffer, small, big, compress, last))
+    buffer, phase = bucket.buffer(), state.phase
+    return state.executor.submit(
+        lambda: _reduce_bucket(state, buffer, small, big, compress, last, phase))
 
 
 # -- named hooks, for command lines and configuration files ----------------------------------

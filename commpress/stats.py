@@ -51,6 +51,14 @@ class CommStats(StepCounters):
             self.steps += 1
             self.last_step, self._current = self._current, StepCounters()
 
+    def absorb(self, step: StepCounters) -> None:
+        """Count ``step`` as one more finished step of this (e.g. per-phase) tally."""
+        with self._lock:
+            for f in fields(StepCounters):
+                setattr(self, f.name, getattr(self, f.name) + getattr(step, f.name))
+            self.steps += 1
+            self.last_step = StepCounters(**asdict(step))
+
     def per_step(self) -> Dict[str, float]:
         n = max(self.steps, 1)
         return {f.name: getattr(self, f.name) / n for f in fields(StepCounters)}

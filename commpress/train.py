@@ -25,7 +25,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from .ddp import register_hook
+from .acdc import ACDC, ACDCSchedule
+from .ddp import register_hook, state_from_name
 
 logger = logging.getLogger("commpress.train")
 BASELINE = "fp32-allreduce"
@@ -64,16 +65,39 @@ def make_model(seed: int) -> nn.Module:
         nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
+def parse_method(method: str):
+    """``(hook, sparsity)``: ``"qsgd4"`` -> ``("qsgd4", None)``; ``"acdc90"`` -> AC/DC at 90%
+    with the fp32 hook; ``"acdc90:qsgd4"`` -> AC/DC at 90% with QSGD-4."""
+    if not method.startswith("acdc"):
+        return method, None
+    level, _, hook = method[4:].partition(":")
+    if not level.isdigit() or not 0 <= int(level) < 100:
+        raise ValueError(f"bad AC/DC method {method!r}: expected acdcNN or acdcNN:HOOK with "
+                         "NN the sparsity in percent")
+    return hook or "fp32", int(level) / 100
+
+
+def evaluate(module, x_test, y_test):
+    with torch.no_grad():
+        logits = module(x_test)
+        return ((logits.argmax(1) == y_test).float().mean().item(),
+                nn.functional.cross_entropy(logits, y_test).item())
+
+
 def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
     x_train, y_train, x_test, y_test = data
     model = DDP(make_model(args.seed))
-    state = None
-    if method != BASELINE:
-        state = register_hook(model, method, collective=args.collective, seed=args.seed,
-                              log_every=0)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     shard = torch.arange(rank, len(y_train), world_size)  # disjoint shard per rank
     steps_per_epoch = len(shard) // args.batch_size
+    state, acdc = None, None
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    if method != BASELINE:
+        hook, sparsity = parse_method(method)
+        state = register_hook(model, hook, collective=args.collective, seed=args.seed,
+                              log_every=0)
+        if sparsity is not None:
+            acdc = ACDC(model, opt, state, sparsity=sparsity,
+                        schedule=ACDCSchedule.paper(args.epochs * steps_per_epoch))
     bar = tqdm(total=args.epochs * steps_per_epoch, desc=f"{method:>16}", leave=True,
                disable=rank != 0 or args.quiet, file=sys.stdout, mininterval=1.0)
     gen = torch.Generator().manual_seed(args.seed + rank)
@@ -86,15 +110,23 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if acdc is not None:
+                acdc.step()
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     elapsed = time.perf_counter() - started
     bar.close()
-    with torch.no_grad():
-        model.eval()
-        logits = model.module(x_test)
-        accuracy = (logits.argmax(1) == y_test).float().mean().item()
-        test_loss = nn.functional.cross_entropy(logits, y_test).item()
+    model.eval()
+    accuracy, test_loss = evaluate(model.module, x_test, y_test)
+    extra = {}
+    if acdc is not None:
+        dense_weights, _ = acdc.sparse_dense_pair()
+        dense_member = make_model(args.seed)
+        dense_member.load_state_dict(dense_weights)
+        extra = {"dense_member_accuracy": evaluate(dense_member.eval(), x_test, y_test)[0],
+                 "final_density": acdc.density,
+                 "sparse_phase_bytes_per_step": state.phase_stats["sparse"].per_step()["wire_bytes"],
+                 "dense_phase_bytes_per_step": state.phase_stats["dense"].per_step()["wire_bytes"]}
     n_params = sum(p.numel() for p in model.parameters())
     steps = args.epochs * steps_per_epoch
     dense = 2 * (world_size - 1) / world_size * 4 * n_params * steps
@@ -105,7 +137,7 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
             "ratio": dense / wire if wire else float("nan"), "seconds": elapsed,
             "steps": steps, "replicas_identical": identical,
             "encode_seconds": state.stats.encode_seconds if state else 0.0,
-            "decode_seconds": state.stats.decode_seconds if state else 0.0}
+            "decode_seconds": state.stats.decode_seconds if state else 0.0, **extra}
 
 
 def _replicas_identical(model) -> bool:
@@ -123,16 +155,28 @@ def report(results: List[Dict], args, world_size: int) -> str:
         f"commpress train: {world_size} workers (gloo, CPU), small CNN on {args.data} "
         f"data, {args.epochs} epochs, batch {args.batch_size} per rank, {results[0]['steps']} steps",
         "",
-        f"{'method':<18}{'test acc':>9}{'vs fp32':>9}{'test loss':>10}{'MB sent/rank':>14}"
+        f"{'method':<26}{'test acc':>9}{'vs fp32':>9}{'test loss':>10}{'MB sent/rank':>14}"
         f"{'saving':>8}{'time s':>8}  replicas",
     ]
     for r in results:
+        name = r["method"] + (f" sparse {100 * (1 - r['final_density']):.0f}%"
+                              if "final_density" in r else "")
         lines.append(
-            f"{r['method']:<18}{100 * r['accuracy']:>8.2f}%{100 * (r['accuracy'] - base['accuracy']):>+8.2f}p"
+            f"{name:<26}{100 * r['accuracy']:>8.2f}%{100 * (r['accuracy'] - base['accuracy']):>+8.2f}p"
             f"{r['test_loss']:>10.4f}{r['wire_bytes'] / 1e6:>14.3f}{r['ratio']:>7.2f}x"
             f"{r['seconds']:>8.1f}  {'identical' if r['replicas_identical'] else 'DIVERGED'}")
+        if "dense_member_accuracy" in r:
+            acc = r["dense_member_accuracy"]
+            lines.append(f"{r['method'] + ' dense':<26}{100 * acc:>8.2f}%"
+                         f"{100 * (acc - base['accuracy']):>+8.2f}p   (same run: weights at the end "
+                         f"of its last dense phase)")
     lines += ["", "MB sent/rank: bytes this rank put on the wire (ring/all-to-all accounting); "
               "saving: fp32 all-reduce bytes / bytes sent."]
+    acdc = [r for r in results if "sparse_phase_bytes_per_step" in r]
+    for r in acdc:
+        lines.append(f"{r['method']}: {r['sparse_phase_bytes_per_step'] / 1e3:.1f} kB per step in "
+                     f"sparse phases vs {r['dense_phase_bytes_per_step'] / 1e3:.1f} kB in dense ones "
+                     f"({r['sparse_phase_bytes_per_step'] / r['dense_phase_bytes_per_step']:.3f}x)")
     return "\n".join(lines)
 
 
@@ -170,6 +214,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="worker processes when not launched by torchrun (default 2)")
     parser.add_argument("--collective", default="auto",
                         choices=["auto", "allgather", "reduce_scatter", "allreduce"])
+    parser.add_argument("--acdc", type=float, metavar="SPARSITY",
+                        help="also run AC/DC at this sparsity (paper schedule scaled to the run), "
+                             "with the fp32 hook and with qsgd4: methods acdcNN and acdcNN:qsgd4")
     parser.add_argument("--data", default="digits", choices=["digits", "synthetic"])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -180,11 +227,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    from .ddp import state_from_name
     args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("func", "command")})
+    if args.acdc is not None:
+        if not 0 <= args.acdc < 1:
+            raise SystemExit(f"commpress train: --acdc must be in [0, 1), got {args.acdc}")
+        level = round(100 * args.acdc)
+        args.methods = list(args.methods) + [f"acdc{level}", f"acdc{level}:qsgd4"]
     for method in args.methods:  # fail on a bad name here, not in W workers
         try:
-            state_from_name(method, collective=args.collective)
+            state_from_name(parse_method(method)[0], collective=args.collective)
         except ValueError as exc:
             raise SystemExit(f"commpress train: {exc}") from None
     if args.workers < 1:

@@ -25,3 +25,18 @@ def test_commpress_train_rejects_unknown_hook():
     proc = subprocess.run([sys.executable, "-m", "commpress.cli", "train", "qsgd3"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "unknown hook 'qsgd3'" in proc.stderr
+
+
+def test_commpress_train_acdc_reports_both_members(tmp_path):
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "commpress.cli", "train", "--acdc", "0.9", "--epochs", "8",
+         "--quiet", "--json", str(out)], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    for method in ("acdc90", "acdc90:qsgd4"):
+        r = results[method]
+        assert abs(r["final_density"] - 0.1) < 0.01          # the run ends sparse
+        assert r["sparse_phase_bytes_per_step"] <= 0.12 * r["dense_phase_bytes_per_step"]
+        assert r["accuracy"] > 0.8 and r["dense_member_accuracy"] > 0.8
+    assert "acdc90 dense" in proc.stdout and "sparse 90%" in proc.stdout

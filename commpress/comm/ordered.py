@@ -11,27 +11,43 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from typing import Callable
 
 import torch
 
 
+def _stop(jobs: "queue.SimpleQueue", thread: threading.Thread) -> None:
+    jobs.put(None)  # runs after the jobs already queued
+    if thread is not threading.current_thread():
+        thread.join(timeout=10)
+
+
 class OrderedExecutor:
-    """A single daemon worker thread; :meth:`submit` returns a ``torch.futures.Future``."""
+    """A single daemon worker thread; :meth:`submit` returns a ``torch.futures.Future``.
+
+    The thread is stopped when the executor is garbage collected or, at the latest, at
+    interpreter exit, before the communication libraries tear down."""
 
     def __init__(self, name: str = "commpress-comm"):
         self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._loop, args=(self._jobs,), name=name,
+                                        daemon=True)
         self._thread.start()
+        weakref.finalize(self, _stop, self._jobs, self._thread)
 
     def submit(self, fn: Callable[[], torch.Tensor]) -> torch.futures.Future:
         future: torch.futures.Future = torch.futures.Future()
         self._jobs.put((fn, future))
         return future
 
-    def _loop(self):
+    @staticmethod
+    def _loop(jobs):  # holds no reference to the executor, so it can be collected
         while True:
-            fn, future = self._jobs.get()
+            job = jobs.get()
+            if job is None:
+                return
+            fn, future = job
             try:
                 future.set_result(fn())
             except BaseException as exc:  # surfaces in the waiting thread, e.g. DDP's backward

@@ -1,0 +1,154 @@
+"""The AC/DC coordinator: alternates dense and sparse phases and tells the hook the mask."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..comm.transport import TorchTransport
+from ..ddp import CompressionState
+from .masks import SCOPES, broadcast_masks, magnitude_masks, prunable_weights
+from .schedule import ACDCSchedule
+
+logger = logging.getLogger("commpress.acdc")
+
+
+class ACDC:
+    """Alternating Compressed/DeCompressed training (Peste et al., 2021), co-scheduled with
+    communication: in sparse phases the hook of ``state`` sends only the gradient entries under
+    the mask (shared by all ranks, so no index bits), through its codec.
+
+    Call :meth:`step` after every ``optimizer.step()``. At a prune it snapshots the dense
+    weights, decides magnitude masks on rank 0 and broadcasts them bit-packed, zeroes the
+    pruned weights, their momentum and their error-feedback memories; during a sparse phase it
+    re-applies the masks after every step, so pruned weights stay exactly zero; at a restore
+    the pruned weights come back as zeros and the optimizer state (momentum) is reset.
+
+    Args:
+        model: the (DDP-wrapped or plain) model; Conv/Linear weights are pruned.
+        optimizer: its optimizer.
+        state: the :class:`CompressionState` of the model's hook (None: no hook, masks only).
+        sparsity: fraction of the prunable weights set to zero in sparse phases, in [0, 1).
+        schedule: an :class:`ACDCSchedule` over optimizer steps.
+        scope: ``"global"`` magnitude top-k over all layers, or ``"layerwise"`` uniform.
+        keep_first_last: leave the first and last Conv/Linear layer dense.
+
+    Example::
+
+        >>> state = commpress.register_hook(ddp_model, "qsgd4")
+        >>> acdc = commpress.ACDC(ddp_model, opt, state, sparsity=0.9,
+        ...                       schedule=commpress.ACDCSchedule.paper(epochs, steps_per_epoch))
+        >>> for x, y in loader:
+        ...     loss_fn(ddp_model(x), y).backward(); opt.step(); opt.zero_grad(); acdc.step()
+        >>> dense_weights, sparse_weights = acdc.sparse_dense_pair()
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 state: Optional[CompressionState] = None, sparsity: float = 0.9,
+                 schedule: Optional[ACDCSchedule] = None, scope: str = "global",
+                 keep_first_last: bool = False):
+        if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if not isinstance(schedule, ACDCSchedule):
+            raise ValueError("schedule must be an ACDCSchedule, e.g. ACDCSchedule.paper(epochs)")
+        self.module = model.module if hasattr(model, "module") else model
+        self.optimizer, self.state = optimizer, state
+        self.sparsity, self.schedule, self.scope = float(sparsity), schedule, scope
+        self.weights = prunable_weights(self.module, keep_first_last)
+        if not self.weights:
+            raise ValueError("the model has no Conv/Linear weights to prune")
+        self.steps = 0
+        self.phase = "dense"
+        self.masks: Dict[str, torch.Tensor] = {}
+        self.dense_snapshot: Optional[Dict[str, torch.Tensor]] = None
+        if state is not None:
+            state.bind(self.module)
+        if self.schedule.phase_at(0) == "sparse":
+            self._enter("sparse")
+
+    # -- the training-loop call -----------------------------------------------------------
+    def step(self) -> None:
+        if self.phase == "sparse":
+            self._apply_masks()
+        self.steps += 1
+        phase = self.schedule.phase_at(self.steps)
+        if phase != self.phase:
+            self._enter(phase)
+
+    @property
+    def density(self) -> float:
+        """Fraction of the prunable weights currently allowed to be non-zero."""
+        if not self.masks:
+            return 1.0
+        return sum(int(m.sum()) for m in self.masks.values()) / sum(w.numel() for _, w in self.weights)
+
+    def sparse_dense_pair(self) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[Dict[str, torch.Tensor]]]:
+        """``(dense, sparse)`` state dicts: the weights at the end of the last dense phase, and
+        the current weights if in a sparse phase (the run's sparse member at its end)."""
+        sparse = ({k: v.detach().clone() for k, v in self.module.state_dict().items()}
+                  if self.phase == "sparse" else None)
+        return self.dense_snapshot, sparse
+
+    # -- transitions ----------------------------------------------------------------------
+    def _enter(self, phase: str) -> None:
+        if phase == "sparse":
+            self.dense_snapshot = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            local = magnitude_masks(self.weights, self.sparsity, self.scope) if self._rank() == 0 else {}
+            self._set_masks(broadcast_masks(local, [(n, w.shape) for n, w in self.weights],
+                                            self._transport(), self.weights[0][1].device))
+            self._apply_masks()
+            logger.info("AC/DC step %d: sparse phase, density %.3f", self.steps, self.density)
+        else:
+            self._set_masks({})
+            self.optimizer.state.clear()  # pruned weights return as zeros, momentum restarts
+            logger.info("AC/DC step %d: dense phase", self.steps)
+        self.phase = phase
+        if self.state is not None:
+            self.state.phase = phase
+
+    def _set_masks(self, masks: Dict[str, torch.Tensor]) -> None:
+        self.masks = masks
+        by_param = {w: masks[name] for name, w in self.weights if name in masks}
+        if self.state is not None:
+            self.state.set_masks(by_param)
+        for param, mask in by_param.items():  # momentum of pruned entries must not leak back
+            buf = self.optimizer.state.get(param, {}).get("momentum_buffer")
+            if buf is not None:
+                buf.mul_(mask)
+
+    @torch.no_grad()
+    def _apply_masks(self) -> None:
+        for name, w in self.weights:
+            w.mul_(self.masks[name])
+
+    def _transport(self):
+        if self.state is not None:
+            return self.state.transport
+        return TorchTransport() if dist.is_available() and dist.is_initialized() else None
+
+    def _rank(self) -> int:
+        transport = self._transport()
+        return transport.rank if transport is not None else 0
+
+    # -- persistence ----------------------------------------------------------------------
+    def state_dict(self) -> Dict:
+        return {"steps": self.steps, "phase": self.phase, "sparsity": self.sparsity,
+                "scope": self.scope, "masks": {k: v.cpu() for k, v in self.masks.items()},
+                "dense_snapshot": self.dense_snapshot}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if (state["sparsity"], state["scope"]) != (self.sparsity, self.scope):
+            raise ValueError(f"checkpoint is AC/DC at sparsity {state['sparsity']} ({state['scope']}), "
+                             f"this coordinator at {self.sparsity} ({self.scope})")
+        self.steps, self.phase = state["steps"], state["phase"]
+        device = self.weights[0][1].device
+        self.masks = {}
+        self._set_masks({k: v.to(device) for k, v in state["masks"].items()})
+        self.dense_snapshot = state["dense_snapshot"]
+        if self.state is not None:
+            self.state.phase = self.phase

@@ -1,0 +1,82 @@
+"""When AC/DC training is sparse: a list of sparse intervals over optimizer steps."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+# AC/DC paper preset (ResNet-50, 100 epochs), as fractions of the run: prune at 10, 20, ...,
+# 70 and 85; restore at 15, 25, ..., 75; the run ends sparse.
+_PAPER = [(0.05 * k, 0.05 * k + 0.05) for k in range(2, 15, 2)] + [(0.85, 1.0)]
+
+
+@dataclass(frozen=True)
+class ACDCSchedule:
+    """Sparse phases as half-open ``(start, stop)`` intervals of optimizer steps, within
+    ``total`` steps; every other step is dense. A sparse phase starts by pruning to the
+    target sparsity at once (no ramp) and ends by restoring the pruned weights as zeros.
+
+    Example::
+
+        >>> ACDCSchedule.paper(100).sparse          # epochs as steps
+        [(10, 15), (20, 25), ..., (70, 75), (85, 100)]
+        >>> ACDCSchedule.paper(100, steps_per_epoch=390)   # the same, in steps
+    """
+
+    sparse: List[Tuple[int, int]]
+    total: int
+    steps_per_unit: int = field(default=1, compare=False)
+
+    def __post_init__(self):
+        if not isinstance(self.total, int) or self.total <= 0:
+            raise ValueError(f"schedule total must be a positive number of steps, got {self.total!r}")
+        previous = 0
+        for start, stop in self.sparse:
+            if not (isinstance(start, int) and isinstance(stop, int)):
+                raise ValueError(f"sparse phase ({start}, {stop}) must have integer bounds")
+            if stop <= start:
+                raise ValueError(f"sparse phase ({start}, {stop}) has a non-positive length")
+            if start < previous:
+                raise ValueError(f"sparse phase ({start}, {stop}) overlaps or precedes the previous "
+                                 f"one (phases must be sorted and disjoint)")
+            if start < 0 or stop > self.total:
+                raise ValueError(f"sparse phase ({start}, {stop}) lies outside [0, {self.total}]")
+            previous = stop
+
+    @classmethod
+    def paper(cls, total_units: int, steps_per_epoch: int = 1) -> "ACDCSchedule":
+        """The paper's shape scaled to ``total_units`` epochs (10% dense warm-up, 5% phases
+        alternating up to 75%, dense to 85%, sparse to the end)."""
+        total = total_units * steps_per_epoch
+        sparse = [(round(a * total_units) * steps_per_epoch, round(b * total_units) * steps_per_epoch)
+                  for a, b in _PAPER]
+        return cls([(a, b) for a, b in sparse if b > a], total, steps_per_epoch)
+
+    @classmethod
+    def alternating(cls, total: int, warmup: int, sparse_len: int, dense_len: int,
+                    final_sparse: int = 0, final_dense: int = 0) -> "ACDCSchedule":
+        """Warm-up, then sparse/dense phases alternating, then optionally a dense and a final
+        sparse phase ending at ``total``."""
+        if min(warmup, sparse_len, dense_len, final_sparse, final_dense) < 0 or sparse_len == 0:
+            raise ValueError("phase lengths must be non-negative and sparse_len positive")
+        end_alternating = total - final_sparse - final_dense
+        sparse, start = [], warmup
+        while start + sparse_len <= end_alternating:
+            sparse.append((start, start + sparse_len))
+            start += sparse_len + dense_len
+        if final_sparse:
+            sparse.append((total - final_sparse, total))
+        return cls(sparse, total)
+
+    def phase_at(self, step: int) -> str:
+        """``"sparse"`` or ``"dense"`` for the step about to run (``step`` steps done). At and
+        past ``total`` the last phase holds, so a run ending sparse keeps its sparse member."""
+        step = min(step, self.total - 1)
+        return "sparse" if any(a <= step < b for a, b in self.sparse) else "dense"
+
+    @property
+    def prune_steps(self) -> List[int]:
+        return [a for a, _ in self.sparse]
+
+    @property
+    def restore_steps(self) -> List[int]:
+        return [b for _, b in self.sparse if b < self.total]

@@ -1,0 +1,175 @@
+"""AC/DC: schedules, masks and the sparse-phase hook, on real gloo process groups."""
+import io
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commpress as cp
+from commpress.acdc import magnitude_masks, prunable_weights
+from distributed import run_workers
+
+
+def test_paper_schedule_boundaries():
+    s = cp.ACDCSchedule.paper(100)
+    assert s.prune_steps == [10, 20, 30, 40, 50, 60, 70, 85]
+    assert s.restore_steps == [15, 25, 35, 45, 55, 65, 75]
+    assert s.sparse[-1] == (85, 100) and s.total == 100
+    assert sum(b - a for a, b in s.sparse) == 50            # half the epochs are sparse
+    assert [s.phase_at(t) for t in (0, 9, 10, 14, 15, 75, 84, 85, 99, 100)] == \
+        ["dense", "dense", "sparse", "sparse", "dense", "dense", "dense", "sparse", "sparse", "sparse"]
+    in_steps = cp.ACDCSchedule.paper(100, steps_per_epoch=390)
+    assert in_steps.prune_steps == [390 * e for e in s.prune_steps]
+    assert in_steps.total == 39_000
+
+
+def test_bad_schedules_and_settings_raise():
+    with pytest.raises(ValueError, match="overlaps"):
+        cp.ACDCSchedule([(10, 20), (15, 25)], 100)
+    with pytest.raises(ValueError, match="non-positive length"):
+        cp.ACDCSchedule([(10, 5)], 100)
+    with pytest.raises(ValueError, match="outside"):
+        cp.ACDCSchedule([(90, 110)], 100)
+    with pytest.raises(ValueError, match="positive"):
+        cp.ACDCSchedule([], 0)
+    with pytest.raises(ValueError, match="non-negative"):
+        cp.ACDCSchedule.alternating(100, warmup=-1, sparse_len=5, dense_len=5)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="sparsity"):
+            cp.ACDC(model, opt, sparsity=bad, schedule=cp.ACDCSchedule([(0, 1)], 2))
+    with pytest.raises(ValueError, match="scope"):
+        cp.ACDC(model, opt, sparsity=0.5, schedule=cp.ACDCSchedule([(0, 1)], 2), scope="row")
+
+
+def test_masks_prune_only_conv_linear_weights_exactly():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 10), torch.nn.Linear(10, 3))
+    names = [n for n, _ in prunable_weights(model)]
+    assert names == ["0.weight", "3.weight", "4.weight"]
+    assert [n for n, _ in prunable_weights(model, keep_first_last=True)] == ["3.weight"]
+    weights = prunable_weights(model)
+    total = sum(w.numel() for _, w in weights)
+    for scope in ("global", "layerwise"):
+        masks = magnitude_masks(weights, 0.9, scope)
+        kept = sum(int(m.sum()) for m in masks.values())
+        assert abs(kept - 0.1 * total) <= len(masks)
+    ties = [("w", torch.ones(1000))]
+    assert int(magnitude_masks(ties, 0.9)["w"].sum()) == 100   # exactly k even when all tie
+
+
+def big_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(),
+                               torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 16))
+
+
+def data(rank, step):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(16, 256, generator=g)
+    return x, x[:, :16] - x[:, 16:32]
+
+
+def run_steps(model, opt, acdc, rank, first, last, check=None):
+    for step in range(first, last):
+        x, y = data(rank, step)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if check:
+            check(model)
+        opt.step()
+        opt.zero_grad()
+        acdc.step()
+        if acdc.phase == "sparse" and check:
+            for name, w in acdc.weights:
+                assert torch.all(w[~acdc.masks[name]] == 0), f"pruned weights of {name} moved"
+
+
+def acdc_worker(rank, world_size, spec, tied):
+    # dense 0-4 (0-1 plain all-reduce), sparse 4-8, dense 8-10
+    schedule = cp.ACDCSchedule([(4, 8)], 10)
+    model = big_model()
+    if tied:  # many equal magnitudes: masks must still agree
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.sign(p) * (torch.rand(p.shape, generator=torch.Generator().manual_seed(0)) < 0.5) * 0.01 + 0.01)
+    ddp = DDP(model, bucket_cap_mb=25)
+    state = cp.register_hook(ddp, spec, log_every=0)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    acdc = cp.ACDC(ddp, opt, state, sparsity=0.9, schedule=schedule)
+    seen_masks, grads_outside = [], []
+
+    def check(m):
+        if acdc.phase == "sparse":
+            for name, w in acdc.weights:
+                grads_outside.append(w.grad[~acdc.masks[name]].abs().max().item())
+
+    for step in range(10):
+        run_steps(ddp, opt, acdc, rank, step, step + 1, check)
+        if acdc.phase == "sparse":
+            seen_masks.append({k: v.clone() for k, v in acdc.masks.items()})
+    return {"masks": seen_masks, "grads_outside": max(grads_outside),
+            "dense": state.phase_stats["dense"].last_step.wire_bytes,
+            "sparse": state.phase_stats["sparse"].last_step.wire_bytes,
+            "sparse_steps": state.phase_stats["sparse"].steps,
+            "params": [p.detach().clone() for p in ddp.parameters()]}
+
+
+@pytest.mark.parametrize("spec,low,high", [("fp32", 0.09, 0.11), ("qsgd4", 0.08, 0.12)])
+def test_sparse_phase_sends_only_the_mask(spec, low, high):
+    results = run_workers(acdc_worker, 2, spec, False)
+    for r in results:
+        assert r["sparse_steps"] == 4
+        ratio = r["sparse"] / r["dense"]
+        assert low <= ratio <= high, (spec, ratio, r["sparse"], r["dense"])
+        assert r["grads_outside"] == 0.0     # the hook returns zeros off the mask
+    for m0, m1 in zip(results[0]["masks"], results[1]["masks"]):
+        assert all(torch.equal(m0[k], m1[k]) for k in m0)
+    for p0, p1 in zip(results[0]["params"], results[1]["params"]):
+        assert torch.equal(p0, p1)
+
+
+def test_masks_identical_with_tied_magnitudes():
+    results = run_workers(acdc_worker, 2, "fp32", True)
+    assert results[0]["masks"], "no sparse phase seen"
+    for m0, m1 in zip(results[0]["masks"], results[1]["masks"]):
+        assert all(torch.equal(m0[k], m1[k]) for k in m0)
+
+
+def resume_worker(rank, world_size, spec):
+    schedule = cp.ACDCSchedule([(3, 9)], 12)
+
+    def build():
+        ddp = DDP(big_model(), bucket_cap_mb=25)
+        state = cp.register_hook(ddp, spec, log_every=0)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+        return ddp, state, opt, cp.ACDC(ddp, opt, state, sparsity=0.9, schedule=schedule)
+
+    ddp, state, opt, acdc = build()
+    run_steps(ddp, opt, acdc, rank, 0, 6)
+    buf = io.BytesIO()
+    torch.save({"model": ddp.state_dict(), "opt": opt.state_dict(), "comm": state.state_dict(),
+                "acdc": acdc.state_dict()}, buf)
+    run_steps(ddp, opt, acdc, rank, 6, 12)
+    expected = [p.detach().clone() for p in ddp.parameters()]
+    dense_member, sparse_member = acdc.sparse_dense_pair()
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    ddp2, state2, opt2, acdc2 = build()
+    ddp2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    state2.load_state_dict(ckpt["comm"])
+    acdc2.load_state_dict(ckpt["acdc"])
+    assert acdc2.phase == "sparse" and abs(acdc2.density - 0.1) < 1e-3
+    run_steps(ddp2, opt2, acdc2, rank, 6, 12)
+    same = all(torch.equal(a, b.detach()) for a, b in zip(expected, ddp2.parameters()))
+    dense2, _ = acdc2.sparse_dense_pair()
+    return same, sparse_member is None, all(torch.equal(dense_member[k], dense2[k]) for k in dense_member)
+
+
+@pytest.mark.parametrize("spec", ["fp32", "qsgd4+ef"])
+def test_resume_mid_sparse_phase(spec):
+    for same, ended_dense, same_dense_member in run_workers(resume_worker, 2, spec):
+        assert same and same_dense_member
+        assert ended_dense  # the schedule ends dense, so there is no sparse member to report
