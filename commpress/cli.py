@@ -30,6 +30,12 @@ def main(argv=None):
     train.add_arguments(train_parser)
     train_parser.set_defaults(func=lambda args, rest: train.run(args) if not rest else
                               parser.error(f"unrecognized arguments: {' '.join(rest)}"))
+    from . import netsim
+    netsim_parser = sub.add_parser("netsim", help="a rate-limited network of namespaces on this "
+                                                  "machine", description=netsim.__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    netsim.add_arguments(netsim_parser)
+    netsim_parser.set_defaults(func=lambda args, rest: sys.exit(netsim.main(args)))
     bench = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args pass through)")
     bench.add_argument("name", help="e.g. codec_throughput")
     bench.set_defaults(func=_bench)
