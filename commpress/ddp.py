@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 
 from .codecs import FP16, BF16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering
-from .comm.collectives import ALGORITHMS, choose_algorithm, compressed_mean
+from .comm.collectives import ALGORITHMS
 from .comm.ordered import OrderedExecutor
 from .comm.transport import TorchTransport
-from .feedback import KINDS, ErrorFeedback
+from .feedback import KINDS, ErrorFeedback, reduce_mean
 from .stats import CommStats
 
 logger = logging.getLogger("commpress")
@@ -247,31 +247,10 @@ def _kept_indices(state: CompressionState, segments, device) -> Optional[torch.T
 
 def _reduce_group(state: CompressionState, buffer, segments, codec, collective,
                   feedback: Optional[ErrorFeedback]) -> None:
-    """Average the gradients of ``segments`` over ranks through ``codec`` and write them back:
-    mask, add error feedback, compact to the kept entries, reduce, expand, update memories."""
-    flat = _gather(buffer, segments)
-    keep = _kept_indices(state, segments, buffer.device)
-    if keep is not None:  # the masked gradient: zero outside the mask
-        flat = torch.zeros_like(flat).index_copy_(0, keep, flat.index_select(0, keep))
-    params = [p for _, _, p in segments]
-    sent = feedback.compensate(params, flat) if feedback else flat
-    server = feedback.server_memory(params, flat) if feedback else None
-    compact = sent if keep is None else sent.index_select(0, keep)
-    server_compact = server if keep is None or server is None else server.index_select(0, keep)
-    algorithm = (choose_algorithm(codec, compact.numel(), state.transport.world_size)
-                 if collective == "auto" else collective)
-    mean, local = compressed_mean(compact, codec, state.transport, algorithm,
-                                  state.generator(buffer.device), state.stats,
-                                  keep_local=feedback is not None, server_residual=server_compact)
-    if keep is not None:
-        mean = torch.zeros_like(flat, dtype=torch.float32).index_copy_(0, keep, mean)
-        if local is not None:
-            local = torch.zeros_like(mean).index_copy_(0, keep, local)
-        if server is not None:
-            server.index_copy_(0, keep, server_compact)
-    if feedback:
-        mean = feedback.update(params, sent, local, mean)
-        feedback.store_server_memory(params, server)
+    """Average the gradients of ``segments`` over ranks through ``codec``, in place."""
+    mean = reduce_mean(_gather(buffer, segments), [p for _, _, p in segments], codec,
+                       state.transport, collective, feedback, state.generator(buffer.device),
+                       state.stats, keep=_kept_indices(state, segments, buffer.device))
     _scatter(buffer, segments, mean)
 
 

@@ -11,13 +11,19 @@
 A front end calls :meth:`ErrorFeedback.compensate` on a flat vector made of whole parameters,
 sends the result through a compressed collective, then calls :meth:`ErrorFeedback.update`
 with what was sent, its compressed version and the reduced mean. Memories are fp32 and live
-on the gradient's device.
+on the gradient's device. Keys are parameters (their ``numel()`` gives the split) or, for
+front ends without parameters (MPI arrays), names with explicit ``sizes``.
 """
 from __future__ import annotations
 
 from typing import Dict, Iterable, Optional, Sequence
 
 import torch
+
+from .codecs import Codec
+from .comm.collectives import choose_algorithm, compressed_mean
+from .comm.transport import Transport
+from .stats import CommStats
 
 KINDS = ("ef", "ef21")
 # the memories each kind keeps, by name
@@ -34,36 +40,33 @@ class ErrorFeedback:
         self._names = _MEMORIES[kind] + (("server",) if server else ())
         self.memories: Dict[str, Dict[torch.Tensor, torch.Tensor]] = {m: {} for m in self._names}
         self.names: Dict[torch.Tensor, str] = {}
-        self._pending: Dict[str, Dict[str, torch.Tensor]] = {}
 
     def bind(self, named_parameters: Iterable) -> None:
-        """Give the parameters names, so memories can be saved and restored by name."""
+        """Give the parameters names, so memories can be saved and restored by name; memories
+        loaded by name before binding move to their parameters."""
         self.names = {param: name for name, param in named_parameters}
         by_name = {name: param for param, name in self.names.items()}
-        for memory, saved in self._pending.items():
-            for name, value in saved.items():
-                if name not in by_name:
-                    raise ValueError(f"error-feedback memory for unknown parameter {name!r}")
-                param = by_name[name]
-                self.memories[memory][param] = value.to(param.device, torch.float32).reshape(-1)
-        self._pending = {}
+        for store in self.memories.values():
+            for key in [k for k in store if isinstance(k, str) and k in by_name]:
+                param = by_name[key]
+                store[param] = store.pop(key).to(param.device, torch.float32).reshape(-1)
 
     # -- the two calls around a reduction ------------------------------------------------
-    def compensate(self, params: Sequence[torch.Tensor], flat: torch.Tensor) -> torch.Tensor:
+    def compensate(self, params: Sequence, flat: torch.Tensor, sizes=None) -> torch.Tensor:
         """What to compress instead of the gradient ``flat`` (which is left untouched)."""
         if self.kind == "ef":
-            return flat.float() + self._gather("residual", params, flat)
-        return flat.float() - self._gather("worker", params, flat)
+            return flat.float() + self._gather("residual", params, flat, sizes)
+        return flat.float() - self._gather("worker", params, flat, sizes)
 
-    def update(self, params: Sequence[torch.Tensor], sent: torch.Tensor, local: torch.Tensor,
-               mean: torch.Tensor) -> torch.Tensor:
+    def update(self, params: Sequence, sent: torch.Tensor, local: torch.Tensor,
+               mean: torch.Tensor, sizes=None) -> torch.Tensor:
         """Update the memories; return the vector to use as the averaged gradient."""
         if self.kind == "ef":
-            self._scatter("residual", params, sent - local)
+            self._scatter("residual", params, sent - local, sizes)
             return mean
-        self._scatter("worker", params, self._gather("worker", params, local) + local)
-        shared = self._gather("shared", params, mean) + mean
-        self._scatter("shared", params, shared)
+        self._scatter("worker", params, self._gather("worker", params, local, sizes) + local, sizes)
+        shared = self._gather("shared", params, mean, sizes) + mean
+        self._scatter("shared", params, shared, sizes)
         return shared
 
     def server_memory(self, params: Sequence[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -82,34 +85,65 @@ class ErrorFeedback:
                     memory[param].mul_(mask.reshape(-1).to(memory[param].dtype))
 
     # -- storage --------------------------------------------------------------------------
-    def _gather(self, memory: str, params, like: torch.Tensor) -> torch.Tensor:
+    def _gather(self, memory: str, params, like: torch.Tensor, sizes=None) -> torch.Tensor:
         store = self.memories[memory]
-        parts = [store.get(p) if p in store else torch.zeros(p.numel(), device=like.device)
-                 for p in params]
+        sizes = sizes or [p.numel() for p in params]
+        parts = [store[p] if p in store else torch.zeros(n, device=like.device)
+                 for p, n in zip(params, sizes)]
         return torch.cat(parts) if parts else torch.zeros(0, device=like.device)
 
-    def _scatter(self, memory: str, params, flat: torch.Tensor) -> None:
+    def _scatter(self, memory: str, params, flat: torch.Tensor, sizes=None) -> None:
         store = self.memories[memory]
-        for param, part in zip(params, flat.split([p.numel() for p in params])):
+        for param, part in zip(params, flat.split(sizes or [p.numel() for p in params])):
             store[param] = part
 
     def state_dict(self) -> Dict:
         out: Dict = {"kind": self.kind}
         for memory, store in self.memories.items():
-            missing = [p for p in store if p not in self.names]
-            if missing:
+            names = {k: k if isinstance(k, str) else self.names.get(k) for k in store}
+            if None in names.values():
                 raise RuntimeError("error-feedback memories cannot be saved without parameter "
                                    "names: register the hook with commpress.register_hook(model, "
                                    "state) or call state.bind(model) first")
-            out[memory] = {self.names[p]: v.detach().cpu().clone() for p, v in store.items()}
-        out.update({m: {**out.get(m, {}), **saved} for m, saved in self._pending.items()})
+            out[memory] = {names[k]: v.detach().cpu().clone() for k, v in store.items()}
         return out
 
     def load_state_dict(self, state: Dict) -> None:
+        """Memories come back keyed by name; :meth:`bind` (now if already bound, else when it
+        is called) moves them to their parameters."""
         if state.get("kind") != self.kind:
             raise ValueError(f"checkpoint holds {state.get('kind')!r} error feedback, this state "
                              f"uses {self.kind!r}")
-        self.memories = {m: {} for m in self._names}
-        self._pending = {m: dict(state.get(m, {})) for m in self._names}
+        self.memories = {m: {name: v.float().reshape(-1) for name, v in state.get(m, {}).items()}
+                         for m in self._names}
         if self.names:
             self.bind((name, p) for p, name in self.names.items())
+
+
+def reduce_mean(flat: torch.Tensor, keys: Sequence, codec: Codec, transport: Transport,
+                collective: str = "auto", feedback: Optional[ErrorFeedback] = None,
+                generator: Optional[torch.Generator] = None, stats: Optional[CommStats] = None,
+                keep: Optional[torch.Tensor] = None, sizes=None) -> torch.Tensor:
+    """The fp32 mean over ranks of ``flat`` (the gradients of ``keys``, concatenated), with
+    error feedback and, given ``keep`` (indices of the entries under an AC/DC mask), sending
+    only those entries: the result is zero elsewhere. Every front end reduces through here."""
+    if keep is not None:  # the masked gradient: zero outside the mask
+        flat = torch.zeros_like(flat).index_copy_(0, keep, flat.index_select(0, keep))
+    sent = feedback.compensate(keys, flat, sizes) if feedback else flat
+    server = feedback.server_memory(keys, flat) if feedback else None
+    compact = sent if keep is None else sent.index_select(0, keep)
+    server_compact = server if keep is None or server is None else server.index_select(0, keep)
+    algorithm = (choose_algorithm(codec, compact.numel(), transport.world_size)
+                 if collective == "auto" else collective)
+    mean, local = compressed_mean(compact, codec, transport, algorithm, generator, stats,
+                                  keep_local=feedback is not None, server_residual=server_compact)
+    if keep is not None:
+        mean = torch.zeros_like(flat, dtype=torch.float32).index_copy_(0, keep, mean)
+        if local is not None:
+            local = torch.zeros_like(mean).index_copy_(0, keep, local)
+        if server is not None:
+            server.index_copy_(0, keep, server_compact)
+    if feedback:
+        mean = feedback.update(keys, sent, local, mean, sizes)
+        feedback.store_server_memory(keys, server)
+    return mean

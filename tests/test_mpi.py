@@ -1,0 +1,56 @@
+"""The mpi4py front end under real `mpirun` ranks."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("mpi_worker.py")
+
+
+def mpi_unavailable():
+    if shutil.which("mpirun") is None:
+        return "mpirun not found (apt-get install openmpi-bin libopenmpi-dev)"
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py is not installed (pip install 'commpress[mpi]')"
+    return None
+
+
+REASON = mpi_unavailable()
+
+
+@pytest.mark.skipif(REASON is not None, reason=REASON or "")
+@pytest.mark.parametrize("np_", [2, 4])
+def test_mpi_allreduce_every_codec_and_training(np_, tmp_path):
+    out = tmp_path / "mpi.json"
+    env = {**os.environ, "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+    proc = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(np_),
+                           sys.executable, str(WORKER), str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["size"] == np_
+    for name, entry in result["codecs"].items():
+        for collective, r in entry.items():
+            assert r["same_on_all_ranks"], (name, collective)
+            # half-precision sums travel as fp32 over Open MPI (no fp16/bf16 reductions)
+            expected = r["model"] * (2 if name in ("fp16", "bf16") else 1)
+            assert r["sent"] == pytest.approx(expected, rel=0.02, abs=8), (name, collective, r)
+            if name == "identity":
+                assert r["max_err"] < 1e-6
+            elif name in ("fp16", "bf16"):
+                assert r["max_err"] < 0.05
+            else:
+                assert r["max_z"] < 5, (name, collective, r)   # unbiased
+                assert r["max_err"] > 0                        # and really compressed
+    assert result["tensor_roundtrip"] and result["ef_memory_named"]
+    for label in ("fp32", "qsgd4"):
+        assert result[label]["replicas_identical"], label
+        assert result[label]["last"] < 0.05 * result[label]["first"], result[label]
+    # QSGD-4 tracks fp32: its final loss is within noise of fp32's (both near zero)
+    assert result["qsgd4"]["last"] < 2 * result["fp32"]["last"] + 0.02 * result["fp32"]["first"]
