@@ -1,0 +1,46 @@
+"""The Horovod front end under a real `horovodrun --gloo`."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("horovod_worker.py")
+
+
+def horovod_unavailable():
+    try:
+        import horovod.torch as hvd
+    except ImportError as exc:
+        return f"Horovod with PyTorch is not installed (bash launch/install_horovod.sh): {exc}"
+    if not hvd.gloo_built():
+        return "Horovod was built without Gloo"
+    if shutil.which("horovodrun") is None:
+        return "horovodrun is not on PATH"
+    return None
+
+
+REASON = horovod_unavailable()
+
+
+@pytest.mark.skipif(REASON is not None, reason=REASON or "")
+def test_horovodrun_training_with_commpress_optimizer(tmp_path):
+    out = tmp_path / "hvd.json"
+    proc = subprocess.run(["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo",
+                           sys.executable, str(WORKER), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["size"] == 2
+    assert result["identity"]["rel_err"] < 1e-6
+    for name in ("fp16", "qsgd4", "natural", "dithering"):
+        assert result[name]["same"], name
+        assert 0 < result[name]["rel_err"] < 0.5, (name, result[name])
+    fp32, qsgd4 = result["train_fp32"], result["train_qsgd4"]
+    for run in (fp32, qsgd4):
+        assert run["identical"]
+        assert run["last"] < 0.2 * run["first"], run
+    assert qsgd4["last"] < 1.3 * fp32["last"] + 0.01 * fp32["first"], (qsgd4, fp32)
+    assert qsgd4["ratio"] > 5
