@@ -54,3 +54,14 @@ def test_mpi_allreduce_every_codec_and_training(np_, tmp_path):
         assert result[label]["last"] < 0.05 * result[label]["first"], result[label]
     # QSGD-4 tracks fp32: its final loss is within noise of fp32's (both near zero)
     assert result["qsgd4"]["last"] < 2 * result["fp32"]["last"] + 0.02 * result["fp32"]["first"]
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found (apt-get install openmpi-bin)")
+def test_mpirun_launches_the_main_job():
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "NP": "2", "MASTER_PORT": "29731",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(root / "launch" / "mpirun.sh"), "qsgd4", "--epochs", "1",
+                           "--quiet"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "qsgd4" in proc.stdout and "identical" in proc.stdout and "DIVERGED" not in proc.stdout
