@@ -11,6 +11,7 @@ thread per state, in bucket order (see :mod:`commpress.comm.ordered`), so commun
 overlaps the rest of the backward pass.
 """
 
+import json
 import logging
 from typing import Dict, List, Optional, Tuple
 
@@ -102,6 +103,7 @@ class CompressionState:
     def _init_runtime(self):
         self.param_index: Dict[torch.Tensor, int] = {}
         self.masks: Dict[torch.Tensor, torch.Tensor] = {}
+        self._agreed_phase: Optional[str] = None
         self._keep_cache: Dict[tuple, Optional[torch.Tensor]] = {}
         self._transport: Optional[TorchTransport] = None
         self._executor: Optional[OrderedExecutor] = None
@@ -182,7 +184,8 @@ class CompressionState:
     def __getstate__(self):
         state = {k: v for k, v in self.__dict__.items()
                  if k not in ("process_group", "_transport", "_executor", "_generators",
-                              "_saved_rng", "param_index", "masks", "_keep_cache")}
+                              "_saved_rng", "param_index", "masks", "_keep_cache",
+                              "_agreed_phase")}
         state["_saved_rng"] = {**self._saved_rng,
                                **{k: g.get_state() for k, g in self._generators.items()}}
         return state
@@ -254,10 +257,41 @@ def _reduce_group(state: CompressionState, buffer, segments, codec, collective,
     _scatter(buffer, segments, mean)
 
 
+_AGREEMENT_BYTES = 1024
+
+
+def _check_agreement(state: CompressionState, phase: str) -> None:
+    """Fail, on every rank, with the differing settings named, when ranks are configured
+    differently; mixed codecs or phases would otherwise hang or mix payload formats. Runs at
+    the first compressed step and whenever the phase changes: one 1 kB all-gather."""
+    mine = {**state._config(), "phase": phase}
+    del mine["seed"]  # may differ per rank by design
+    raw = json.dumps(mine, sort_keys=True).encode()[:_AGREEMENT_BYTES]
+    padded = torch.zeros(_AGREEMENT_BYTES, dtype=torch.uint8)
+    padded[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    transport = state.transport
+    gathered = transport.all_gather(padded.to(_transport_device(state))).cpu().view(transport.world_size, -1)
+    configs = [json.loads(bytes(row.numpy()).rstrip(b"\0")) for row in gathered]
+    differing = sorted(k for k in mine if len({json.dumps(c.get(k)) for c in configs}) > 1)
+    if differing:
+        detail = "; ".join(f"{k}: " + ", ".join(f"rank {r} {c.get(k)!r}" for r, c in enumerate(configs))
+                           for k in differing)
+        raise RuntimeError(f"commpress: ranks are configured differently ({detail})")
+    state._agreed_phase = phase
+
+
+def _transport_device(state: CompressionState) -> torch.device:
+    """Where the process group wants tensors: CUDA for NCCL, CPU otherwise."""
+    backend = dist.get_backend(state.process_group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
 def _reduce_bucket(state: CompressionState, buffer: torch.Tensor, small, big,
                    compress: bool, last: bool, phase: str) -> torch.Tensor:
     w = state.transport.world_size
     state.stats.add(dense_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
+    if compress and state._agreed_phase != phase:
+        _check_agreement(state, phase)
     if not compress:
         small, big = small + big, []
     if small:

@@ -211,3 +211,26 @@ def test_server_feedback_in_ddp():
         assert sum(losses[-10:]) / 10 < 0.37  # fp32 reaches 0.355 on this problem (see above)
         for p0, p in zip(results[0][0], params):
             assert torch.equal(p0, p)
+
+
+def mismatch_worker(rank, world_size, field):
+    settings = {"codec": dict(codec=cp.QSGD(bits=4 if rank == 0 else 8)),
+                "collective": dict(codec=cp.QSGD(bits=4),
+                                   collective="allgather" if rank == 0 else "reduce_scatter"),
+                "phase": dict(codec=cp.QSGD(bits=4))}[field]
+    state = cp.CompressionState(log_every=0, start_iter=0, **settings)
+    if field == "phase":
+        state.phase = "dense" if rank == 0 else "sparse"
+    model = ddp(make_model(), state)
+    x, target = batch(rank, 0)
+    try:
+        torch.nn.functional.mse_loss(model(x), target).backward()
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize("field", ["codec", "collective", "phase"])
+def test_mismatched_ranks_fail_with_a_clear_error(field):
+    for message in run_workers(mismatch_worker, 2, field, timeout=120):
+        assert "configured differently" in message and f"{field}:" in message, message
