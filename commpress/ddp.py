@@ -113,8 +113,19 @@ class CompressionState:
     # -- runtime pieces, created on first use (they need an initialized process group) -----
     @property
     def transport(self) -> TorchTransport:
+        """A transport over a private copy of ``process_group``. DDP issues collectives of its
+        own on the user's group (e.g. the unused-parameter map with
+        ``find_unused_parameters=True``) from the backward thread, while the hook's reductions
+        run on the background thread: sharing one group would let the two interleave
+        differently on different ranks and mismatch. Created on first use by every member."""
         if self._transport is None:
-            self._transport = TorchTransport(self.process_group)
+            if not dist.is_available() or not dist.is_initialized():
+                raise RuntimeError("torch.distributed is not initialized: call "
+                                   "torch.distributed.init_process_group() first")
+            ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
+            private = dist.new_group(ranks, backend=dist.get_backend(self.process_group),
+                                     use_local_synchronization=True)
+            self._transport = TorchTransport(private)
         return self._transport
 
     @property

@@ -30,6 +30,12 @@ KINDS = ("ef", "ef21")
 _MEMORIES = {"ef": ("residual",), "ef21": ("worker", "shared")}
 
 
+def _finite_or(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` where finite, else ``old``: an overflowing step (which loss scaling will skip)
+    must not poison the memories for every later step."""
+    return torch.where(torch.isfinite(new), new, old)
+
+
 class ErrorFeedback:
     def __init__(self, kind: str, server: bool = False):
         if kind not in KINDS:
@@ -62,12 +68,14 @@ class ErrorFeedback:
                mean: torch.Tensor, sizes=None) -> torch.Tensor:
         """Update the memories; return the vector to use as the averaged gradient."""
         if self.kind == "ef":
-            self._scatter("residual", params, sent - local, sizes)
+            old = self._gather("residual", params, mean, sizes)
+            self._scatter("residual", params, _finite_or(sent - local, old), sizes)
             return mean
-        self._scatter("worker", params, self._gather("worker", params, local, sizes) + local, sizes)
-        shared = self._gather("shared", params, mean, sizes) + mean
-        self._scatter("shared", params, shared, sizes)
-        return shared
+        worker = self._gather("worker", params, local, sizes)
+        self._scatter("worker", params, _finite_or(worker + local, worker), sizes)
+        shared = self._gather("shared", params, mean, sizes)
+        self._scatter("shared", params, _finite_or(shared + mean, shared), sizes)
+        return shared + mean
 
     def server_memory(self, params: Sequence[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
         """The server residual for ``params`` (to pass to ``compressed_mean``), or None."""

@@ -162,8 +162,9 @@ def _reduce_scatter(flat, codec, transport, generator, stats, keep_local, server
         chunk_mean += server_residual[lo:hi]
     with _Timer(stats, "encode_seconds"):
         reduced = codec.encode(chunk_mean, generator).data
-    if server_residual is not None:
-        server_residual[lo:hi] = chunk_mean - codec.decode(Payload(reduced), dtype=torch.float32)
+    if server_residual is not None:  # an overflowing step must not poison later ones
+        lost = chunk_mean - codec.decode(Payload(reduced), dtype=torch.float32)
+        server_residual[lo:hi] = torch.where(torch.isfinite(lost), lost, server_residual[lo:hi])
     # all_gather needs equal sizes: every reduced chunk travels in a slot of the largest size
     slot = max(sizes)
     padded = torch.zeros(slot, dtype=torch.uint8, device=flat.device)

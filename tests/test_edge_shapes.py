@@ -1,0 +1,62 @@
+"""Unusual models and training loops through the hook give the same averages as plain DDP."""
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commpress as cp
+from distributed import run_workers
+
+
+class Odd(torch.nn.Module):
+    """A frozen layer, an empty parameter, a branch used only on some steps, and layers
+    above and below min_numel."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = torch.nn.Linear(32, 32)
+        self.frozen.requires_grad_(False)
+        self.empty = torch.nn.Parameter(torch.empty(0))
+        self.big = torch.nn.Linear(32, 64)
+        self.branch = torch.nn.Linear(64, 8)
+        self.head = torch.nn.Linear(64, 8)
+
+    def forward(self, x, use_branch):
+        h = torch.relu(self.big(torch.relu(self.frozen(x))))
+        out = self.head(h) + self.empty.sum()
+        return out + self.branch(h) if use_branch else out
+
+
+def edge_worker(rank, world_size, spec):
+    out = {}
+    for label in ("plain", spec):
+        torch.manual_seed(0)
+        model = DDP(Odd(), find_unused_parameters=True, bucket_cap_mb=0.001)
+        if label != "plain":
+            cp.register_hook(model, label, log_every=0, start_iter=0)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        for step in range(6):
+            opt.zero_grad()
+            for micro in range(2):  # gradient accumulation: the first micro-step under no_sync
+                g = torch.Generator().manual_seed(100 * rank + 10 * step + micro)
+                x = torch.randn(8, 32, generator=g)
+                use_branch = step % 2 == 0
+                if micro == 0:
+                    with model.no_sync():
+                        torch.nn.functional.mse_loss(model(x, use_branch), x[:, :8]).backward()
+                else:
+                    torch.nn.functional.mse_loss(model(x, use_branch), x[:, :8]).backward()
+            opt.step()
+        out[label] = [p.detach().clone() for p in model.parameters()]
+    return out
+
+
+@pytest.mark.parametrize("spec,tolerance", [("fp32", 1e-6), ("qsgd8", 0.05)])
+def test_frozen_empty_unused_and_no_sync(spec, tolerance):
+    results = run_workers(edge_worker, 2, spec, timeout=60)
+    for r in results:
+        for plain, hooked in zip(r["plain"], r[spec]):
+            assert plain.shape == hooked.shape
+            if plain.numel():
+                assert (plain - hooked).norm() <= tolerance * plain.norm(), spec
+    for p0, p1 in zip(results[0][spec], results[1][spec]):
+        assert torch.equal(p0, p1)
