@@ -122,8 +122,9 @@ class CompressionState:
             if not dist.is_available() or not dist.is_initialized():
                 raise RuntimeError("torch.distributed is not initialized: call "
                                    "torch.distributed.init_process_group() first")
-            ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
-            private = dist.new_group(ranks, backend=dist.get_backend(self.process_group),
+            group = self.process_group or dist.group.WORLD
+            private = dist.new_group(dist.get_process_group_ranks(group),
+                                     backend=dist.get_backend(group), timeout=_timeout_of(group),
                                      use_local_synchronization=True)
             self._transport = TorchTransport(private)
         return self._transport
@@ -209,6 +210,16 @@ class CompressionState:
         self._saved_rng = saved_rng
         logger.warning("CompressionState unpickled: process_group is not serializable and was "
                        "reset to the default group")
+
+
+def _timeout_of(group: dist.ProcessGroup):
+    """The user's group timeout, so a hung peer fails the hook's collectives as soon as it would
+    fail DDP's (None: the backend default)."""
+    device = torch.device("cuda") if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    try:
+        return group._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _segments(state: CompressionState, bucket):

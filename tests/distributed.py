@@ -8,11 +8,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank, world_size, init_file, out_dir, fn, args):
+def _worker(rank, world_size, init_file, out_dir, fn, args, pg_timeout):
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world_size)
+                                world_size=world_size, timeout=pg_timeout)
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
         dist.destroy_process_group()
@@ -22,12 +22,13 @@ def _worker(rank, world_size, init_file, out_dir, fn, args):
         raise
 
 
-def run_workers(fn, world_size, *args, timeout=180):
-    """``[fn(rank, world_size, *args) for each rank]``, each in its own process."""
+def run_workers(fn, world_size, *args, timeout=180, pg_timeout=None):
+    """``[fn(rank, world_size, *args) for each rank]``, each in its own process
+    (``pg_timeout``: the process group's timeout, a timedelta)."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, tmp, fn, args))
+        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, tmp, fn, args, pg_timeout))
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -60,3 +60,30 @@ def test_frozen_empty_unused_and_no_sync(spec, tolerance):
                 assert (plain - hooked).norm() <= tolerance * plain.norm(), spec
     for p0, p1 in zip(results[0][spec], results[1][spec]):
         assert torch.equal(p0, p1)
+
+
+def hung_peer_worker(rank, world_size):
+    import time
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)))
+    cp.register_hook(model, "qsgd4", log_every=0, start_iter=0)
+    for step in range(3):
+        if rank == 1 and step == 2:
+            time.sleep(25)        # stops participating, but stays alive
+            return "slept"
+        started = time.monotonic()
+        try:
+            model(torch.randn(8, 64)).sum().backward()
+        except RuntimeError as exc:
+            return f"failed after {time.monotonic() - started:.1f}s: {exc}"
+    return "finished"
+
+
+def test_hung_peer_fails_within_the_group_timeout():
+    import datetime
+    results = run_workers(hung_peer_worker, 2, timeout=90, pg_timeout=datetime.timedelta(seconds=8))
+    assert results[1] == "slept"
+    message = results[0]
+    assert message.startswith("failed after"), message
+    assert float(message.split()[2].rstrip("s:")) < 20, message   # 8 s timeout, not 30 minutes
+    assert "timed out" in message.lower() or "timeout" in message.lower(), message
