@@ -23,6 +23,13 @@ def _stop(jobs: "queue.SimpleQueue", thread: threading.Thread) -> None:
         thread.join(timeout=10)
 
 
+def _unwrap(outcome: torch.futures.Future):
+    value, error = outcome.value()
+    if error is not None:
+        raise error
+    return value
+
+
 class OrderedExecutor:
     """A single daemon worker thread; :meth:`submit` returns a ``torch.futures.Future``.
 
@@ -37,9 +44,12 @@ class OrderedExecutor:
         weakref.finalize(self, _stop, self._jobs, self._thread)
 
     def submit(self, fn: Callable[[], torch.Tensor]) -> torch.futures.Future:
-        future: torch.futures.Future = torch.futures.Future()
-        self._jobs.put((fn, future))
-        return future
+        """The Future of ``fn()``. An exception in ``fn`` is raised inside a ``then`` callback,
+        which is how an error reaches C++ consumers such as DDP's reducer with its message
+        (``Future.set_exception`` only works for Python callers of ``wait()``)."""
+        outcome: torch.futures.Future = torch.futures.Future()
+        self._jobs.put((fn, outcome))
+        return outcome.then(_unwrap)
 
     @staticmethod
     def _loop(jobs):  # holds no reference to the executor, so it can be collected
@@ -47,8 +57,9 @@ class OrderedExecutor:
             job = jobs.get()
             if job is None:
                 return
-            fn, future = job
+            fn, outcome = job
             try:
-                future.set_result(fn())
-            except BaseException as exc:  # surfaces in the waiting thread, e.g. DDP's backward
-                future.set_exception(exc)
+                result = (fn(), None)
+            except Exception as exc:  # surfaces in the waiting thread, e.g. DDP's backward
+                result = (None, exc)
+            outcome.set_result(result)
