@@ -22,7 +22,7 @@ if [ -z "$wheel" ]; then
   tar -xzf "$work"/horovod-"$VERSION".tar.gz -C "$work"
   src="$work/horovod-$VERSION"
   sed -i 's/CMAKE_CXX_STANDARD 14/CMAKE_CXX_STANDARD 17/' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
-  pip install --no-build-isolation packaging wheel cloudpickle psutil pyyaml >/dev/null
+  pip install wheel packaging cloudpickle psutil pyyaml >/dev/null  # setup.py imports some
   HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_TENSORFLOW=1 \
     HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITHOUT_MPI=${HOROVOD_WITHOUT_MPI:-1} \
     pip wheel --no-build-isolation --no-deps -w "$work/dist" "$src"
@@ -30,5 +30,7 @@ if [ -z "$wheel" ]; then
   wheel="$CACHE/$(basename "$built")"
   cp "$built" "$wheel"
 fi
-pip install --no-deps "$wheel"
+# Horovod's own dependencies (cloudpickle, psutil, pyyaml, packaging) come with the wheel;
+# it does not depend on torch, so the installed torch is kept.
+pip install "$wheel"
 python -c 'import horovod.torch as hvd; print("horovod", __import__("horovod").__version__, "gloo built:", hvd.gloo_built())'
