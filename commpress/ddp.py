@@ -13,7 +13,7 @@ overlaps the rest of the backward pass.
 
 import json
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist

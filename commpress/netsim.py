@@ -26,7 +26,7 @@ import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 STATE_DIR = Path(os.environ.get("COMMPRESS_NETSIM_DIR", "/run/commpress-netsim"))
 IFNAME = "eth0"
