@@ -87,3 +87,30 @@ def test_hung_peer_fails_within_the_group_timeout():
     assert message.startswith("failed after"), message
     assert float(message.split()[2].rstrip("s:")) < 20, message   # 8 s timeout, not 30 minutes
     assert "timed out" in message.lower() or "timeout" in message.lower(), message
+
+
+def huge_bucket_worker(rank, world_size):
+    import copy
+    import torch.distributed as dist
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8192, 8192)            # 67M weights: one 268 MB bucket
+    reference = copy.deepcopy(model)
+    ddp = DDP(model, bucket_cap_mb=300)
+    state = cp.register_hook(ddp, "qsgd8", log_every=0, start_iter=0)
+    x = torch.randn(4, 8192, generator=torch.Generator().manual_seed(rank))
+    ddp(x).square().mean().backward()
+    reference(x).square().mean().backward()
+    exact = reference.weight.grad
+    dist.all_reduce(exact)
+    exact /= world_size
+    rel = ((model.weight.grad - exact).norm() / exact.norm()).item()
+    digest = model.weight.grad.sum().item()
+    return rel, digest, state.stats.last_step.ratio, state.stats.last_step.dense_bytes
+
+
+def test_single_bucket_over_256_mb():
+    results = run_workers(huge_bucket_worker, 2, timeout=300)
+    (rel0, d0, ratio, dense), (rel1, d1, _, _) = results
+    assert dense >= 256e6 * 2 * (2 - 1) / 2        # the bucket really was that big
+    assert rel0 < 0.05 and d0 == d1                # QSGD-8 noise only, same on both ranks
+    assert ratio > 3.9
