@@ -212,12 +212,18 @@ class CompressionState:
                        "reset to the default group")
 
 
+def _group_device(group: Optional[dist.ProcessGroup]) -> torch.device:
+    """Where the group wants tensors: the current CUDA device for NCCL, CPU otherwise."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _timeout_of(group: dist.ProcessGroup):
     """The user's group timeout, so a hung peer fails the hook's collectives as soon as it would
     fail DDP's (None: the backend default)."""
-    device = torch.device("cuda") if dist.get_backend(group) == "nccl" else torch.device("cpu")
     try:
-        return group._get_backend(device).options._timeout
+        return group._get_backend(_group_device(group)).options._timeout
     except (AttributeError, RuntimeError):
         return None
 
@@ -292,7 +298,8 @@ def _check_agreement(state: CompressionState, phase: str) -> None:
     padded = torch.zeros(_AGREEMENT_BYTES, dtype=torch.uint8)
     padded[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     transport = state.transport
-    gathered = transport.all_gather(padded.to(_transport_device(state))).cpu().view(transport.world_size, -1)
+    gathered = transport.all_gather(padded.to(_group_device(state.process_group)))
+    gathered = gathered.cpu().view(transport.world_size, -1)
     configs = [json.loads(bytes(row.numpy()).rstrip(b"\0")) for row in gathered]
     differing = sorted(k for k in mine if len({json.dumps(c.get(k)) for c in configs}) > 1)
     if differing:
@@ -300,12 +307,6 @@ def _check_agreement(state: CompressionState, phase: str) -> None:
                            for k in differing)
         raise RuntimeError(f"commpress: ranks are configured differently ({detail})")
     state._agreed_phase = phase
-
-
-def _transport_device(state: CompressionState) -> torch.device:
-    """Where the process group wants tensors: CUDA for NCCL, CPU otherwise."""
-    backend = dist.get_backend(state.process_group)
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
 def _reduce_bucket(state: CompressionState, buffer: torch.Tensor, small, big,

@@ -4,12 +4,17 @@ import subprocess
 import sys
 
 
+def run_train(*args, timeout=400):
+    """``commpress train ARGS --quiet`` in a subprocess, as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "commpress.cli", "train", *args, "--quiet"],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_commpress_train_reports(tmp_path):
     out = tmp_path / "report.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "commpress.cli", "train", "qsgd4", "natural+ef", "--epochs", "2",
-         "--quiet", "--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_train("qsgd4", "natural+ef", "--epochs", "2", "--json", str(out))
     assert "test acc" in proc.stdout and "qsgd4" in proc.stdout
     report = json.loads(out.read_text())
     assert report["world_size"] == 2
@@ -29,10 +34,7 @@ def test_commpress_train_rejects_unknown_hook():
 
 def test_commpress_train_acdc_reports_both_members(tmp_path):
     out = tmp_path / "report.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "commpress.cli", "train", "--acdc", "0.9", "--epochs", "8",
-         "--quiet", "--json", str(out)], capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_train("--acdc", "0.9", "--epochs", "8", "--json", str(out))
     results = {r["method"]: r for r in json.loads(out.read_text())["results"]}
     for method in ("acdc90", "acdc90:qsgd4"):
         r = results[method]
