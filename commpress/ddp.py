@@ -21,7 +21,8 @@ import torch.distributed as dist
 from .codecs import FP16, BF16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering
 from .comm.collectives import ALGORITHMS
 from .comm.ordered import OrderedExecutor
-from .comm.transport import TorchTransport
+from .comm.transport import (TorchTransport, Transport, group_device, group_timeout, node_layout,
+                             torch_hierarchical_transport)
 from .feedback import KINDS, ErrorFeedback, reduce_mean
 from .stats import CommStats
 
@@ -37,7 +38,10 @@ class CompressionState:
         codec: the :class:`~commpress.Codec` applied to each bucket's large layers.
         process_group: the group to reduce over (None: the default group).
         collective: ``"allgather"``, ``"reduce_scatter"``, ``"allreduce"`` (summable codecs
-            only) or ``"auto"`` (a cost model, see :func:`commpress.comm.collectives.choose_algorithm`).
+            only), ``"hierarchical"`` (fp32 inside a node, compressed between nodes; nodes from
+            torchrun's ``GROUP_RANK``, see :func:`commpress.comm.transport.node_id`) or
+            ``"auto"`` (a cost model, see :func:`commpress.comm.collectives.choose_algorithm`,
+            hierarchical when there are several nodes of several ranks).
         error_feedback: None, ``"ef"`` or ``"ef21"`` (see :mod:`commpress.feedback`).
         server_feedback: with ``"ef"``, also keep the residual of ``reduce_scatter``'s second
             quantization at the reducing rank.
@@ -106,6 +110,7 @@ class CompressionState:
         self._agreed_phase: Optional[str] = None
         self._keep_cache: Dict[tuple, Optional[torch.Tensor]] = {}
         self._transport: Optional[TorchTransport] = None
+        self._compressed_transport: Optional[Transport] = None
         self._executor: Optional[OrderedExecutor] = None
         self._generators: Dict[str, torch.Generator] = {}
         self._saved_rng: Dict[str, torch.Tensor] = {}
@@ -124,10 +129,25 @@ class CompressionState:
                                    "torch.distributed.init_process_group() first")
             group = self.process_group or dist.group.WORLD
             private = dist.new_group(dist.get_process_group_ranks(group),
-                                     backend=dist.get_backend(group), timeout=_timeout_of(group),
+                                     backend=dist.get_backend(group), timeout=group_timeout(group),
                                      use_local_synchronization=True)
             self._transport = TorchTransport(private)
         return self._transport
+
+    @property
+    def compressed_transport(self) -> Transport:
+        """The transport of the compressed reductions: :attr:`transport`, or for the
+        hierarchical collective (and ``auto`` on several nodes of several ranks) one that also
+        holds node-local and cross-node groups. Created at the first compressed step, after
+        the ranks have agreed on the configuration, with one small all-gather of node ids."""
+        if self._compressed_transport is None:
+            transport = self.transport
+            if self.collective in ("hierarchical", "auto") and not self.codec.summable:
+                layout = node_layout(transport)
+                if self.collective == "hierarchical" or 1 < len(layout) < transport.world_size:
+                    transport = torch_hierarchical_transport(transport, layout)
+            self._compressed_transport = transport
+        return self._compressed_transport
 
     @property
     def executor(self) -> OrderedExecutor:
@@ -195,7 +215,8 @@ class CompressionState:
 
     def __getstate__(self):
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("process_group", "_transport", "_executor", "_generators",
+                 if k not in ("process_group", "_transport", "_compressed_transport", "_executor",
+                              "_generators",
                               "_saved_rng", "param_index", "masks", "_keep_cache",
                               "_agreed_phase")}
         state["_saved_rng"] = {**self._saved_rng,
@@ -210,22 +231,6 @@ class CompressionState:
         self._saved_rng = saved_rng
         logger.warning("CompressionState unpickled: process_group is not serializable and was "
                        "reset to the default group")
-
-
-def _group_device(group: Optional[dist.ProcessGroup]) -> torch.device:
-    """Where the group wants tensors: the current CUDA device for NCCL, CPU otherwise."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _timeout_of(group: dist.ProcessGroup):
-    """The user's group timeout, so a hung peer fails the hook's collectives as soon as it would
-    fail DDP's (None: the backend default)."""
-    try:
-        return group._get_backend(_group_device(group)).options._timeout
-    except (AttributeError, RuntimeError):
-        return None
 
 
 def _segments(state: CompressionState, bucket):
@@ -277,10 +282,10 @@ def _kept_indices(state: CompressionState, segments, device) -> Optional[torch.T
 
 
 def _reduce_group(state: CompressionState, buffer, segments, codec, collective,
-                  feedback: Optional[ErrorFeedback]) -> None:
+                  feedback: Optional[ErrorFeedback], transport: Transport) -> None:
     """Average the gradients of ``segments`` over ranks through ``codec``, in place."""
     mean = reduce_mean(_gather(buffer, segments), [p for _, _, p in segments], codec,
-                       state.transport, collective, feedback, state.generator(buffer.device),
+                       transport, collective, feedback, state.generator(buffer.device),
                        state.stats, keep=_kept_indices(state, segments, buffer.device))
     _scatter(buffer, segments, mean)
 
@@ -298,7 +303,7 @@ def _check_agreement(state: CompressionState, phase: str) -> None:
     padded = torch.zeros(_AGREEMENT_BYTES, dtype=torch.uint8)
     padded[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     transport = state.transport
-    gathered = transport.all_gather(padded.to(_group_device(state.process_group)))
+    gathered = transport.all_gather(padded.to(group_device(state.process_group)))
     gathered = gathered.cpu().view(transport.world_size, -1)
     configs = [json.loads(bytes(row.numpy()).rstrip(b"\0")) for row in gathered]
     differing = sorted(k for k in mine if len({json.dumps(c.get(k)) for c in configs}) > 1)
@@ -318,9 +323,10 @@ def _reduce_bucket(state: CompressionState, buffer: torch.Tensor, small, big,
     if not compress:
         small, big = small + big, []
     if small:
-        _reduce_group(state, buffer, small, _FP32, "allreduce", None)
+        _reduce_group(state, buffer, small, _FP32, "allreduce", None, state.transport)
     if big:
-        _reduce_group(state, buffer, big, state.codec, state.collective, state.feedback)
+        _reduce_group(state, buffer, big, state.codec, state.collective, state.feedback,
+                      state.compressed_transport)
     if last:
         state.stats.end_step()
         state.phase_stats[phase].absorb(state.stats.last_step)

@@ -141,7 +141,7 @@ def reduce_mean(flat: torch.Tensor, keys: Sequence, codec: Codec, transport: Tra
     server = feedback.server_memory(keys, flat) if feedback else None
     compact = sent if keep is None else sent.index_select(0, keep)
     server_compact = server if keep is None or server is None else server.index_select(0, keep)
-    algorithm = (choose_algorithm(codec, compact.numel(), transport.world_size)
+    algorithm = (choose_algorithm(codec, compact.numel(), transport.world_size, transport.local_size)
                  if collective == "auto" else collective)
     mean, local = compressed_mean(compact, codec, transport, algorithm, generator, stats,
                                   keep_local=feedback is not None, server_residual=server_compact)

@@ -1,9 +1,10 @@
 """Communication statistics: bytes on the wire against the dense baseline, and where time goes.
 
 ``wire_bytes`` is what this rank handed to the engine, weighted by the bytes each collective
-algorithm sends per rank (see :class:`~commpress.comm.transport.Transport`);
+algorithm sends per rank (see :class:`~commpress.comm.transport.Transport`), of which
+``intra_node_bytes`` went to ranks of the same node (hierarchical collective only);
 ``dense_bytes`` is what a ring all-reduce of the same gradients in fp32 would have sent,
-``2(W-1)/W * 4 * numel``. Their ratio is the saving, after every overhead (headers, scales,
+``2(W-1)/W * 4 * numel``. Their ratio (against the bytes that left the node) is the saving, after every overhead (headers, scales,
 padding, the uncompressed small layers, the plain warm-up steps).
 """
 from __future__ import annotations
@@ -16,15 +17,23 @@ from typing import Dict
 @dataclass
 class StepCounters:
     wire_bytes: int = 0
+    #: the part of ``wire_bytes`` sent to ranks on the same node (hierarchical collective)
+    intra_node_bytes: int = 0
     dense_bytes: int = 0
     encode_seconds: float = 0.0
     decode_seconds: float = 0.0
     comm_seconds: float = 0.0
 
     @property
+    def network_bytes(self) -> int:
+        """What left the node (everything, for collectives that do not know the topology)."""
+        return self.wire_bytes - self.intra_node_bytes
+
+    @property
     def ratio(self) -> float:
-        """dense / wire: how many times fewer bytes than an fp32 all-reduce."""
-        return self.dense_bytes / self.wire_bytes if self.wire_bytes else float("nan")
+        """dense / network: how many times fewer bytes than an fp32 all-reduce puts on the
+        network."""
+        return self.dense_bytes / self.network_bytes if self.network_bytes else float("nan")
 
 
 @dataclass
@@ -61,12 +70,15 @@ class CommStats(StepCounters):
 
     def per_step(self) -> Dict[str, float]:
         n = max(self.steps, 1)
-        return {f.name: getattr(self, f.name) / n for f in fields(StepCounters)}
+        counters = {f.name: getattr(self, f.name) / n for f in fields(StepCounters)}
+        return {**counters, "network_bytes": self.network_bytes / n}
 
     def summary(self) -> str:
-        return (f"step {self.steps}: wire {self.wire_bytes / 1e6:.2f} MB vs dense "
+        intra = (f" (+{self.intra_node_bytes / 1e6:.2f} MB inside the node)"
+                 if self.intra_node_bytes else "")
+        return (f"step {self.steps}: wire {self.network_bytes / 1e6:.2f} MB{intra} vs dense "
                 f"{self.dense_bytes / 1e6:.2f} MB ({self.ratio:.2f}x fewer); last step "
-                f"{self.last_step.wire_bytes / 1e3:.1f} kB ({self.last_step.ratio:.2f}x); "
+                f"{self.last_step.network_bytes / 1e3:.1f} kB ({self.last_step.ratio:.2f}x); "
                 f"encode {self.encode_seconds:.2f}s decode {self.decode_seconds:.2f}s "
                 f"comm {self.comm_seconds:.2f}s")
 
@@ -77,9 +89,9 @@ class CommStats(StepCounters):
     def load_state_dict(self, state: Dict) -> None:
         with self._lock:
             for f in fields(StepCounters):
-                setattr(self, f.name, state[f.name])
+                setattr(self, f.name, state.get(f.name, 0))
             self.steps = state["steps"]
-            self.last_step = StepCounters(**state["last_step"])
+            self.last_step = StepCounters(**{**asdict(StepCounters()), **state["last_step"]})
             self._current = StepCounters()
 
     def __getstate__(self):

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .acdc import ACDC, ACDCSchedule
+from .comm.collectives import ALGORITHMS
 from .ddp import register_hook, state_from_name
 
 logger = logging.getLogger("commpress.train")
@@ -125,15 +126,16 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
         dense_member.load_state_dict(dense_weights)
         extra = {"dense_member_accuracy": evaluate(dense_member.eval(), x_test, y_test)[0],
                  "final_density": acdc.density,
-                 "sparse_phase_bytes_per_step": state.phase_stats["sparse"].per_step()["wire_bytes"],
-                 "dense_phase_bytes_per_step": state.phase_stats["dense"].per_step()["wire_bytes"]}
+                 "sparse_phase_bytes_per_step": state.phase_stats["sparse"].per_step()["network_bytes"],
+                 "dense_phase_bytes_per_step": state.phase_stats["dense"].per_step()["network_bytes"]}
     n_params = sum(p.numel() for p in model.parameters())
     steps = args.epochs * steps_per_epoch
     dense = 2 * (world_size - 1) / world_size * 4 * n_params * steps
-    wire = state.stats.wire_bytes if state else dense
+    wire = state.stats.network_bytes if state else dense
     identical = _replicas_identical(model)
     return {"method": method, "accuracy": accuracy, "test_loss": test_loss,
             "train_loss": loss.item(), "wire_bytes": wire, "dense_bytes": dense,
+            "intra_node_bytes": state.stats.intra_node_bytes if state else 0,
             "ratio": dense / wire if wire else float("nan"), "seconds": elapsed,
             "steps": steps, "replicas_identical": identical,
             "encode_seconds": state.stats.encode_seconds if state else 0.0,
@@ -170,7 +172,8 @@ def report(results: List[Dict], args, world_size: int) -> str:
             lines.append(f"{r['method'] + ' dense':<26}{100 * acc:>8.2f}%"
                          f"{100 * (acc - base['accuracy']):>+8.2f}p   (same run: weights at the end "
                          f"of its last dense phase)")
-    lines += ["", "MB sent/rank: bytes this rank put on the wire (ring/all-to-all accounting); "
+    lines += ["", "MB sent/rank: bytes this rank put on the network (ring/all-to-all accounting; "
+              "the hierarchical collective's node-local traffic is not counted); "
               "saving: fp32 all-reduce bytes / bytes sent."]
     acdc = [r for r in results if "sparse_phase_bytes_per_step" in r]
     for r in acdc:
@@ -213,7 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--workers", type=int, default=2,
                         help="worker processes when not launched by torchrun (default 2)")
     parser.add_argument("--collective", default="auto",
-                        choices=["auto", "allgather", "reduce_scatter", "allreduce"])
+                        choices=["auto", *ALGORITHMS])
     parser.add_argument("--acdc", type=float, metavar="SPARSITY",
                         help="also run AC/DC at this sparsity (paper schedule scaled to the run), "
                              "with the fp32 hook and with qsgd4: methods acdcNN and acdcNN:qsgd4")

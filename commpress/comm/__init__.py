@@ -1,7 +1,8 @@
 """Compressed collectives over a transport; they know codecs, never front ends."""
 from .collectives import ALGORITHMS, choose_algorithm, chunk_bounds, compressed_mean, wire_bytes_per_rank
 from .ordered import OrderedExecutor
-from .transport import TorchTransport, Transport
+from .transport import HierarchicalTransport, TorchTransport, Transport
 
 __all__ = ["ALGORITHMS", "choose_algorithm", "chunk_bounds", "compressed_mean",
-           "wire_bytes_per_rank", "OrderedExecutor", "TorchTransport", "Transport"]
+           "wire_bytes_per_rank", "OrderedExecutor", "HierarchicalTransport", "TorchTransport",
+           "Transport"]

@@ -14,6 +14,14 @@ Algorithms (wire bytes per rank for a vector whose payload is ``B`` bytes):
   second quantization of the averaged chunk.
 - ``allreduce``: for summable encodings (fp32/fp16/bf16 casts) a plain all_reduce of the cast,
   pre-divided by W (as PyTorch's fp16 hook) so the sum cannot overflow. ``2(W-1)/W * B``.
+- ``hierarchical`` (a :class:`~commpress.comm.transport.HierarchicalTransport`, N nodes of L
+  ranks): an uncompressed fp32 reduce-scatter inside the node (fast links), the compressed
+  collective chosen for N ranks on this rank's 1/L shard among the ranks with the same local
+  index on the other nodes, and an fp32 all-gather of the reduced shards inside the node. Out
+  of each node go about ``2(N-1)/N * B`` (its L ranks each send their shard's share), where a
+  flat reduce_scatter over all ``W = N*L`` ranks sends every rank's ``(W-L)/W * B`` to other
+  nodes in each of its two rounds: about twice as much for 2 nodes of 2 ranks. Inside the node
+  each rank sends ``2(L-1)/L * 4n`` bytes of fp32.
 """
 from __future__ import annotations
 
@@ -27,13 +35,15 @@ from ..codecs import Codec, Payload
 from ..stats import CommStats
 from .transport import Transport
 
-ALGORITHMS = ("allgather", "reduce_scatter", "allreduce")
+ALGORITHMS = ("allgather", "reduce_scatter", "allreduce", "hierarchical")
 #: below this many payload bytes a collective is latency-bound: one round beats two
 SMALL_PAYLOAD_BYTES = 64 * 1024
 
 
-def wire_bytes_per_rank(algorithm: str, codec: Codec, numel: int, world_size: int) -> float:
-    """Bytes one rank sends for one vector of ``numel`` elements, under the algorithms above."""
+def wire_bytes_per_rank(algorithm: str, codec: Codec, numel: int, world_size: int,
+                        local_size: int = 1) -> float:
+    """Bytes rank 0 sends for one vector of ``numel`` elements, under the algorithms above
+    (``local_size``: ranks per node, for ``hierarchical``)."""
     w = world_size
     if algorithm == "allgather":
         return (w - 1) * codec.wire_bytes(numel)
@@ -44,23 +54,33 @@ def wire_bytes_per_rank(algorithm: str, codec: Codec, numel: int, world_size: in
                 + (w - 1) * codec.wire_bytes(mine))
     if algorithm == "allreduce":
         return 2 * (w - 1) / w * numel * _wire_dtype(codec).itemsize
+    if algorithm == "hierarchical":
+        shards = [hi - lo for lo, hi in chunk_bounds(numel, codec.block_size, local_size)]
+        nodes = w // local_size
+        inner = choose_algorithm(codec, max(shards), nodes)
+        return ((numel - shards[0] + (local_size - 1) * max(shards)) * 4
+                + wire_bytes_per_rank(inner, codec, max(shards), nodes))
     raise ValueError(f"unknown collective {algorithm!r}; choose from {ALGORITHMS}")
 
 
-def choose_algorithm(codec: Codec, numel: int, world_size: int) -> str:
-    """The ``auto`` cost model.
+def choose_algorithm(codec: Codec, numel: int, world_size: int, local_size: int = 1) -> str:
+    """The ``auto`` cost model (``local_size``: ranks per node, when known).
 
     - Summable codecs (fp32/fp16/bf16): ``allreduce``, which no compressed scheme beats for them.
+    - Payloads under ``SMALL_PAYLOAD_BYTES`` are latency-bound: ``allgather``, one round.
+    - Several nodes of several ranks: ``hierarchical``, which keeps the uncompressed traffic on
+      the fast node-local links and halves (or better) what crosses the network.
     - Otherwise the algorithm with the fewest bytes per rank: ``allgather`` sends ``(W-1)B``,
       ``reduce_scatter`` about ``2(W-1)/W B``, so they tie at ``W = 2`` and reduce_scatter wins
-      beyond. Ties, and payloads under ``SMALL_PAYLOAD_BYTES`` (latency-bound: one round
-      instead of two), go to ``allgather``, which also quantizes only once (less noise).
+      beyond. Ties go to ``allgather``, which also quantizes only once (less noise).
     """
     if codec.summable:
         return "allreduce"
-    if world_size <= 2 or codec.wire_bytes(numel) < SMALL_PAYLOAD_BYTES:
+    if codec.wire_bytes(numel) < SMALL_PAYLOAD_BYTES:
         return "allgather"
-    return "reduce_scatter"
+    if 1 < local_size < world_size:
+        return "hierarchical"
+    return "allgather" if world_size <= 2 else "reduce_scatter"
 
 
 def chunk_bounds(numel: int, block: int, world_size: int):
@@ -116,20 +136,32 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
         raise ValueError(f"compressed_mean takes a flat tensor, got shape {tuple(flat.shape)}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown collective {algorithm!r}; choose from {ALGORITHMS}")
-    before, started = transport.sent_bytes, time.perf_counter()
     if server_residual is not None and server_residual.shape != flat.shape:
         raise ValueError(f"server_residual has shape {tuple(server_residual.shape)}, "
                          f"expected {tuple(flat.shape)}")
-    if algorithm == "reduce_scatter":
-        mean, local = _reduce_scatter(flat, codec, transport, generator, stats, keep_local,
-                                      server_residual)
-    else:
-        run = _allreduce if algorithm == "allreduce" else _allgather
-        mean, local = run(flat, codec, transport, generator, stats, keep_local)
+    if algorithm == "hierarchical" and not hasattr(transport, "inter"):
+        raise ValueError("collective 'hierarchical' needs a HierarchicalTransport (ranks grouped "
+                         f"by node), got {type(transport).__name__}")
+    before, intra_before = transport.sent_bytes, transport.intra_node_bytes
+    started = time.perf_counter()
+    mean, local = _run(algorithm, flat, codec, transport, generator, stats, keep_local,
+                       server_residual)
     if stats is not None:
         stats.add(wire_bytes=transport.sent_bytes - before,
+                  intra_node_bytes=transport.intra_node_bytes - intra_before,
                   comm_seconds=time.perf_counter() - started)
     return mean, local
+
+
+def _run(algorithm, flat, codec, transport, generator, stats, keep_local, server_residual):
+    if algorithm == "reduce_scatter":
+        return _reduce_scatter(flat, codec, transport, generator, stats, keep_local,
+                               server_residual)
+    if algorithm == "hierarchical":
+        return _hierarchical(flat, codec, transport, generator, stats, keep_local,
+                             server_residual)
+    run = _allreduce if algorithm == "allreduce" else _allgather
+    return run(flat, codec, transport, generator, stats, keep_local)
 
 
 def _allreduce(flat, codec, transport, generator, stats, keep_local):
@@ -174,3 +206,28 @@ def _reduce_scatter(flat, codec, transport, generator, stats, keep_local, server
         mean = torch.cat([codec.decode(Payload(gathered[r * slot: r * slot + sizes[r]]),
                                        dtype=torch.float32) for r in range(w)])
     return mean, local
+
+
+def _hierarchical(flat, codec, transport, generator, stats, keep_local, server_residual):
+    """See the module docstring. ``local`` (for error feedback) is ``flat`` except on this
+    rank's shard, which carries L times what compressing the node's mean of it lost: averaged
+    over the node's ranks, the residuals then add up to exactly the node's loss."""
+    intra, inter = transport.intra, transport.inter
+    size, rank = intra.world_size, intra.rank
+    bounds = chunk_bounds(flat.numel(), codec.block_size, size)
+    lo, hi = bounds[rank]
+    splits = [b - a for a, b in bounds]
+    received = intra.all_to_all(flat.float(), splits, [hi - lo] * size)
+    shard = received.view(size, hi - lo).sum(0).div_(size)
+    inner = choose_algorithm(codec, hi - lo, inter.world_size)
+    reduced, compressed = _run(inner, shard, codec, inter, generator, stats, keep_local,
+                               None if server_residual is None else server_residual[lo:hi])
+    local = None
+    if keep_local:
+        local = flat.float().clone()
+        local[lo:hi] -= (shard - compressed) * size
+    slot = max(splits)
+    padded = torch.zeros(slot, dtype=torch.float32, device=flat.device)
+    padded[:hi - lo] = reduced
+    gathered = intra.all_gather(padded).view(size, slot)
+    return torch.cat([gathered[r, :n] for r, n in enumerate(splits)]), local

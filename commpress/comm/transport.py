@@ -8,6 +8,9 @@ thread (:mod:`commpress.comm.ordered`), not from chaining callbacks.
 """
 from __future__ import annotations
 
+import os
+import socket
+import zlib
 from typing import List, Optional
 
 import torch
@@ -31,6 +34,9 @@ class Transport:
     rank: int
     world_size: int
     sent_bytes: int = 0
+    #: bytes sent over node-local links (only node-aware transports know; see HierarchicalTransport)
+    intra_node_bytes: int = 0
+    local_size: int = 1
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -65,8 +71,25 @@ class Transport:
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def group_device(group: Optional[dist.ProcessGroup]) -> torch.device:
+    """Where the group wants tensors: the current CUDA device for NCCL, CPU otherwise."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def group_timeout(group: Optional[dist.ProcessGroup]):
+    """The group's timeout, so groups made from it fail a hung peer as soon as it would (None:
+    the backend default)."""
+    try:
+        return (group or dist.group.WORLD)._get_backend(group_device(group)).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
+
+
 class TorchTransport(Transport):
-    """torch.distributed (gloo, NCCL) over ``group`` (None: the default group)."""
+    """torch.distributed (gloo, NCCL) over ``group`` (None: the default group); ``device`` is
+    where its tensors live, ``timeout`` the group's."""
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None):
         if not dist.is_available() or not dist.is_initialized():
@@ -76,6 +99,8 @@ class TorchTransport(Transport):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.sent_bytes = 0
+        self.device = group_device(group)
+        self.timeout = group_timeout(group)
 
     def all_gather(self, x):
         self._count_all_gather(x)
@@ -100,3 +125,78 @@ class TorchTransport(Transport):
         dist.broadcast(x, src=dist.get_global_rank(self.group, src) if self.group else src,
                        group=self.group)
         return x
+
+
+class HierarchicalTransport(Transport):
+    """A flat transport plus the two sub-transports of a node-aware collective: ``intra``
+    over this node's ranks (fast links) and ``inter`` over the ranks with the same local index
+    on the other nodes (the slow network). The four flat operations go to ``flat``, so every
+    algorithm still runs on it; ``sent_bytes`` counts all three, ``intra_node_bytes`` the node's
+    share of them."""
+
+    def __init__(self, flat: Transport, intra: Transport, inter: Transport):
+        if intra.world_size * inter.world_size != flat.world_size:
+            raise ValueError(f"{intra.world_size} ranks per node x {inter.world_size} nodes != "
+                             f"world size {flat.world_size}")
+        self.flat, self.intra, self.inter = flat, intra, inter
+        self.rank, self.world_size = flat.rank, flat.world_size
+        self.local_size, self.nodes = intra.world_size, inter.world_size
+
+    @property
+    def sent_bytes(self) -> int:
+        return self.flat.sent_bytes + self.intra.sent_bytes + self.inter.sent_bytes
+
+    @property
+    def intra_node_bytes(self) -> int:
+        return self.intra.sent_bytes
+
+    def all_gather(self, x):
+        return self.flat.all_gather(x)
+
+    def all_to_all(self, x, in_splits, out_splits):
+        return self.flat.all_to_all(x, in_splits, out_splits)
+
+    def all_reduce_sum(self, x):
+        return self.flat.all_reduce_sum(x)
+
+    def broadcast(self, x, src):
+        return self.flat.broadcast(x, src)
+
+
+def node_id() -> int:
+    """This process's node: torchrun's ``GROUP_RANK`` (the node rank), else Slurm's
+    ``SLURM_NODEID``, else a hash of the host name."""
+    for var in ("GROUP_RANK", "SLURM_NODEID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return zlib.crc32(socket.gethostname().encode())
+
+
+def node_layout(transport: TorchTransport) -> List[List[int]]:
+    """The group's ranks by node (nodes ordered by their lowest rank, ranks ascending): one
+    small all-gather of every rank's :func:`node_id`."""
+    mine = torch.tensor([node_id()], dtype=torch.int64, device=transport.device)
+    ids = transport.all_gather(mine).tolist()
+    nodes: dict = {}
+    for rank, node in enumerate(ids):
+        nodes.setdefault(node, []).append(rank)
+    return sorted(nodes.values())
+
+
+def torch_hierarchical_transport(flat: TorchTransport, layout: List[List[int]]) -> HierarchicalTransport:
+    """Sub-groups of ``flat``'s group for ``layout`` (from :func:`node_layout`): this rank's node
+    and this rank's local index across nodes. Only members create each group (every rank runs
+    the same two calls, in the same order), so it works on a sub-group of the world too."""
+    sizes = [len(ranks) for ranks in layout]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"collective 'hierarchical' needs the same number of ranks on every node; "
+                         f"got {len(layout)} nodes with {sizes} ranks (group ranks by node: {layout})")
+    global_ranks = dist.get_process_group_ranks(flat.group or dist.group.WORLD)
+    backend = dist.get_backend(flat.group)
+    node = next(ranks for ranks in layout if flat.rank in ranks)
+    local = node.index(flat.rank)
+    peers = [ranks[local] for ranks in layout]
+    groups = [dist.new_group([global_ranks[r] for r in members], backend=backend,
+                             timeout=flat.timeout, use_local_synchronization=True)
+              for members in (node, peers)]
+    return HierarchicalTransport(flat, TorchTransport(groups[0]), TorchTransport(groups[1]))
