@@ -1,18 +1,27 @@
 """Allreduce bandwidth over a rate-limited network, nccl-tests style, fp32 against commpress.
 
-Usage (root, iproute2): python benchmarks/bandwidth.py [--quick] [--nodes 2] [--rates 1gbit 100mbit]
+Usage (root, iproute2): python benchmarks/bandwidth.py [--quick] [--nodes 2 4]
+    [--rates none 10gbit 1gbit 100mbit] [--ranks-per-node 1] [--methods ...]
 
-For each link rate it builds a ``commpress netsim`` network of ``--nodes`` namespaced nodes (one
-rank each), and times, for every message size and method, the median of ``--iters`` timed
-iterations after a warm-up, each started by a barrier:
+For each node count and link rate it builds a ``commpress netsim`` network of namespaced nodes
+with ``--ranks-per-node`` ranks each, and times, for every message size and method, the median
+of ``--iters`` timed iterations after a warm-up, each started by a barrier:
 
 - ``time``: seconds per allreduce; ``algbw = S / time`` with ``S`` the logical fp32 bytes
   (GB = 1e9); ``busbw = algbw * 2(W-1)/W``;
-- ``wire``: bytes this rank handed to gloo per iteration (measured), and ``ratio`` = fp32
-  ring bytes / wire;
-- ``ideal``: the link-limited time ``wire / rate`` (each rank's link carries what it sends,
-  full duplex), and ``of_ideal`` = ideal / time;
-- ``encode``/``decode``: seconds per iteration spent in the codec.
+- ``wire``: bytes rank 0 handed to gloo per iteration (counted by commpress's transport, or
+  from the hook's algorithm for PyTorch's hooks), and ``ratio`` = fp32 ring bytes / wire;
+- ``link``: bytes that left node 0 on its simulated link per iteration, read from the
+  interface's transmit counter (TCP/IP headers and acknowledgements included);
+- ``ideal``: the link-limited time ``link / rate`` (full duplex: a link carries what its
+  node sends), and ``of_ideal`` = ideal / time;
+- ``encode``/``decode``: seconds per iteration spent in commpress codecs.
+
+Methods: ``fp32`` (gloo all_reduce), ``torch-fp16`` and ``torch-quant`` (PyTorch's own
+``fp16_compress_hook`` and ``quantization_pertensor_hook``, called on a bucket), and commpress
+codecs by hook name (``qsgd4``, ``natural``, ...) with the ``auto`` collective, or with one named
+after a colon: ``qsgd4:hierarchical``, ``fp32:hierarchical`` (identity codec: fp32 inside the
+node, all_reduce between nodes).
 
 Results: ``benchmarks/results/bandwidth.json``; a table is printed.
 """
@@ -27,50 +36,102 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ["fp32", "fp16", "qsgd4", "qsgd8", "natural", "dithering"]
+METHODS = ["fp32", "torch-fp16", "torch-quant", "fp16", "qsgd4", "qsgd8", "natural", "dithering"]
 SIZES = [4 << 10, 256 << 10, 1 << 20, 4 << 20, 25_000_000, 64 << 20]
+
+
+def link_tx_bytes(ifname: str) -> int:
+    """Bytes sent so far on ``ifname`` (this network namespace's /proc/net/dev)."""
+    for line in open("/proc/net/dev"):
+        name, _, counters = line.partition(":")
+        if name.strip() == ifname:
+            return int(counters.split()[8])
+    raise RuntimeError(f"no interface {ifname} in /proc/net/dev")
+
+
+class _Bucket:
+    """Just enough of DDP's GradBucket for PyTorch's stock hooks."""
+
+    def __init__(self, buffer):
+        self._buffer = buffer
+
+    def buffer(self):
+        return self._buffer
+
+
+def _torch_hook_wire_bytes(method: str, numel: int, world: int) -> float:
+    if method == "torch-fp16":  # ring all_reduce of fp16
+        return 2 * (world - 1) / world * 2 * numel
+    return (world - 1) * (numel + 8)  # all_gather of uint8 values and of (scale, zero point)
 
 
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, quantization_hooks
 
-    import commpress as cp
-    from commpress.comm import TorchTransport, choose_algorithm, compressed_mean
+    from commpress.comm import compressed_mean
+    from commpress.comm.transport import TorchTransport, node_layout, torch_hierarchical_transport
+    from commpress.ddp import NAMED_CODECS
     from commpress.stats import CommStats
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.nnodes))
-    rank, world = int(os.environ["NODE_RANK"]), int(os.environ["NNODES"])
+    per_node = args.ranks_per_node
+    local_rank, node = int(os.environ["LOCAL_RANK"]), int(os.environ["NODE_RANK"])
+    rank, world = node * per_node + local_rank, args.nnodes * per_node
+    os.environ["GROUP_RANK"] = str(node)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{args.port}",
                             rank=rank, world_size=world)
-    transport = TorchTransport()
-    codecs = {"fp16": cp.FP16(), "qsgd4": cp.QSGD(bits=4), "qsgd8": cp.QSGD(bits=8),
-              "natural": cp.NaturalCompression(), "dithering": cp.NaturalDithering()}
+    flat = TorchTransport()
+    hierarchical = (torch_hierarchical_transport(flat, node_layout(flat))
+                    if any(m.endswith(":hierarchical") for m in args.methods) else None)
+    torch_hooks = {"torch-fp16": default_hooks.fp16_compress_hook,
+                   "torch-quant": quantization_hooks.quantization_pertensor_hook}
     gen = torch.Generator().manual_seed(rank)
+    ifname = os.environ["NETSIM_IFNAME"]
     rows = []
     for size in args.sizes:
         x = torch.randn(size // 4, generator=gen)
         for method in args.methods:
+            name, _, collective = method.partition(":")
+            transport = hierarchical if collective == "hierarchical" else flat
+            codec = NAMED_CODECS[name]() if name in NAMED_CODECS else None
             stats, times, wire = CommStats(), [], []
+            if method in torch_hooks:
+                failure = _hook_failure(torch_hooks[method], x.clone())
+                if failure:
+                    rows.append({"method": method, "size_bytes": size, "world_size": world,
+                                 "nodes": args.nnodes, "ranks_per_node": per_node,
+                                 "failed": failure})
+                    continue
             for i in range(args.warmup + args.iters):
                 buf = x.clone()
+                if i == args.warmup:  # every rank of the node is between two barriers
+                    dist.barrier()
+                    link_before = link_tx_bytes(ifname)
                 dist.barrier()
                 before = transport.sent_bytes
                 start = time.perf_counter()
                 if method == "fp32":
                     transport.all_reduce_sum(buf)
                     buf /= world
+                elif method in torch_hooks:
+                    torch_hooks[method](None, _Bucket(buf)).wait()
                 else:
-                    codec = codecs[method]
-                    compressed_mean(buf, codec, transport,
-                                    choose_algorithm(codec, buf.numel(), world), gen,
-                                    stats if i >= args.warmup else None)
+                    compressed_mean(buf, codec, transport, collective or _auto(codec, buf, transport),
+                                    gen, stats if i >= args.warmup else None)
                 if i >= args.warmup:
                     times.append(time.perf_counter() - start)
                     wire.append(transport.sent_bytes - before)
-            t = statistics.median(times)
+            dist.barrier()
+            link = (link_tx_bytes(ifname) - link_before) / args.iters
             rows.append({"method": method, "size_bytes": size, "world_size": world,
-                         "time_s": t, "wire_bytes": statistics.median(wire),
+                         "nodes": args.nnodes, "ranks_per_node": per_node,
+                         "time_s": statistics.median(times),
+                         "wire_bytes": (_torch_hook_wire_bytes(method, buf.numel(), world)
+                                        if method in torch_hooks else statistics.median(wire)),
+                         "intra_node_bytes": stats.intra_node_bytes / args.iters,
+                         "link_bytes": link,
                          "encode_s": stats.encode_seconds / args.iters,
                          "decode_s": stats.decode_seconds / args.iters})
     if rank == 0:
@@ -78,30 +139,89 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
-def finish(rows, rate_bits, world):
+def _hook_failure(hook, buf):
+    """None, or why PyTorch's ``hook`` cannot run here (every rank fails the same way:
+    ``quantization_pertensor_hook`` indexes its all_gather future as NCCL fills it, and gloo's
+    holds a flat list)."""
+    try:
+        hook(None, _Bucket(buf)).wait()
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0][:300]
+    return None
+
+
+def _auto(codec, buf, transport):
+    from commpress.comm import choose_algorithm
+    return choose_algorithm(codec, buf.numel(), transport.world_size, transport.local_size)
+
+
+def finish(rows, rate_bits):
+    failed = [r for r in rows if "failed" in r]
+    rows = [r for r in rows if "failed" not in r]
     for r in rows:
+        world = r["world_size"]
         s, t = r["size_bytes"], r["time_s"]
         r["algbw_GBps"] = s / t / 1e9
         r["busbw_GBps"] = r["algbw_GBps"] * 2 * (world - 1) / world
-        r["ratio"] = 2 * (world - 1) / world * s / r["wire_bytes"]
-        r["ideal_s"] = r["wire_bytes"] * 8 / rate_bits if rate_bits else None
+        r["ratio"] = 2 * (world - 1) / world * s / (r["wire_bytes"] - r["intra_node_bytes"])
+        r["ideal_s"] = r["link_bytes"] * 8 / rate_bits if rate_bits else None
         r["of_ideal"] = r["ideal_s"] / t if rate_bits else None
     base = {r["size_bytes"]: r["time_s"] for r in rows if r["method"] == "fp32"}
     for r in rows:
         r["speedup_vs_fp32"] = base[r["size_bytes"]] / r["time_s"]
-    return rows
+    return rows + failed
 
 
 def table(results) -> str:
-    lines = ["| rate | W | method | size | time ms | algbw GB/s | busbw GB/s | wire/rank | ratio "
-             "| of ideal | vs fp32 | enc+dec ms |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| rate | nodes x ranks | method | size | time ms | algbw GB/s | busbw GB/s | wire/rank "
+             "| link/node | ratio | of ideal | vs fp32 | enc+dec ms |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    failures = {r["method"]: r["failed"] for r in results if "failed" in r}
+    results = [r for r in results if "failed" not in r]
     for r in results:
         ideal = f"{100 * r['of_ideal']:.0f}%" if r["of_ideal"] else "-"
-        lines.append(f"| {r['rate']} | {r['world_size']} | {r['method']} | {r['size_bytes'] / 1e6:.3g} MB "
-                     f"| {1e3 * r['time_s']:.1f} | {r['algbw_GBps']:.3f} | {r['busbw_GBps']:.3f} "
-                     f"| {r['wire_bytes'] / 1e6:.3g} MB | {r['ratio']:.2f} | {ideal} "
+        lines.append(f"| {r['rate']} | {r['nodes']} x {r['ranks_per_node']} | {r['method']} "
+                     f"| {r['size_bytes'] / 1e6:.3g} MB | {1e3 * r['time_s']:.1f} "
+                     f"| {r['algbw_GBps']:.3f} | {r['busbw_GBps']:.3f} | {r['wire_bytes'] / 1e6:.3g} MB "
+                     f"| {r['link_bytes'] / 1e6:.3g} MB | {r['ratio']:.2f} | {ideal} "
                      f"| {r['speedup_vs_fp32']:.2f}x | {1e3 * (r['encode_s'] + r['decode_s']):.1f} |")
+    lines += [f"\n{method} did not run: {why}" for method, why in failures.items()]
     return "\n".join(lines)
+
+
+def plot(results, path: Path) -> None:
+    """busbw against message size, one panel per (nodes, rate), one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in results if "failed" not in r]
+    panels = sorted({(r["nodes"], r["ranks_per_node"], r["rate"]) for r in results},
+                    key=lambda p: (p[0], p[1], RATE_ORDER.get(p[2], 9)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False,
+                             sharey=True)
+    for ax, (nodes, per_node, rate) in zip(axes[0], panels):
+        rows = [r for r in results if (r["nodes"], r["ranks_per_node"], r["rate"]) == (nodes, per_node, rate)]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["size_bytes"])
+            ax.plot([r["size_bytes"] for r in mine], [r["busbw_GBps"] for r in mine], marker="o",
+                    label=method)
+        ax.set(xscale="log", yscale="log", xlabel="message size (bytes, fp32)",
+               title=f"{nodes} nodes x {per_node}, link {rate}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("busbw (GB/s of fp32 gradient)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+RATE_ORDER = {"none": 0, "10gbit": 1, "1gbit": 2, "100mbit": 3}
+
+
+def _per_local_rank(command: str, ranks: int) -> str:
+    """A shell line starting ``command`` once per local rank, failing if any fails."""
+    starts = " ".join(f"LOCAL_RANK={i} {command} & pids=\"$pids $!\";" for i in range(ranks))
+    return f"pids=''; {starts} rc=0; for p in $pids; do wait $p || rc=1; done; exit $rc"
 
 
 def main(argv=None):
@@ -110,9 +230,11 @@ def main(argv=None):
     parser.add_argument("--rates", nargs="+", default=["none", "10gbit", "1gbit", "100mbit"])
     parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
     parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--ranks-per-node", type=int, default=1)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="2 nodes, 1gbit, 1 MB, 2 iterations (CI)")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 nodes, 1gbit, 1 MB, 2 iterations (CI)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bandwidth.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -138,20 +260,22 @@ def main(argv=None):
                     NetSim(nodes=nodes, rate=None if rate == "none" else rate) as net:
                 out = Path(tmp) / "rows.json"
                 command = (f"{sys.executable} {Path(__file__).resolve()} --worker --nnodes {nodes} "
-                           f"--worker-out {out} --iters {args.iters} --warmup {args.warmup} "
+                           f"--ranks-per-node {args.ranks_per_node} --worker-out {out} "
+                           f"--iters {args.iters} --warmup {args.warmup} "
                            f"--sizes {' '.join(map(str, args.sizes))} --methods {' '.join(args.methods)}")
-                runs = net.run(command, timeout=3600)
+                runs = net.run(_per_local_rank(command, args.ranks_per_node), timeout=3600)
                 failed = [(i, r.stdout[-2000:]) for i, r in enumerate(runs) if r.returncode != 0]
                 if failed:
                     sys.exit(f"bandwidth benchmark: nodes failed: {failed}")
-                rows = finish(json.loads(out.read_text()), None if rate == "none" else rate_bits(rate), nodes)
+                rows = finish(json.loads(out.read_text()), None if rate == "none" else rate_bits(rate))
                 results += [{**r, "rate": rate} for r in rows]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     meta = {"command": " ".join(["python", "benchmarks/bandwidth.py"] + (argv or sys.argv[1:])),
             "cpu_count": os.cpu_count()}
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(table(results))
-    print(f"\nwritten to {args.out}")
+    plot(results, Path(args.out).with_suffix(".png"))
+    print(f"\nwritten to {args.out} and {Path(args.out).with_suffix('.png')}")
 
 
 if __name__ == "__main__":
