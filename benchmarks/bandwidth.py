@@ -20,7 +20,7 @@ of ``--iters`` timed iterations after a warm-up, each started by a barrier:
 Methods: ``fp32`` (gloo all_reduce), ``torch-fp16`` and ``torch-quant`` (PyTorch's own
 ``fp16_compress_hook`` and ``quantization_pertensor_hook``, called on a bucket), and commpress
 codecs by hook name (``qsgd4``, ``natural``, ...) with the ``auto`` collective, or with one named
-after a colon: ``qsgd4:hierarchical``, ``fp32:hierarchical`` (identity codec: fp32 inside the
+after an @: ``qsgd4@hierarchical``, ``fp32@hierarchical`` (identity codec: fp32 inside the
 node, all_reduce between nodes).
 
 Results: ``benchmarks/results/bandwidth.json``; a table is printed.
@@ -38,15 +38,6 @@ from pathlib import Path
 
 METHODS = ["fp32", "torch-fp16", "torch-quant", "fp16", "qsgd4", "qsgd8", "natural", "dithering"]
 SIZES = [4 << 10, 256 << 10, 1 << 20, 4 << 20, 25_000_000, 64 << 20]
-
-
-def link_tx_bytes(ifname: str) -> int:
-    """Bytes sent so far on ``ifname`` (this network namespace's /proc/net/dev)."""
-    for line in open("/proc/net/dev"):
-        name, _, counters = line.partition(":")
-        if name.strip() == ifname:
-            return int(counters.split()[8])
-    raise RuntimeError(f"no interface {ifname} in /proc/net/dev")
 
 
 class _Bucket:
@@ -73,10 +64,11 @@ def worker(args) -> None:
     from commpress.comm import compressed_mean
     from commpress.comm.transport import TorchTransport, node_layout, torch_hierarchical_transport
     from commpress.ddp import NAMED_CODECS
+    from commpress.netsim import link_tx_bytes
     from commpress.stats import CommStats
 
     per_node = args.ranks_per_node
-    local_rank, node = int(os.environ["LOCAL_RANK"]), int(os.environ["NODE_RANK"])
+    local_rank, node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["NODE_RANK"])
     rank, world = node * per_node + local_rank, args.nnodes * per_node
     os.environ["GROUP_RANK"] = str(node)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -84,7 +76,7 @@ def worker(args) -> None:
                             rank=rank, world_size=world)
     flat = TorchTransport()
     hierarchical = (torch_hierarchical_transport(flat, node_layout(flat))
-                    if any(m.endswith(":hierarchical") for m in args.methods) else None)
+                    if any(m.endswith("@hierarchical") for m in args.methods) else None)
     torch_hooks = {"torch-fp16": default_hooks.fp16_compress_hook,
                    "torch-quant": quantization_hooks.quantization_pertensor_hook}
     gen = torch.Generator().manual_seed(rank)
@@ -93,7 +85,7 @@ def worker(args) -> None:
     for size in args.sizes:
         x = torch.randn(size // 4, generator=gen)
         for method in args.methods:
-            name, _, collective = method.partition(":")
+            name, _, collective = method.partition("@")
             transport = hierarchical if collective == "hierarchical" else flat
             codec = NAMED_CODECS[name]() if name in NAMED_CODECS else None
             stats, times, wire = CommStats(), [], []
@@ -218,12 +210,6 @@ def plot(results, path: Path) -> None:
 RATE_ORDER = {"none": 0, "10gbit": 1, "1gbit": 2, "100mbit": 3}
 
 
-def _per_local_rank(command: str, ranks: int) -> str:
-    """A shell line starting ``command`` once per local rank, failing if any fails."""
-    starts = " ".join(f"LOCAL_RANK={i} {command} & pids=\"$pids $!\";" for i in range(ranks))
-    return f"pids=''; {starts} rc=0; for p in $pids; do wait $p || rc=1; done; exit $rc"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[2])
@@ -263,7 +249,7 @@ def main(argv=None):
                            f"--ranks-per-node {args.ranks_per_node} --worker-out {out} "
                            f"--iters {args.iters} --warmup {args.warmup} "
                            f"--sizes {' '.join(map(str, args.sizes))} --methods {' '.join(args.methods)}")
-                runs = net.run(_per_local_rank(command, args.ranks_per_node), timeout=3600)
+                runs = net.run(command, timeout=3600, ranks_per_node=args.ranks_per_node)
                 failed = [(i, r.stdout[-2000:]) for i, r in enumerate(runs) if r.returncode != 0]
                 if failed:
                     sys.exit(f"bandwidth benchmark: nodes failed: {failed}")

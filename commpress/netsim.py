@@ -191,10 +191,17 @@ class NetSim:
                 "GLOO_SOCKET_IFNAME": IFNAME, "NCCL_SOCKET_IFNAME": IFNAME}
 
     def run(self, command: str, timeout: Optional[float] = None,
-            env: Optional[Dict[str, str]] = None, echo: bool = False) -> List[subprocess.CompletedProcess]:
+            env: Optional[Dict[str, str]] = None, echo: bool = False,
+            ranks_per_node: int = 1) -> List[subprocess.CompletedProcess]:
         """Run ``command`` (a shell line; ``$NODE_RANK`` etc. expand per node) in every node at
         once; returns each node's completed process. A node still running at ``timeout``
-        seconds is killed (its return code is then negative)."""
+        seconds is killed (its return code is then negative). ``ranks_per_node > 1`` starts
+        the command that many times per node, with ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``
+        set; the node fails if any of them does."""
+        if ranks_per_node > 1:
+            starts = " ".join(f"LOCAL_RANK={i} LOCAL_WORLD_SIZE={ranks_per_node} {command} & "
+                              f"pids=\"$pids $!\";" for i in range(ranks_per_node))
+            command = f"pids=''; {starts} rc=0; for p in $pids; do wait $p || rc=1; done; exit $rc"
         procs = []
         for i in range(self.nodes):
             node_env = {**os.environ, **(env or {}), **self.node_env(i)}
@@ -226,6 +233,17 @@ class NetSim:
                 t.join(timeout=5)
         return [subprocess.CompletedProcess(p.args, p.returncode, outputs[i], "")
                 for i, p in enumerate(procs)]
+
+
+def link_tx_bytes(ifname: str = IFNAME) -> int:
+    """Bytes sent so far on ``ifname`` in this process's network namespace: run inside a node,
+    what the node has put on its simulated link (headers included)."""
+    with open("/proc/net/dev") as f:
+        for line in f:
+            name, _, counters = line.partition(":")
+            if name.strip() == ifname:
+                return int(counters.split()[8])
+    raise NetSimError(f"no interface {ifname} in this network namespace")
 
 
 def list_namespaces() -> List[str]:

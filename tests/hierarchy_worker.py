@@ -15,16 +15,9 @@ import torch.distributed as dist
 import commpress as cp
 from commpress.comm import compressed_mean
 from commpress.comm.transport import TorchTransport, node_layout, torch_hierarchical_transport
+from commpress.netsim import link_tx_bytes
 
 NUMEL, REPEATS, TRIALS = 4_000_000, 5, 100
-
-
-def link_tx_bytes(ifname: str) -> int:
-    for line in open("/proc/net/dev"):
-        name, _, counters = line.partition(":")
-        if name.strip() == ifname:
-            return int(counters.split()[8])
-    raise RuntimeError(f"no interface {ifname} in /proc/net/dev")
 
 
 def main(out_path):

@@ -1,0 +1,243 @@
+"""DDP training step time on a communication-bound model over a rate-limited network.
+
+Usage (root, iproute2): python benchmarks/ddp_step.py [--quick] [--rates 1gbit 100mbit]
+    [--nodes 2] [--ranks-per-node 1] [--width 1536] [--methods ...]
+
+The model is a stack of ``width x width`` Linear layers (28 MB of fp32 gradients at the
+default 1536), batch 32 per rank, SGD with momentum; every method trains the same model from
+the same seed inside ``commpress netsim`` nodes. Per method: the median wall time of
+``--steps`` timed steps (forward, backward with the hook's communication, optimizer step, each
+started by a barrier) after ``--warmup`` steps (which cover DDP's bucket rebuild and the hooks'
+fp32 warm-up iterations), and the bytes that left node 0 per step, read from its interface
+counter. Methods:
+
+- ``local``: no communication at all (``no_sync``): the compute floor;
+- ``fp32``: DDP's own all-reduce; ``torch-fp16``, ``torch-quant``, ``powersgd1``,
+  ``powersgd4``: PyTorch's stock hooks (fp16 compression, per-tensor quantization, PowerSGD
+  rank 1 and 4, each starting after 2 fp32 iterations);
+- commpress hook names (``qsgd4``, ``qsgd8+ef``, ``natural``, ``dithering+ef`` ...), with
+  ``@collective`` to force one (``qsgd4@hierarchical``);
+- ``acdc90`` and ``acdc90:qsgd4``: an AC/DC sparse phase at 90% (the fp32 hook, or QSGD-4,
+  sending only the entries under the mask).
+
+Results: ``benchmarks/results/ddp_step.json`` and ``.png``; a table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ["local", "fp32", "torch-fp16", "torch-quant", "powersgd1", "powersgd4",
+           "qsgd4", "qsgd4+ef", "qsgd8", "qsgd8+ef", "natural", "natural+ef",
+           "dithering", "dithering+ef", "acdc90", "acdc90:qsgd4"]
+QUICK_METHODS = ["local", "fp32", "torch-fp16", "powersgd1", "qsgd4", "acdc90:qsgd4"]
+
+
+def make_model(width: int, layers: int = 3):
+    import torch.nn as nn
+    blocks = []
+    for _ in range(layers):
+        blocks += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*blocks, nn.Linear(width, 10))
+
+
+def attach(method: str, model, optimizer, total_steps: int):
+    """Register ``method``'s hook on the DDP ``model``; returns ``(state, acdc)``."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+    from torch.distributed.algorithms.ddp_comm_hooks import quantization_hooks
+
+    import commpress as cp
+
+    if method in ("local", "fp32"):
+        return None, None
+    if method == "torch-fp16":
+        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        return None, None
+    if method == "torch-quant":
+        model.register_comm_hook(None, quantization_hooks.quantization_pertensor_hook)
+        return None, None
+    if method.startswith("powersgd"):
+        state = powerSGD_hook.PowerSGDState(process_group=None, start_powerSGD_iter=2,
+                                            matrix_approximation_rank=int(method[len("powersgd"):]))
+        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        return None, None
+    name, _, collective = method.partition("@")
+    if name.startswith("acdc"):
+        sparsity = int(name[4:].split(":")[0]) / 100
+        hook = name.partition(":")[2] or "fp32"
+        state = cp.register_hook(model, hook, collective=collective or "auto", log_every=0)
+        schedule = cp.ACDCSchedule([(1, total_steps)], total_steps)  # sparse after one dense step
+        return state, cp.ACDC(model, optimizer, state, sparsity=sparsity, schedule=schedule)
+    return cp.register_hook(model, name, collective=collective or "auto", log_every=0), None
+
+
+def run_method(method, args, rank, world, ifname):
+    import contextlib
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from commpress.netsim import link_tx_bytes
+
+    torch.manual_seed(0)
+    model = DDP(make_model(args.width))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    total = args.warmup + args.steps
+    state, acdc = attach(method, model, opt, total)
+    gen = torch.Generator().manual_seed(rank)
+    times = []
+    for step in range(total):
+        x, y = torch.randn(32, args.width, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+        if step == args.warmup:  # every rank of the node is between two barriers
+            dist.barrier()
+            link_before = link_tx_bytes(ifname)
+        dist.barrier()
+        start = time.perf_counter()
+        with model.no_sync() if method == "local" else contextlib.nullcontext():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+        opt.step()
+        if acdc is not None:
+            acdc.step()
+        loss.item()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    dist.barrier()
+    row = {"method": method, "step_s": statistics.median(times),
+           "link_bytes_per_step": (link_tx_bytes(ifname) - link_before) / args.steps,
+           "params": sum(p.numel() for p in model.parameters()), "final_loss": loss.item()}
+    if state is not None:
+        last = state.stats.last_step
+        row.update(wire_bytes_per_step=last.wire_bytes, intra_node_bytes_per_step=last.intra_node_bytes,
+                   encode_s=last.encode_seconds, decode_s=last.decode_seconds)
+    if acdc is not None:
+        row["density"] = acdc.density
+    return row
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    local_rank, node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["NODE_RANK"])
+    rank, world = node * args.ranks_per_node + local_rank, args.nnodes * args.ranks_per_node
+    os.environ["GROUP_RANK"] = str(node)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{args.port}",
+                            rank=rank, world_size=world)
+    rows = []
+    for method in args.methods:
+        try:
+            row = run_method(method, args, rank, world, os.environ["NETSIM_IFNAME"])
+        except RuntimeError as exc:  # every rank fails alike (e.g. a stock hook gloo cannot run)
+            row = {"method": method, "failed": str(exc).splitlines()[0][:300]}
+        rows.append({**row, "world_size": world, "nodes": args.nnodes,
+                     "ranks_per_node": args.ranks_per_node, "width": args.width})
+    if rank == 0:
+        Path(args.worker_out).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def table(results) -> str:
+    lines = ["| rate | nodes x ranks | method | step ms | vs fp32 | link MB/step | vs fp32 bytes "
+             "| enc+dec ms |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    failures = {}
+    for r in results:
+        if "failed" in r:
+            failures[r["method"]] = r["failed"]
+            continue
+        codec = (f"{1e3 * (r['encode_s'] + r['decode_s']):.1f}" if "encode_s" in r else "-")
+        lines.append(f"| {r['rate']} | {r['nodes']} x {r['ranks_per_node']} | {r['method']} "
+                     f"| {1e3 * r['step_s']:.1f} | {r.get('speedup_vs_fp32', float('nan')):.2f}x "
+                     f"| {r['link_bytes_per_step'] / 1e6:.3g} | {r.get('bytes_vs_fp32', float('nan')):.3f} "
+                     f"| {codec} |")
+    lines += [f"\n{method} did not run: {why}" for method, why in failures.items()]
+    return "\n".join(lines)
+
+
+def plot(results, path: Path) -> None:
+    """Step time per method, one panel per (nodes, rate)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "failed" not in r]
+    panels = list(dict.fromkeys((r["nodes"], r["ranks_per_node"], r["rate"]) for r in ok))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        rows = [r for r in ok if (r["nodes"], r["ranks_per_node"], r["rate"]) == panel]
+        ax.barh([r["method"] for r in rows], [1e3 * r["step_s"] for r in rows], color="tab:blue")
+        ax.invert_yaxis()
+        ax.set(xlabel="step time (ms, median)", title=f"{panel[0]} nodes x {panel[1]}, link {panel[2]}")
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--ranks-per-node", type=int, default=1)
+    parser.add_argument("--rates", nargs="+", default=["1gbit", "100mbit"])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--width", type=int, default=1536)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"width 256, 1gbit, 2 timed steps, methods {' '.join(QUICK_METHODS)} (CI)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ddp_step.json"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--nnodes", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=29621, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if args.quick:
+        args.width, args.rates, args.steps, args.methods = 256, ["1gbit"], 2, QUICK_METHODS
+
+    from tqdm import tqdm
+
+    from commpress.netsim import NetSim, NetSimError, check_environment
+    try:
+        check_environment()
+    except NetSimError as exc:
+        sys.exit(f"ddp_step benchmark: {exc}")
+    results = []
+    for rate in tqdm(args.rates, desc="rates", disable=not sys.stderr.isatty()):
+        with tempfile.TemporaryDirectory() as tmp, NetSim(nodes=args.nodes, rate=rate) as net:
+            out = Path(tmp) / "rows.json"
+            command = (f"{sys.executable} {Path(__file__).resolve()} --worker --nnodes {args.nodes} "
+                       f"--ranks-per-node {args.ranks_per_node} --worker-out {out} "
+                       f"--width {args.width} --steps {args.steps} --warmup {args.warmup} "
+                       f"--methods {' '.join(args.methods)}")
+            runs = net.run(command, timeout=3600, ranks_per_node=args.ranks_per_node)
+            failed = [(i, r.stdout[-2000:]) for i, r in enumerate(runs) if r.returncode != 0]
+            if failed:
+                sys.exit(f"ddp_step benchmark: nodes failed: {failed}")
+            rows = [{**r, "rate": rate} for r in json.loads(out.read_text())]
+            base = next((r for r in rows if r["method"] == "fp32" and "failed" not in r), None)
+            for r in rows:
+                if "failed" not in r and base is not None:
+                    r["speedup_vs_fp32"] = base["step_s"] / r["step_s"]
+                    r["bytes_vs_fp32"] = r["link_bytes_per_step"] / base["link_bytes_per_step"]
+            results += rows
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    meta = {"command": " ".join(["python", "benchmarks/ddp_step.py"] + (argv or sys.argv[1:])),
+            "cpu_count": os.cpu_count()}
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(table(results))
+    plot(results, Path(args.out).with_suffix(".png"))
+    print(f"\nwritten to {args.out} and {Path(args.out).with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
