@@ -142,9 +142,10 @@ class CompressionState:
         the ranks have agreed on the configuration, with one small all-gather of node ids."""
         if self._compressed_transport is None:
             transport = self.transport
-            if self.collective in ("hierarchical", "auto") and not self.codec.summable:
+            auto = self.collective == "auto" and not self.codec.summable
+            if self.collective == "hierarchical" or auto:
                 layout = node_layout(transport)
-                if self.collective == "hierarchical" or 1 < len(layout) < transport.world_size:
+                if not auto or 1 < len(layout) < transport.world_size:
                     transport = torch_hierarchical_transport(transport, layout)
             self._compressed_transport = transport
         return self._compressed_transport
