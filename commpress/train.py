@@ -1,9 +1,10 @@
 """The main job: data-parallel training with compressed gradients, side by side with fp32.
 
 ``commpress train`` starts W CPU worker processes joined by gloo (or joins the group torchrun
-set up, when launched by torchrun), trains the same small CNN from the same initial weights
-once per method on a disjoint shard of the data per rank, and prints a report: test accuracy,
-final loss, bytes each rank sent, the saving against the fp32 all-reduce, and time.
+set up, when launched by torchrun), trains the same model (a small CNN, or logistic regression
+on the LIBSVM-like set) from the same initial weights once per method on a disjoint shard of
+the data per rank, and prints a report: test accuracy, final loss, bytes each rank sent, the
+saving against the fp32 all-reduce, and time.
 
 Data ships with scikit-learn (the 8x8 digits, 1797 images) or is synthetic; nothing is
 downloaded.
@@ -33,10 +34,18 @@ logger = logging.getLogger("commpress.train")
 BASELINE = "fp32-allreduce"
 
 
+DATA = ("digits", "synthetic", "libsvm")
+#: the LIBSVM-like set: sparse binary features, unit-norm rows, two classes from a planted model
+LIBSVM_SHAPE = (15_000, 2_000)
+
+
 def load_data(name: str, seed: int):
-    """``(x_train, y_train, x_test, y_test)`` as 1x8x8 images and class labels."""
+    """``(x_train, y_train, x_test, y_test)``: 1x8x8 images and class labels, or for
+    ``libsvm`` feature vectors and binary labels."""
     gen = torch.Generator().manual_seed(seed)
-    if name == "digits":
+    if name == "libsvm":
+        x, y = _libsvm_like(gen)
+    elif name == "digits":
         try:
             from sklearn.datasets import load_digits
         except ImportError:
@@ -51,15 +60,32 @@ def load_data(name: str, seed: int):
         y = torch.randint(0, 10, (2000,), generator=gen)
         x = templates[y] + 1.5 * torch.randn(2000, 1, 8, 8, generator=gen)
     else:
-        raise ValueError(f"unknown data set {name!r}; choose digits or synthetic")
+        raise ValueError(f"unknown data set {name!r}; choose from {DATA}")
     order = torch.randperm(len(y), generator=gen)
     x, y = x[order], y[order]
     n_test = len(y) // 5
     return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
 
 
-def make_model(seed: int) -> nn.Module:
+def _libsvm_like(gen: torch.Generator):
+    """Text-like binary features (feature j present with a Zipf-like probability, about 40
+    per row), rows scaled to unit norm as LIBSVM's preprocessed sets are, labels from a planted
+    linear model with 5% of them flipped: a convex problem a linear model cannot fit exactly."""
+    n, d = LIBSVM_SHAPE
+    rates = (0.2 / torch.arange(1, d + 1, dtype=torch.float32) ** 0.5).clamp(max=0.5)
+    x = (torch.rand(n, d, generator=gen) < rates).float()
+    x /= x.norm(dim=1, keepdim=True).clamp(min=1.0)
+    w = torch.randn(d, generator=gen)
+    score = x @ w
+    y = (score > score.median()).long()
+    flip = torch.rand(n, generator=gen) < 0.05
+    return x, torch.where(flip, 1 - y, y)
+
+
+def make_model(seed: int, data: str = "digits") -> nn.Module:
     torch.manual_seed(seed)
+    if data == "libsvm":  # logistic regression (two-class softmax)
+        return nn.Linear(LIBSVM_SHAPE[1], 2)
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -87,7 +113,7 @@ def evaluate(module, x_test, y_test):
 
 def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
     x_train, y_train, x_test, y_test = data
-    model = DDP(make_model(args.seed))
+    model = DDP(make_model(args.seed, args.data))
     shard = torch.arange(rank, len(y_train), world_size)  # disjoint shard per rank
     steps_per_epoch = len(shard) // args.batch_size
     state, acdc = None, None
@@ -102,8 +128,10 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
     bar = tqdm(total=args.epochs * steps_per_epoch, desc=f"{method:>16}", leave=True,
                disable=rank != 0 or args.quiet, file=sys.stdout, mininterval=1.0)
     gen = torch.Generator().manual_seed(args.seed + rank)
-    started = time.perf_counter()
-    for _ in range(args.epochs):
+    dense_per_step = 2 * (world_size - 1) / world_size * 4 * sum(p.numel() for p in model.parameters())
+    curve = []  # per epoch: steps, bytes sent so far, test accuracy
+    started, evaluating = time.perf_counter(), 0.0
+    for epoch in range(args.epochs):
         perm = shard[torch.randperm(len(shard), generator=gen)]
         for step in range(steps_per_epoch):
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
@@ -115,29 +143,32 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
                 acdc.step()
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    elapsed = time.perf_counter() - started
+        tick, steps_done = time.perf_counter(), (epoch + 1) * steps_per_epoch
+        curve.append({"steps": steps_done, "accuracy": evaluate(model.module, x_test, y_test)[0],
+                      "wire_bytes": state.stats.network_bytes if state else dense_per_step * steps_done})
+        evaluating += time.perf_counter() - tick
+    elapsed = time.perf_counter() - started - evaluating
     bar.close()
     model.eval()
     accuracy, test_loss = evaluate(model.module, x_test, y_test)
     extra = {}
     if acdc is not None:
         dense_weights, _ = acdc.sparse_dense_pair()
-        dense_member = make_model(args.seed)
+        dense_member = make_model(args.seed, args.data)
         dense_member.load_state_dict(dense_weights)
         extra = {"dense_member_accuracy": evaluate(dense_member.eval(), x_test, y_test)[0],
                  "final_density": acdc.density,
                  "sparse_phase_bytes_per_step": state.phase_stats["sparse"].per_step()["network_bytes"],
                  "dense_phase_bytes_per_step": state.phase_stats["dense"].per_step()["network_bytes"]}
-    n_params = sum(p.numel() for p in model.parameters())
     steps = args.epochs * steps_per_epoch
-    dense = 2 * (world_size - 1) / world_size * 4 * n_params * steps
+    dense = dense_per_step * steps
     wire = state.stats.network_bytes if state else dense
     identical = _replicas_identical(model)
     return {"method": method, "accuracy": accuracy, "test_loss": test_loss,
             "train_loss": loss.item(), "wire_bytes": wire, "dense_bytes": dense,
             "intra_node_bytes": state.stats.intra_node_bytes if state else 0,
             "ratio": dense / wire if wire else float("nan"), "seconds": elapsed,
-            "steps": steps, "replicas_identical": identical,
+            "steps": steps, "replicas_identical": identical, "curve": curve,
             "encode_seconds": state.stats.encode_seconds if state else 0.0,
             "decode_seconds": state.stats.decode_seconds if state else 0.0, **extra}
 
@@ -154,7 +185,8 @@ def _replicas_identical(model) -> bool:
 def report(results: List[Dict], args, world_size: int) -> str:
     base = next(r for r in results if r["method"] == BASELINE)
     lines = [
-        f"commpress train: {world_size} workers (gloo, CPU), small CNN on {args.data} "
+        f"commpress train: {world_size} workers (gloo, CPU), "
+        f"{'logistic regression' if args.data == 'libsvm' else 'small CNN'} on {args.data} "
         f"data, {args.epochs} epochs, batch {args.batch_size} per rank, {results[0]['steps']} steps",
         "",
         f"{'method':<26}{'test acc':>9}{'vs fp32':>9}{'test loss':>10}{'MB sent/rank':>14}"
@@ -220,7 +252,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--acdc", type=float, metavar="SPARSITY",
                         help="also run AC/DC at this sparsity (paper schedule scaled to the run), "
                              "with the fp32 hook and with qsgd4: methods acdcNN and acdcNN:qsgd4")
-    parser.add_argument("--data", default="digits", choices=["digits", "synthetic"])
+    parser.add_argument("--data", default="digits", choices=DATA,
+                        help="digits (scikit-learn's, small CNN), synthetic (images, CNN) or "
+                             "libsvm (LIBSVM-like sparse binary features, logistic regression)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)

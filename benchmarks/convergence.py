@@ -1,0 +1,143 @@
+"""Accuracy against bytes sent: every method with the same seeds and steps, on two tasks.
+
+Usage: python benchmarks/convergence.py [--quick] [--seeds 0 1 2] [--tasks digits libsvm]
+
+Each (task, seed) is one run of the main job (``commpress train``, 2 gloo workers) with every
+method, so methods share initial weights, data order and step count:
+
+- ``digits``: the small CNN on scikit-learn's bundled digits, 15 epochs;
+- ``libsvm``: logistic regression on a LIBSVM-like set (sparse binary text-like features,
+  unit-norm rows, planted labels with 5% noise; see ``commpress.train``), 10 epochs.
+
+Reported per task and method: test accuracy averaged over seeds and its difference from fp32
+(in points), the AC/DC dense member (weights at the end of the last dense phase), bytes per
+rank against fp32, and accuracy-vs-bytes curves (one point per epoch, averaged over seeds).
+Results: ``benchmarks/results/convergence.json`` and ``.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+METHODS = ["qsgd4", "qsgd8", "natural", "dithering", "qsgd4+ef", "natural+ef", "fp16"]
+TASKS = {"digits": {"epochs": 15, "lr": 0.05}, "libsvm": {"epochs": 10, "lr": 2.0}}
+BASELINE = "fp32-allreduce"
+#: the issue's targets: largest allowed accuracy loss against fp32, in points
+TARGETS = {"qsgd8": 0.3, "natural": 0.3, "qsgd4": 0.5, "acdc90": 1.5, "acdc90 dense": 0.5}
+
+
+def run_task(task: str, seed: int, methods, epochs: int, lr: float, workers: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run.json"
+        command = [sys.executable, "-m", "commpress.cli", "train", *methods, "--acdc", "0.9",
+                   "--data", task, "--epochs", str(epochs), "--lr", str(lr), "--seed", str(seed),
+                   "-n", str(workers), "--quiet", "--json", str(out)]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"convergence: {' '.join(command)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def summarize(runs) -> list:
+    """One row per (task, method): accuracies over seeds and their mean, difference to fp32."""
+    rows = []
+    for task in dict.fromkeys(r["task"] for r in runs):
+        mine = [r for r in runs if r["task"] == task]
+        by_method: dict = {}
+        for run in mine:
+            for res in run["results"]:
+                by_method.setdefault(res["method"], []).append(res)
+                if "dense_member_accuracy" in res:
+                    by_method.setdefault(res["method"] + " dense", []).append(
+                        {"accuracy": res["dense_member_accuracy"], "wire_bytes": res["wire_bytes"],
+                         "dense_bytes": res["dense_bytes"]})
+        base = statistics.mean(r["accuracy"] for r in by_method[BASELINE])
+        for method, results in by_method.items():
+            accuracy = statistics.mean(r["accuracy"] for r in results)
+            rows.append({"task": task, "method": method, "seeds": len(results),
+                         "accuracies": [r["accuracy"] for r in results], "accuracy": accuracy,
+                         "vs_fp32_points": 100 * (accuracy - base),
+                         "bytes_vs_fp32": statistics.mean(r["wire_bytes"] / r["dense_bytes"] for r in results),
+                         "target_points": TARGETS.get(method)})
+    return rows
+
+
+def table(rows) -> str:
+    lines = ["| task | method | test acc (mean of seeds) | vs fp32 | target | bytes vs fp32 |",
+             "|---|---|---:|---:|---|---:|"]
+    for r in rows:
+        target = r["target_points"]
+        verdict = ("-" if target is None else
+                   f"within {target} pp: {'met' if r['vs_fp32_points'] >= -target else 'MISSED'}")
+        lines.append(f"| {r['task']} | {r['method']} | {100 * r['accuracy']:.2f}% "
+                     f"| {r['vs_fp32_points']:+.2f} pp | {verdict} | {r['bytes_vs_fp32']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(runs, path: Path) -> None:
+    """Test accuracy against MB sent per rank, per epoch, averaged over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        curves: dict = {}
+        for run in (r for r in runs if r["task"] == task):
+            for res in run["results"]:
+                curves.setdefault(res["method"], []).append(res["curve"])
+        for method, seeds in curves.items():
+            points = list(zip(*seeds))  # per epoch, one point per seed
+            ax.plot([statistics.mean(p["wire_bytes"] for p in epoch) / 1e6 for epoch in points],
+                    [100 * statistics.mean(p["accuracy"] for p in epoch) for epoch in points],
+                    marker=".", label=method)
+        ax.set(xscale="log", xlabel="MB sent per rank (cumulative)", ylabel="test accuracy (%)",
+               title=task)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=METHODS,
+                        help="besides fp32 and AC/DC 90%% (fp32 hook and QSGD-4), always run")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, help="override every task's epochs")
+    parser.add_argument("--quick", action="store_true", help="one seed, 2 epochs, qsgd4 only (CI)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "convergence.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs, args.methods = [0], 2, ["qsgd4"]
+
+    from tqdm import tqdm
+
+    jobs = [(task, seed) for task in args.tasks for seed in args.seeds]
+    runs = []
+    for task, seed in tqdm(jobs, desc="runs", disable=not sys.stderr.isatty()):
+        settings = TASKS[task]
+        run = run_task(task, seed, args.methods, args.epochs or settings["epochs"], settings["lr"],
+                       args.workers)
+        runs.append({"task": task, "seed": seed, **run})
+    rows = summarize(runs)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    meta = {"command": " ".join(["python", "benchmarks/convergence.py"] + (argv or sys.argv[1:])),
+            "cpu_count": os.cpu_count()}
+    Path(args.out).write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1))
+    print(table(rows))
+    plot(runs, Path(args.out).with_suffix(".png"))
+    print(f"\nwritten to {args.out} and {Path(args.out).with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
