@@ -168,10 +168,19 @@ class NetSim:
         self.up_done = False
 
     def __enter__(self) -> "NetSim":
+        # a plain kill (SIGTERM) would skip __exit__ and leave the namespaces behind
+        self._previous_sigterm = None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+            self._previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         return self.up()
 
     def __exit__(self, *exc) -> None:
-        self.down()
+        try:
+            self.down()
+        finally:
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
 
     @staticmethod
     def has_netem() -> bool:

@@ -16,7 +16,8 @@ CODECS = {"qsgd4": cp.QSGD(bits=4, bucket_size=128), "natural": cp.NaturalCompre
 def exactness_worker(rank, world_size):
     transport = TorchTransport()
     out = {}
-    for n in (1, 7, 1000, 12_345):  # not divisible by W nor by any block size
+    # not divisible by W nor by any block size; the last spans three pipelined pieces
+    for n in (1, 7, 1000, 12_345, 2_500_001):
         x = torch.randn(n, generator=torch.Generator().manual_seed(100 * rank + n))
         exact = x.clone()
         dist.all_reduce(exact)

@@ -8,6 +8,9 @@ it on a :class:`~commpress.comm.ordered.OrderedExecutor` to overlap it with comp
 Algorithms (wire bytes per rank for a vector whose payload is ``B`` bytes):
 
 - ``allgather``: everyone's payload to everyone, decode all W, average. ``(W-1) * B``.
+  Vectors over ``PIPELINE_ELEMENTS`` go in pieces, each its own payload, so that encoding
+  the next piece and decoding the previous one overlap the wire (engines with asynchronous
+  collectives; the others run the pieces one after the other).
 - ``reduce_scatter``: split into W chunks aligned to the codec's block, ``all_to_all`` the
   encoded chunks, each rank decodes and averages its chunk, re-encodes it, ``all_gather`` of the
   reduced chunks. About ``2(W-1)/W * B``, flat in W like a ring allreduce, at the price of a
@@ -38,6 +41,8 @@ from .transport import Transport
 ALGORITHMS = ("allgather", "reduce_scatter", "allreduce", "hierarchical")
 #: below this many payload bytes a collective is latency-bound: one round beats two
 SMALL_PAYLOAD_BYTES = 64 * 1024
+#: allgather sends vectors in pieces of this many elements, overlapping codec work and wire
+PIPELINE_ELEMENTS = 1 << 20
 
 
 def wire_bytes_per_rank(algorithm: str, codec: Codec, numel: int, world_size: int,
@@ -46,7 +51,7 @@ def wire_bytes_per_rank(algorithm: str, codec: Codec, numel: int, world_size: in
     (``local_size``: ranks per node, for ``hierarchical``)."""
     w = world_size
     if algorithm == "allgather":
-        return (w - 1) * codec.wire_bytes(numel)
+        return (w - 1) * sum(codec.wire_bytes(hi - lo) for lo, hi in pipeline_pieces(numel, codec.block_size))
     if algorithm == "reduce_scatter":
         chunks = [hi - lo for lo, hi in chunk_bounds(numel, codec.block_size, w)]
         mine = max(chunks)
@@ -88,6 +93,13 @@ def chunk_bounds(numel: int, block: int, world_size: int):
     (so no codec bucket straddles two ranks); trailing ones may be empty."""
     per_rank = math.ceil(math.ceil(numel / block) / world_size) * block
     return [(min(r * per_rank, numel), min((r + 1) * per_rank, numel)) for r in range(world_size)]
+
+
+def pipeline_pieces(numel: int, block: int):
+    """``(lo, hi)`` pieces of about ``PIPELINE_ELEMENTS``, aligned to ``block``, covering
+    ``numel`` (one piece, possibly empty, for small vectors); each is its own payload."""
+    size = max(PIPELINE_ELEMENTS // block, 1) * block
+    return [(lo, min(lo + size, numel)) for lo in range(0, max(numel, 1), size)]
 
 
 def _wire_dtype(codec: Codec) -> torch.dtype:
@@ -171,11 +183,24 @@ def _allreduce(flat, codec, transport, generator, stats, keep_local):
 
 
 def _allgather(flat, codec, transport, generator, stats, keep_local):
-    with _Timer(stats, "encode_seconds"):
-        payload = codec.encode(flat, generator)
-    local = codec.decode(payload, dtype=torch.float32) if keep_local else None
-    gathered = transport.all_gather(payload.data)
-    return _decode_mean(codec, gathered, [payload.nbytes] * transport.world_size, stats), local
+    """Pipelined over pieces of ``PIPELINE_ELEMENTS``: while one piece's payloads are on the
+    wire, the next is encoded and the previous decoded."""
+    means, local, in_flight = [], [], None
+    for lo, hi in pipeline_pieces(flat.numel(), codec.block_size):
+        with _Timer(stats, "encode_seconds"):
+            payload = codec.encode(flat[lo:hi], generator)
+        if keep_local:
+            local.append(codec.decode(payload, dtype=torch.float32))
+        started = (transport.all_gather_start(payload.data), payload.nbytes)
+        if in_flight is not None:
+            means.append(_decode_mean(codec, in_flight[0].wait(), [in_flight[1]] * transport.world_size, stats))
+        in_flight = started
+    means.append(_decode_mean(codec, in_flight[0].wait(), [in_flight[1]] * transport.world_size, stats))
+    return _cat(means), _cat(local) if keep_local else None
+
+
+def _cat(parts):
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _reduce_scatter(flat, codec, transport, generator, stats, keep_local, server_residual):

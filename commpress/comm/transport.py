@@ -41,6 +41,12 @@ class Transport:
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def all_gather_start(self, x: torch.Tensor) -> "Pending":
+        """Start ``all_gather(x)``; ``.wait()`` on the result returns its output. Engines
+        with asynchronous collectives override it so codec work overlaps the wire; this
+        default completes at once."""
+        return Pending(self.all_gather(x))
+
     def all_to_all(self, x: torch.Tensor, in_splits: List[int], out_splits: List[int]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -65,6 +71,18 @@ class Transport:
     def _count_broadcast(self, x, src):
         if self.rank == src and self.world_size > 1:
             self.sent_bytes += x.nbytes
+
+
+class Pending:
+    """A started collective: ``wait()`` returns its output (``work``: the engine's handle)."""
+
+    def __init__(self, output: torch.Tensor, work=None):
+        self.output, self.work = output, work
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.output
 
 
 # torch >= 2.10 renamed all_gather_into_tensor (which now warns) to all_gather_single
@@ -103,10 +121,12 @@ class TorchTransport(Transport):
         self.timeout = group_timeout(group)
 
     def all_gather(self, x):
+        return self.all_gather_start(x).wait()
+
+    def all_gather_start(self, x):
         self._count_all_gather(x)
         out = torch.empty(self.world_size * x.numel(), dtype=x.dtype, device=x.device)
-        _all_gather_single(out, x, group=self.group)
-        return out
+        return Pending(out, _all_gather_single(out, x, group=self.group, async_op=True))
 
     def all_to_all(self, x, in_splits, out_splits):
         self._count_all_to_all(x, in_splits)
@@ -152,6 +172,9 @@ class HierarchicalTransport(Transport):
 
     def all_gather(self, x):
         return self.flat.all_gather(x)
+
+    def all_gather_start(self, x):
+        return self.flat.all_gather_start(x)
 
     def all_to_all(self, x, in_splits, out_splits):
         return self.flat.all_to_all(x, in_splits, out_splits)
