@@ -127,16 +127,40 @@ class BucketedLevelCodec(Codec):
             table = self._tables[device] = table.to(device)
         return table
 
+    def _byte_table(self, device: torch.device) -> torch.Tensor:
+        """For widths dividing 8: byte -> the ``8 // bits`` fractions of the codes it packs,
+        so decoding is one lookup per byte, with no unpacking pass."""
+        key = (device, "bytes")
+        table = self._tables.get(key)
+        if table is None:
+            per_byte = 8 // self.bits
+            codes = bitpack.unpack(torch.arange(256, dtype=torch.uint8), 256 * per_byte, self.bits)
+            fractions = self._table(torch.device("cpu"))[codes.long()].view(256, per_byte)
+            table = self._tables[key] = fractions.to(device)
+        return table
+
+    def _lookup(self, packed: torch.Tensor, n: int, out: torch.Tensor) -> None:
+        """``out[:n]`` = the fractions of the first ``n`` codes in ``packed``."""
+        if 8 % self.bits == 0:
+            per_byte = 8 // self.bits
+            rows = out[: packed.numel() * per_byte].view(-1, per_byte) if n % per_byte == 0 else \
+                torch.empty(packed.numel(), per_byte, device=out.device)
+            torch.index_select(self._byte_table(packed.device), 0, packed.to(torch.int32), out=rows)
+            if n % per_byte:
+                out[:n] = rows.view(-1)[:n]
+            return
+        codes = bitpack.unpack(packed, n, self.bits)
+        torch.index_select(self._table(packed.device), 0, codes.to(torch.int32), out=out[:n])
+
     def _decode_body(self, body, out):
         d, bits, numel = self.bucket_size, self.bits, out.numel()
         nb = self._buckets(numel)
         scales = aligned(body[: 4 * nb], 4).view(torch.float32)
-        packed, table = body[4 * nb:], self._table(body.device)
+        packed = body[4 * nb:]
         for lo, hi in chunk_ranges(numel, math.lcm(d, 8), body.device):
             n, nbytes = hi - lo, bitpack.packed_bytes(hi - lo, bits)
-            codes = bitpack.unpack(packed[lo * bits // 8: lo * bits // 8 + nbytes], n, bits)
             values = torch.empty(-(-n // d) * d, dtype=torch.float32, device=body.device)
-            torch.index_select(table, 0, codes.to(torch.int32), out=values[:n])
+            self._lookup(packed[lo * bits // 8: lo * bits // 8 + nbytes], n, values)
             values[n:] = 0
             values.view(-1, d).mul_(scales[lo // d: lo // d + values.numel() // d].unsqueeze(1))
             out[lo:hi] = values[:n]
