@@ -151,3 +151,20 @@ def test_server_error_feedback_cancels_second_quantization():
         assert drift["outside"] == 0.0  # a rank only keeps the residual of its own chunk
         assert drift[False] > 4 * drift["one_step"], drift
         assert drift[True] < 3 * drift["one_step"], drift
+
+
+def wrong_size_worker(rank, world_size, algorithm):
+    """Rank 1 reduces one value fewer: with QSGD-4 in buckets of 512 both payloads have the
+    same byte size, so the engine moves them without complaint; the headers disagree."""
+    x = torch.randn(1024 - rank)
+    try:
+        compressed_mean(x, cp.QSGD(bits=4), TorchTransport(), algorithm)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize("algorithm", ["allgather", "reduce_scatter"])
+def test_peer_with_a_wrong_sized_payload_fails_the_step(algorithm):
+    for message in run_workers(wrong_size_worker, 2, algorithm):
+        assert "not reducing the same tensors" in message, message

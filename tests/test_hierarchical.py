@@ -79,7 +79,7 @@ def test_identity_exact_qsgd_unbiased_and_bytes():
     codec = cp.QSGD(bits=4)
     wire, intra, flat = results[0]["bytes"]
     assert wire == wire_bytes_per_rank("hierarchical", codec, 400_000, world_size, LOCAL)
-    assert intra == 2 * 200_000 * 4  # fp32 reduce-scatter + all-gather of half the vector
+    assert intra == 2 * 200_000 * 4 + 4  # fp32 reduce-scatter + all-gather of half, a status
     # what leaves a node: two ranks each sending their shard's payload to the other node,
     # 2(N-1)/N * B; flat reduce_scatter sends (W-L)/W of each round's payload off the node
     payload = codec.wire_bytes(400_000)

@@ -54,16 +54,16 @@ def wire_bytes_per_rank(algorithm: str, codec: Codec, numel: int, world_size: in
         return (w - 1) * sum(codec.wire_bytes(hi - lo) for lo, hi in pipeline_pieces(numel, codec.block_size))
     if algorithm == "reduce_scatter":
         chunks = [hi - lo for lo, hi in chunk_bounds(numel, codec.block_size, w)]
-        mine = max(chunks)
+        mine = max(chunks)  # the all_gather's slot also carries a status byte
         return (sum(codec.wire_bytes(c) for c in chunks) - codec.wire_bytes(mine)
-                + (w - 1) * codec.wire_bytes(mine))
+                + (w - 1) * (codec.wire_bytes(mine) + 1))
     if algorithm == "allreduce":
         return 2 * (w - 1) / w * numel * _wire_dtype(codec).itemsize
     if algorithm == "hierarchical":
         shards = [hi - lo for lo, hi in chunk_bounds(numel, codec.block_size, local_size)]
         nodes = w // local_size
         inner = choose_algorithm(codec, max(shards), nodes)
-        return ((numel - shards[0] + (local_size - 1) * max(shards)) * 4
+        return ((numel - shards[0] + (local_size - 1) * (max(shards) + 1)) * 4
                 + wire_bytes_per_rank(inner, codec, max(shards), nodes))
     raise ValueError(f"unknown collective {algorithm!r}; choose from {ALGORITHMS}")
 
@@ -121,12 +121,24 @@ class _Timer:
             self.stats.add(**{self.field: time.perf_counter() - self.start})
 
 
-def _decode_mean(codec: Codec, gathered: torch.Tensor, sizes, stats) -> torch.Tensor:
-    """Average of the consecutive payloads of ``sizes`` bytes in ``gathered`` (fp32)."""
+def _decode(codec: Codec, data: torch.Tensor, numel: int, peer: int) -> torch.Tensor:
+    """``data`` decoded (fp32), refusing a payload of another length than this rank's: a peer
+    reducing a different tensor must fail the step, not be averaged in."""
+    part = codec.decode(Payload(data), dtype=torch.float32)
+    if part.numel() != numel:
+        raise ValueError(f"commpress: rank {peer} of the group sent a payload of {part.numel()} "
+                         f"values where this rank expected {numel}: the ranks are not reducing "
+                         f"the same tensors (different models, or a different bucket layout)")
+    return part
+
+
+def _decode_mean(codec: Codec, gathered: torch.Tensor, sizes, stats, numel: int) -> torch.Tensor:
+    """Average of the consecutive payloads of ``sizes`` bytes in ``gathered``, each of
+    ``numel`` values (fp32)."""
     with _Timer(stats, "decode_seconds"):
         total, offset = None, 0
-        for size in sizes:
-            part = codec.decode(Payload(gathered[offset: offset + size]), dtype=torch.float32)
+        for peer, size in enumerate(sizes):
+            part = _decode(codec, gathered[offset: offset + size], numel, peer)
             total = part if total is None else total.add_(part)
             offset += size
         return total.div_(len(sizes))
@@ -186,16 +198,21 @@ def _allgather(flat, codec, transport, generator, stats, keep_local):
     """Pipelined over pieces of ``PIPELINE_ELEMENTS``: while one piece's payloads are on the
     wire, the next is encoded and the previous decoded."""
     means, local, in_flight = [], [], None
+
+    def finish(pending, nbytes, numel):
+        sizes = [nbytes] * transport.world_size
+        means.append(_decode_mean(codec, pending.wait(), sizes, stats, numel))
+
     for lo, hi in pipeline_pieces(flat.numel(), codec.block_size):
         with _Timer(stats, "encode_seconds"):
             payload = codec.encode(flat[lo:hi], generator)
         if keep_local:
             local.append(codec.decode(payload, dtype=torch.float32))
-        started = (transport.all_gather_start(payload.data), payload.nbytes)
+        started = (transport.all_gather_start(payload.data), payload.nbytes, hi - lo)
         if in_flight is not None:
-            means.append(_decode_mean(codec, in_flight[0].wait(), [in_flight[1]] * transport.world_size, stats))
+            finish(*in_flight)
         in_flight = started
-    means.append(_decode_mean(codec, in_flight[0].wait(), [in_flight[1]] * transport.world_size, stats))
+    finish(*in_flight)
     return _cat(means), _cat(local) if keep_local else None
 
 
@@ -213,8 +230,11 @@ def _reduce_scatter(flat, codec, transport, generator, stats, keep_local, server
     sizes = [p.nbytes for p in payloads]
     mine = sizes[rank]
     received = transport.all_to_all(torch.cat([p.data for p in payloads]), sizes, [mine] * w)
-    chunk_mean = _decode_mean(codec, received, [mine] * w, stats)
     lo, hi = bounds[rank]
+    try:
+        chunk_mean, failure = _decode_mean(codec, received, [mine] * w, stats, hi - lo), None
+    except ValueError as exc:  # still take part in the all_gather, or the others would hang
+        chunk_mean, failure = torch.full((hi - lo,), float("nan"), device=flat.device), exc
     if server_residual is not None:
         chunk_mean += server_residual[lo:hi]
     with _Timer(stats, "encode_seconds"):
@@ -222,15 +242,30 @@ def _reduce_scatter(flat, codec, transport, generator, stats, keep_local, server
     if server_residual is not None:  # an overflowing step must not poison later ones
         lost = chunk_mean - codec.decode(Payload(reduced), dtype=torch.float32)
         server_residual[lo:hi] = torch.where(torch.isfinite(lost), lost, server_residual[lo:hi])
-    # all_gather needs equal sizes: every reduced chunk travels in a slot of the largest size
+    # all_gather needs equal sizes: every reduced chunk travels in a slot of the largest size,
+    # plus a byte saying whether its rank received a payload of the wrong length
     slot = max(sizes)
-    padded = torch.zeros(slot, dtype=torch.uint8, device=flat.device)
+    padded = torch.zeros(slot + 1, dtype=torch.uint8, device=flat.device)
     padded[:mine] = reduced
+    padded[slot] = failure is not None
     gathered = transport.all_gather(padded)
+    _raise_if_failed(failure, gathered.view(w, slot + 1)[:, slot])
+    gathered = gathered.view(w, slot + 1)[:, :slot].reshape(-1)
     with _Timer(stats, "decode_seconds"):
-        mean = torch.cat([codec.decode(Payload(gathered[r * slot: r * slot + sizes[r]]),
-                                       dtype=torch.float32) for r in range(w)])
+        mean = torch.cat([_decode(codec, gathered[r * slot: r * slot + sizes[r]], b - a, r)
+                          for r, (a, b) in enumerate(bounds)])
     return mean, local
+
+
+def _raise_if_failed(failure: Optional[Exception], statuses: torch.Tensor) -> None:
+    """Every rank fails when any did: ``statuses`` are the ranks' failure flags."""
+    if failure is not None:
+        raise failure
+    failed = statuses.nonzero().view(-1).tolist()
+    if failed:
+        raise ValueError(f"commpress: rank(s) {failed} of the group received payloads of the wrong "
+                         f"length: the ranks are not reducing the same tensors (different "
+                         f"models, or a different bucket layout)")
 
 
 def _hierarchical(flat, codec, transport, generator, stats, keep_local, server_residual):
@@ -245,14 +280,20 @@ def _hierarchical(flat, codec, transport, generator, stats, keep_local, server_r
     received = intra.all_to_all(flat.float(), splits, [hi - lo] * size)
     shard = received.view(size, hi - lo).sum(0).div_(size)
     inner = choose_algorithm(codec, hi - lo, inter.world_size)
-    reduced, compressed = _run(inner, shard, codec, inter, generator, stats, keep_local,
-                               None if server_residual is None else server_residual[lo:hi])
+    try:
+        reduced, compressed = _run(inner, shard, codec, inter, generator, stats, keep_local,
+                                   None if server_residual is None else server_residual[lo:hi])
+        failure = None
+    except ValueError as exc:  # still take part in the node's all_gather (see _reduce_scatter)
+        reduced, compressed, failure = torch.full_like(shard, float("nan")), shard, exc
     local = None
     if keep_local:
         local = flat.float().clone()
         local[lo:hi] -= (shard - compressed) * size
-    slot = max(splits)
-    padded = torch.zeros(slot, dtype=torch.float32, device=flat.device)
+    slot = max(splits)  # and a status, as in _reduce_scatter
+    padded = torch.zeros(slot + 1, dtype=torch.float32, device=flat.device)
     padded[:hi - lo] = reduced
-    gathered = intra.all_gather(padded).view(size, slot)
+    padded[slot] = failure is not None
+    gathered = intra.all_gather(padded).view(size, slot + 1)
+    _raise_if_failed(failure, gathered[:, slot])
     return torch.cat([gathered[r, :n] for r, n in enumerate(splits)]), local
