@@ -32,9 +32,11 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
+from report import pyplot, save, split_failures  # noqa: E402
 
 METHODS = ["fp32", "torch-fp16", "torch-quant", "fp16", "qsgd4", "qsgd8", "natural", "dithering"]
 SIZES = [4 << 10, 256 << 10, 1 << 20, 4 << 20, 25_000_000, 64 << 20]
@@ -64,16 +66,11 @@ def worker(args) -> None:
     from commpress.comm import compressed_mean
     from commpress.comm.transport import TorchTransport, node_layout, torch_hierarchical_transport
     from commpress.ddp import NAMED_CODECS
-    from commpress.netsim import link_tx_bytes
+    from commpress.netsim import join_job, link_tx_bytes
     from commpress.stats import CommStats
 
-    per_node = args.ranks_per_node
-    local_rank, node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["NODE_RANK"])
-    rank, world = node * per_node + local_rank, args.nnodes * per_node
-    os.environ["GROUP_RANK"] = str(node)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{args.port}",
-                            rank=rank, world_size=world)
+    rank, per_node = join_job(args), args.ranks_per_node
+    world = dist.get_world_size()
     flat = TorchTransport()
     hierarchical = (torch_hierarchical_transport(flat, node_layout(flat))
                     if any(m.endswith("@hierarchical") for m in args.methods) else None)
@@ -168,8 +165,7 @@ def table(results) -> str:
     lines = ["| rate | nodes x ranks | method | size | time ms | algbw GB/s | busbw GB/s | wire/rank "
              "| link/node | ratio | of ideal | vs fp32 | enc+dec ms |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    failures = {r["method"]: r["failed"] for r in results if "failed" in r}
-    results = [r for r in results if "failed" not in r]
+    results, failures = split_failures(results)
     for r in results:
         ideal = f"{100 * r['of_ideal']:.0f}%" if r["of_ideal"] else "-"
         lines.append(f"| {r['rate']} | {r['nodes']} x {r['ranks_per_node']} | {r['method']} "
@@ -177,17 +173,13 @@ def table(results) -> str:
                      f"| {r['algbw_GBps']:.3f} | {r['busbw_GBps']:.3f} | {r['wire_bytes'] / 1e6:.3g} MB "
                      f"| {r['link_bytes'] / 1e6:.3g} MB | {r['ratio']:.2f} | {ideal} "
                      f"| {r['speedup_vs_fp32']:.2f}x | {1e3 * (r['encode_s'] + r['decode_s']):.1f} |")
-    lines += [f"\n{method} did not run: {why}" for method, why in failures.items()]
-    return "\n".join(lines)
+    return "\n".join(lines + failures)
 
 
 def plot(results, path: Path) -> None:
     """busbw against message size, one panel per (nodes, rate), one line per method."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    results = [r for r in results if "failed" not in r]
+    plt = pyplot()
+    results, _ = split_failures(results)
     panels = sorted({(r["nodes"], r["ranks_per_node"], r["rate"]) for r in results},
                     key=lambda p: (p[0], p[1], RATE_ORDER.get(p[2], 9)))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False,
@@ -211,21 +203,19 @@ RATE_ORDER = {"none": 0, "10gbit": 1, "1gbit": 2, "100mbit": 3}
 
 
 def main(argv=None):
+    from commpress.netsim import add_job_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[2])
     parser.add_argument("--rates", nargs="+", default=["none", "10gbit", "1gbit", "100mbit"])
     parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
     parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--ranks-per-node", type=int, default=1)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true",
                         help="2 nodes, 1gbit, 1 MB, 2 iterations (CI)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bandwidth.json"))
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
-    parser.add_argument("--nnodes", type=int, default=2, help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=29611, help=argparse.SUPPRESS)
+    add_job_arguments(parser)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -234,35 +224,21 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    from commpress.netsim import NetSim, NetSimError, check_environment, rate_bits
+    from commpress.netsim import NetSimError, check_environment, rate_bits, run_job
     try:
         check_environment()
+        results = []
+        for nodes in args.nodes:
+            for rate in tqdm(args.rates, desc=f"{nodes} nodes", disable=not sys.stderr.isatty()):
+                worker_args = ["--iters", str(args.iters), "--warmup", str(args.warmup),
+                               "--sizes", *map(str, args.sizes), "--methods", *args.methods]
+                rows = run_job(Path(__file__), worker_args, nodes, None if rate == "none" else rate,
+                               args.ranks_per_node)
+                rows = finish(rows, None if rate == "none" else rate_bits(rate))
+                results += [{**r, "rate": rate} for r in rows]
     except NetSimError as exc:
         sys.exit(f"bandwidth benchmark: {exc}")
-    results = []
-    for nodes in args.nodes:
-        for rate in tqdm(args.rates, desc=f"{nodes} nodes", disable=not sys.stderr.isatty()):
-            with tempfile.TemporaryDirectory() as tmp, \
-                    NetSim(nodes=nodes, rate=None if rate == "none" else rate) as net:
-                out = Path(tmp) / "rows.json"
-                command = (f"{sys.executable} {Path(__file__).resolve()} --worker --nnodes {nodes} "
-                           f"--ranks-per-node {args.ranks_per_node} --worker-out {out} "
-                           f"--iters {args.iters} --warmup {args.warmup} "
-                           f"--sizes {' '.join(map(str, args.sizes))} --methods {' '.join(args.methods)}")
-                runs = net.run(command, timeout=3600, ranks_per_node=args.ranks_per_node)
-                failed = [(i, r.stdout[-2000:]) for i, r in enumerate(runs) if r.returncode != 0]
-                if failed:
-                    sys.exit(f"bandwidth benchmark: nodes failed: {failed}")
-                rows = finish(json.loads(out.read_text()), None if rate == "none" else rate_bits(rate))
-                results += [{**r, "rate": rate} for r in rows]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    meta = {"command": " ".join(["python", "benchmarks/bandwidth.py"] + (argv or sys.argv[1:])),
-            "cpu_count": os.cpu_count()}
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(table(results))
-    plot(results, Path(args.out).with_suffix(".png"))
-    print(f"\nwritten to {args.out} and {Path(args.out).with_suffix('.png')}")
-
+    save(args.out, "bandwidth.py", argv, results, plot, table(results))
 
 if __name__ == "__main__":
     main()

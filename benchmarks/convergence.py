@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
+from report import pyplot, save  # noqa: E402
 
 METHODS = ["qsgd4", "qsgd8", "natural", "dithering", "qsgd4+ef", "natural+ef", "fp16"]
 TASKS = {"digits": {"epochs": 15, "lr": 0.05}, "libsvm": {"epochs": 10, "lr": 2.0}}
@@ -82,10 +84,7 @@ def table(rows) -> str:
 
 def plot(runs, path: Path) -> None:
     """Test accuracy against MB sent per rank, per epoch, averaged over seeds."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in runs))
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -130,14 +129,7 @@ def main(argv=None):
                        args.workers)
         runs.append({"task": task, "seed": seed, **run})
     rows = summarize(runs)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    meta = {"command": " ".join(["python", "benchmarks/convergence.py"] + (argv or sys.argv[1:])),
-            "cpu_count": os.cpu_count()}
-    Path(args.out).write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1))
-    print(table(rows))
-    plot(runs, Path(args.out).with_suffix(".png"))
-    print(f"\nwritten to {args.out} and {Path(args.out).with_suffix('.png')}")
-
+    save(args.out, "convergence.py", argv, runs, plot, table(rows), summary=rows)
 
 if __name__ == "__main__":
     main()

@@ -29,13 +29,16 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-METHODS = ["local", "fp32", "torch-fp16", "torch-quant", "powersgd1", "powersgd4",
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
+from report import pyplot, save, split_failures  # noqa: E402
+
+# torch-quant last: it fails on gloo mid-backward, after which the group's state is unknown
+METHODS = ["local", "fp32", "torch-fp16", "powersgd1", "powersgd4",
            "qsgd4", "qsgd4+ef", "qsgd8", "qsgd8+ef", "natural", "natural+ef",
-           "dithering", "dithering+ef", "acdc90", "acdc90:qsgd4"]
+           "dithering", "dithering+ef", "acdc90", "acdc90:qsgd4", "torch-quant"]
 QUICK_METHODS = ["local", "fp32", "torch-fp16", "powersgd1", "qsgd4", "acdc90:qsgd4"]
 
 
@@ -77,7 +80,7 @@ def attach(method: str, model, optimizer, total_steps: int):
     return cp.register_hook(model, name, collective=collective or "auto", log_every=0), None
 
 
-def run_method(method, args, rank, world, ifname):
+def run_method(method, args, rank, ifname):
     import contextlib
 
     import torch
@@ -124,52 +127,47 @@ def run_method(method, args, rank, world, ifname):
 
 
 def worker(args) -> None:
-    import torch
     import torch.distributed as dist
 
-    local_rank, node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["NODE_RANK"])
-    rank, world = node * args.ranks_per_node + local_rank, args.nnodes * args.ranks_per_node
-    os.environ["GROUP_RANK"] = str(node)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{args.port}",
-                            rank=rank, world_size=world)
-    rows = []
+    from commpress.netsim import join_job
+
+    rank = join_job(args)
+    world = dist.get_world_size()
+    rows, failure = [], None
     for method in args.methods:
-        try:
-            row = run_method(method, args, rank, world, os.environ["NETSIM_IFNAME"])
-        except RuntimeError as exc:  # every rank fails alike (e.g. a stock hook gloo cannot run)
-            row = {"method": method, "failed": str(exc).splitlines()[0][:300]}
+        if failure is not None:  # a failed backward may leave collectives half-issued
+            row = {"method": method, "failed": f"not run: {failure} failed before it"}
+        else:
+            try:
+                row = run_method(method, args, rank, os.environ["NETSIM_IFNAME"])
+            except RuntimeError as exc:  # e.g. a stock hook gloo cannot run
+                row, failure = {"method": method, "failed": str(exc).splitlines()[0][:300]}, method
         rows.append({**row, "world_size": world, "nodes": args.nnodes,
                      "ranks_per_node": args.ranks_per_node, "width": args.width})
     if rank == 0:
         Path(args.worker_out).write_text(json.dumps(rows))
+    if failure is not None:  # collectives may still be in flight: do not wait for them
+        os._exit(0)
     dist.destroy_process_group()
 
 
 def table(results) -> str:
     lines = ["| rate | nodes x ranks | method | step ms | vs fp32 | link MB/step | vs fp32 bytes "
              "| enc+dec ms |", "|---|---|---|---:|---:|---:|---:|---:|"]
-    failures = {}
+    results, failures = split_failures(results)
     for r in results:
-        if "failed" in r:
-            failures[r["method"]] = r["failed"]
-            continue
         codec = (f"{1e3 * (r['encode_s'] + r['decode_s']):.1f}" if "encode_s" in r else "-")
         lines.append(f"| {r['rate']} | {r['nodes']} x {r['ranks_per_node']} | {r['method']} "
                      f"| {1e3 * r['step_s']:.1f} | {r.get('speedup_vs_fp32', float('nan')):.2f}x "
                      f"| {r['link_bytes_per_step'] / 1e6:.3g} | {r.get('bytes_vs_fp32', float('nan')):.3f} "
                      f"| {codec} |")
-    lines += [f"\n{method} did not run: {why}" for method, why in failures.items()]
-    return "\n".join(lines)
+    return "\n".join(lines + failures)
 
 
 def plot(results, path: Path) -> None:
     """Step time per method, one panel per (nodes, rate)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in results if "failed" not in r]
+    plt = pyplot()
+    ok, _ = split_failures(results)
     panels = list(dict.fromkeys((r["nodes"], r["ranks_per_node"], r["rate"]) for r in ok))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
     for ax, panel in zip(axes[0], panels):
@@ -183,9 +181,10 @@ def plot(results, path: Path) -> None:
 
 
 def main(argv=None):
+    from commpress.netsim import add_job_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--ranks-per-node", type=int, default=1)
     parser.add_argument("--rates", nargs="+", default=["1gbit", "100mbit"])
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--width", type=int, default=1536)
@@ -194,10 +193,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help=f"width 256, 1gbit, 2 timed steps, methods {' '.join(QUICK_METHODS)} (CI)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ddp_step.json"))
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
-    parser.add_argument("--nnodes", type=int, default=2, help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=29621, help=argparse.SUPPRESS)
+    add_job_arguments(parser)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -206,38 +202,24 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    from commpress.netsim import NetSim, NetSimError, check_environment
+    from commpress.netsim import NetSimError, check_environment, run_job
     try:
         check_environment()
-    except NetSimError as exc:
-        sys.exit(f"ddp_step benchmark: {exc}")
-    results = []
-    for rate in tqdm(args.rates, desc="rates", disable=not sys.stderr.isatty()):
-        with tempfile.TemporaryDirectory() as tmp, NetSim(nodes=args.nodes, rate=rate) as net:
-            out = Path(tmp) / "rows.json"
-            command = (f"{sys.executable} {Path(__file__).resolve()} --worker --nnodes {args.nodes} "
-                       f"--ranks-per-node {args.ranks_per_node} --worker-out {out} "
-                       f"--width {args.width} --steps {args.steps} --warmup {args.warmup} "
-                       f"--methods {' '.join(args.methods)}")
-            runs = net.run(command, timeout=3600, ranks_per_node=args.ranks_per_node)
-            failed = [(i, r.stdout[-2000:]) for i, r in enumerate(runs) if r.returncode != 0]
-            if failed:
-                sys.exit(f"ddp_step benchmark: nodes failed: {failed}")
-            rows = [{**r, "rate": rate} for r in json.loads(out.read_text())]
+        results = []
+        for rate in tqdm(args.rates, desc="rates", disable=not sys.stderr.isatty()):
+            worker_args = ["--width", str(args.width), "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--methods", *args.methods]
+            rows = [{**r, "rate": rate} for r in
+                    run_job(Path(__file__), worker_args, args.nodes, rate, args.ranks_per_node)]
             base = next((r for r in rows if r["method"] == "fp32" and "failed" not in r), None)
             for r in rows:
                 if "failed" not in r and base is not None:
                     r["speedup_vs_fp32"] = base["step_s"] / r["step_s"]
                     r["bytes_vs_fp32"] = r["link_bytes_per_step"] / base["link_bytes_per_step"]
             results += rows
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    meta = {"command": " ".join(["python", "benchmarks/ddp_step.py"] + (argv or sys.argv[1:])),
-            "cpu_count": os.cpu_count()}
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(table(results))
-    plot(results, Path(args.out).with_suffix(".png"))
-    print(f"\nwritten to {args.out} and {Path(args.out).with_suffix('.png')}")
-
+    except NetSimError as exc:
+        sys.exit(f"ddp_step benchmark: {exc}")
+    save(args.out, "ddp_step.py", argv, results, plot, table(results))
 
 if __name__ == "__main__":
     main()

@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -242,6 +243,50 @@ class NetSim:
                 t.join(timeout=5)
         return [subprocess.CompletedProcess(p.args, p.returncode, outputs[i], "")
                 for i, p in enumerate(procs)]
+
+
+# -- distributed jobs over a netsim network (benchmarks use these) ---------------------------
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden options :func:`run_job` passes to a job's workers."""
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--nnodes", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--ranks-per-node", type=int, default=1,
+                        help="ranks started on each node (default 1)")
+    parser.add_argument("--port", type=int, default=29611, help=argparse.SUPPRESS)
+
+
+def run_job(script: Path, worker_args: List[str], nodes: int, rate: Optional[str],
+            ranks_per_node: int = 1, timeout: float = 3600) -> list:
+    """Run ``script --worker ...`` as ``ranks_per_node`` ranks on each of ``nodes`` netsim
+    nodes linked at ``rate`` (None: unlimited) and return the JSON list its rank 0 wrote
+    to ``--worker-out``. The workers call :func:`join_job` first."""
+    with tempfile.TemporaryDirectory() as tmp, NetSim(nodes=nodes, rate=rate) as net:
+        out = Path(tmp) / "rows.json"
+        command = " ".join([sys.executable, str(Path(script).resolve()), "--worker",
+                            "--nnodes", str(nodes), "--ranks-per-node", str(ranks_per_node),
+                            "--worker-out", str(out), *worker_args])
+        runs = net.run(command, timeout=timeout, ranks_per_node=ranks_per_node)
+        failed = [(i, r.stdout[-2000:]) for i, r in enumerate(runs) if r.returncode != 0]
+        if failed:
+            raise NetSimError(f"{Path(script).name}: nodes failed: {failed}")
+        return json.loads(out.read_text())
+
+
+def join_job(args) -> int:
+    """In a worker of :func:`run_job`: join the job's gloo group (ranks numbered node by
+    node, ``GROUP_RANK`` set to the node as torchrun does, intra-op threads shared out over
+    the machine's cores); returns this rank."""
+    import torch
+    import torch.distributed as dist
+
+    node, local = int(os.environ["NODE_RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    rank, world = node * args.ranks_per_node + local, args.nnodes * args.ranks_per_node
+    os.environ["GROUP_RANK"] = str(node)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{args.port}",
+                            rank=rank, world_size=world)
+    return rank
 
 
 def link_tx_bytes(ifname: str = IFNAME) -> int:

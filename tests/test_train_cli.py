@@ -42,3 +42,19 @@ def test_commpress_train_acdc_reports_both_members(tmp_path):
         assert r["sparse_phase_bytes_per_step"] <= 0.12 * r["dense_phase_bytes_per_step"]
         assert r["accuracy"] > 0.8 and r["dense_member_accuracy"] > 0.8
     assert "acdc90 dense" in proc.stdout and "sparse 90%" in proc.stdout
+
+
+def test_commpress_train_libsvm_logistic_regression_with_curves(tmp_path):
+    """The LIBSVM-like task of the convergence benchmark: logistic regression learns, QSGD-4
+    compresses it, and every run records accuracy against bytes per epoch."""
+    out = tmp_path / "report.json"
+    proc = run_train("qsgd4", "--data", "libsvm", "--epochs", "2", "--lr", "2", "--json", str(out))
+    assert "logistic regression" in proc.stdout
+    results = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    base, qsgd = results["fp32-allreduce"], results["qsgd4"]
+    assert base["accuracy"] > 0.7 and abs(qsgd["accuracy"] - base["accuracy"]) < 0.02
+    assert qsgd["ratio"] > 5
+    for r in (base, qsgd):
+        assert [p["steps"] for p in r["curve"]] == [r["steps"] // 2, r["steps"]]
+        assert r["curve"][-1]["wire_bytes"] == r["wire_bytes"]
+        assert r["curve"][-1]["accuracy"] == r["accuracy"]

@@ -1,0 +1,37 @@
+"""What every benchmark does with its results: JSON with the command that made it, a plot."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, List, Tuple
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files only (no display on these machines)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def split_failures(results: List[dict]) -> Tuple[List[dict], List[str]]:
+    """The rows that ran, and one line per method that did not, saying why."""
+    ran = [r for r in results if "failed" not in r]
+    why = {r["method"]: r["failed"] for r in results if "failed" in r}
+    return ran, [f"\n{method} did not run: {reason}" for method, reason in why.items()]
+
+
+def save(out: str, script: str, argv, results, plot: Callable, table: str, **extra) -> None:
+    """Write ``{"meta", "results", **extra}`` to ``out``, and next to it ``plot(results,
+    path)`` as PNG and ``table`` (markdown) as .md, headed by the command that made them;
+    ``meta`` records the command line and the machine's core count."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    command = " ".join(["python", f"benchmarks/{script}"] + list(argv or sys.argv[1:]))
+    meta = {"command": command, "cpu_count": os.cpu_count()}
+    Path(out).write_text(json.dumps({"meta": meta, "results": results, **extra}, indent=1))
+    png, md = Path(out).with_suffix(".png"), Path(out).with_suffix(".md")
+    plot(results, png)
+    md.write_text(f"`{command}` ({os.cpu_count()} cores)\n\n{table}\n")
+    print(f"{table}\n\nwritten to {out}, {png} and {md}")
