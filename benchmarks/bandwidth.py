@@ -177,26 +177,29 @@ def table(results) -> str:
 
 
 def plot(results, path: Path) -> None:
-    """busbw against message size, one panel per (nodes, rate), one line per method."""
+    """busbw against message size: a row of panels per node layout, a column per link rate,
+    one line per method."""
     plt = pyplot()
     results, _ = split_failures(results)
-    panels = sorted({(r["nodes"], r["ranks_per_node"], r["rate"]) for r in results},
-                    key=lambda p: (p[0], p[1], RATE_ORDER.get(p[2], 9)))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False,
-                             sharey=True)
-    for ax, (nodes, per_node, rate) in zip(axes[0], panels):
-        rows = [r for r in results if (r["nodes"], r["ranks_per_node"], r["rate"]) == (nodes, per_node, rate)]
-        for method in dict.fromkeys(r["method"] for r in rows):
-            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["size_bytes"])
-            ax.plot([r["size_bytes"] for r in mine], [r["busbw_GBps"] for r in mine], marker="o",
-                    label=method)
-        ax.set(xscale="log", yscale="log", xlabel="message size (bytes, fp32)",
-               title=f"{nodes} nodes x {per_node}, link {rate}")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("busbw (GB/s of fp32 gradient)")
+    layouts = sorted({(r["nodes"], r["ranks_per_node"]) for r in results})
+    rates = sorted({r["rate"] for r in results}, key=lambda rate: RATE_ORDER.get(rate, 9))
+    fig, axes = plt.subplots(len(layouts), len(rates), figsize=(4.2 * len(rates), 3.4 * len(layouts)),
+                             squeeze=False, sharey=True)
+    for row, (nodes, per_node) in enumerate(layouts):
+        for col, rate in enumerate(rates):
+            ax = axes[row][col]
+            rows = [r for r in results if (r["nodes"], r["ranks_per_node"], r["rate"]) == (nodes, per_node, rate)]
+            for method in dict.fromkeys(r["method"] for r in rows):
+                mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["size_bytes"])
+                ax.plot([r["size_bytes"] for r in mine], [r["busbw_GBps"] for r in mine], marker="o",
+                        label=method)
+            ax.set(xscale="log", yscale="log", xlabel="message size (bytes, fp32)",
+                   title=f"{nodes} nodes x {per_node}, link {rate}")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[row][0].set_ylabel("busbw (GB/s of fp32 gradient)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 RATE_ORDER = {"none": 0, "10gbit": 1, "1gbit": 2, "100mbit": 3}
