@@ -90,7 +90,9 @@ def run_method(method, args, rank, ifname):
     from commpress.netsim import link_tx_bytes
 
     torch.manual_seed(0)
-    model = DDP(make_model(args.width))
+    # PowerSGD gets one bucket: with several, its callbacks (which wait on further collectives)
+    # deadlock gloo's worker threads here; PyTorch tests PowerSGD on NCCL only
+    model = DDP(make_model(args.width), bucket_cap_mb=100 if method.startswith("powersgd") else 25)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     total = args.warmup + args.steps
     state, acdc = attach(method, model, opt, total)
