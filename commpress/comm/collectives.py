@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -132,13 +132,17 @@ def _decode(codec: Codec, data: torch.Tensor, numel: int, peer: int) -> torch.Te
     return part
 
 
-def _decode_mean(codec: Codec, gathered: torch.Tensor, sizes, stats, numel: int) -> torch.Tensor:
+def _decode_mean(codec: Codec, gathered: torch.Tensor, sizes, stats, numel: int,
+                 keep: Optional[List[torch.Tensor]] = None, rank: int = -1) -> torch.Tensor:
     """Average of the consecutive payloads of ``sizes`` bytes in ``gathered``, each of
-    ``numel`` values (fp32)."""
+    ``numel`` values (fp32). With ``keep``, appends there the decoded payload of ``rank``
+    (error feedback needs it; decoding it again would cost a pass)."""
     with _Timer(stats, "decode_seconds"):
         total, offset = None, 0
         for peer, size in enumerate(sizes):
             part = _decode(codec, gathered[offset: offset + size], numel, peer)
+            if keep is not None and peer == rank:
+                keep.append(part.clone() if total is None else part)
             total = part if total is None else total.add_(part)
             offset += size
         return total.div_(len(sizes))
@@ -189,7 +193,9 @@ def _run(algorithm, flat, codec, transport, generator, stats, keep_local, server
 
 
 def _allreduce(flat, codec, transport, generator, stats, keep_local):
-    wire = (flat / transport.world_size).to(_wire_dtype(codec))
+    # divide and cast in one pass into one buffer (fresh full-size temporaries cost page faults)
+    wire = torch.empty(flat.shape, dtype=_wire_dtype(codec), device=flat.device)
+    torch.div(flat, transport.world_size, out=wire)
     local = (wire.float() * transport.world_size) if keep_local else None
     return transport.all_reduce_sum(wire).float(), local
 
@@ -201,13 +207,12 @@ def _allgather(flat, codec, transport, generator, stats, keep_local):
 
     def finish(pending, nbytes, numel):
         sizes = [nbytes] * transport.world_size
-        means.append(_decode_mean(codec, pending.wait(), sizes, stats, numel))
+        means.append(_decode_mean(codec, pending.wait(), sizes, stats, numel,
+                                  local if keep_local else None, transport.rank))
 
     for lo, hi in pipeline_pieces(flat.numel(), codec.block_size):
         with _Timer(stats, "encode_seconds"):
             payload = codec.encode(flat[lo:hi], generator)
-        if keep_local:
-            local.append(codec.decode(payload, dtype=torch.float32))
         started = (transport.all_gather_start(payload.data), payload.nbytes, hi - lo)
         if in_flight is not None:
             finish(*in_flight)
