@@ -31,9 +31,9 @@ _MEMORIES = {"ef": ("residual",), "ef21": ("worker", "shared")}
 
 
 def _finite_or(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``new`` where finite, else ``old``: an overflowing step (which loss scaling will skip)
-    must not poison the memories for every later step."""
-    return torch.where(torch.isfinite(new), new, old)
+    """``new`` where finite, else ``old``, in ``new``'s storage: an overflowing step (which
+    loss scaling will skip) must not poison the memories for every later step."""
+    return torch.where(torch.isfinite(new), new, old, out=new)
 
 
 class ErrorFeedback:
@@ -59,22 +59,24 @@ class ErrorFeedback:
 
     # -- the two calls around a reduction ------------------------------------------------
     def compensate(self, params: Sequence, flat: torch.Tensor, sizes=None) -> torch.Tensor:
-        """What to compress instead of the gradient ``flat`` (which is left untouched)."""
-        if self.kind == "ef":
-            return flat.float() + self._gather("residual", params, flat, sizes)
-        return flat.float() - self._gather("worker", params, flat, sizes)
+        """What to compress instead of the gradient ``flat`` (which is left untouched): a
+        new fp32 tensor, which :meth:`update` may reuse."""
+        if self.kind == "ef":  # the gathered memory is a fresh copy: add in place
+            return self._gather("residual", params, flat, sizes).add_(flat)
+        return self._gather("worker", params, flat, sizes).neg_().add_(flat)
 
     def update(self, params: Sequence, sent: torch.Tensor, local: torch.Tensor,
                mean: torch.Tensor, sizes=None) -> torch.Tensor:
-        """Update the memories; return the vector to use as the averaged gradient."""
+        """Update the memories; return the vector to use as the averaged gradient. ``sent``,
+        what :meth:`compensate` returned, is consumed (its storage becomes the memory)."""
         if self.kind == "ef":
             old = self._gather("residual", params, mean, sizes)
-            self._scatter("residual", params, _finite_or(sent - local, old), sizes)
+            self._scatter("residual", params, _finite_or(sent.sub_(local), old), sizes)
             return mean
         worker = self._gather("worker", params, local, sizes)
-        self._scatter("worker", params, _finite_or(worker + local, worker), sizes)
+        self._scatter("worker", params, _finite_or(local.add(worker), worker), sizes)
         shared = self._gather("shared", params, mean, sizes)
-        self._scatter("shared", params, _finite_or(shared + mean, shared), sizes)
+        self._scatter("shared", params, _finite_or(mean.add(shared), shared), sizes)
         return shared + mean
 
     def server_memory(self, params: Sequence[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
