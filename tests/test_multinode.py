@@ -59,17 +59,22 @@ def test_netsim_rate_and_cleanup():
     assert not set(names) & set(list_namespaces())   # torn down
 
 
-@needs_netns
-def test_torchrun_two_nodes_train_with_compress_hook(tmp_path):
-    out = tmp_path / "report.json"
-    command = (f"cd {ROOT} && PATH={Path(sys.executable).parent}:$PATH "
-               f"bash launch/torchrun_multinode.sh -m commpress.cli train qsgd4 --epochs 2 "
-               f"--quiet --json {out}")
+def torchrun_on_two_nodes(script_and_args: str, out: Path, per_node: int = 1) -> dict:
+    """``launch/torchrun_multinode.sh SCRIPT_AND_ARGS`` on 2 netsim nodes at 1 Gbit/s with
+    ``per_node`` ranks each; returns the JSON the job wrote to ``out``."""
+    command = (f"cd {ROOT} && PATH={Path(sys.executable).parent}:$PATH PYTHONPATH={ROOT} "
+               f"NPROC_PER_NODE={per_node} bash launch/torchrun_multinode.sh {script_and_args}")
     with NetSim(nodes=2, rate="1gbit") as net:
         results = net.run(command, timeout=300)
     for i, r in enumerate(results):
         assert r.returncode == 0, f"node {i}:\n{r.stdout[-3000:]}"
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@needs_netns
+def test_torchrun_two_nodes_train_with_compress_hook(tmp_path):
+    out = tmp_path / "report.json"
+    report = torchrun_on_two_nodes(f"-m commpress.cli train qsgd4 --epochs 2 --quiet --json {out}", out)
     assert report["world_size"] == 2
     runs = {r["method"]: r for r in report["results"]}
     assert all(r["replicas_identical"] for r in runs.values())
@@ -83,13 +88,7 @@ def test_hierarchical_collective_on_two_nodes_of_two_ranks(tmp_path):
     unbiased, and what leaves a node, read from its interface counter, is 2(N-1)/N of the
     payload: 1/1.75 of what flat reduce_scatter over the 4 ranks sends across."""
     out = tmp_path / "hierarchy.json"
-    command = (f"cd {ROOT} && PATH={Path(sys.executable).parent}:$PATH PYTHONPATH={ROOT} NPROC_PER_NODE=2 "
-               f"bash launch/torchrun_multinode.sh tests/hierarchy_worker.py {out}")
-    with NetSim(nodes=2, rate="1gbit") as net:
-        results = net.run(command, timeout=300)
-    for i, r in enumerate(results):
-        assert r.returncode == 0, f"node {i}:\n{r.stdout[-3000:]}"
-    report = json.loads(out.read_text())
+    report = torchrun_on_two_nodes(f"tests/hierarchy_worker.py {out}", out, per_node=2)
     print(json.dumps(report))
     assert (report["world_size"], report["local_size"], report["nodes"]) == (4, 2, 2)
     assert report["identity_max_error"] < 1e-6
