@@ -21,7 +21,7 @@ import torch.distributed as dist
 from .codecs import FP16, BF16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering
 from .comm.collectives import ALGORITHMS
 from .comm.ordered import OrderedExecutor
-from .comm.transport import (TorchTransport, Transport, group_device, group_timeout, node_layout,
+from .comm.transport import (TorchTransport, Transport, group_timeout, node_layout,
                              torch_hierarchical_transport)
 from .feedback import KINDS, ErrorFeedback, reduce_mean
 from .stats import CommStats
@@ -68,7 +68,8 @@ class CompressionState:
 
     def __init__(self, codec: Codec, process_group: Optional[dist.ProcessGroup] = None,
                  collective: str = "auto", error_feedback: Optional[str] = None,
-                 server_feedback: bool = False, start_iter: int = 2, min_numel: int = 1024, seed: int = 0, log_every: int = 100):
+                 server_feedback: bool = False, start_iter: int = 2, min_numel: int = 1024,
+                 seed: int = 0, log_every: int = 100):
         if not isinstance(codec, Codec):
             raise TypeError(f"codec must be a commpress Codec, got {type(codec).__name__}")
         if collective != "auto" and collective not in ALGORITHMS:
@@ -304,7 +305,7 @@ def _check_agreement(state: CompressionState, phase: str) -> None:
     padded = torch.zeros(_AGREEMENT_BYTES, dtype=torch.uint8)
     padded[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     transport = state.transport
-    gathered = transport.all_gather(padded.to(group_device(state.process_group)))
+    gathered = transport.all_gather(padded.to(transport.device))
     gathered = gathered.cpu().view(transport.world_size, -1)
     configs = [json.loads(bytes(row.numpy()).rstrip(b"\0")) for row in gathered]
     differing = sorted(k for k in mine if len({json.dumps(c.get(k)) for c in configs}) > 1)

@@ -21,19 +21,13 @@ from typing import Dict, Iterable, Optional, Sequence
 import torch
 
 from .codecs import Codec
-from .comm.collectives import choose_algorithm, compressed_mean
+from .comm.collectives import choose_algorithm, compressed_mean, keep_finite
 from .comm.transport import Transport
 from .stats import CommStats
 
 KINDS = ("ef", "ef21")
 # the memories each kind keeps, by name
 _MEMORIES = {"ef": ("residual",), "ef21": ("worker", "shared")}
-
-
-def _finite_or(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``new`` where finite, else ``old``, in ``new``'s storage: an overflowing step (which
-    loss scaling will skip) must not poison the memories for every later step."""
-    return torch.where(torch.isfinite(new), new, old, out=new)
 
 
 class ErrorFeedback:
@@ -68,16 +62,17 @@ class ErrorFeedback:
     def update(self, params: Sequence, sent: torch.Tensor, local: torch.Tensor,
                mean: torch.Tensor, sizes=None) -> torch.Tensor:
         """Update the memories; return the vector to use as the averaged gradient. ``sent``,
-        what :meth:`compensate` returned, is consumed (its storage becomes the memory)."""
-        if self.kind == "ef":
+        what :meth:`compensate` returned, is consumed."""
+        if self.kind == "ef":  # gathered memories are fresh copies: keep_finite writes there
             old = self._gather("residual", params, mean, sizes)
-            self._scatter("residual", params, _finite_or(sent.sub_(local), old), sizes)
+            self._scatter("residual", params, keep_finite(sent.sub_(local), old), sizes)
             return mean
         worker = self._gather("worker", params, local, sizes)
-        self._scatter("worker", params, _finite_or(local.add(worker), worker), sizes)
+        self._scatter("worker", params, keep_finite(local + worker, worker), sizes)
         shared = self._gather("shared", params, mean, sizes)
-        self._scatter("shared", params, _finite_or(mean.add(shared), shared), sizes)
-        return shared + mean
+        total = mean + shared
+        self._scatter("shared", params, keep_finite(total, shared), sizes)
+        return total
 
     def server_memory(self, params: Sequence[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
         """The server residual for ``params`` (to pass to ``compressed_mean``), or None."""

@@ -36,7 +36,7 @@ import torch
 
 from ..codecs import Codec, Payload
 from ..stats import CommStats
-from .transport import Transport
+from .transport import HierarchicalTransport, Transport
 
 ALGORITHMS = ("allgather", "reduce_scatter", "allreduce", "hierarchical")
 #: below this many payload bytes a collective is latency-bound: one round beats two
@@ -100,6 +100,13 @@ def pipeline_pieces(numel: int, block: int):
     ``numel`` (one piece, possibly empty, for small vectors); each is its own payload."""
     size = max(PIPELINE_ELEMENTS // block, 1) * block
     return [(lo, min(lo + size, numel)) for lo in range(0, max(numel, 1), size)]
+
+
+def keep_finite(new: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """``new`` where finite, else ``memory``, written into ``memory``: an overflowing step
+    (which loss scaling will skip) must not poison an error-feedback memory for every later
+    step."""
+    return torch.where(torch.isfinite(new), new, memory, out=memory)
 
 
 def _wire_dtype(codec: Codec) -> torch.dtype:
@@ -167,7 +174,7 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
     if server_residual is not None and server_residual.shape != flat.shape:
         raise ValueError(f"server_residual has shape {tuple(server_residual.shape)}, "
                          f"expected {tuple(flat.shape)}")
-    if algorithm == "hierarchical" and not hasattr(transport, "inter"):
+    if algorithm == "hierarchical" and not isinstance(transport, HierarchicalTransport):
         raise ValueError("collective 'hierarchical' needs a HierarchicalTransport (ranks grouped "
                          f"by node), got {type(transport).__name__}")
     before, intra_before = transport.sent_bytes, transport.intra_node_bytes
@@ -230,23 +237,27 @@ def _reduce_scatter(flat, codec, transport, generator, stats, keep_local, server
     bounds = chunk_bounds(flat.numel(), codec.block_size, w)
     with _Timer(stats, "encode_seconds"):
         payloads = [codec.encode(flat[lo:hi], generator) for lo, hi in bounds]
-    local = (torch.cat([codec.decode(p, dtype=torch.float32) for p in payloads])
-             if keep_local else None)
     sizes = [p.nbytes for p in payloads]
     mine = sizes[rank]
     received = transport.all_to_all(torch.cat([p.data for p in payloads]), sizes, [mine] * w)
     lo, hi = bounds[rank]
+    own: List[torch.Tensor] = []  # this rank's own chunk, decoded along with the peers'
     try:
-        chunk_mean, failure = _decode_mean(codec, received, [mine] * w, stats, hi - lo), None
+        chunk_mean = _decode_mean(codec, received, [mine] * w, stats, hi - lo, own, rank)
+        failure = None
     except ValueError as exc:  # still take part in the all_gather, or the others would hang
         chunk_mean, failure = torch.full((hi - lo,), float("nan"), device=flat.device), exc
+    local = None
+    if keep_local and failure is None:
+        local = torch.cat([own[0] if r == rank else codec.decode(p, dtype=torch.float32)
+                           for r, p in enumerate(payloads)])
     if server_residual is not None:
         chunk_mean += server_residual[lo:hi]
     with _Timer(stats, "encode_seconds"):
         reduced = codec.encode(chunk_mean, generator).data
-    if server_residual is not None:  # an overflowing step must not poison later ones
+    if server_residual is not None:
         lost = chunk_mean - codec.decode(Payload(reduced), dtype=torch.float32)
-        server_residual[lo:hi] = torch.where(torch.isfinite(lost), lost, server_residual[lo:hi])
+        keep_finite(lost, server_residual[lo:hi])
     # all_gather needs equal sizes: every reduced chunk travels in a slot of the largest size,
     # plus a byte saying whether its rank received a payload of the wrong length
     slot = max(sizes)
@@ -293,7 +304,7 @@ def _hierarchical(flat, codec, transport, generator, stats, keep_local, server_r
         reduced, compressed, failure = torch.full_like(shard, float("nan")), shard, exc
     local = None
     if keep_local:
-        local = flat.float().clone()
+        local = flat.to(torch.float32, copy=True)
         local[lo:hi] -= (shard - compressed) * size
     slot = max(splits)  # and a status, as in _reduce_scatter
     padded = torch.zeros(slot + 1, dtype=torch.float32, device=flat.device)
