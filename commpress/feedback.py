@@ -7,6 +7,10 @@
   using ``g`` as the gradient.
 - ``server=True`` (with ``"ef"``): a second memory for ``reduce_scatter``'s re-quantization of
   the averaged chunk, at the rank that reduces it (DeepSpeed 1-bit Adam's "server error").
+  ``"ef21"`` always keeps it: its shared estimate ``g`` adds up what the collective returns,
+  so without it every re-quantization error would stay in ``g`` for good (a random walk that
+  made training diverge). With it, ``g + server == mean_i g_i`` holds exactly: ``g`` lags the
+  workers' mean by one quantization residual, never by their sum.
 
 A front end calls :meth:`ErrorFeedback.compensate` on a flat vector made of whole parameters,
 sends the result through a compressed collective, then calls :meth:`ErrorFeedback.update`
@@ -36,8 +40,8 @@ class ErrorFeedback:
             raise ValueError(f"error_feedback must be None or one of {KINDS}, got {kind!r}")
         if server and kind != "ef":
             raise ValueError("server-side error feedback needs error_feedback='ef'")
-        self.kind, self.server = kind, server
-        self._names = _MEMORIES[kind] + (("server",) if server else ())
+        self.kind, self.server = kind, server or kind == "ef21"
+        self._names = _MEMORIES[kind] + (("server",) if self.server else ())
         self.memories: Dict[str, Dict[torch.Tensor, torch.Tensor]] = {m: {} for m in self._names}
         self.names: Dict[torch.Tensor, str] = {}
 

@@ -115,7 +115,9 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
     x_train, y_train, x_test, y_test = data
     model = DDP(make_model(args.seed, args.data))
     shard = torch.arange(rank, len(y_train), world_size)  # disjoint shard per rank
-    steps_per_epoch = len(shard) // args.batch_size
+    # the same on every rank (shards differ by one when W does not divide the data): a rank
+    # running one more backward than the others would wait for them forever
+    steps_per_epoch = len(y_train) // world_size // args.batch_size
     state, acdc = None, None
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     if method != BASELINE:

@@ -58,3 +58,16 @@ def test_commpress_train_libsvm_logistic_regression_with_curves(tmp_path):
         assert [p["steps"] for p in r["curve"]] == [r["steps"] // 2, r["steps"]]
         assert r["curve"][-1]["wire_bytes"] == r["wire_bytes"]
         assert r["curve"][-1]["accuracy"] == r["accuracy"]
+
+
+def test_commpress_train_uneven_shards_do_not_hang(tmp_path):
+    """3 and 5 workers do not divide the 1437 training images: every rank still runs the same
+    number of steps (a rank with one more backward would wait for the others forever)."""
+    for workers in (3, 5):
+        out = tmp_path / f"report{workers}.json"
+        run_train("qsgd4", "--workers", str(workers), "--epochs", "1", "--json", str(out),
+                  timeout=300)
+        report = json.loads(out.read_text())
+        assert report["world_size"] == workers
+        for r in report["results"]:
+            assert r["replicas_identical"] and r["steps"] == 1437 // workers // 32

@@ -161,6 +161,9 @@ class Codec:
         """Decode to the original shape and dtype (or ``dtype`` if given, e.g. float32 for
         reducing fp16 payloads without overflow). Raises ``ValueError`` on a payload that this
         codec did not produce."""
+        data = payload.data
+        if isinstance(data, torch.Tensor) and not data.is_contiguous():  # e.g. a strided view
+            payload = Payload(data.contiguous(), payload.shape)
         header = self.read_header(payload.data)
         numel = header.numel
         if payload.shape is not None and math.prod(payload.shape) != numel:

@@ -16,6 +16,7 @@ from . import bitpack
 from .base import Codec, chunk_ranges
 
 _NORMS = {"max": 0, "l2": 1}
+_SMALLEST_FP32 = 2.0 ** -149  # the smallest positive (subnormal) float32
 
 
 def random_bits(numel: int, device: torch.device, generator: Optional[torch.Generator],
@@ -48,8 +49,12 @@ def block_norms(magnitudes: torch.Tensor, norm: str) -> torch.Tensor:
     peak = magnitudes.amax(dim=1)
     if norm == "max":
         return peak
-    safe = torch.where(torch.isfinite(peak) & (peak > 0), peak, torch.ones_like(peak))
-    return torch.linalg.vector_norm(magnitudes / safe.unsqueeze(1), dim=1) * safe
+    finite = torch.isfinite(peak)
+    safe = torch.where(finite & (peak > 0), peak, torch.ones_like(peak))
+    l2 = torch.linalg.vector_norm(magnitudes / safe.unsqueeze(1), dim=1) * safe
+    # The L2 norm of finite values can exceed the fp32 range (512 x 1e38). Any scale at least
+    # the bucket's largest magnitude keeps the rounding unbiased, so cap it at the fp32 maximum.
+    return torch.where(finite, l2.clamp(max=torch.finfo(torch.float32).max), l2)
 
 
 class BucketedLevelCodec(Codec):
@@ -100,9 +105,13 @@ class BucketedLevelCodec(Codec):
         scales = block_norms(magnitudes, self.norm)
         # A non-finite bucket keeps its non-finite scale, so it decodes non-finite; its codes
         # only need to be valid integers (NaN and Inf become level 0, overshoot is clamped).
+        # Divided by ``scale / unit`` rather than multiplied by its inverse: ``unit / scale``
+        # overflows for buckets whose largest value is below ~1e-38, which would all round to
+        # zero. Unusable buckets (zero or non-finite scale) divide by inf.
         usable = torch.isfinite(scales) & (scales > 0)
-        factor = torch.where(usable, self._ratio_unit / scales, torch.zeros_like(scales))
-        scaled = magnitudes.mul_(factor.unsqueeze(1)).view(-1)[:numel].nan_to_num_(0.0, 0.0, 0.0)
+        divisor = torch.where(usable, (scales / self._ratio_unit).clamp_(min=_SMALLEST_FP32),
+                              torch.full_like(scales, math.inf))
+        scaled = magnitudes.div_(divisor.unsqueeze(1)).view(-1)[:numel].nan_to_num_(0.0, 0.0, 0.0)
         level = self._round(scaled, uniform_1_2(numel, part.device, generator))
         return scales, level.copysign_(part).add_(self.levels).to(torch.uint8)
 

@@ -67,9 +67,13 @@ class NaturalCompression(Codec):
         bits = x.view(torch.int32)
         magnitude = bits & 0x7FFFFFFF
         nan = magnitude > 0x7F800000
+        infinite = magnitude == 0x7F800000
         # C_nat on the bits: a uniform 23-bit integer added to the mantissa carries into the
         # exponent with probability mantissa / 2^23 (a subnormal becomes 2^-126 or zero).
-        expo = magnitude.clamp_(max=0x7F800000).add_(random_bits(x.numel(), x.device, generator)) >> 23
+        # fp32 has no 2^128: finite values of the top binade (|x| >= 2^127) stay at 2^127,
+        # the one place C_nat is biased (down, by less than 2x); infinities stay infinite.
+        expo = magnitude.clamp_(max=0x7F7FFFFF).add_(random_bits(x.numel(), x.device, generator)) >> 23
+        expo = expo.clamp_(max=254).add_(infinite)
         if low_range:
             # below 2^(e_low-127): up to it with probability 2^(expo - e_low), else to zero
             e_low = e_top - (_SPAN - 1)

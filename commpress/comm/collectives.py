@@ -145,14 +145,16 @@ def _decode_mean(codec: Codec, gathered: torch.Tensor, sizes, stats, numel: int,
     ``numel`` values (fp32). With ``keep``, appends there the decoded payload of ``rank``
     (error feedback needs it; decoding it again would cost a pass)."""
     with _Timer(stats, "decode_seconds"):
-        total, offset = None, 0
+        total, offset, share = None, 0, 1.0 / len(sizes)
         for peer, size in enumerate(sizes):
             part = _decode(codec, gathered[offset: offset + size], numel, peer)
             if keep is not None and peer == rank:
-                keep.append(part.clone() if total is None else part)
-            total = part if total is None else total.add_(part)
+                keep.append(part)
+            # each part is scaled before it is added: a sum of W values near the fp32 maximum
+            # would overflow where their mean does not
+            total = part.mul(share) if total is None else total.add_(part, alpha=share)
             offset += size
-        return total.div_(len(sizes))
+        return total
 
 
 def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algorithm: str,
@@ -294,7 +296,7 @@ def _hierarchical(flat, codec, transport, generator, stats, keep_local, server_r
     lo, hi = bounds[rank]
     splits = [b - a for a, b in bounds]
     received = intra.all_to_all(flat.float(), splits, [hi - lo] * size)
-    shard = received.view(size, hi - lo).sum(0).div_(size)
+    shard = received.view(size, hi - lo).div_(size).sum(0)  # scaled first: cannot overflow
     inner = choose_algorithm(codec, hi - lo, inter.world_size)
     try:
         reduced, compressed = _run(inner, shard, codec, inter, generator, stats, keep_local,
