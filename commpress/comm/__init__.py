@@ -1,8 +1,9 @@
 """Compressed collectives over a transport; they know codecs, never front ends."""
 from .collectives import ALGORITHMS, choose_algorithm, chunk_bounds, compressed_mean, wire_bytes_per_rank
+from .loopback import LoopbackGroup, LoopbackTransport
 from .ordered import OrderedExecutor
 from .transport import HierarchicalTransport, TorchTransport, Transport
 
 __all__ = ["ALGORITHMS", "choose_algorithm", "chunk_bounds", "compressed_mean",
-           "wire_bytes_per_rank", "OrderedExecutor", "HierarchicalTransport", "TorchTransport",
+           "wire_bytes_per_rank", "LoopbackGroup", "LoopbackTransport", "OrderedExecutor", "HierarchicalTransport", "TorchTransport",
            "Transport"]
