@@ -11,17 +11,19 @@ thread per state, in bucket order (see :mod:`commpress.comm.ordered`), so commun
 overlaps the rest of the backward pass.
 """
 
-import json
 import logging
-from typing import Dict, Optional
+import warnings
+import weakref
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from .codecs import FP16, BF16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering
+from .comm.agreement import agree
 from .comm.collectives import ALGORITHMS
 from .comm.ordered import OrderedExecutor
-from .comm.transport import (TorchTransport, Transport, group_timeout, node_layout,
+from .comm.transport import (TorchTransport, Transport, new_group, node_layout,
                              torch_hierarchical_transport)
 from .feedback import KINDS, ErrorFeedback, reduce_mean
 from .stats import CommStats
@@ -29,6 +31,39 @@ from .stats import CommStats
 logger = logging.getLogger("commpress")
 
 _FP32 = Identity()
+#: gradient dtypes the hook reduces (float64 is reduced in float32 and written back)
+_GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: every bucket's layout is checked across ranks in this many first steps of a process (DDP
+#: rebuilds its buckets after the first; later checks happen whenever a bucket changes)
+_LAYOUT_CHECK_STEPS = 3
+
+
+class _Runtime:
+    """What a state needs to communicate: a transport over a private copy of its group (and
+    the node groups of the hierarchical collective), and its ordered worker thread. Holds no
+    reference to the state, so a dropped state is collected and :meth:`close` releases all."""
+
+    def __init__(self, transport: TorchTransport):
+        self.transport = transport
+        self.compressed_transport: Transport = transport
+        self.groups = [transport.group]
+        self.executor = OrderedExecutor()
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        for group in self.groups:
+            if dist.is_available() and dist.is_initialized():
+                try:
+                    dist.destroy_process_group(group)
+                except (RuntimeError, ValueError, KeyError):  # already gone with the world
+                    pass
+        self.groups = []
+
+
+def _two_models_error() -> RuntimeError:
+    return RuntimeError("commpress: this CompressionState is used by more than one DDP model; it "
+                        "counts steps and keeps error-feedback memories for one model. Create one "
+                        "state per model (e.g. one for the generator, one for the discriminator)")
 
 
 class CompressionState:
@@ -36,15 +71,16 @@ class CompressionState:
 
     Args:
         codec: the :class:`~commpress.Codec` applied to each bucket's large layers.
-        process_group: the group to reduce over (None: the default group).
+        process_group: the group to reduce over (None: the DDP model's own group when registered
+            with :func:`register_hook`, else the default group).
         collective: ``"allgather"``, ``"reduce_scatter"``, ``"allreduce"`` (summable codecs
             only), ``"hierarchical"`` (fp32 inside a node, compressed between nodes; nodes from
             torchrun's ``GROUP_RANK``, see :func:`commpress.comm.transport.node_id`) or
             ``"auto"`` (a cost model, see :func:`commpress.comm.collectives.choose_algorithm`,
-            hierarchical when there are several nodes of several ranks).
+            hierarchical when there are several nodes of the same number of ranks).
         error_feedback: None, ``"ef"`` or ``"ef21"`` (see :mod:`commpress.feedback`).
         server_feedback: with ``"ef"``, also keep the residual of ``reduce_scatter``'s second
-            quantization at the reducing rank.
+            quantization at the reducing rank (``"ef21"`` always keeps it).
         start_iter: plain fp32 all-reduce for the first ``start_iter`` steps; must be >= 2 with
             error feedback, because DDP rebuilds its buckets after the first iteration.
         min_numel: parameters with fewer elements, and all 1-D ones (biases, norms), are sent
@@ -54,6 +90,12 @@ class CompressionState:
             noise is independent across ranks and runs are reproducible.
         log_every: log :attr:`stats` on rank 0 every this many steps (0: never).
 
+    Its process groups and worker thread are created on the caller's thread by
+    :func:`register_hook` (or at the first hook call), after one check that every rank has the
+    same configuration; :meth:`close` (or dropping the state, or ``with state:``) releases them.
+    One state serves one model. float64 gradients are reduced in float32; sparse gradients are
+    not supported.
+
     Like PyTorch's ``PowerSGDState``, it pickles without its process group (which falls back to
     the default group) and has ``state_dict()``/``load_state_dict()`` covering the step
     counter, the error-feedback memories, the random generators and the statistics.
@@ -61,7 +103,7 @@ class CompressionState:
     Example::
 
         >>> state = CompressionState(codec=QSGD(bits=4), collective="auto", error_feedback=None)
-        >>> ddp_model.register_comm_hook(state, compress_hook)
+        >>> commpress.register_hook(ddp_model, state)
         >>> ...train...
         >>> print(state.stats.summary())
     """
@@ -86,6 +128,8 @@ class CompressionState:
                              "buckets after the first iteration")
         if not isinstance(min_numel, int) or min_numel < 0:
             raise ValueError(f"min_numel must be a non-negative integer, got {min_numel!r}")
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         self.codec = codec
         self.process_group = process_group
         self.collective = collective
@@ -108,54 +152,88 @@ class CompressionState:
     def _init_runtime(self):
         self.param_index: Dict[torch.Tensor, int] = {}
         self.masks: Dict[torch.Tensor, torch.Tensor] = {}
-        self._agreed_phase: Optional[str] = None
         self._keep_cache: Dict[tuple, Optional[torch.Tensor]] = {}
-        self._transport: Optional[TorchTransport] = None
-        self._compressed_transport: Optional[Transport] = None
-        self._executor: Optional[OrderedExecutor] = None
+        self._runtime: Optional[_Runtime] = None
+        self._release = None
+        self._closed = False
+        self._model = None              # weak reference to the model bound by register_hook
+        self._layout_known = False      # direct registration: parameters learnt from buckets
+        self._indices_seen: set = set()
+        self._process_steps = 0
+        self._agreed_layout: Dict[int, tuple] = {}
         self._generators: Dict[str, torch.Generator] = {}
         self._saved_rng: Dict[str, torch.Tensor] = {}
+        self._reseed_at: Optional[int] = None
+        self._loaded_from: Optional[tuple] = None  # (rank, world size) of a loaded checkpoint
 
-    # -- runtime pieces, created on first use (they need an initialized process group) -----
+    # -- runtime: created eagerly on the caller's thread ------------------------------------
+    def _ensure_runtime(self) -> _Runtime:
+        """Create the private group (and node groups), check that every rank is configured
+        alike, start the worker thread. Collective over the group's ranks: every rank reaches
+        it at the same point (registration, or its first hook call)."""
+        if self._runtime is not None:
+            return self._runtime
+        if self._closed:
+            raise RuntimeError("commpress: this CompressionState was closed")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call "
+                               "torch.distributed.init_process_group() first")
+        group = self.process_group or dist.group.WORLD
+        # A private copy of the group: DDP issues collectives of its own on the user's group
+        # (e.g. the unused-parameter map) from the backward thread while the hook's reductions
+        # run on the worker; sharing one group would let them interleave differently per rank.
+        private = new_group(dist.get_process_group_ranks(group), group)
+        runtime = _Runtime(TorchTransport(private))
+        try:
+            transport = runtime.transport
+            agree(transport, self._agreement_fields(), transport.device)
+            auto = self.collective == "auto" and not self.codec.summable
+            if self.collective == "hierarchical" or auto:
+                layout = node_layout(transport)
+                even = len({len(ranks) for ranks in layout}) == 1
+                if self.collective == "hierarchical" or (even and 1 < len(layout) < transport.world_size):
+                    runtime.compressed_transport = torch_hierarchical_transport(transport, layout)
+                    runtime.groups += [runtime.compressed_transport.intra.group,
+                                       runtime.compressed_transport.inter.group]
+                elif not even:
+                    logger.info("commpress: nodes hold different numbers of ranks (%s): 'auto' "
+                                "uses flat collectives", [len(r) for r in layout])
+        except BaseException:
+            runtime.close()
+            raise
+        self._runtime = runtime
+        self._release = weakref.finalize(self, runtime.close)
+        self._check_loaded_rank()
+        return runtime
+
     @property
     def transport(self) -> TorchTransport:
-        """A transport over a private copy of ``process_group``. DDP issues collectives of its
-        own on the user's group (e.g. the unused-parameter map with
-        ``find_unused_parameters=True``) from the backward thread, while the hook's reductions
-        run on the background thread: sharing one group would let the two interleave
-        differently on different ranks and mismatch. Created on first use by every member."""
-        if self._transport is None:
-            if not dist.is_available() or not dist.is_initialized():
-                raise RuntimeError("torch.distributed is not initialized: call "
-                                   "torch.distributed.init_process_group() first")
-            group = self.process_group or dist.group.WORLD
-            private = dist.new_group(dist.get_process_group_ranks(group),
-                                     backend=dist.get_backend(group), timeout=group_timeout(group),
-                                     use_local_synchronization=True)
-            self._transport = TorchTransport(private)
-        return self._transport
+        """The transport over this state's private copy of ``process_group``."""
+        return self._ensure_runtime().transport
 
     @property
     def compressed_transport(self) -> Transport:
         """The transport of the compressed reductions: :attr:`transport`, or for the
         hierarchical collective (and ``auto`` on several nodes of several ranks) one that also
-        holds node-local and cross-node groups. Created at the first compressed step, after
-        the ranks have agreed on the configuration, with one small all-gather of node ids."""
-        if self._compressed_transport is None:
-            transport = self.transport
-            auto = self.collective == "auto" and not self.codec.summable
-            if self.collective == "hierarchical" or auto:
-                layout = node_layout(transport)
-                if not auto or 1 < len(layout) < transport.world_size:
-                    transport = torch_hierarchical_transport(transport, layout)
-            self._compressed_transport = transport
-        return self._compressed_transport
+        holds node-local and cross-node groups."""
+        return self._ensure_runtime().compressed_transport
 
     @property
     def executor(self) -> OrderedExecutor:
-        if self._executor is None:
-            self._executor = OrderedExecutor()
-        return self._executor
+        return self._ensure_runtime().executor
+
+    def close(self) -> None:
+        """Stop the worker thread and destroy this state's process groups (after the reductions
+        already submitted). The hook refuses to run afterwards."""
+        if self._release is not None:
+            self._release()
+        self._runtime, self._release, self._closed = None, None, True
+
+    def __enter__(self) -> "CompressionState":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generator(self, device: torch.device) -> Optional[torch.Generator]:
         if not self.codec.stochastic:
@@ -166,7 +244,10 @@ class CompressionState:
             if key in self._saved_rng:
                 gen.set_state(self._saved_rng.pop(key))
             else:
-                gen.manual_seed(self.seed * 1_000_003 + self.transport.rank)
+                seed = self.seed * 1_000_003 + self.transport.rank
+                if self._reseed_at is not None:  # re-derived after a checkpoint of another rank
+                    seed = (seed * 1_000_033 + self._reseed_at) % (1 << 62)
+                gen.manual_seed(seed)
             self._generators[key] = gen
         return self._generators[key]
 
@@ -180,13 +261,68 @@ class CompressionState:
             self.feedback.mask_(masks)
 
     def bind(self, model: torch.nn.Module) -> "CompressionState":
-        """Learn the model's parameters: their names, so error-feedback memories can be
-        checkpointed, and their order, so compression does not depend on DDP's bucket order.
-        :func:`register_hook` calls it."""
-        self.param_index = {p: i for i, p in enumerate(model.parameters())}
+        """Learn the model: its parameters' names (so error-feedback memories can be
+        checkpointed) and order (so compression does not depend on DDP's bucket order), and a
+        DDP model's process group (the default for ``process_group``). Refuses a second model,
+        and models with sparse gradients. :func:`register_hook` calls it."""
+        module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        if self._model is not None and self._model() is not module:
+            raise _two_models_error()
+        sparse = [name or type(m).__name__ for name, m in module.named_modules()
+                  if getattr(m, "sparse", False) is True]
+        if sparse:
+            raise ValueError(f"commpress: {', '.join(sparse)} produce sparse gradients, which the "
+                             "compression hook does not support; use sparse=False, or a separate "
+                             "uncompressed DDP model for them")
+        group = getattr(model, "process_group", None)
+        if group is not None and self.process_group is not group:
+            if self.process_group is not None:
+                raise ValueError("commpress: the state's process_group is not the DDP model's; "
+                                 "leave process_group=None to use the model's group")
+            if self._runtime is not None:
+                raise ValueError("commpress: this state already communicates over another group")
+            self.process_group = group
+        self.param_index = {p: i for i, p in enumerate(module.parameters())}
         if self.feedback is not None:
-            self.feedback.bind(model.named_parameters())
+            self.feedback.bind(module.named_parameters())
+        self._model = weakref.ref(module)
+        self._layout_known = True
         return self
+
+    def _learn(self, index: int, params: List[torch.Tensor], last: bool) -> None:
+        """Check that ``params`` (a bucket's) belong to this state's model. A state registered
+        directly with ``ddp.register_comm_hook`` learns its parameters in the first step of the
+        process instead, naming them ``param.K`` in the order DDP first presents them (the same
+        in every run of the same model)."""
+        if self._layout_known:
+            if any(p not in self.param_index for p in params):
+                raise _two_models_error()
+            return
+        if index in self._indices_seen:
+            raise _two_models_error()
+        self._indices_seen.add(index)
+        for p in params:
+            self.param_index.setdefault(p, len(self.param_index))
+        if last:
+            self._layout_known = True
+            if self.feedback is not None:
+                self.feedback.bind((f"param.{k}", p) for p, k in self.param_index.items())
+
+    def _layout_fields(self, index: int, buffer: torch.Tensor, small, big, compress: bool,
+                       phase: str) -> Optional[Dict]:
+        """What ranks must agree on before this bucket's reduction, or None when nothing is
+        due: the step (at every step's first bucket) and the bucket's layout (in the first
+        steps of the process, then whenever it changes). Decided from counters every rank
+        shares, so every rank checks at the same buckets."""
+        fields: Dict = {}
+        if index == 0:
+            fields.update(step=self.iter, phase=phase, compress=compress)
+        layout = (buffer.numel(), str(buffer.dtype), [n for _, n, _ in small],
+                  [n for _, n, _ in big], compress, phase, bool(self.masks))
+        if self._process_steps < _LAYOUT_CHECK_STEPS or self._agreed_layout.get(index) != layout:
+            fields.update(bucket=index, layout=layout)
+            self._agreed_layout[index] = layout
+        return fields or None
 
     # -- persistence ----------------------------------------------------------------------
     def _config(self) -> Dict:
@@ -195,17 +331,30 @@ class CompressionState:
                 "start_iter": self.start_iter,
                 "min_numel": self.min_numel, "seed": self.seed}
 
+    def _agreement_fields(self) -> Dict:
+        fields = {**self._config(), "iter": self.iter, "phase": self.phase}
+        del fields["seed"]  # may differ per rank by design
+        return fields
+
     def state_dict(self) -> Dict:
         rng = {key: gen.get_state() for key, gen in self._generators.items()}
+        origin = ((self._runtime.transport.rank, self._runtime.transport.world_size)
+                  if self._runtime is not None else self._loaded_from)
         return {"config": self._config(), "iter": self.iter, "rng": {**self._saved_rng, **rng},
                 "feedback": self.feedback.state_dict() if self.feedback else None,
                 "stats": self.stats.state_dict(), "phase": self.phase,
-                "phase_stats": {k: v.state_dict() for k, v in self.phase_stats.items()}}
+                "phase_stats": {k: v.state_dict() for k, v in self.phase_stats.items()},
+                "rank": origin[0] if origin else None,
+                "world_size": origin[1] if origin else None}
 
     def load_state_dict(self, state: Dict) -> None:
-        if state["config"] != self._config():
-            raise ValueError(f"checkpoint was made with {state['config']}, this state is "
-                             f"{self._config()}")
+        """Restore :meth:`state_dict`, after checking every entry (a wrong one is refused with
+        its name). A checkpoint saved by another rank (the habit of saving on rank 0 and
+        loading everywhere) is accepted with a warning: this rank's random generator is
+        re-derived from (seed, rank, step) so rounding noise stays independent across ranks,
+        and the per-rank memories are reset consistently (see
+        :meth:`ErrorFeedback.adopt_other_rank`)."""
+        _validate_state(state, self._config(), self.feedback)
         self.iter = state["iter"]
         self._generators, self._saved_rng = {}, dict(state["rng"])
         if self.feedback is not None:
@@ -214,25 +363,99 @@ class CompressionState:
         self.phase = state["phase"]
         for phase, saved in state["phase_stats"].items():
             self.phase_stats[phase].load_state_dict(saved)
+        rank, world = state.get("rank"), state.get("world_size")
+        self._loaded_from = (rank, world) if rank is not None else None
+        self._check_loaded_rank()
+
+    def _check_loaded_rank(self) -> None:
+        if self._loaded_from is None or self._runtime is None:
+            return  # checked when the runtime starts
+        transport = self._runtime.transport
+        if self._loaded_from != (transport.rank, transport.world_size):
+            logger.warning("commpress: loaded a checkpoint of rank %d of %d on rank %d of %d: "
+                           "re-deriving this rank's random generator from (seed, rank, step) and "
+                           "resetting per-rank error-feedback memories. Save one checkpoint per "
+                           "rank to resume exactly.", *self._loaded_from, transport.rank,
+                           transport.world_size)
+            self._saved_rng, self._generators, self._reseed_at = {}, {}, self.iter
+            if self.feedback is not None:
+                self.feedback.adopt_other_rank()
+        self._loaded_from = None
 
     def __getstate__(self):
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("process_group", "_transport", "_compressed_transport", "_executor",
-                              "_generators",
-                              "_saved_rng", "param_index", "masks", "_keep_cache",
-                              "_agreed_phase")}
+                 if k not in ("process_group", "feedback", "_runtime", "_release", "_generators",
+                              "_saved_rng", "param_index", "masks", "_keep_cache", "_model",
+                              "_layout_known", "_indices_seen", "_process_steps", "_agreed_layout",
+                              "_closed", "_reseed_at", "_loaded_from")}
         state["_saved_rng"] = {**self._saved_rng,
                                **{k: g.get_state() for k, g in self._generators.items()}}
+        state["_feedback_state"] = None
+        if self.feedback is not None:
+            try:  # memories travel by parameter name, like in state_dict()
+                state["_feedback_state"] = self.feedback.state_dict()
+            except RuntimeError as exc:
+                warnings.warn(f"commpress: pickling a CompressionState drops its error-feedback "
+                              f"memories ({exc}); a resumed run will drift", stacklevel=2)
         return state
 
     def __setstate__(self, state):
-        saved_rng = state.pop("_saved_rng")
+        saved_rng, saved_feedback = state.pop("_saved_rng"), state.pop("_feedback_state")
         self.__dict__.update(state)
         self.process_group = None
+        self.feedback = (ErrorFeedback(self.error_feedback, self.server_feedback)
+                         if self.error_feedback else None)
+        if saved_feedback is not None:
+            self.feedback.load_state_dict(saved_feedback)
         self._init_runtime()
         self._saved_rng = saved_rng
         logger.warning("CompressionState unpickled: process_group is not serializable and was "
                        "reset to the default group")
+
+
+def _validate_state(state: Dict, config: Dict, feedback: Optional[ErrorFeedback]) -> None:
+    """Refuse a state dict with a missing, unknown or malformed entry, naming it."""
+    if not isinstance(state, dict):
+        raise TypeError(f"a CompressionState state dict is a dict, got {type(state).__name__}")
+    required = ("config", "iter", "rng", "feedback", "stats", "phase", "phase_stats")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint misses entries {missing}")
+    unknown = sorted(set(state) - set(required) - {"rank", "world_size"})
+    if unknown:
+        raise ValueError(f"checkpoint has unknown entries {unknown}")
+    if state["config"] != config:
+        raise ValueError(f"checkpoint was made with {state['config']}, this state is {config}")
+    if not isinstance(state["iter"], int) or isinstance(state["iter"], bool) or state["iter"] < 0:
+        raise ValueError(f"checkpoint entry 'iter' must be a non-negative integer, got {state['iter']!r}")
+    if state["phase"] not in ("dense", "sparse"):
+        raise ValueError(f"checkpoint entry 'phase' must be 'dense' or 'sparse', got {state['phase']!r}")
+    for key in ("rank", "world_size"):
+        value = state.get(key)
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ValueError(f"checkpoint entry {key!r} must be a non-negative integer, got {value!r}")
+    if not isinstance(state["rng"], dict):
+        raise ValueError("checkpoint entry 'rng' must map devices to generator states")
+    for device, rng in state["rng"].items():
+        if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.dim() != 1:
+            raise ValueError(f"checkpoint entry rng[{device!r}] is not a generator state "
+                             "(a 1-D uint8 tensor)")
+        try:
+            kind = torch.device(device).type
+            if kind == "cpu":
+                torch.Generator().set_state(rng)
+            elif kind == "cuda" and torch.cuda.is_available():
+                torch.Generator(device=device).set_state(rng)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"checkpoint entry rng[{device!r}] is not a valid generator state: "
+                             f"{exc}") from None
+    if feedback is None and state["feedback"] is not None:
+        raise ValueError("checkpoint holds error-feedback memories, this state has none")
+    if feedback is not None:
+        feedback.validate_state_dict(state["feedback"])
+    if set(state["phase_stats"]) - {"dense", "sparse"}:
+        raise ValueError(f"checkpoint entry 'phase_stats' has unknown phases "
+                         f"{sorted(set(state['phase_stats']) - {'dense', 'sparse'})}")
 
 
 def _segments(state: CompressionState, bucket):
@@ -286,55 +509,44 @@ def _kept_indices(state: CompressionState, segments, device) -> Optional[torch.T
 def _reduce_group(state: CompressionState, buffer, segments, codec, collective,
                   feedback: Optional[ErrorFeedback], transport: Transport) -> None:
     """Average the gradients of ``segments`` over ranks through ``codec``, in place."""
-    mean = reduce_mean(_gather(buffer, segments), [p for _, _, p in segments], codec,
-                       transport, collective, feedback, state.generator(buffer.device),
-                       state.stats, keep=_kept_indices(state, segments, buffer.device))
+    flat = _gather(buffer, segments)
+    if flat.dtype == torch.float64:  # codecs take fp32/fp16/bf16: reduce in fp32
+        flat = flat.float()
+    mean = reduce_mean(flat, [p for _, _, p in segments], codec, transport, collective, feedback,
+                       state.generator(buffer.device), state.stats,
+                       keep=_kept_indices(state, segments, buffer.device))
     _scatter(buffer, segments, mean)
 
 
-_AGREEMENT_BYTES = 1024
-
-
-def _check_agreement(state: CompressionState, phase: str) -> None:
-    """Fail, on every rank, with the differing settings named, when ranks are configured
-    differently; mixed codecs or phases would otherwise hang or mix payload formats. Runs at
-    the first compressed step and whenever the phase changes: one 1 kB all-gather."""
-    mine = {**state._config(), "phase": phase}
-    del mine["seed"]  # may differ per rank by design
-    raw = json.dumps(mine, sort_keys=True).encode()[:_AGREEMENT_BYTES]
-    padded = torch.zeros(_AGREEMENT_BYTES, dtype=torch.uint8)
-    padded[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    transport = state.transport
-    gathered = transport.all_gather(padded.to(transport.device))
-    gathered = gathered.cpu().view(transport.world_size, -1)
-    configs = [json.loads(bytes(row.numpy()).rstrip(b"\0")) for row in gathered]
-    differing = sorted(k for k in mine if len({json.dumps(c.get(k)) for c in configs}) > 1)
-    if differing:
-        detail = "; ".join(f"{k}: " + ", ".join(f"rank {r} {c.get(k)!r}" for r, c in enumerate(configs))
-                           for k in differing)
-        raise RuntimeError(f"commpress: ranks are configured differently ({detail})")
-    state._agreed_phase = phase
-
-
-def _reduce_bucket(state: CompressionState, buffer: torch.Tensor, small, big,
-                   compress: bool, last: bool, phase: str) -> torch.Tensor:
-    w = state.transport.world_size
+def _reduce_bucket(state: CompressionState, runtime: _Runtime, buffer: torch.Tensor, small, big,
+                   compress: bool, last: bool, phase: str, fields: Optional[Dict]) -> torch.Tensor:
+    transport = runtime.transport
+    if fields is not None:
+        agree(transport, fields, transport.device)
+    w = transport.world_size
     state.stats.add(dense_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
-    if compress and state._agreed_phase != phase:
-        _check_agreement(state, phase)
     if not compress:
         small, big = small + big, []
     if small:
-        _reduce_group(state, buffer, small, _FP32, "allreduce", None, state.transport)
+        _reduce_group(state, buffer, small, _FP32, "allreduce", None, transport)
     if big:
         _reduce_group(state, buffer, big, state.codec, state.collective, state.feedback,
-                      state.compressed_transport)
+                      runtime.compressed_transport)
     if last:
         state.stats.end_step()
         state.phase_stats[phase].absorb(state.stats.last_step)
-        if state.log_every and state.stats.steps % state.log_every == 0 and state.transport.rank == 0:
+        if state.log_every and state.stats.steps % state.log_every == 0 and transport.rank == 0:
             logger.info("commpress %s", state.stats.summary())
     return buffer
+
+
+def _check_buffer(buffer: torch.Tensor) -> None:
+    if buffer.layout != torch.strided:
+        raise TypeError("commpress: sparse gradients (e.g. nn.Embedding(sparse=True)) are not "
+                        "supported by the compression hook; use sparse=False")
+    if buffer.dtype not in _GRAD_DTYPES:
+        raise TypeError(f"commpress: gradients of dtype {buffer.dtype} are not supported "
+                        f"(float32, float16, bfloat16, float64)")
 
 
 def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -346,14 +558,19 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
         >>> state = CompressionState(codec=NaturalCompression())
         >>> ddp_model.register_comm_hook(state, compress_hook)
     """
+    buffer, index, last = bucket.buffer(), bucket.index(), bucket.is_last()
+    _check_buffer(buffer)
+    state._learn(index, bucket.parameters(), last)
+    runtime = state._ensure_runtime()  # on this (the backward's) thread, never the worker
     compress = state.iter >= state.start_iter
-    last = bucket.is_last()
+    small, big = _segments(state, bucket)
+    phase = state.phase
+    fields = state._layout_fields(index, buffer, small, big, compress, phase)
     if last:
         state.iter += 1
-    small, big = _segments(state, bucket)
-    buffer, phase = bucket.buffer(), state.phase
-    return state.executor.submit(
-        lambda: _reduce_bucket(state, buffer, small, big, compress, last, phase))
+        state._process_steps += 1
+    return runtime.executor.submit(
+        lambda: _reduce_bucket(state, runtime, buffer, small, big, compress, last, phase, fields))
 
 
 # -- named hooks, for command lines and configuration files ----------------------------------
@@ -379,7 +596,9 @@ def state_from_name(name: str, **kwargs) -> CompressionState:
 
 def register_hook(model: torch.nn.parallel.DistributedDataParallel, state, **kwargs) -> CompressionState:
     """Register :func:`compress_hook` on ``model`` with ``state`` (a :class:`CompressionState`
-    or a name for :func:`state_from_name`), naming parameters for checkpoints. Returns the state.
+    or a name for :func:`state_from_name`): names parameters for checkpoints, takes the model's
+    process group, and creates the state's groups and worker thread now, on this thread (every
+    rank must call it at the same point, like DDP's constructor). Returns the state.
 
     Example::
 
@@ -389,6 +608,7 @@ def register_hook(model: torch.nn.parallel.DistributedDataParallel, state, **kwa
         state = state_from_name(state, **kwargs)
     elif kwargs:
         raise TypeError("keyword arguments are only accepted with a hook name")
-    state.bind(model.module if hasattr(model, "module") else model)
+    state.bind(model)
     model.register_comm_hook(state, compress_hook)
+    state._ensure_runtime()
     return state

@@ -47,13 +47,34 @@ class ErrorFeedback:
 
     def bind(self, named_parameters: Iterable) -> None:
         """Give the parameters names, so memories can be saved and restored by name; memories
-        loaded by name before binding move to their parameters."""
+        loaded by name before binding move to their parameters. A loaded memory whose name
+        is not a parameter's, or whose size differs from it, is refused with its name."""
         self.names = {param: name for name, param in named_parameters}
         by_name = {name: param for param, name in self.names.items()}
-        for store in self.memories.values():
-            for key in [k for k in store if isinstance(k, str) and k in by_name]:
+        for memory, store in self.memories.items():
+            loaded = [k for k in store if isinstance(k, str)]
+            unknown = [k for k in loaded if k not in by_name]
+            if unknown:
+                raise ValueError(f"checkpoint has error-feedback memories {memory}{unknown} for "
+                                 f"parameters this model does not have")
+            for key in loaded:
+                param = by_name[key]
+                if store[key].numel() != param.numel():
+                    raise ValueError(f"checkpoint memory {memory}[{key!r}] has {store[key].numel()} "
+                                     f"values, the parameter has {param.numel()}")
+            for key in loaded:
                 param = by_name[key]
                 store[param] = store.pop(key).to(param.device, torch.float32).reshape(-1)
+
+    def adopt_other_rank(self) -> None:
+        """After loading another rank's memories: drop those that belong to one rank (the EF
+        and server residuals) and set EF21's worker estimates to the shared one, so that the
+        shared estimate is again the mean of the workers' on every rank."""
+        for memory in ("residual", "server"):
+            if memory in self.memories:
+                self.memories[memory] = {}
+        if self.kind == "ef21":
+            self.memories["worker"] = {k: v.clone() for k, v in self.memories["shared"].items()}
 
     # -- the two calls around a reduction ------------------------------------------------
     def compensate(self, params: Sequence, flat: torch.Tensor, sizes=None) -> torch.Tensor:
@@ -117,12 +138,39 @@ class ErrorFeedback:
             out[memory] = {names[k]: v.detach().cpu().clone() for k, v in store.items()}
         return out
 
+    def validate_state_dict(self, state) -> None:
+        """Refuse, naming the entry, memories of another kind, unknown memories, and values
+        that are not finite float vectors."""
+        if not isinstance(state, dict) or state.get("kind") != self.kind:
+            kind = state.get("kind") if isinstance(state, dict) else state
+            raise ValueError(f"checkpoint holds {kind!r} error feedback, this state uses {self.kind!r}")
+        unknown = sorted(set(state) - {"kind"} - set(self._names))
+        if unknown:
+            raise ValueError(f"checkpoint has unknown error-feedback memories {unknown} "
+                             f"({self.kind} keeps {list(self._names)})")
+        for memory in self._names:
+            store = state.get(memory, {})
+            if not isinstance(store, dict):
+                raise ValueError(f"checkpoint memory {memory!r} must map names to tensors")
+            for name, value in store.items():
+                where = f"checkpoint memory {memory}[{name!r}]"
+                if not isinstance(name, str):
+                    raise ValueError(f"{where}: memories are keyed by parameter name")
+                if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+                    raise ValueError(f"{where} is not a float tensor")
+                if not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"{where} holds non-finite values")
+                param = next((p for p, n in self.names.items() if n == name), None)
+                if self.names and param is None:
+                    raise ValueError(f"{where}: the model has no parameter of that name")
+                if param is not None and value.numel() != param.numel():
+                    raise ValueError(f"{where} has {value.numel()} values, the parameter has "
+                                     f"{param.numel()}")
+
     def load_state_dict(self, state: Dict) -> None:
         """Memories come back keyed by name; :meth:`bind` (now if already bound, else when it
         is called) moves them to their parameters."""
-        if state.get("kind") != self.kind:
-            raise ValueError(f"checkpoint holds {state.get('kind')!r} error feedback, this state "
-                             f"uses {self.kind!r}")
+        self.validate_state_dict(state)
         self.memories = {m: {name: v.float().reshape(-1) for name, v in state.get(m, {}).items()}
                          for m in self._names}
         if self.names:

@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Tuple
 import torch
 
 from .codecs import Codec
+from .comm.agreement import agree
 from .comm.transport import Transport
 from .feedback import KINDS, ErrorFeedback, reduce_mean
 from .stats import CommStats
@@ -71,8 +72,12 @@ def allreduce(tensor: torch.Tensor, codec: Codec, collective: str = "auto",
               generator: Optional[torch.Generator] = None,
               stats: Optional[CommStats] = None) -> torch.Tensor:
     """The mean over Horovod ranks of ``tensor`` through ``codec`` (same shape and dtype)."""
-    mean = reduce_mean(tensor.detach().reshape(-1), [None], codec, _transport(), collective,
-                       None, generator, stats)
+    transport = _transport()
+    agree(transport, {"call": "allreduce", "codec": repr(codec), "collective": collective,
+                      "shape": list(tensor.shape), "dtype": str(tensor.dtype)})
+    flat = tensor.detach().reshape(-1)
+    mean = reduce_mean(flat.float() if flat.dtype == torch.float64 else flat, [None], codec,
+                       transport, collective, None, generator, stats)
     return mean.to(tensor.dtype).view(tensor.shape)
 
 
@@ -118,8 +123,13 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        transport = _transport()
+        agree(transport, {"call": "synchronize", "codec": repr(self._cp_codec),
+                          "collective": self._cp_collective,
+                          "error_feedback": self._cp_feedback.kind if self._cp_feedback else None,
+                          "shapes": [list(p.shape) for p in params]})
         flat = torch.cat([p.grad.detach().reshape(-1).float() for p in params])
-        mean = reduce_mean(flat, params, self._cp_codec, _transport(), self._cp_collective,
+        mean = reduce_mean(flat, params, self._cp_codec, transport, self._cp_collective,
                            self._cp_feedback, self._cp_generator, self.comm_stats)
         for p, part in zip(params, mean.split([p.numel() for p in params])):
             p.grad.copy_(part.view_as(p.grad))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .codecs import Codec
+from .comm.agreement import agree
 from .comm.transport import Transport
 from .feedback import ErrorFeedback, reduce_mean
 from .stats import CommStats
@@ -85,6 +86,21 @@ def _transport(comm) -> MPITransport:
     return _TRANSPORTS[key]
 
 
+def _codec_dtype(flat: torch.Tensor) -> torch.Tensor:
+    """float64 (numpy's default) is reduced in float32, the widest dtype codecs take."""
+    return flat.float() if flat.dtype == torch.float64 else flat
+
+
+def _agree(transport, call, codec, collective, feedback, data, name) -> None:
+    """Before every reduction, one 8-byte all-gather: ranks passing different codecs,
+    collectives, shapes or dtypes fail with the difference named instead of hanging in a
+    size-mismatched collective or averaging mixed formats."""
+    shape = ({"shape": list(data.shape), "dtype": str(data.dtype)}
+             if isinstance(data, torch.Tensor) else {"shapes": data})
+    agree(transport, {"call": call, "codec": repr(codec), "collective": collective,
+                      "error_feedback": feedback.kind if feedback else None, "name": name, **shape})
+
+
 def allreduce(comm, x: Union[np.ndarray, torch.Tensor], codec: Codec, collective: str = "auto",
               error_feedback: Optional[ErrorFeedback] = None, name: Optional[str] = None,
               generator: Optional[torch.Generator] = None,
@@ -98,10 +114,15 @@ def allreduce(comm, x: Union[np.ndarray, torch.Tensor], codec: Codec, collective
     """
     is_numpy = isinstance(x, np.ndarray)
     tensor = torch.from_numpy(np.ascontiguousarray(x)) if is_numpy else x
+    if not isinstance(tensor, torch.Tensor) or not tensor.dtype.is_floating_point:
+        raise TypeError(f"commpress.mpi.allreduce reduces float arrays or tensors, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
     if error_feedback is not None and name is None:
         raise ValueError("error feedback needs a name for the quantity being reduced")
-    flat = tensor.detach().reshape(-1)
-    mean = reduce_mean(flat, [name], codec, _transport(comm), collective, error_feedback,
+    transport = _transport(comm)
+    _agree(transport, "allreduce", codec, collective, error_feedback, tensor, name)
+    flat = _codec_dtype(tensor.detach().reshape(-1))
+    mean = reduce_mean(flat, [name], codec, transport, collective, error_feedback,
                        generator, stats, sizes=[flat.numel()])
     out = mean.to(tensor.dtype).view(tensor.shape)
     return out.numpy() if is_numpy else out
@@ -114,10 +135,13 @@ def allreduce_gradients(comm, parameters: Iterable[torch.nn.Parameter], codec: C
     """Replace each ``param.grad`` by its mean over ranks: all gradients go through the codec
     as one flat vector (one collective per call); error-feedback memories are per parameter."""
     params = [p for p in parameters if p.grad is not None]
+    transport = _transport(comm)
+    _agree(transport, "allreduce_gradients", codec, collective, error_feedback,
+           [tuple(p.shape) for p in params], None)
     if not params:
         return
     flat = torch.cat([p.grad.detach().reshape(-1).float() for p in params])
-    mean = reduce_mean(flat, params, codec, _transport(comm), collective, error_feedback,
+    mean = reduce_mean(flat, params, codec, transport, collective, error_feedback,
                        generator, stats)
     for p, part in zip(params, mean.split([p.numel() for p in params])):
         p.grad.copy_(part.view_as(p.grad))

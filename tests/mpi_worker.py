@@ -40,7 +40,8 @@ for name, codec in codecs.items():
         proj = (samples - exact) @ directions
         z = (np.abs(proj.mean(0)) / (proj.std(0) / math.sqrt(trials) + 1e-30)).max() if trials > 1 else 0.0
         entry[collective] = {"max_err": float(np.abs(samples[0] - exact).max()), "max_z": float(z),
-                             "sent": sent, "model": wire_bytes_per_rank(collective, codec, 1000, size),
+                             "sent": sent, "model": wire_bytes_per_rank(collective, codec, 1000, size)
+                             + (size - 1) * 8,  # the 8-byte configuration agreement
                              "same_on_all_ranks": rank != 0 or len(set(gathered)) == 1}
     out["codecs"][name] = entry
 

@@ -65,3 +65,17 @@ def test_mpirun_launches_the_main_job():
                            "--quiet"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "qsgd4" in proc.stdout and "identical" in proc.stdout and "DIVERGED" not in proc.stdout
+
+
+@pytest.mark.skipif(REASON is not None, reason=REASON or "")
+def test_mpi_ranks_configured_differently_fail_with_named_errors(tmp_path):
+    out = tmp_path / "mismatch.json"
+    proc = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                           sys.executable, str(WORKER.with_name("mpi_mismatch_worker.py")), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for field in ("codec", "collective", "shape", "dtype"):
+        assert "configured differently" in result[field] and f"{field}:" in result[field], result
+    assert "codec:" in result["summable"]
+    assert result["after"] == 1.5

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..comm.agreement import agree
 from ..comm.transport import TorchTransport
 from ..ddp import CompressionState
 from .masks import SCOPES, broadcast_masks, magnitude_masks, prunable_weights
@@ -98,9 +99,13 @@ class ACDC:
     def _enter(self, phase: str) -> None:
         if phase == "sparse":
             self.dense_snapshot = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            transport, device = self._transport(), self.weights[0][1].device
+            if transport is not None:  # a rank entering the phase a step early fails, named
+                agree(transport, {"acdc_phase": phase, "acdc_step": self.steps,
+                                  "sparsity": self.sparsity}, device)
             local = magnitude_masks(self.weights, self.sparsity, self.scope) if self._rank() == 0 else {}
             self._set_masks(broadcast_masks(local, [(n, w.shape) for n, w in self.weights],
-                                            self._transport(), self.weights[0][1].device))
+                                            transport, device))
             self._apply_masks()
             logger.info("AC/DC step %d: sparse phase, density %.3f", self.steps, self.density)
         else:

@@ -41,7 +41,11 @@ class OrderedExecutor:
         self._thread = threading.Thread(target=self._loop, args=(self._jobs,), name=name,
                                         daemon=True)
         self._thread.start()
-        weakref.finalize(self, _stop, self._jobs, self._thread)
+        self._stop = weakref.finalize(self, _stop, self._jobs, self._thread)
+
+    def shutdown(self) -> None:
+        """Stop the thread once the jobs already submitted have run."""
+        self._stop()
 
     def submit(self, fn: Callable[[], torch.Tensor]) -> torch.futures.Future:
         """The Future of ``fn()``. An exception in ``fn`` is raised inside a ``then`` callback,
@@ -60,6 +64,9 @@ class OrderedExecutor:
             fn, outcome = job
             try:
                 result = (fn(), None)
-            except Exception as exc:  # surfaces in the waiting thread, e.g. DDP's backward
-                result = (None, exc)
+            except BaseException as exc:  # noqa: B902 - every failure must complete the future
+                result = (None, exc)  # and surfaces in the waiting thread, e.g. DDP's backward
             outcome.set_result(result)
+            # drop the job now: a closure kept until the next one would keep its state (and
+            # the bucket it reduced) alive after the model is gone
+            del job, fn, outcome, result

@@ -105,6 +105,19 @@ def group_timeout(group: Optional[dist.ProcessGroup]):
         return None
 
 
+def new_group(ranks: List[int], like: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:
+    """A new group of the global ``ranks`` with ``like``'s backend and timeout.
+
+    When it spans the whole world every rank calls this, and the group is named by PyTorch's
+    counter, which never reuses a name, so it can be destroyed and re-created freely. A strict
+    sub-group is created by its members alone (``use_local_synchronization``); PyTorch then names
+    it from the ranks and the number of live groups, so destroying one group and creating
+    another over the same ranks can collide (PyTorch raises "group name has already been
+    created")."""
+    return dist.new_group(ranks, backend=dist.get_backend(like), timeout=group_timeout(like),
+                          use_local_synchronization=len(ranks) < dist.get_world_size())
+
+
 class TorchTransport(Transport):
     """torch.distributed (gloo, NCCL) over ``group`` (None: the default group); ``device`` is
     where its tensors live, ``timeout`` the group's."""
@@ -215,11 +228,15 @@ def torch_hierarchical_transport(flat: TorchTransport, layout: List[List[int]]) 
         raise ValueError(f"collective 'hierarchical' needs the same number of ranks on every node; "
                          f"got {len(layout)} nodes with {sizes} ranks (group ranks by node: {layout})")
     global_ranks = dist.get_process_group_ranks(flat.group or dist.group.WORLD)
-    backend = dist.get_backend(flat.group)
     node = next(ranks for ranks in layout if flat.rank in ranks)
     local = node.index(flat.rank)
-    peers = [ranks[local] for ranks in layout]
-    groups = [dist.new_group([global_ranks[r] for r in members], backend=backend,
-                             timeout=flat.timeout, use_local_synchronization=True)
-              for members in (node, peers)]
-    return HierarchicalTransport(flat, TorchTransport(groups[0]), TorchTransport(groups[1]))
+    if len(global_ranks) < dist.get_world_size():  # members only, this rank's two groups
+        wanted = [node, [ranks[local] for ranks in layout]]
+    else:  # the whole world: every rank creates every group, in the same order
+        wanted = layout + [[ranks[i] for ranks in layout] for i in range(sizes[0])]
+    mine = []
+    for members in wanted:
+        group = new_group([global_ranks[r] for r in members], flat.group)
+        if flat.rank in members:
+            mine.append(group)
+    return HierarchicalTransport(flat, TorchTransport(mine[0]), TorchTransport(mine[1]))
