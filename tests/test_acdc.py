@@ -173,3 +173,24 @@ def test_resume_mid_sparse_phase(spec):
     for same, ended_dense, same_dense_member in run_workers(resume_worker, 2, spec):
         assert same and same_dense_member
         assert ended_dense  # the schedule ends dense, so there is no sparse member to report
+
+
+def schedule_mismatch_worker(rank, world_size):
+    """Rank 1's sparse phase starts one step after rank 0's."""
+    schedule = cp.ACDCSchedule([(4 + rank, 8)], 10)
+    ddp = DDP(big_model())
+    state = cp.register_hook(ddp, "qsgd4", log_every=0)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    acdc = cp.ACDC(ddp, opt, state, sparsity=0.9, schedule=schedule)
+    try:
+        for step in range(10):
+            run_steps(ddp, opt, acdc, rank, step, step + 1, lambda m: None)
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_sparse_phase_starting_a_step_apart_fails_with_a_named_error():
+    """Used to end only at the group timeout (30 minutes by default)."""
+    for message in run_workers(schedule_mismatch_worker, 2, timeout=120):
+        assert "configured differently" in message and "acdc_phase" in message, message
