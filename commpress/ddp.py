@@ -23,7 +23,7 @@ from .codecs import FP16, BF16, QSGD, Codec, Identity, NaturalCompression, Natur
 from .comm.agreement import agree
 from .comm.collectives import ALGORITHMS
 from .comm.ordered import OrderedExecutor
-from .comm.transport import (TorchTransport, Transport, new_group, node_layout,
+from .comm.transport import (TorchTransport, Transport, destroyable, new_group, node_layout,
                              torch_hierarchical_transport)
 from .feedback import KINDS, ErrorFeedback, reduce_mean
 from .stats import CommStats
@@ -52,7 +52,7 @@ class _Runtime:
     def close(self) -> None:
         self.executor.shutdown()
         for group in self.groups:
-            if dist.is_available() and dist.is_initialized():
+            if dist.is_available() and dist.is_initialized() and destroyable(group):
                 try:
                     dist.destroy_process_group(group)
                 except (RuntimeError, ValueError, KeyError):  # already gone with the world
@@ -182,7 +182,8 @@ class CompressionState:
         # A private copy of the group: DDP issues collectives of its own on the user's group
         # (e.g. the unused-parameter map) from the backward thread while the hook's reductions
         # run on the worker; sharing one group would let them interleave differently per rank.
-        private = new_group(dist.get_process_group_ranks(group), group)
+        ranks = dist.get_process_group_ranks(group)
+        private = new_group(ranks, group, every_rank_calls=len(ranks) == dist.get_world_size())
         runtime = _Runtime(TorchTransport(private))
         try:
             transport = runtime.transport

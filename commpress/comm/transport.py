@@ -105,17 +105,25 @@ def group_timeout(group: Optional[dist.ProcessGroup]):
         return None
 
 
-def new_group(ranks: List[int], like: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:
+def new_group(ranks: List[int], like: Optional[dist.ProcessGroup],
+              every_rank_calls: bool) -> Optional[dist.ProcessGroup]:
     """A new group of the global ``ranks`` with ``like``'s backend and timeout.
 
-    When it spans the whole world every rank calls this, and the group is named by PyTorch's
-    counter, which never reuses a name, so it can be destroyed and re-created freely. A strict
-    sub-group is created by its members alone (``use_local_synchronization``); PyTorch then names
-    it from the ranks and the number of live groups, so destroying one group and creating
-    another over the same ranks can collide (PyTorch raises "group name has already been
-    created")."""
+    ``every_rank_calls``: every rank of the world makes this call (members or not), so PyTorch
+    names the group by its counter, which never repeats: such a group can be destroyed and
+    another created freely (see :func:`destroyable`). Otherwise only members call
+    (``use_local_synchronization``) and PyTorch names the group from its ranks and the number
+    of live groups, so a group created after one was destroyed can get a dead group's name and
+    read its stale addresses from the store ("Connection refused"): keep those."""
     return dist.new_group(ranks, backend=dist.get_backend(like), timeout=group_timeout(like),
-                          use_local_synchronization=len(ranks) < dist.get_world_size())
+                          use_local_synchronization=not every_rank_calls)
+
+
+def destroyable(group: Optional[dist.ProcessGroup]) -> bool:
+    """Whether destroying ``group`` is safe (it was named by PyTorch's counter, see
+    :func:`new_group`)."""
+    name = dist.distributed_c10d._world.pg_names.get(group, "")
+    return isinstance(group, dist.ProcessGroup) and name.isdigit()
 
 
 class TorchTransport(Transport):
@@ -236,7 +244,8 @@ def torch_hierarchical_transport(flat: TorchTransport, layout: List[List[int]]) 
         wanted = layout + [[ranks[i] for ranks in layout] for i in range(sizes[0])]
     mine = []
     for members in wanted:
-        group = new_group([global_ranks[r] for r in members], flat.group)
+        group = new_group([global_ranks[r] for r in members], flat.group,
+                          every_rank_calls=len(global_ranks) == dist.get_world_size())
         if flat.rank in members:
             mine.append(group)
     return HierarchicalTransport(flat, TorchTransport(mine[0]), TorchTransport(mine[1]))
