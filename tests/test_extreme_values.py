@@ -13,13 +13,13 @@ BIG_CODECS = {"identity": cp.Identity(), "qsgd4": cp.QSGD(bits=4), "qsgd4-l2": c
               "dnat": cp.NaturalDithering(), "bf16": cp.BF16()}
 
 
-@pytest.mark.parametrize("algorithm", ["allgather", "reduce_scatter", "allreduce"])
-@pytest.mark.parametrize("name", sorted(BIG_CODECS))
+@pytest.mark.parametrize("name,algorithm", [
+    (name, algorithm) for name in sorted(BIG_CODECS)
+    for algorithm in ("allgather", "reduce_scatter", "allreduce")
+    if algorithm != "allreduce" or BIG_CODECS[name].summable])
 @pytest.mark.parametrize("value", [2e38, 1e38, -3e38])
 def test_large_finite_means_stay_finite(name, algorithm, value):
     codec = BIG_CODECS[name]
-    if algorithm == "allreduce" and not codec.summable:
-        pytest.skip("allreduce is for summable codecs only")
     x = torch.full((1024,), value)
     x[::3] = value / 2
 
