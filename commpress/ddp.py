@@ -38,16 +38,31 @@ _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _LAYOUT_CHECK_STEPS = 3
 
 
+#: backends whose buckets are reduced inline, in the hook, on the caller's current stream:
+#: NCCL's collectives are asynchronous on the GPU already, and issuing them from the backward
+#: thread keeps them in the same order as DDP's own on every rank (two communicators used from
+#: two threads could interleave differently per rank and deadlock)
+_INLINE_BACKENDS = ("nccl",)
+
+
 class _Runtime:
     """What a state needs to communicate: a transport over a private copy of its group (and
-    the node groups of the hierarchical collective), and its ordered worker thread. Holds no
+    the node groups of the hierarchical collective), its ordered worker thread (backends that
+    block, such as gloo) and one side stream per CUDA device for that thread. Holds no
     reference to the state, so a dropped state is collected and :meth:`close` releases all."""
 
     def __init__(self, transport: TorchTransport):
         self.transport = transport
         self.compressed_transport: Transport = transport
         self.groups = [transport.group]
+        self.inline = dist.get_backend(transport.group) in _INLINE_BACKENDS
         self.executor = OrderedExecutor()
+        self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
+
+    def side_stream(self, device: torch.device) -> "torch.cuda.Stream":
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
 
     def close(self) -> None:
         self.executor.shutdown()
@@ -167,10 +182,11 @@ class CompressionState:
         self._loaded_from: Optional[tuple] = None  # (rank, world size) of a loaded checkpoint
 
     # -- runtime: created eagerly on the caller's thread ------------------------------------
-    def _ensure_runtime(self) -> _Runtime:
+    def _ensure_runtime(self, device: Optional[torch.device] = None) -> _Runtime:
         """Create the private group (and node groups), check that every rank is configured
         alike, start the worker thread. Collective over the group's ranks: every rank reaches
-        it at the same point (registration, or its first hook call)."""
+        it at the same point (registration, or its first hook call). ``device``: the model's
+        (the bucket's), where NCCL wants the few tensors of this setup."""
         if self._runtime is not None:
             return self._runtime
         if self._closed:
@@ -184,7 +200,9 @@ class CompressionState:
         # run on the worker; sharing one group would let them interleave differently per rank.
         ranks = dist.get_process_group_ranks(group)
         private = new_group(ranks, group, every_rank_calls=len(ranks) == dist.get_world_size())
-        runtime = _Runtime(TorchTransport(private))
+        if device is None or dist.get_backend(group) != "nccl":
+            device = None  # the group's default: CPU for gloo
+        runtime = _Runtime(TorchTransport(private, device))
         try:
             transport = runtime.transport
             agree(transport, self._agreement_fields(), transport.device)
@@ -562,7 +580,8 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
     buffer, index, last = bucket.buffer(), bucket.index(), bucket.is_last()
     _check_buffer(buffer)
     state._learn(index, bucket.parameters(), last)
-    runtime = state._ensure_runtime()  # on this (the backward's) thread, never the worker
+    device = buffer.device  # from the bucket, never from another thread's current device
+    runtime = state._ensure_runtime(device)  # on this (the backward's) thread, never the worker
     compress = state.iter >= state.start_iter
     small, big = _segments(state, bucket)
     phase = state.phase
@@ -570,8 +589,33 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
     if last:
         state.iter += 1
         state._process_steps += 1
-    return runtime.executor.submit(
-        lambda: _reduce_bucket(state, runtime, buffer, small, big, compress, last, phase, fields))
+
+    def reduce():
+        return _reduce_bucket(state, runtime, buffer, small, big, compress, last, phase, fields)
+
+    cuda = [device] if device.type == "cuda" else None
+    if runtime.inline:  # queued on this stream, in DDP's order; the future is CUDA-aware
+        done = torch.futures.Future(devices=cuda) if cuda else torch.futures.Future()
+        done.set_result(reduce())
+        return done
+    if cuda:
+        reduce = _on_side_stream(reduce, runtime.side_stream(device), device)
+    return runtime.executor.submit(reduce, devices=cuda)
+
+
+def _on_side_stream(reduce, stream: "torch.cuda.Stream", device: torch.device):
+    """``reduce`` for the worker thread: on ``stream``, after the work queued so far on the
+    caller's current stream (which wrote the bucket), finished before it returns."""
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(device))
+
+    def run():
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            result = reduce()
+        stream.synchronize()  # the worker may block; the backward thread does not
+        return result
+    return run
 
 
 # -- named hooks, for command lines and configuration files ----------------------------------
@@ -611,5 +655,6 @@ def register_hook(model: torch.nn.parallel.DistributedDataParallel, state, **kwa
         raise TypeError("keyword arguments are only accepted with a hook name")
     state.bind(model)
     model.register_comm_hook(state, compress_hook)
-    state._ensure_runtime()
+    first = next(iter(model.parameters()), None)
+    state._ensure_runtime(first.device if first is not None else None)
     return state

@@ -250,3 +250,40 @@ def test_executor_completes_the_future_on_any_failure():
         future.wait()
     assert executor.submit(lambda: torch.ones(1)).wait().item() == 1  # the worker survived
     executor.shutdown()
+
+
+def execution_worker(rank, world_size):
+    """The same training with reductions on the worker thread (gloo's way) and inline in the
+    hook (NCCL's way): identical weights, bit for bit."""
+    import commpress.ddp as cpddp
+    out = {}
+    for inline in (False, True):
+        cpddp._INLINE_BACKENDS = ("nccl", "gloo") if inline else ("nccl",)
+        model = DDP(mlp(width=256), bucket_cap_mb=0.01)
+        state = cp.register_hook(model, "qsgd4+ef", log_every=0, min_numel=256,
+                                 collective="reduce_scatter")
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(5):
+            opt.zero_grad()
+            model(data(rank, step)).square().mean().backward()
+            opt.step()
+        out[inline] = (torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+                       state._runtime.inline)
+    return out
+
+
+def test_inline_execution_matches_the_worker_thread():
+    for out in run_workers(execution_worker, 2):
+        (thread, was_inline0), (inline, was_inline1) = out[False], out[True]
+        assert not was_inline0 and was_inline1
+        assert torch.equal(thread, inline)
+
+
+def test_executor_runs_jobs_in_order_and_shuts_down():
+    executor = OrderedExecutor()
+    seen = []
+    futures = [executor.submit(lambda i=i: seen.append(i) or torch.tensor(i)) for i in range(50)]
+    assert [f.wait().item() for f in futures] == list(range(50)) and seen == list(range(50))
+    thread = executor._thread
+    executor.shutdown()
+    assert not thread.is_alive()

@@ -37,6 +37,7 @@ import torch
 
 FORMAT_VERSION = 1
 HEADER_BYTES = 24
+_HEADER_CACHE_SIZE = 256  # (dtype, numel, device) headers kept per codec
 _MAGIC = b"CP"
 _HEADER = struct.Struct("<2sBBBBBBqI")  # 20 bytes, then the CRC
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -145,33 +146,65 @@ class Codec:
             raise ValueError(f"numel must be >= 0, got {numel}")
         return HEADER_BYTES + self._body_bytes(numel)
 
+    def _header(self, dtype: torch.dtype, numel: int, device: torch.device) -> torch.Tensor:
+        """The header bytes for ``(dtype, numel)``, as a tensor on ``device``: made once per
+        bucket size and device, so encoding needs no host->device copy per payload."""
+        cache = self.__dict__.setdefault("_header_cache", {})
+        key = (dtype, numel, device)
+        header = cache.get(key)  # one lookup: another thread may clear the cache meanwhile
+        if header is None:
+            if len(cache) >= _HEADER_CACHE_SIZE:
+                cache.clear()
+            a, b, block = self._params()
+            raw = Header(self.codec_id, dtype, a, b, numel, block).to_bytes()
+            header = cache[key] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
+        return header
+
     def encode(self, tensor: torch.Tensor, generator: Optional[torch.Generator] = None) -> Payload:
         check_float_tensor(tensor)
         numel = tensor.numel()
-        a, b, block = self._params()
-        header = Header(self.codec_id, tensor.dtype, a, b, numel, block).to_bytes()
         data = torch.empty(self.wire_bytes(numel), dtype=torch.uint8, device=tensor.device)
-        data[:HEADER_BYTES].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8),
-                                  non_blocking=True)
+        data[:HEADER_BYTES].copy_(self._header(tensor.dtype, numel, tensor.device))
         if numel:
             self._encode_body(tensor.reshape(-1), generator, data[HEADER_BYTES:])
         return Payload(data, tensor.shape)
 
-    def decode(self, payload: Payload, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def decode(self, payload: Payload, dtype: Optional[torch.dtype] = None,
+               numel: Optional[int] = None) -> torch.Tensor:
         """Decode to the original shape and dtype (or ``dtype`` if given, e.g. float32 for
         reducing fp16 payloads without overflow). Raises ``ValueError`` on a payload that this
-        codec did not produce."""
+        codec did not produce.
+
+        ``numel`` (with ``dtype``): the element count the caller expects, as the collectives
+        know it. On an accelerator the header is then not copied back to the host (that copy
+        would stall the stream for every payload): the length must be ``wire_bytes(numel)``,
+        and the configuration agreement has already checked codec and sizes across ranks. On
+        the CPU the header is always checked."""
         data = payload.data
         if isinstance(data, torch.Tensor) and not data.is_contiguous():  # e.g. a strided view
-            payload = Payload(data.contiguous(), payload.shape)
-        header = self.read_header(payload.data)
-        numel = header.numel
+            data = data.contiguous()
+        if numel is not None and dtype is not None and data.device.type != "cpu":
+            self._check_layout(data, numel)
+        else:
+            header = self.read_header(data)
+            if numel is not None and header.numel != numel:
+                raise ValueError(f"payload holds {header.numel} elements, {numel} expected")
+            numel, dtype = header.numel, dtype or header.dtype
         if payload.shape is not None and math.prod(payload.shape) != numel:
             raise ValueError(f"payload holds {numel} elements but its shape is {tuple(payload.shape)}")
-        flat = torch.empty(numel, dtype=dtype or header.dtype, device=payload.data.device)
+        flat = torch.empty(numel, dtype=dtype, device=data.device)
         if numel:
-            self._decode_body(payload.data[HEADER_BYTES:], flat)
+            self._decode_body(data[HEADER_BYTES:], flat)
         return flat.view(payload.shape if payload.shape is not None else (numel,))
+
+    def _check_layout(self, data: torch.Tensor, numel: int) -> None:
+        """The checks of :meth:`read_header` that need no look at the bytes."""
+        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+            raise ValueError("a payload must be a 1-D uint8 tensor")
+        expected = self.wire_bytes(numel)
+        if data.numel() != expected:
+            raise ValueError(f"payload length {data.numel()} does not match the {expected} bytes "
+                             f"{self!r} produces for {numel} elements")
 
     def read_header(self, data: torch.Tensor) -> Header:
         """Validate ``data`` as a payload of this codec and return its header."""

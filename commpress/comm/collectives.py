@@ -131,12 +131,12 @@ class _Timer:
 def _decode(codec: Codec, data: torch.Tensor, numel: int, peer: int) -> torch.Tensor:
     """``data`` decoded (fp32), refusing a payload of another length than this rank's: a peer
     reducing a different tensor must fail the step, not be averaged in."""
-    part = codec.decode(Payload(data), dtype=torch.float32)
-    if part.numel() != numel:
-        raise ValueError(f"commpress: rank {peer} of the group sent a payload of {part.numel()} "
-                         f"values where this rank expected {numel}: the ranks are not reducing "
-                         f"the same tensors (different models, or a different bucket layout)")
-    return part
+    try:
+        return codec.decode(Payload(data), dtype=torch.float32, numel=numel)
+    except ValueError as exc:
+        raise ValueError(f"commpress: rank {peer} of the group sent a payload this rank cannot "
+                         f"take ({exc}): the ranks are not reducing the same tensors (different "
+                         f"models, or a different bucket layout)") from None
 
 
 def _decode_mean(codec: Codec, gathered: torch.Tensor, sizes, stats, numel: int,
@@ -251,14 +251,15 @@ def _reduce_scatter(flat, codec, transport, generator, stats, keep_local, server
         chunk_mean, failure = torch.full((hi - lo,), float("nan"), device=flat.device), exc
     local = None
     if keep_local and failure is None:
-        local = torch.cat([own[0] if r == rank else codec.decode(p, dtype=torch.float32)
-                           for r, p in enumerate(payloads)])
+        local = torch.cat([own[0] if r == rank else
+                           codec.decode(p, dtype=torch.float32, numel=b - a)
+                           for r, (p, (a, b)) in enumerate(zip(payloads, bounds))])
     if server_residual is not None:
         chunk_mean += server_residual[lo:hi]
     with _Timer(stats, "encode_seconds"):
         reduced = codec.encode(chunk_mean, generator).data
     if server_residual is not None:
-        lost = chunk_mean - codec.decode(Payload(reduced), dtype=torch.float32)
+        lost = chunk_mean - codec.decode(Payload(reduced), dtype=torch.float32, numel=hi - lo)
         keep_finite(lost, server_residual[lo:hi])
     # all_gather needs equal sizes: every reduced chunk travels in a slot of the largest size,
     # plus a byte saying whether its rank received a payload of the wrong length

@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import weakref
-from typing import Callable
+from typing import Callable, List, Optional
 
 import torch
 
@@ -47,11 +47,15 @@ class OrderedExecutor:
         """Stop the thread once the jobs already submitted have run."""
         self._stop()
 
-    def submit(self, fn: Callable[[], torch.Tensor]) -> torch.futures.Future:
+    def submit(self, fn: Callable[[], torch.Tensor],
+               devices: Optional[List[torch.device]] = None) -> torch.futures.Future:
         """The Future of ``fn()``. An exception in ``fn`` is raised inside a ``then`` callback,
         which is how an error reaches C++ consumers such as DDP's reducer with its message
-        (``Future.set_exception`` only works for Python callers of ``wait()``)."""
-        outcome: torch.futures.Future = torch.futures.Future()
+        (``Future.set_exception`` only works for Python callers of ``wait()``). ``devices``:
+        the CUDA devices of the result, making the future CUDA-aware as ProcessGroupNCCL's
+        are (``fn`` must have finished its GPU work, or made the current stream wait for it)."""
+        outcome: torch.futures.Future = (torch.futures.Future(devices=devices) if devices
+                                         else torch.futures.Future())
         self._jobs.put((fn, outcome))
         return outcome.then(_unwrap)
 

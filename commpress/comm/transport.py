@@ -128,9 +128,11 @@ def destroyable(group: Optional[dist.ProcessGroup]) -> bool:
 
 class TorchTransport(Transport):
     """torch.distributed (gloo, NCCL) over ``group`` (None: the default group); ``device`` is
-    where its tensors live, ``timeout`` the group's."""
+    where its own small tensors live (give the model's: for NCCL the default is the *calling
+    thread's* current CUDA device), ``timeout`` the group's."""
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+    def __init__(self, group: Optional[dist.ProcessGroup] = None,
+                 device: Optional[torch.device] = None):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call "
                                "torch.distributed.init_process_group() first")
@@ -138,7 +140,7 @@ class TorchTransport(Transport):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.sent_bytes = 0
-        self.device = group_device(group)
+        self.device = device if device is not None else group_device(group)
         self.timeout = group_timeout(group)
 
     def all_gather(self, x):
@@ -248,4 +250,5 @@ def torch_hierarchical_transport(flat: TorchTransport, layout: List[List[int]]) 
                           every_rank_calls=len(global_ranks) == dist.get_world_size())
         if flat.rank in members:
             mine.append(group)
-    return HierarchicalTransport(flat, TorchTransport(mine[0]), TorchTransport(mine[1]))
+    return HierarchicalTransport(flat, TorchTransport(mine[0], flat.device),
+                                 TorchTransport(mine[1], flat.device))

@@ -1,0 +1,97 @@
+"""The CUDA path: codecs on GPU tensors, the DDP hook under NCCL (world size 1, every
+collective path), and training under a non-default stream. Skipped, with the reason, where
+CUDA is absent (CI has no GPU; run these on a GPU machine)."""
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commpress as cp
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CODECS = {"qsgd2": cp.QSGD(bits=2, bucket_size=128), "qsgd3": cp.QSGD(bits=3),
+          "qsgd4": cp.QSGD(bits=4), "qsgd8": cp.QSGD(bits=8), "qsgd4-l2": cp.QSGD(bits=4, norm="l2"),
+          "natural": cp.NaturalCompression(), "dithering": cp.NaturalDithering(),
+          "fp16": cp.FP16(), "bf16": cp.BF16(), "identity": cp.Identity()}
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_codec_on_cuda_sizes_round_trip_and_unbiased(name):
+    codec = CODECS[name]
+    x = torch.randn(10_001, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    payload = codec.encode(x, gen)
+    assert payload.data.is_cuda and payload.nbytes == codec.wire_bytes(x.numel())
+    on_gpu = codec.decode(payload)
+    on_cpu = codec.decode(cp.Payload(payload.data.cpu(), payload.shape))  # one wire format
+    assert torch.equal(on_gpu.cpu(), on_cpu)
+    # decode with the element count known skips the header read-back and gives the same
+    assert torch.equal(codec.decode(cp.Payload(payload.data), torch.float32, x.numel()).cpu(),
+                       on_cpu.float())
+    if codec.unbiased and codec.stochastic:
+        trials = 200
+        mean = sum(codec.decode(codec.encode(x, gen)).double() for _ in range(trials)) / trials
+        direction = torch.randn(x.numel(), device="cuda", dtype=torch.float64)
+        err = ((mean - x.double()) * direction).sum()
+        single = torch.stack([((codec.decode(codec.encode(x, gen)).double() - x) * direction).sum()
+                              for _ in range(30)])
+        assert abs(err) < 5 * single.std() / math.sqrt(trials)
+
+
+@pytest.fixture(scope="module")
+def nccl_world():
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("nccl", init_method=f"file://{os.path.join(tmp, 'init')}",
+                                rank=0, world_size=1)
+        torch.cuda.set_device(0)
+        yield
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("hook,collective", [
+    ("fp32", "auto"), ("fp16", "auto"), ("qsgd4", "allgather"), ("qsgd4", "reduce_scatter"),
+    ("natural+ef", "allgather"), ("qsgd4+ef21", "reduce_scatter"), ("dithering", "auto")])
+def test_ddp_hook_under_nccl(nccl_world, hook, collective):
+    torch.manual_seed(0)
+    model = DDP(nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 8)).cuda(),
+                device_ids=[0], bucket_cap_mb=0.2)
+    state = cp.register_hook(model, hook, collective=collective, start_iter=2, log_every=0)
+    assert state._runtime.inline and state.transport.device == torch.device("cuda", 0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(5):
+        opt.zero_grad()
+        model(torch.randn(32, 256, device="cuda")).square().mean().backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert state.stats.steps == 5
+    if hook == "fp32":  # world size 1: the mean is the gradient itself
+        x = torch.randn(32, 256, device="cuda")
+        model.zero_grad()
+        model(x).square().mean().backward()
+        ddp_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        model.module(x).square().mean().backward()
+        assert all(torch.equal(a, p.grad) for a, p in zip(ddp_grads, model.parameters()))
+
+
+def test_training_under_a_non_default_stream(nccl_world):
+    torch.manual_seed(0)
+    model = DDP(nn.Linear(1024, 1024).cuda(), device_ids=[0])
+    cp.register_hook(model, "qsgd8", start_iter=0, log_every=0, min_numel=1)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x = torch.randn(64, 1024, device="cuda")
+        model(x).square().mean().backward()
+    torch.cuda.synchronize()
+    grad = model.module.weight.grad.clone()
+    model.module.zero_grad()
+    model.module(x).square().mean().backward()
+    exact = model.module.weight.grad
+    # QSGD-8 with max-norm buckets: within one level of each bucket's scale
+    assert (grad - exact).abs().max() <= exact.abs().max() / 127 * 1.01
