@@ -2,10 +2,11 @@
 from .codecs import (BF16, FP16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering,
                      Payload, codec_names, get_codec)
 from .acdc import ACDC, ACDCSchedule
+from .config import CompressionConfig
 from .ddp import CompressionState, compress_hook, register_hook, state_from_name
 from .stats import CommStats
 
 __version__ = "0.1.0"
 __all__ = ["Codec", "Payload", "get_codec", "codec_names", "QSGD", "NaturalCompression",
-           "NaturalDithering", "Identity", "FP16", "BF16", "CompressionState", "compress_hook",
+           "NaturalDithering", "Identity", "FP16", "BF16", "CompressionConfig", "CompressionState", "compress_hook",
            "register_hook", "state_from_name", "CommStats", "ACDC", "ACDCSchedule"]

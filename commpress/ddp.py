@@ -21,11 +21,12 @@ import torch.distributed as dist
 
 from .codecs import FP16, BF16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering
 from .comm.agreement import agree
-from .comm.collectives import ALGORITHMS
+from .config import CompressionConfig
 from .comm.ordered import OrderedExecutor
 from .comm.transport import (TorchTransport, Transport, destroyable, new_group, node_layout,
                              torch_hierarchical_transport)
-from .feedback import KINDS, ErrorFeedback, reduce_mean
+from .comm.pipeline import reduce_gradient
+from .feedback import ErrorFeedback
 from .stats import CommStats
 
 logger = logging.getLogger("commpress")
@@ -127,15 +128,7 @@ class CompressionState:
                  collective: str = "auto", error_feedback: Optional[str] = None,
                  server_feedback: bool = False, start_iter: int = 2, min_numel: int = 1024,
                  seed: int = 0, log_every: int = 100):
-        if not isinstance(codec, Codec):
-            raise TypeError(f"codec must be a commpress Codec, got {type(codec).__name__}")
-        if collective != "auto" and collective not in ALGORITHMS:
-            raise ValueError(f"collective must be 'auto' or one of {ALGORITHMS}, got {collective!r}")
-        if collective == "allreduce" and not codec.summable:
-            raise ValueError(f"collective 'allreduce' needs a summable codec (identity, fp16, "
-                             f"bf16); {codec!r} payloads cannot be added")
-        if error_feedback is not None and error_feedback not in KINDS:
-            raise ValueError(f"error_feedback must be None or one of {KINDS}, got {error_feedback!r}")
+        self.config = CompressionConfig(codec, collective, error_feedback, server_feedback, seed)
         if not isinstance(start_iter, int) or start_iter < 0:
             raise ValueError(f"start_iter must be a non-negative integer, got {start_iter!r}")
         if error_feedback is not None and start_iter < 2:
@@ -143,26 +136,24 @@ class CompressionState:
                              "buckets after the first iteration")
         if not isinstance(min_numel, int) or min_numel < 0:
             raise ValueError(f"min_numel must be a non-negative integer, got {min_numel!r}")
-        if not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.codec = codec
         self.process_group = process_group
-        self.collective = collective
-        self.error_feedback = error_feedback
         self.start_iter = start_iter
         self.min_numel = min_numel
-        self.seed = seed
         self.log_every = log_every
         self.iter = 0
         self.stats = CommStats()
         #: AC/DC phase ("dense" or "sparse") and per-phase statistics, set by :class:`commpress.ACDC`
         self.phase = "dense"
         self.phase_stats = {"dense": CommStats(), "sparse": CommStats()}
-        if server_feedback and error_feedback != "ef":
-            raise ValueError("server_feedback=True needs error_feedback='ef'")
-        self.server_feedback = server_feedback
         self.feedback = ErrorFeedback(error_feedback, server_feedback) if error_feedback else None
         self._init_runtime()
+
+    # the shared configuration, read-only
+    codec = property(lambda self: self.config.codec)
+    collective = property(lambda self: self.config.collective)
+    error_feedback = property(lambda self: self.config.error_feedback)
+    server_feedback = property(lambda self: self.config.server_feedback)
+    seed = property(lambda self: self.config.seed)
 
     def _init_runtime(self):
         self.param_index: Dict[torch.Tensor, int] = {}
@@ -345,15 +336,12 @@ class CompressionState:
 
     # -- persistence ----------------------------------------------------------------------
     def _config(self) -> Dict:
-        return {"codec": repr(self.codec), "collective": self.collective,
-                "error_feedback": self.error_feedback, "server_feedback": self.server_feedback,
-                "start_iter": self.start_iter,
-                "min_numel": self.min_numel, "seed": self.seed}
+        return {**self.config.describe(), "start_iter": self.start_iter,
+                "min_numel": self.min_numel}
 
     def _agreement_fields(self) -> Dict:
-        fields = {**self._config(), "iter": self.iter, "phase": self.phase}
-        del fields["seed"]  # may differ per rank by design
-        return fields
+        return {**self.config.shared(), "start_iter": self.start_iter,
+                "min_numel": self.min_numel, "iter": self.iter, "phase": self.phase}
 
     def state_dict(self) -> Dict:
         rng = {key: gen.get_state() for key, gen in self._generators.items()}
@@ -402,32 +390,25 @@ class CompressionState:
         self._loaded_from = None
 
     def __getstate__(self):
-        state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("process_group", "feedback", "_runtime", "_release", "_generators",
-                              "_saved_rng", "param_index", "masks", "_keep_cache", "_model",
-                              "_layout_known", "_indices_seen", "_process_steps", "_agreed_layout",
-                              "_closed", "_reseed_at", "_loaded_from")}
-        state["_saved_rng"] = {**self._saved_rng,
-                               **{k: g.get_state() for k, g in self._generators.items()}}
-        state["_feedback_state"] = None
-        if self.feedback is not None:
-            try:  # memories travel by parameter name, like in state_dict()
-                state["_feedback_state"] = self.feedback.state_dict()
-            except RuntimeError as exc:
-                warnings.warn(f"commpress: pickling a CompressionState drops its error-feedback "
-                              f"memories ({exc}); a resumed run will drift", stacklevel=2)
-        return state
+        """Pickles as its constructor's arguments and :meth:`state_dict` (memories by parameter
+        name), without process group or runtime, like PyTorch's ``PowerSGDState``."""
+        args = dict(codec=self.codec, collective=self.collective,
+                    error_feedback=self.error_feedback, server_feedback=self.server_feedback,
+                    start_iter=self.start_iter, min_numel=self.min_numel, seed=self.seed,
+                    log_every=self.log_every)
+        try:
+            saved = self.state_dict()
+        except RuntimeError as exc:  # memories of parameters that were never named
+            warnings.warn(f"commpress: pickling a CompressionState drops its error-feedback "
+                          f"memories ({exc}); a resumed run will drift", stacklevel=2)
+            self_feedback, self.feedback = self.feedback, ErrorFeedback(self.error_feedback,
+                                                                        self.server_feedback)
+            saved, self.feedback = self.state_dict(), self_feedback
+        return {"args": args, "state": saved}
 
-    def __setstate__(self, state):
-        saved_rng, saved_feedback = state.pop("_saved_rng"), state.pop("_feedback_state")
-        self.__dict__.update(state)
-        self.process_group = None
-        self.feedback = (ErrorFeedback(self.error_feedback, self.server_feedback)
-                         if self.error_feedback else None)
-        if saved_feedback is not None:
-            self.feedback.load_state_dict(saved_feedback)
-        self._init_runtime()
-        self._saved_rng = saved_rng
+    def __setstate__(self, pickled):
+        self.__init__(**pickled["args"])
+        self.load_state_dict(pickled["state"])
         logger.warning("CompressionState unpickled: process_group is not serializable and was "
                        "reset to the default group")
 
@@ -531,7 +512,7 @@ def _reduce_group(state: CompressionState, buffer, segments, codec, collective,
     flat = _gather(buffer, segments)
     if flat.dtype == torch.float64:  # codecs take fp32/fp16/bf16: reduce in fp32
         flat = flat.float()
-    mean = reduce_mean(flat, [p for _, _, p in segments], codec, transport, collective, feedback,
+    mean = reduce_gradient(flat, [p for _, _, p in segments], codec, transport, collective, feedback,
                        state.generator(buffer.device), state.stats,
                        keep=_kept_indices(state, segments, buffer.device))
     _scatter(buffer, segments, mean)

@@ -12,9 +12,10 @@
   made training diverge). With it, ``g + server == mean_i g_i`` holds exactly: ``g`` lags the
   workers' mean by one quantization residual, never by their sum.
 
-A front end calls :meth:`ErrorFeedback.compensate` on a flat vector made of whole parameters,
-sends the result through a compressed collective, then calls :meth:`ErrorFeedback.update`
-with what was sent, its compressed version and the reduced mean. Memories are fp32 and live
+The reduction pipeline (:func:`commpress.comm.pipeline.reduce_gradient`) calls
+:meth:`ErrorFeedback.compensate` before sending a flat vector made of whole parameters, and
+:meth:`ErrorFeedback.update` after the mean, with what was sent and its compressed version:
+this module knows nothing of collectives. Memories are fp32 and live
 on the gradient's device. Keys are parameters (their ``numel()`` gives the split) or, for
 front ends without parameters (MPI arrays), names with explicit ``sizes``.
 """
@@ -24,10 +25,6 @@ from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 
-from .codecs import Codec
-from .comm.collectives import choose_algorithm, compressed_mean, keep_finite
-from .comm.transport import Transport
-from .stats import CommStats
 
 KINDS = ("ef", "ef21")
 # the memories each kind keeps, by name
@@ -177,30 +174,8 @@ class ErrorFeedback:
             self.bind((name, p) for p, name in self.names.items())
 
 
-def reduce_mean(flat: torch.Tensor, keys: Sequence, codec: Codec, transport: Transport,
-                collective: str = "auto", feedback: Optional[ErrorFeedback] = None,
-                generator: Optional[torch.Generator] = None, stats: Optional[CommStats] = None,
-                keep: Optional[torch.Tensor] = None, sizes=None) -> torch.Tensor:
-    """The fp32 mean over ranks of ``flat`` (the gradients of ``keys``, concatenated), with
-    error feedback and, given ``keep`` (indices of the entries under an AC/DC mask), sending
-    only those entries: the result is zero elsewhere. Every front end reduces through here."""
-    if keep is not None:  # the masked gradient: zero outside the mask
-        flat = torch.zeros_like(flat).index_copy_(0, keep, flat.index_select(0, keep))
-    sent = feedback.compensate(keys, flat, sizes) if feedback else flat
-    server = feedback.server_memory(keys, flat) if feedback else None
-    compact = sent if keep is None else sent.index_select(0, keep)
-    server_compact = server if keep is None or server is None else server.index_select(0, keep)
-    algorithm = (choose_algorithm(codec, compact.numel(), transport.world_size, transport.local_size)
-                 if collective == "auto" else collective)
-    mean, local = compressed_mean(compact, codec, transport, algorithm, generator, stats,
-                                  keep_local=feedback is not None, server_residual=server_compact)
-    if keep is not None:
-        mean = torch.zeros_like(flat, dtype=torch.float32).index_copy_(0, keep, mean)
-        if local is not None:
-            local = torch.zeros_like(mean).index_copy_(0, keep, local)
-        if server is not None:
-            server.index_copy_(0, keep, server_compact)
-    if feedback:
-        mean = feedback.update(keys, sent, local, mean, sizes)
-        feedback.store_server_memory(keys, server)
-    return mean
+def keep_finite(new: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """``new`` where finite, else ``memory``, written into ``memory``: an overflowing step
+    (which loss scaling will skip) must not poison an error-feedback memory for every later
+    step."""
+    return torch.where(torch.isfinite(new), new, memory, out=memory)

@@ -18,7 +18,9 @@ import torch
 from .codecs import Codec
 from .comm.agreement import agree
 from .comm.transport import Transport
-from .feedback import KINDS, ErrorFeedback, reduce_mean
+from .config import CompressionConfig
+from .comm.pipeline import reduce_gradient
+from .feedback import ErrorFeedback
 from .stats import CommStats
 
 try:
@@ -73,10 +75,10 @@ def allreduce(tensor: torch.Tensor, codec: Codec, collective: str = "auto",
               stats: Optional[CommStats] = None) -> torch.Tensor:
     """The mean over Horovod ranks of ``tensor`` through ``codec`` (same shape and dtype)."""
     transport = _transport()
-    agree(transport, {"call": "allreduce", "codec": repr(codec), "collective": collective,
+    agree(transport, {"call": "allreduce", **CompressionConfig(codec, collective).shared(),
                       "shape": list(tensor.shape), "dtype": str(tensor.dtype)})
     flat = tensor.detach().reshape(-1)
-    mean = reduce_mean(flat.float() if flat.dtype == torch.float64 else flat, [None], codec,
+    mean = reduce_gradient(flat.float() if flat.dtype == torch.float64 else flat, [None], codec,
                        transport, collective, None, generator, stats)
     return mean.to(tensor.dtype).view(tensor.shape)
 
@@ -86,8 +88,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _commpress_init(self, named_parameters, codec, error_feedback, collective,
                         backward_passes_per_step, seed):
-        if error_feedback is not None and error_feedback not in KINDS:
-            raise ValueError(f"error_feedback must be None or one of {KINDS}, got {error_feedback!r}")
+        self._cp_config = CompressionConfig(codec, collective, error_feedback, seed=seed)
         if backward_passes_per_step < 1:
             raise ValueError("backward_passes_per_step must be >= 1")
         named = list(named_parameters) if named_parameters is not None else []
@@ -124,12 +125,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         transport = _transport()
-        agree(transport, {"call": "synchronize", "codec": repr(self._cp_codec),
-                          "collective": self._cp_collective,
-                          "error_feedback": self._cp_feedback.kind if self._cp_feedback else None,
+        agree(transport, {"call": "synchronize", **self._cp_config.shared(),
                           "shapes": [list(p.shape) for p in params]})
         flat = torch.cat([p.grad.detach().reshape(-1).float() for p in params])
-        mean = reduce_mean(flat, params, self._cp_codec, transport, self._cp_collective,
+        mean = reduce_gradient(flat, params, self._cp_codec, transport, self._cp_collective,
                            self._cp_feedback, self._cp_generator, self.comm_stats)
         for p, part in zip(params, mean.split([p.numel() for p in params])):
             p.grad.copy_(part.view_as(p.grad))

@@ -20,7 +20,9 @@ import torch
 from .codecs import Codec
 from .comm.agreement import agree
 from .comm.transport import Transport
-from .feedback import ErrorFeedback, reduce_mean
+from .config import CompressionConfig
+from .comm.pipeline import reduce_gradient
+from .feedback import ErrorFeedback
 from .stats import CommStats
 
 try:
@@ -92,13 +94,14 @@ def _codec_dtype(flat: torch.Tensor) -> torch.Tensor:
 
 
 def _agree(transport, call, codec, collective, feedback, data, name) -> None:
-    """Before every reduction, one 8-byte all-gather: ranks passing different codecs,
-    collectives, shapes or dtypes fail with the difference named instead of hanging in a
-    size-mismatched collective or averaging mixed formats."""
+    """Validate the configuration, then, before every reduction, one 8-byte all-gather: ranks
+    passing different codecs, collectives, shapes or dtypes fail with the difference named
+    instead of hanging in a size-mismatched collective or averaging mixed formats."""
+    config = CompressionConfig(codec, collective, feedback.kind if feedback else None,
+                               bool(feedback and feedback.kind == "ef" and feedback.server))
     shape = ({"shape": list(data.shape), "dtype": str(data.dtype)}
              if isinstance(data, torch.Tensor) else {"shapes": data})
-    agree(transport, {"call": call, "codec": repr(codec), "collective": collective,
-                      "error_feedback": feedback.kind if feedback else None, "name": name, **shape})
+    agree(transport, {"call": call, **config.shared(), "name": name, **shape})
 
 
 def allreduce(comm, x: Union[np.ndarray, torch.Tensor], codec: Codec, collective: str = "auto",
@@ -122,7 +125,7 @@ def allreduce(comm, x: Union[np.ndarray, torch.Tensor], codec: Codec, collective
     transport = _transport(comm)
     _agree(transport, "allreduce", codec, collective, error_feedback, tensor, name)
     flat = _codec_dtype(tensor.detach().reshape(-1))
-    mean = reduce_mean(flat, [name], codec, transport, collective, error_feedback,
+    mean = reduce_gradient(flat, [name], codec, transport, collective, error_feedback,
                        generator, stats, sizes=[flat.numel()])
     out = mean.to(tensor.dtype).view(tensor.shape)
     return out.numpy() if is_numpy else out
@@ -141,7 +144,7 @@ def allreduce_gradients(comm, parameters: Iterable[torch.nn.Parameter], codec: C
     if not params:
         return
     flat = torch.cat([p.grad.detach().reshape(-1).float() for p in params])
-    mean = reduce_mean(flat, params, codec, transport, collective, error_feedback,
+    mean = reduce_gradient(flat, params, codec, transport, collective, error_feedback,
                        generator, stats)
     for p, part in zip(params, mean.split([p.numel() for p in params])):
         p.grad.copy_(part.view_as(p.grad))

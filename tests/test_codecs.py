@@ -270,3 +270,18 @@ def test_decode_fuzz_only_value_error(codec):
             continue
         assert out.dim() == 1 and out.numel() == cp.codecs.base.Header.from_bytes(
             bytes(data[:HEADER_BYTES].numpy())).numel
+
+
+def test_codec_registry_refuses_taken_names_and_ids():
+    from commpress.codecs.base import register_codec
+
+    with pytest.raises(ValueError, match="codec id 4"):
+        @register_codec("my-qsgd")
+        class Clash(cp.QSGD):
+            codec_id = 4
+            name = "clash"
+    with pytest.raises(ValueError, match="'qsgd' is already QSGD"):
+        @register_codec("qsgd")
+        class Other(cp.Identity):
+            codec_id = 99
+    assert cp.get_codec("qsgd", bits=4) == cp.QSGD(bits=4)

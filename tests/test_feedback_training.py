@@ -2,9 +2,7 @@
 large enough for each path, 200 steps, loss compared with uncompressed training."""
 import os
 
-import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 

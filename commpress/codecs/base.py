@@ -254,8 +254,17 @@ _REGISTRY: Dict[str, Callable[..., Codec]] = {}
 
 
 def register_codec(*names: str):
-    """Class decorator: make a codec constructible by ``get_codec(name, **kwargs)``."""
+    """Class decorator: make a codec constructible by ``get_codec(name, **kwargs)``. A name
+    or a wire ``codec_id`` already taken by another codec is refused: payloads name their
+    codec by id, so two codecs sharing one would decode each other's bytes."""
     def wrap(cls):
+        for other in set(_REGISTRY.values()):
+            if other is not cls and other.codec_id == cls.codec_id:
+                raise ValueError(f"codec id {cls.codec_id} of {cls.__name__} is already "
+                                 f"{other.__name__}'s")
+        for name in names:
+            if _REGISTRY.get(name, cls) is not cls:
+                raise ValueError(f"codec name {name!r} is already {_REGISTRY[name].__name__}")
         for name in names:
             _REGISTRY[name] = cls
         return cls

@@ -2,8 +2,9 @@
 from .collectives import ALGORITHMS, choose_algorithm, chunk_bounds, compressed_mean, wire_bytes_per_rank
 from .loopback import LoopbackGroup, LoopbackTransport
 from .ordered import OrderedExecutor
+from .pipeline import reduce_gradient
 from .transport import HierarchicalTransport, TorchTransport, Transport
 
 __all__ = ["ALGORITHMS", "choose_algorithm", "chunk_bounds", "compressed_mean",
-           "wire_bytes_per_rank", "LoopbackGroup", "LoopbackTransport", "OrderedExecutor", "HierarchicalTransport", "TorchTransport",
-           "Transport"]
+           "wire_bytes_per_rank", "LoopbackGroup", "LoopbackTransport", "OrderedExecutor",
+           "reduce_gradient", "HierarchicalTransport", "TorchTransport", "Transport"]

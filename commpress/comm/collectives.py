@@ -35,6 +35,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..codecs import Codec, Payload
+from ..feedback import keep_finite
 from ..stats import CommStats
 from .transport import HierarchicalTransport, Transport
 
@@ -100,13 +101,6 @@ def pipeline_pieces(numel: int, block: int):
     ``numel`` (one piece, possibly empty, for small vectors); each is its own payload."""
     size = max(PIPELINE_ELEMENTS // block, 1) * block
     return [(lo, min(lo + size, numel)) for lo in range(0, max(numel, 1), size)]
-
-
-def keep_finite(new: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """``new`` where finite, else ``memory``, written into ``memory``: an overflowing step
-    (which loss scaling will skip) must not poison an error-feedback memory for every later
-    step."""
-    return torch.where(torch.isfinite(new), new, memory, out=memory)
 
 
 def _wire_dtype(codec: Codec) -> torch.dtype:

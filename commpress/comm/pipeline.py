@@ -1,0 +1,48 @@
+"""The reduction every front end runs: a gradient vector in, its mean over ranks out, through
+a codec and a compressed collective, with error feedback and AC/DC masks around them.
+
+The DDP hook, the MPI functions and the Horovod optimizer only gather their tensors into a
+flat vector and call :func:`reduce_gradient`; what happens between is written once, here.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..codecs import Codec
+from ..feedback import ErrorFeedback
+from ..stats import CommStats
+from .collectives import choose_algorithm, compressed_mean
+from .transport import Transport
+
+
+def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport: Transport,
+                collective: str = "auto", feedback: Optional[ErrorFeedback] = None,
+                generator: Optional[torch.Generator] = None, stats: Optional[CommStats] = None,
+                keep: Optional[torch.Tensor] = None, sizes=None) -> torch.Tensor:
+    """The fp32 mean over ranks of ``flat`` (the gradients of ``keys``, concatenated), with
+    error feedback and, given ``keep`` (indices of the entries under an AC/DC mask), sending
+    only those entries: the result is zero elsewhere. Every front end reduces through here.
+    ``collective="auto"`` picks the algorithm with
+    :func:`~commpress.comm.collectives.choose_algorithm`."""
+    if keep is not None:  # the masked gradient: zero outside the mask
+        flat = torch.zeros_like(flat).index_copy_(0, keep, flat.index_select(0, keep))
+    sent = feedback.compensate(keys, flat, sizes) if feedback else flat
+    server = feedback.server_memory(keys, flat) if feedback else None
+    compact = sent if keep is None else sent.index_select(0, keep)
+    server_compact = server if keep is None or server is None else server.index_select(0, keep)
+    algorithm = (choose_algorithm(codec, compact.numel(), transport.world_size, transport.local_size)
+                 if collective == "auto" else collective)
+    mean, local = compressed_mean(compact, codec, transport, algorithm, generator, stats,
+                                  keep_local=feedback is not None, server_residual=server_compact)
+    if keep is not None:
+        mean = torch.zeros_like(flat, dtype=torch.float32).index_copy_(0, keep, mean)
+        if local is not None:
+            local = torch.zeros_like(mean).index_copy_(0, keep, local)
+        if server is not None:
+            server.index_copy_(0, keep, server_compact)
+    if feedback:
+        mean = feedback.update(keys, sent, local, mean, sizes)
+        feedback.store_server_memory(keys, server)
+    return mean
