@@ -1,8 +1,15 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    Path(__file__).with_name("commpress").joinpath("__init__.py").read_text()).group(1)
 
 setup(
     name="commpress",
-    version="0.1.0",
+    version=VERSION,
+    license="BSD-3-Clause",
     description="Communication compression (QSGD, natural compression, AC/DC) for PyTorch "
                 "data-parallel training",
     long_description=open("README.md").read(),

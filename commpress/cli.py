@@ -22,6 +22,8 @@ def _bench(args, rest):
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="commpress", description=__doc__)
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"commpress {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     from . import train
     train_parser = sub.add_parser("train", help="compressed multi-process training against fp32, "

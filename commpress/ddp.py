@@ -52,10 +52,13 @@ class _Runtime:
     block, such as gloo) and one side stream per CUDA device for that thread. Holds no
     reference to the state, so a dropped state is collected and :meth:`close` releases all."""
 
-    def __init__(self, transport: TorchTransport):
+    def __init__(self, transport: TorchTransport, control: Optional[TorchTransport] = None):
         self.transport = transport
+        #: where ranks agree on what they reduce: a gloo group on the CPU, so that the check
+        #: costs no device->host copy (``transport`` itself when it is gloo)
+        self.control = control or transport
         self.compressed_transport: Transport = transport
-        self.groups = [transport.group]
+        self.groups = [transport.group] + ([control.group] if control is not None else [])
         self.inline = dist.get_backend(transport.group) in _INLINE_BACKENDS
         self.executor = OrderedExecutor()
         self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
@@ -193,10 +196,14 @@ class CompressionState:
         private = new_group(ranks, group, every_rank_calls=len(ranks) == dist.get_world_size())
         if device is None or dist.get_backend(group) != "nccl":
             device = None  # the group's default: CPU for gloo
-        runtime = _Runtime(TorchTransport(private, device))
+        control = None
+        if dist.get_backend(group) != "gloo":
+            control = TorchTransport(new_group(ranks, group, every_rank_calls=len(ranks) ==
+                                               dist.get_world_size(), backend="gloo"))
+        runtime = _Runtime(TorchTransport(private, device), control)
         try:
             transport = runtime.transport
-            agree(transport, self._agreement_fields(), transport.device)
+            agree(runtime.control, self._agreement_fields(), runtime.control.device)
             auto = self.collective == "auto" and not self.codec.summable
             if self.collective == "hierarchical" or auto:
                 layout = node_layout(transport)
@@ -220,6 +227,12 @@ class CompressionState:
     def transport(self) -> TorchTransport:
         """The transport over this state's private copy of ``process_group``."""
         return self._ensure_runtime().transport
+
+    @property
+    def control_transport(self) -> TorchTransport:
+        """Where ranks check that they agree (see :func:`commpress.comm.agreement.agree`): a
+        CPU (gloo) group beside an NCCL one, so checks need no device->host copy."""
+        return self._ensure_runtime().control
 
     @property
     def compressed_transport(self) -> Transport:
@@ -522,7 +535,7 @@ def _reduce_bucket(state: CompressionState, runtime: _Runtime, buffer: torch.Ten
                    compress: bool, last: bool, phase: str, fields: Optional[Dict]) -> torch.Tensor:
     transport = runtime.transport
     if fields is not None:
-        agree(transport, fields, transport.device)
+        agree(runtime.control, fields, runtime.control.device)
     w = transport.world_size
     state.stats.add(dense_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
     if not compress:

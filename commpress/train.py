@@ -1,7 +1,8 @@
 """The main job: data-parallel training with compressed gradients, side by side with fp32.
 
-``commpress train`` starts W CPU worker processes joined by gloo (or joins the group torchrun
-set up, when launched by torchrun), trains the same model (a small CNN, or logistic regression
+``commpress train`` starts W worker processes joined by gloo on CPU, or by NCCL with one GPU
+each where CUDA is available (``--device``/``--backend``; or joins the group torchrun set up,
+when launched by torchrun), trains the same model (a small CNN, or logistic regression
 on the LIBSVM-like set) from the same initial weights once per method on a disjoint shard of
 the data per rank, and prints a report: test accuracy, final loss, bytes each rank sent, the
 saving against the fp32 all-reduce, and time.
@@ -113,7 +114,9 @@ def evaluate(module, x_test, y_test):
 
 def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
     x_train, y_train, x_test, y_test = data
-    model = DDP(make_model(args.seed, args.data))
+    device = x_train.device
+    model = DDP(make_model(args.seed, args.data).to(device),
+                device_ids=[device] if device.type == "cuda" else None)
     shard = torch.arange(rank, len(y_train), world_size)  # disjoint shard per rank
     # the same on every rank (shards differ by one when W does not divide the data): a rank
     # running one more backward than the others would wait for them forever
@@ -156,7 +159,7 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
     extra = {}
     if acdc is not None:
         dense_weights, _ = acdc.sparse_dense_pair()
-        dense_member = make_model(args.seed, args.data)
+        dense_member = make_model(args.seed, args.data).to(device)
         dense_member.load_state_dict(dense_weights)
         extra = {"dense_member_accuracy": evaluate(dense_member.eval(), x_test, y_test)[0],
                  "final_density": acdc.density,
@@ -217,11 +220,27 @@ def report(results: List[Dict], args, world_size: int) -> str:
     return "\n".join(lines)
 
 
+def device_and_backend(args):
+    """``--device``/``--backend``, resolved: CUDA and NCCL when a GPU is there, else CPU and gloo."""
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = args.backend if args.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("commpress train: --device cuda, but CUDA is not available")
+    if backend == "nccl" and device != "cuda":
+        raise SystemExit("commpress train: --backend nccl needs --device cuda")
+    return device, backend
+
+
 def worker(rank: int, world_size: int, args) -> Optional[List[Dict]]:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    device, backend = device_and_backend(args)
+    if device == "cuda":  # one GPU per local rank (torchrun's LOCAL_RANK, else the rank)
+        local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
     if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    data = load_data(args.data, args.seed)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    data = [t.to(device) for t in load_data(args.data, args.seed)]
     results = [train_one(m, args, data, rank, world_size) for m in [BASELINE] + args.methods]
     if rank == 0:
         print("\n" + report(results, args, world_size), flush=True)
@@ -261,6 +280,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to train (auto: cuda when available, else cpu)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
+                        help="torch.distributed backend (auto: nccl on cuda, else gloo)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -279,6 +302,7 @@ def run(args) -> None:
             raise SystemExit(f"commpress train: {exc}") from None
     if args.workers < 1:
         raise SystemExit("commpress train: --workers must be >= 1")
+    device_and_backend(args)  # fail on a bad combination before starting workers
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
         return

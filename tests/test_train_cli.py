@@ -71,3 +71,16 @@ def test_commpress_train_uneven_shards_do_not_hang(tmp_path):
         assert report["world_size"] == workers
         for r in report["results"]:
             assert r["replicas_identical"] and r["steps"] == 1437 // workers // 32
+
+
+def test_commpress_train_device_choice_is_checked_before_workers_start():
+    proc = subprocess.run([sys.executable, "-m", "commpress.cli", "train", "qsgd4", "--backend",
+                           "nccl", "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--backend nccl needs --device cuda" in proc.stderr
+
+
+def test_commpress_version():
+    import commpress
+    proc = subprocess.run([sys.executable, "-m", "commpress.cli", "--version"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"commpress {commpress.__version__}"

@@ -101,8 +101,9 @@ class ACDC:
             self.dense_snapshot = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
             transport, device = self._transport(), self.weights[0][1].device
             if transport is not None:  # a rank entering the phase a step early fails, named
-                agree(transport, {"acdc_phase": phase, "acdc_step": self.steps,
-                                  "sparsity": self.sparsity}, device)
+                control = self.state.control_transport if self.state is not None else transport
+                agree(control, {"acdc_phase": phase, "acdc_step": self.steps,
+                                "sparsity": self.sparsity}, getattr(control, "device", device))
             local = magnitude_masks(self.weights, self.sparsity, self.scope) if self._rank() == 0 else {}
             self._set_masks(broadcast_masks(local, [(n, w.shape) for n, w in self.weights],
                                             transport, device))

@@ -105,9 +105,9 @@ def group_timeout(group: Optional[dist.ProcessGroup]):
         return None
 
 
-def new_group(ranks: List[int], like: Optional[dist.ProcessGroup],
-              every_rank_calls: bool) -> Optional[dist.ProcessGroup]:
-    """A new group of the global ``ranks`` with ``like``'s backend and timeout.
+def new_group(ranks: List[int], like: Optional[dist.ProcessGroup], every_rank_calls: bool,
+              backend: Optional[str] = None) -> Optional[dist.ProcessGroup]:
+    """A new group of the global ``ranks`` with ``like``'s timeout and backend (or ``backend``).
 
     ``every_rank_calls``: every rank of the world makes this call (members or not), so PyTorch
     names the group by its counter, which never repeats: such a group can be destroyed and
@@ -115,7 +115,8 @@ def new_group(ranks: List[int], like: Optional[dist.ProcessGroup],
     (``use_local_synchronization``) and PyTorch names the group from its ranks and the number
     of live groups, so a group created after one was destroyed can get a dead group's name and
     read its stale addresses from the store ("Connection refused"): keep those."""
-    return dist.new_group(ranks, backend=dist.get_backend(like), timeout=group_timeout(like),
+    return dist.new_group(ranks, backend=backend or dist.get_backend(like),
+                          timeout=group_timeout(like),
                           use_local_synchronization=not every_rank_calls)
 
 
