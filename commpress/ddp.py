@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .codecs import FP16, BF16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering
+from .acdc.masks import GradientMask
 from .comm.agreement import agree
 from .config import CompressionConfig
 from .comm.ordered import OrderedExecutor
@@ -160,8 +161,7 @@ class CompressionState:
 
     def _init_runtime(self):
         self.param_index: Dict[torch.Tensor, int] = {}
-        self.masks: Dict[torch.Tensor, torch.Tensor] = {}
-        self._keep_cache: Dict[tuple, Optional[torch.Tensor]] = {}
+        self.mask = GradientMask()      # the AC/DC policy: which entries to send
         self._runtime: Optional[_Runtime] = None
         self._release = None
         self._closed = False
@@ -278,8 +278,7 @@ class CompressionState:
         """Send only the gradient entries where ``masks[param]`` is true (zeros elsewhere);
         ``{}`` sends everything. Drops the error-feedback memories of masked-out entries.
         Called by :class:`commpress.ACDC` at every prune and restore."""
-        self.masks = {p: m.reshape(-1).bool() for p, m in masks.items()}
-        self._keep_cache = {}
+        self.mask.set(masks)
         if self.feedback is not None and masks:
             self.feedback.mask_(masks)
 
@@ -341,7 +340,7 @@ class CompressionState:
         if index == 0:
             fields.update(step=self.iter, phase=phase, compress=compress)
         layout = (buffer.numel(), str(buffer.dtype), [n for _, n, _ in small],
-                  [n for _, n, _ in big], compress, phase, bool(self.masks))
+                  [n for _, n, _ in big], compress, phase, bool(self.mask))
         if self._process_steps < _LAYOUT_CHECK_STEPS or self._agreed_layout.get(index) != layout:
             fields.update(bucket=index, layout=layout)
             self._agreed_layout[index] = layout
@@ -501,24 +500,6 @@ def _scatter(buffer, segments, values):
         start += n
 
 
-def _kept_indices(state: CompressionState, segments, device) -> Optional[torch.Tensor]:
-    """Indices, in the gathered vector of ``segments``, of the entries under the AC/DC mask
-    (None when no parameter of them is masked); cached until the masks change."""
-    if not state.masks:
-        return None
-    key = tuple(id(p) for _, _, p in segments)
-    if key not in state._keep_cache:
-        parts, offset = [], 0
-        for _, n, p in segments:
-            mask = state.masks.get(p)
-            kept = mask.to(device).nonzero().view(-1) if mask is not None else torch.arange(n, device=device)
-            parts.append(kept + offset)
-            offset += n
-        masked = any(p in state.masks for _, _, p in segments)
-        state._keep_cache[key] = torch.cat(parts) if masked else None
-    return state._keep_cache[key]
-
-
 def _reduce_group(state: CompressionState, buffer, segments, codec, collective,
                   feedback: Optional[ErrorFeedback], transport: Transport) -> None:
     """Average the gradients of ``segments`` over ranks through ``codec``, in place."""
@@ -527,7 +508,7 @@ def _reduce_group(state: CompressionState, buffer, segments, codec, collective,
         flat = flat.float()
     mean = reduce_gradient(flat, [p for _, _, p in segments], codec, transport, collective, feedback,
                        state.generator(buffer.device), state.stats,
-                       keep=_kept_indices(state, segments, buffer.device))
+                       keep=state.mask.kept_indices([p for _, _, p in segments], buffer.device))
     _scatter(buffer, segments, mean)
 
 

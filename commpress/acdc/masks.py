@@ -61,3 +61,40 @@ def broadcast_masks(masks: Dict[str, torch.Tensor], shapes: List[Tuple[str, torc
     packed = transport.broadcast(packed, src)
     flat = bitpack.unpack(packed, total, 1).bool()
     return {name: part.view(shape) for (name, shape), part in zip(shapes, flat.split(sizes))}
+
+
+class GradientMask:
+    """What the compression hook needs of AC/DC: which gradient entries to send. Holds one
+    flat boolean mask per parameter (:meth:`set`, at every prune and restore) and gives, for
+    a run of parameters laid end to end, the indices of the entries under the mask, cached
+    until the masks change (one ``nonzero`` per run and phase, not per step)."""
+
+    def __init__(self):
+        self.masks: Dict[torch.Tensor, torch.Tensor] = {}
+        self._kept: Dict[tuple, Optional[torch.Tensor]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.masks)
+
+    def set(self, masks: Dict[torch.Tensor, torch.Tensor]) -> None:
+        """``{param: mask}``; ``{}`` sends everything."""
+        self.masks = {p: m.reshape(-1).bool() for p, m in masks.items()}
+        self._kept = {}
+
+    def kept_indices(self, params: List[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+        """Indices, in the concatenation of ``params``' gradients, of the entries under the
+        mask; None when none of them is masked."""
+        if not self.masks:
+            return None
+        key = tuple(id(p) for p in params)
+        if key not in self._kept:
+            parts, offset = [], 0
+            for p in params:
+                mask = self.masks.get(p)
+                kept = (mask.to(device).nonzero().view(-1) if mask is not None
+                        else torch.arange(p.numel(), device=device))
+                parts.append(kept + offset)
+                offset += p.numel()
+            masked = any(p in self.masks for p in params)
+            self._kept[key] = torch.cat(parts) if masked else None
+        return self._kept[key]
