@@ -289,3 +289,47 @@ def test_executor_runs_jobs_in_order_and_shuts_down():
     thread = executor._thread
     executor.shutdown()
     assert not thread.is_alive()
+
+
+class Branchy(nn.Module):
+    """``use_c``: None uses both heads; True/False one of them (unused parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(32, 256), nn.Linear(256, 4), nn.Linear(256, 4)
+
+    def forward(self, x, use_c=None):
+        h = self.a(x).relu()
+        if use_c is None:
+            return self.b(h) + self.c(h)
+        return self.c(h) if use_c else self.b(h)
+
+
+def ddp_modes_worker(rank, world_size):
+    """The per-step agreement must not disturb DDP's modes: Join with uneven inputs (joined
+    ranks run the hook on zero buckets), static_graph, find_unused_parameters and
+    gradient_as_bucket_view."""
+    from torch.distributed.algorithms.join import Join
+    out = {}
+    for mode in ("join", "static", "unused", "view"):
+        torch.manual_seed(0)
+        kwargs = {"static": dict(static_graph=True), "unused": dict(find_unused_parameters=True),
+                  "view": dict(gradient_as_bucket_view=True)}.get(mode, {})
+        model = DDP(Branchy(), bucket_cap_mb=0.02, **kwargs)
+        cp.register_hook(model, "qsgd4+ef", log_every=0, min_numel=256)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        steps = 6 + 3 * rank if mode == "join" else 8
+        with Join([model], enable=mode == "join"):
+            for step in range(steps):
+                opt.zero_grad()
+                use_c = (step % 2 == 1) if mode == "unused" else None
+                model(data(rank, step), use_c).square().mean().backward()
+                opt.step()
+        out[mode] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return out
+
+
+def test_ddp_modes_keep_replicas_identical():
+    results = run_workers(ddp_modes_worker, 2)
+    for mode, weights in results[0].items():
+        assert torch.equal(weights, results[1][mode]), mode
