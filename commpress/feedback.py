@@ -25,6 +25,8 @@ from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 
+from .codecs import Codec, contractive_factor
+
 
 KINDS = ("ef", "ef21")
 # the memories each kind keeps, by name
@@ -74,12 +76,21 @@ class ErrorFeedback:
             self.memories["worker"] = {k: v.clone() for k, v in self.memories["shared"].items()}
 
     # -- the two calls around a reduction ------------------------------------------------
-    def compensate(self, params: Sequence, flat: torch.Tensor, sizes=None) -> torch.Tensor:
+    def compensate(self, params: Sequence, flat: torch.Tensor, sizes=None,
+                   codec: Optional[Codec] = None) -> torch.Tensor:
         """What to compress instead of the gradient ``flat`` (which is left untouched): a
-        new fp32 tensor, which :meth:`update` may reuse."""
+        new fp32 tensor, which :meth:`update` may reuse.
+
+        EF21 assumes a contractive compressor; an unbiased one with relative variance
+        ``omega > 1`` (QSGD-2) made it diverge. So EF21 sends ``lam * (grad - g_i)`` with
+        ``lam = 1 / (1 + omega)`` (:func:`commpress.codecs.contractive_factor`, exact for this
+        vector). The estimates still add exactly what was sent, so ``g == mean_i g_i`` holds."""
         if self.kind == "ef":  # the gathered memory is a fresh copy: add in place
             return self._gather("residual", params, flat, sizes).add_(flat)
-        return self._gather("worker", params, flat, sizes).neg_().add_(flat)
+        diff = self._gather("worker", params, flat, sizes).neg_().add_(flat)
+        if codec is not None:
+            diff.mul_(contractive_factor(codec, diff))
+        return diff
 
     def update(self, params: Sequence, sent: torch.Tensor, local: torch.Tensor,
                mean: torch.Tensor, sizes=None) -> torch.Tensor:

@@ -285,3 +285,19 @@ def test_codec_registry_refuses_taken_names_and_ids():
         class Other(cp.Identity):
             codec_id = 99
     assert cp.get_codec("qsgd", bits=4) == cp.QSGD(bits=4)
+
+
+@pytest.mark.parametrize("codec", [cp.QSGD(bits=2, bucket_size=128), cp.QSGD(bits=4),
+                                   cp.QSGD(bits=3, norm="l2"), cp.NaturalDithering(),
+                                   cp.NaturalDithering(levels=3, p=2), cp.NaturalCompression()],
+                         ids=repr)
+def test_expected_sq_error_matches_monte_carlo(codec):
+    """What EF21 scales by: E||C(x) - x||^2, computed from the rounding probabilities."""
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 3, 3000)
+    x[::7] = 0  # zeros round to zero exactly
+    gen = torch.Generator().manual_seed(1)
+    samples = torch.stack([(codec.decode(codec.encode(x, gen)) - x).double().square().sum()
+                           for _ in range(300)])
+    exact = codec.expected_sq_error(x).double()
+    assert abs(samples.mean() - exact) < 5 * samples.std() / 300 ** 0.5 + 1e-9 * exact
+    assert cp.FP16().expected_sq_error(x) is None

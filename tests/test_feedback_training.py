@@ -49,6 +49,9 @@ CASES = [(hook, collective, server)
          for collective in ("allgather", "reduce_scatter")
          for hook, server in (("qsgd4+ef", False), ("qsgd4+ef", True), ("qsgd4+ef21", False),
                               ("natural+ef21", False))]
+# QSGD-2 (omega > 1) under EF21: scaled by 1/(1+omega) it trains on allgather; under
+# reduce_scatter it still ends far from fp32 (1.42 vs 0.47 here): see the README
+CASES.append(("qsgd2+ef21", "allgather", False))
 BASELINE = ("plain", "allgather", False)
 
 
@@ -58,11 +61,14 @@ def check(results, cases):
         for r in results:
             assert torch.equal(r[case][1], results[0][case][1]), f"{case}: replicas differ"
         loss = results[0][case][0]
-        assert loss < base + 0.15, (case, loss, base)
+        # EF21 with QSGD-2 scales its steps by 1/(1+omega) ~ 0.45: stable (it diverged to 4.3
+        # and NaN before), but it tracks slower: 0.67-0.74 against fp32 0.47
+        assert loss < base + (0.5 if case[0].startswith("qsgd2") else 0.15), (case, loss, base)
 
 
 def test_feedback_trains_on_flat_collectives():
-    """Before the server memory, EF21 under reduce_scatter went 1.2 -> 16 -> ... -> NaN."""
+    """Before the server memory, EF21 under reduce_scatter went 1.2 -> 16 -> ... -> NaN; before
+    the 1/(1+omega) scaling, qsgd2+ef21 diverged even under allgather (4.29 vs 0.47)."""
     check(run_workers(fit_all, 3, [BASELINE] + CASES), CASES)
 
 

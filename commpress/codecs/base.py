@@ -140,6 +140,12 @@ class Codec:
         raise NotImplementedError
 
     # -- public API ---------------------------------------------------------------------
+    def expected_sq_error(self, flat: torch.Tensor) -> Optional[torch.Tensor]:
+        """``E||decode(encode(flat)) - flat||^2`` (a 0-d fp32 tensor) for stochastic codecs,
+        computed from the rounding probabilities; None for deterministic ones. EF21 uses it to
+        make an unbiased codec contractive (see :mod:`commpress.feedback`)."""
+        return None
+
     def wire_bytes(self, numel: int) -> int:
         """Exact payload size in bytes for a tensor of ``numel`` elements."""
         if numel < 0:
@@ -232,6 +238,22 @@ class Codec:
 
     def __hash__(self) -> int:
         return hash((type(self), self._params()))
+
+
+def contractive_factor(codec: "Codec", x: torch.Tensor) -> torch.Tensor:
+    """``1 / (1 + omega)`` with ``omega = E||C(x) - x||^2 / ||x||^2`` for this ``x`` (1 for
+    deterministic codecs, zero or non-finite ``x``). Compressing ``x`` scaled by it turns an
+    unbiased codec into a contractive one: ``E||C(lam x) - x||^2 = omega / (1 + omega) ||x||^2``
+    (for codecs whose rounding scales with the input: QSGD, D_nat; C_nat to within its powers
+    of two). Error-feedback schemes need that: with QSGD-2 (omega > 1) their memories grew
+    without bound."""
+    error = codec.expected_sq_error(x)
+    one = torch.ones((), device=x.device)
+    if error is None:
+        return one
+    norm = x.float().square().sum()
+    factor = 1 / (1 + error / norm)
+    return torch.where((norm > 0) & torch.isfinite(factor), factor, one)
 
 
 #: Elements per step of the chunked CPU kernels: a few MB of temporaries that stay in cache

@@ -115,6 +115,24 @@ class BucketedLevelCodec(Codec):
         level = self._round(scaled, uniform_1_2(numel, part.device, generator))
         return scales, level.copysign_(part).add_(self.levels).to(torch.uint8)
 
+    def expected_sq_error(self, flat):
+        """Each value rounds between its two neighbouring magnitudes ``lo <= r <= hi`` (in
+        units of its bucket's scale), with variance ``(hi - r)(r - lo) scale^2``."""
+        numel, d = flat.numel(), self.bucket_size
+        if numel == 0:
+            return torch.zeros((), device=flat.device)
+        x = flat.float()
+        if numel % d:
+            x = torch.nn.functional.pad(x, (0, self._buckets(numel) * d - numel))
+        magnitudes = x.abs().view(-1, d)
+        scales = block_norms(magnitudes, self.norm)
+        safe = torch.where(torch.isfinite(scales) & (scales > 0), scales, torch.ones_like(scales))
+        ratio = (magnitudes / safe.unsqueeze(1)).clamp_(0, 1)
+        table = self._magnitudes().to(flat.device)
+        upper = torch.searchsorted(table, ratio.contiguous(), right=True).clamp_(1, self.levels)
+        hi, lo = table[upper], table[upper - 1]
+        return ((hi - ratio) * (ratio - lo)).sum(1).mul(safe * safe).sum()
+
     def _encode_body(self, flat, generator, out):
         d, bits = self.bucket_size, self.bits
         nb = self._buckets(flat.numel())

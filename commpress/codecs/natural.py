@@ -38,6 +38,13 @@ class NaturalCompression(Codec):
     def _body_bytes(self, numel):
         return 4 + numel
 
+    def expected_sq_error(self, flat):
+        """``|x|`` between the powers of two ``lo <= |x| < hi = 2 lo``: ``(hi - |x|)(|x| - lo)``."""
+        a = flat.float().abs()
+        mantissa, exponent = torch.frexp(a)  # a = mantissa * 2^exponent, mantissa in [0.5, 1)
+        hi = torch.ldexp(torch.ones_like(a), exponent)
+        return torch.where(a > 0, (hi - a) * (a - hi / 2), torch.zeros_like(a)).sum()
+
     def _encode_body(self, flat, generator, out):
         ranges = list(chunk_ranges(flat.numel(), 1, flat.device))
         biggest = torch.zeros((), dtype=torch.int32, device=flat.device)

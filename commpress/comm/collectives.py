@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..codecs import Codec, Payload
+from ..codecs import Codec, Payload, contractive_factor
 from ..feedback import keep_finite
 from ..stats import CommStats
 from .transport import HierarchicalTransport, Transport
@@ -248,10 +248,12 @@ def _reduce_scatter(flat, codec, transport, generator, stats, keep_local, server
         local = torch.cat([own[0] if r == rank else
                            codec.decode(p, dtype=torch.float32, numel=b - a)
                            for r, (p, (a, b)) in enumerate(zip(payloads, bounds))])
-    if server_residual is not None:
+    to_send = chunk_mean
+    if server_residual is not None:  # EF at the server, made contractive (see contractive_factor)
         chunk_mean += server_residual[lo:hi]
+        to_send = chunk_mean * contractive_factor(codec, chunk_mean)
     with _Timer(stats, "encode_seconds"):
-        reduced = codec.encode(chunk_mean, generator).data
+        reduced = codec.encode(to_send, generator).data
     if server_residual is not None:
         lost = chunk_mean - codec.decode(Payload(reduced), dtype=torch.float32, numel=hi - lo)
         keep_finite(lost, server_residual[lo:hi])

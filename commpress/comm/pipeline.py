@@ -28,7 +28,7 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
     :func:`~commpress.comm.collectives.choose_algorithm`."""
     if keep is not None:  # the masked gradient: zero outside the mask
         flat = torch.zeros_like(flat).index_copy_(0, keep, flat.index_select(0, keep))
-    sent = feedback.compensate(keys, flat, sizes) if feedback else flat
+    sent = feedback.compensate(keys, flat, sizes, codec) if feedback else flat
     server = feedback.server_memory(keys, flat) if feedback else None
     compact = sent if keep is None else sent.index_select(0, keep)
     server_compact = server if keep is None or server is None else server.index_select(0, keep)
