@@ -8,5 +8,6 @@ from .stats import CommStats
 
 __version__ = "0.1.0"
 __all__ = ["Codec", "Payload", "get_codec", "codec_names", "QSGD", "NaturalCompression",
-           "NaturalDithering", "Identity", "FP16", "BF16", "CompressionConfig", "CompressionState", "compress_hook",
-           "register_hook", "state_from_name", "CommStats", "ACDC", "ACDCSchedule"]
+           "NaturalDithering", "Identity", "FP16", "BF16", "CompressionConfig", "CompressionState",
+           "compress_hook", "register_hook", "state_from_name", "CommStats", "ACDC",
+           "ACDCSchedule"]

@@ -150,16 +150,7 @@ class CompressionState:
         self.phase = "dense"
         self.phase_stats = {"dense": CommStats(), "sparse": CommStats()}
         self.feedback = ErrorFeedback(error_feedback, server_feedback) if error_feedback else None
-        self._init_runtime()
-
-    # the shared configuration, read-only
-    codec = property(lambda self: self.config.codec)
-    collective = property(lambda self: self.config.collective)
-    error_feedback = property(lambda self: self.config.error_feedback)
-    server_feedback = property(lambda self: self.config.server_feedback)
-    seed = property(lambda self: self.config.seed)
-
-    def _init_runtime(self):
+        # this process's runtime and bookkeeping (not pickled, not in state_dict)
         self.param_index: Dict[torch.Tensor, int] = {}
         self.mask = GradientMask()      # the AC/DC policy: which entries to send
         self._runtime: Optional[_Runtime] = None
@@ -174,6 +165,13 @@ class CompressionState:
         self._saved_rng: Dict[str, torch.Tensor] = {}
         self._reseed_at: Optional[int] = None
         self._loaded_from: Optional[tuple] = None  # (rank, world size) of a loaded checkpoint
+
+    # the shared configuration, read-only
+    codec = property(lambda self: self.config.codec)
+    collective = property(lambda self: self.config.collective)
+    error_feedback = property(lambda self: self.config.error_feedback)
+    server_feedback = property(lambda self: self.config.server_feedback)
+    seed = property(lambda self: self.config.seed)
 
     # -- runtime: created eagerly on the caller's thread ------------------------------------
     def _ensure_runtime(self, device: Optional[torch.device] = None) -> _Runtime:
@@ -503,12 +501,10 @@ def _scatter(buffer, segments, values):
 def _reduce_group(state: CompressionState, buffer, segments, codec, collective,
                   feedback: Optional[ErrorFeedback], transport: Transport) -> None:
     """Average the gradients of ``segments`` over ranks through ``codec``, in place."""
-    flat = _gather(buffer, segments)
-    if flat.dtype == torch.float64:  # codecs take fp32/fp16/bf16: reduce in fp32
-        flat = flat.float()
-    mean = reduce_gradient(flat, [p for _, _, p in segments], codec, transport, collective, feedback,
-                       state.generator(buffer.device), state.stats,
-                       keep=state.mask.kept_indices([p for _, _, p in segments], buffer.device))
+    params = [p for _, _, p in segments]
+    mean = reduce_gradient(_gather(buffer, segments), params, codec, transport, collective,
+                           feedback, state.generator(buffer.device), state.stats,
+                           keep=state.mask.kept_indices(params, buffer.device))
     _scatter(buffer, segments, mean)
 
 

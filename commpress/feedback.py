@@ -52,15 +52,8 @@ class ErrorFeedback:
         by_name = {name: param for param, name in self.names.items()}
         for memory, store in self.memories.items():
             loaded = [k for k in store if isinstance(k, str)]
-            unknown = [k for k in loaded if k not in by_name]
-            if unknown:
-                raise ValueError(f"checkpoint has error-feedback memories {memory}{unknown} for "
-                                 f"parameters this model does not have")
             for key in loaded:
-                param = by_name[key]
-                if store[key].numel() != param.numel():
-                    raise ValueError(f"checkpoint memory {memory}[{key!r}] has {store[key].numel()} "
-                                     f"values, the parameter has {param.numel()}")
+                _check_fits(memory, key, store[key], by_name)
             for key in loaded:
                 param = by_name[key]
                 store[param] = store.pop(key).to(param.device, torch.float32).reshape(-1)
@@ -156,6 +149,7 @@ class ErrorFeedback:
         if unknown:
             raise ValueError(f"checkpoint has unknown error-feedback memories {unknown} "
                              f"({self.kind} keeps {list(self._names)})")
+        by_name = {name: param for param, name in self.names.items()}
         for memory in self._names:
             store = state.get(memory, {})
             if not isinstance(store, dict):
@@ -168,12 +162,8 @@ class ErrorFeedback:
                     raise ValueError(f"{where} is not a float tensor")
                 if not bool(torch.isfinite(value).all()):
                     raise ValueError(f"{where} holds non-finite values")
-                param = next((p for p, n in self.names.items() if n == name), None)
-                if self.names and param is None:
-                    raise ValueError(f"{where}: the model has no parameter of that name")
-                if param is not None and value.numel() != param.numel():
-                    raise ValueError(f"{where} has {value.numel()} values, the parameter has "
-                                     f"{param.numel()}")
+                if by_name:  # bound: names and sizes now (else bind() checks them)
+                    _check_fits(memory, name, value, by_name)
 
     def load_state_dict(self, state: Dict) -> None:
         """Memories come back keyed by name; :meth:`bind` (now if already bound, else when it
@@ -190,3 +180,13 @@ def keep_finite(new: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     (which loss scaling will skip) must not poison an error-feedback memory for every later
     step."""
     return torch.where(torch.isfinite(new), new, memory, out=memory)
+
+
+def _check_fits(memory: str, name: str, value: torch.Tensor, by_name: Dict) -> None:
+    """Refuse a loaded memory that names no parameter of the model, or has another size."""
+    where = f"checkpoint memory {memory}[{name!r}]"
+    if name not in by_name:
+        raise ValueError(f"{where}: the model has no parameter of that name")
+    if value.numel() != by_name[name].numel():
+        raise ValueError(f"{where} has {value.numel()} values, the parameter has "
+                         f"{by_name[name].numel()}")

@@ -17,9 +17,9 @@ import torch
 
 from .codecs import Codec
 from .comm.agreement import agree
+from .comm.pipeline import reduce_gradient
 from .comm.transport import Transport
 from .config import CompressionConfig
-from .comm.pipeline import reduce_gradient
 from .feedback import ErrorFeedback
 from .stats import CommStats
 
@@ -77,9 +77,8 @@ def allreduce(tensor: torch.Tensor, codec: Codec, collective: str = "auto",
     transport = _transport()
     agree(transport, {"call": "allreduce", **CompressionConfig(codec, collective).shared(),
                       "shape": list(tensor.shape), "dtype": str(tensor.dtype)})
-    flat = tensor.detach().reshape(-1)
-    mean = reduce_gradient(flat.float() if flat.dtype == torch.float64 else flat, [None], codec,
-                       transport, collective, None, generator, stats)
+    mean = reduce_gradient(tensor.detach().reshape(-1), [None], codec, transport, collective,
+                           None, generator, stats)
     return mean.to(tensor.dtype).view(tensor.shape)
 
 
@@ -129,7 +128,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                           "shapes": [list(p.shape) for p in params]})
         flat = torch.cat([p.grad.detach().reshape(-1).float() for p in params])
         mean = reduce_gradient(flat, params, self._cp_codec, transport, self._cp_collective,
-                           self._cp_feedback, self._cp_generator, self.comm_stats)
+                               self._cp_feedback, self._cp_generator, self.comm_stats)
         for p, part in zip(params, mean.split([p.numel() for p in params])):
             p.grad.copy_(part.view_as(p.grad))
         self._cp_counts = {p: 0 for p in params}

@@ -19,9 +19,9 @@ import torch
 
 from .codecs import Codec
 from .comm.agreement import agree
+from .comm.pipeline import reduce_gradient
 from .comm.transport import Transport
 from .config import CompressionConfig
-from .comm.pipeline import reduce_gradient
 from .feedback import ErrorFeedback
 from .stats import CommStats
 
@@ -88,11 +88,6 @@ def _transport(comm) -> MPITransport:
     return _TRANSPORTS[key]
 
 
-def _codec_dtype(flat: torch.Tensor) -> torch.Tensor:
-    """float64 (numpy's default) is reduced in float32, the widest dtype codecs take."""
-    return flat.float() if flat.dtype == torch.float64 else flat
-
-
 def _agree(transport, call, codec, collective, feedback, data, name) -> None:
     """Validate the configuration, then, before every reduction, one 8-byte all-gather: ranks
     passing different codecs, collectives, shapes or dtypes fail with the difference named
@@ -124,7 +119,7 @@ def allreduce(comm, x: Union[np.ndarray, torch.Tensor], codec: Codec, collective
         raise ValueError("error feedback needs a name for the quantity being reduced")
     transport = _transport(comm)
     _agree(transport, "allreduce", codec, collective, error_feedback, tensor, name)
-    flat = _codec_dtype(tensor.detach().reshape(-1))
+    flat = tensor.detach().reshape(-1)
     mean = reduce_gradient(flat, [name], codec, transport, collective, error_feedback,
                        generator, stats, sizes=[flat.numel()])
     out = mean.to(tensor.dtype).view(tensor.shape)

@@ -103,7 +103,7 @@ class ACDC:
             if transport is not None:  # a rank entering the phase a step early fails, named
                 control = self.state.control_transport if self.state is not None else transport
                 agree(control, {"acdc_phase": phase, "acdc_step": self.steps,
-                                "sparsity": self.sparsity}, getattr(control, "device", device))
+                                "sparsity": self.sparsity}, control.device)
             local = magnitude_masks(self.weights, self.sparsity, self.scope) if self._rank() == 0 else {}
             self._set_masks(broadcast_masks(local, [(n, w.shape) for n, w in self.weights],
                                             transport, device))

@@ -88,13 +88,14 @@ class GradientMask:
             return None
         key = tuple(id(p) for p in params)
         if key not in self._kept:
-            parts, offset = [], 0
-            for p in params:
-                mask = self.masks.get(p)
-                kept = (mask.to(device).nonzero().view(-1) if mask is not None
-                        else torch.arange(p.numel(), device=device))
-                parts.append(kept + offset)
-                offset += p.numel()
-            masked = any(p in self.masks for p in params)
-            self._kept[key] = torch.cat(parts) if masked else None
+            self._kept[key] = None
+            if any(p in self.masks for p in params):
+                parts, offset = [], 0
+                for p in params:
+                    mask = self.masks.get(p)
+                    kept = (mask.to(device).nonzero().view(-1) if mask is not None
+                            else torch.arange(p.numel(), device=device))
+                    parts.append(kept + offset)
+                    offset += p.numel()
+                self._kept[key] = torch.cat(parts)
         return self._kept[key]

@@ -6,5 +6,5 @@ from .natural import NaturalCompression, NaturalDithering
 from .qsgd import QSGD
 
 __all__ = ["Codec", "Payload", "HEADER_BYTES", "get_codec", "codec_names", "register_codec",
-           "contractive_factor",
-           "QSGD", "NaturalCompression", "NaturalDithering", "Identity", "FP16", "BF16"]
+           "contractive_factor", "QSGD", "NaturalCompression", "NaturalDithering", "Identity",
+           "FP16", "BF16"]

@@ -94,15 +94,20 @@ class BucketedLevelCodec(Codec):
     def _body_bytes(self, numel: int) -> int:
         return 4 * self._buckets(numel) + bitpack.packed_bytes(numel, self.bits)
 
-    def _quantize(self, part, generator):
-        """Scales (one per bucket) and unpacked uint8 codes of a bucket-aligned slice."""
+    def _bucket_magnitudes(self, part):
+        """``(|x|, scales)``: the bucket-aligned slice's magnitudes as one row per bucket (the
+        last padded with zeros) and each bucket's norm."""
         numel, d = part.numel(), self.bucket_size
-        nb = self._buckets(numel)
         x = part.float()
         if numel % d:
-            x = torch.nn.functional.pad(x, (0, nb * d - numel))
-        magnitudes = x.abs().view(nb, d)
-        scales = block_norms(magnitudes, self.norm)
+            x = torch.nn.functional.pad(x, (0, self._buckets(numel) * d - numel))
+        magnitudes = x.abs().view(-1, d)
+        return magnitudes, block_norms(magnitudes, self.norm)
+
+    def _quantize(self, part, generator):
+        """Scales (one per bucket) and unpacked uint8 codes of a bucket-aligned slice."""
+        numel = part.numel()
+        magnitudes, scales = self._bucket_magnitudes(part)
         # A non-finite bucket keeps its non-finite scale, so it decodes non-finite; its codes
         # only need to be valid integers (NaN and Inf become level 0, overshoot is clamped).
         # Divided by ``scale / unit`` rather than multiplied by its inverse: ``unit / scale``
@@ -118,14 +123,9 @@ class BucketedLevelCodec(Codec):
     def expected_sq_error(self, flat):
         """Each value rounds between its two neighbouring magnitudes ``lo <= r <= hi`` (in
         units of its bucket's scale), with variance ``(hi - r)(r - lo) scale^2``."""
-        numel, d = flat.numel(), self.bucket_size
-        if numel == 0:
+        if flat.numel() == 0:
             return torch.zeros((), device=flat.device)
-        x = flat.float()
-        if numel % d:
-            x = torch.nn.functional.pad(x, (0, self._buckets(numel) * d - numel))
-        magnitudes = x.abs().view(-1, d)
-        scales = block_norms(magnitudes, self.norm)
+        magnitudes, scales = self._bucket_magnitudes(flat.reshape(-1))
         safe = torch.where(torch.isfinite(scales) & (scales > 0), scales, torch.ones_like(scales))
         ratio = (magnitudes / safe.unsqueeze(1)).clamp_(0, 1)
         table = self._magnitudes().to(flat.device)

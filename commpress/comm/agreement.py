@@ -38,7 +38,8 @@ def _describe(fields: Dict) -> torch.Tensor:
     if len(raw) > DESCRIPTION_BYTES:  # keep it valid JSON: replace long values by their digest
         raw = json.dumps({k: (v if len(json.dumps(v, default=str)) < 64 else f"#{_digest(v):x}")
                           for k, v in fields.items()}, sort_keys=True, default=str).encode()
-        raw = raw[:DESCRIPTION_BYTES] if len(raw) <= DESCRIPTION_BYTES else b"{}"
+        if len(raw) > DESCRIPTION_BYTES:
+            raw = b"{}"
     out = torch.zeros(DESCRIPTION_BYTES, dtype=torch.uint8)
     out[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     return out

@@ -26,6 +26,8 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
     only those entries: the result is zero elsewhere. Every front end reduces through here.
     ``collective="auto"`` picks the algorithm with
     :func:`~commpress.comm.collectives.choose_algorithm`."""
+    if flat.dtype == torch.float64:  # codecs take fp32/fp16/bf16: float64 is reduced in fp32
+        flat = flat.float()
     if keep is not None:  # the masked gradient: zero outside the mask
         flat = torch.zeros_like(flat).index_copy_(0, keep, flat.index_select(0, keep))
     sent = feedback.compensate(keys, flat, sizes, codec) if feedback else flat
