@@ -135,9 +135,20 @@ class Codec:
         """Write the body of non-empty ``flat`` into ``out`` (``_body_bytes`` uint8s)."""
         raise NotImplementedError
 
-    def _decode_body(self, body: torch.Tensor, out: torch.Tensor) -> None:
-        """Fill the non-empty flat ``out`` (any float dtype) from a length-checked ``body``."""
+    def _decode_body(self, body: torch.Tensor, out: torch.Tensor, alpha: Optional[float] = None) -> None:
+        """Fill the non-empty flat ``out`` (any float dtype) from a length-checked ``body``;
+        with ``alpha``, add the decoded values times ``alpha`` to fp32 ``out`` instead. This
+        default decodes into a temporary for that."""
         raise NotImplementedError
+
+    @staticmethod
+    def _store(values: torch.Tensor, out: torch.Tensor, alpha: Optional[float]) -> None:
+        """``out = values``, or with ``alpha``, ``out += values * alpha`` (one rounding order
+        for every codec and path, so every rank sums bit-identically)."""
+        if alpha is None:
+            out.copy_(values)
+        else:
+            out.add_(values.to(out.dtype) * alpha)
 
     # -- public API ---------------------------------------------------------------------
     def expected_sq_error(self, flat: torch.Tensor) -> Optional[torch.Tensor]:
@@ -186,6 +197,29 @@ class Codec:
         would stall the stream for every payload): the length must be ``wire_bytes(numel)``,
         and the configuration agreement has already checked codec and sizes across ranks. On
         the CPU the header is always checked."""
+        data, numel, dtype = self._checked(payload, dtype, numel)
+        if payload.shape is not None and math.prod(payload.shape) != numel:
+            raise ValueError(f"payload holds {numel} elements but its shape is {tuple(payload.shape)}")
+        flat = torch.empty(numel, dtype=dtype, device=data.device)
+        if numel:
+            self._decode_body(data[HEADER_BYTES:], flat)
+        return flat.view(payload.shape if payload.shape is not None else (numel,))
+
+    def decode_add(self, payload: Payload, out: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """``out += decode(payload) * alpha`` for a flat fp32 ``out`` holding as many elements
+        as the payload (checked as :meth:`decode` checks with ``numel``). Codecs that can
+        decode straight into the sum (the bucketed ones) need no full-size temporary: the
+        collectives sum W payloads this way."""
+        if out.dim() != 1 or out.dtype != torch.float32:
+            raise ValueError(f"decode_add accumulates into a 1-D float32 tensor, got "
+                             f"{out.dtype} of shape {tuple(out.shape)}")
+        data, numel, _ = self._checked(payload, torch.float32, out.numel())
+        if numel:
+            self._decode_body(data[HEADER_BYTES:], out, alpha)
+        return out
+
+    def _checked(self, payload: Payload, dtype: Optional[torch.dtype], numel: Optional[int]):
+        """``(data, numel, dtype)`` of a payload that passed the checks :meth:`decode` names."""
         data = payload.data
         if isinstance(data, torch.Tensor) and not data.is_contiguous():  # e.g. a strided view
             data = data.contiguous()
@@ -196,12 +230,7 @@ class Codec:
             if numel is not None and header.numel != numel:
                 raise ValueError(f"payload holds {header.numel} elements, {numel} expected")
             numel, dtype = header.numel, dtype or header.dtype
-        if payload.shape is not None and math.prod(payload.shape) != numel:
-            raise ValueError(f"payload holds {numel} elements but its shape is {tuple(payload.shape)}")
-        flat = torch.empty(numel, dtype=dtype, device=data.device)
-        if numel:
-            self._decode_body(data[HEADER_BYTES:], flat)
-        return flat.view(payload.shape if payload.shape is not None else (numel,))
+        return data, numel, dtype
 
     def _check_layout(self, data: torch.Tensor, numel: int) -> None:
         """The checks of :meth:`read_header` that need no look at the bytes."""
@@ -261,14 +290,16 @@ def contractive_factor(codec: "Codec", x: torch.Tensor) -> torch.Tensor:
 CPU_CHUNK = 1 << 18
 
 
-def chunk_ranges(numel: int, align: int, device: torch.device):
-    """``(start, stop)`` ranges covering ``numel`` with starts at multiples of ``align``:
-    cache-sized on CPU, one range on accelerators (where each op is one big kernel)."""
+def chunk_ranges(numel: int, align: int, device: torch.device, first: int = 0):
+    """``(start, stop)`` ranges covering ``first..numel`` (``first`` a multiple of ``align``)
+    with starts at multiples of ``align``: cache-sized on CPU, one range on accelerators
+    (where each op is one big kernel)."""
     if device.type != "cpu":
-        yield 0, numel
+        if first < numel:
+            yield first, numel
         return
     step = max(align, CPU_CHUNK // align * align)
-    for start in range(0, numel, step):
+    for start in range(first, numel, step):
         yield start, min(start + step, numel)
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import bitpack
+from . import bitpack, kernels
 from .base import Codec, chunk_ranges
 
 _NORMS = {"max": 0, "l2": 1}
@@ -74,9 +74,21 @@ class BucketedLevelCodec(Codec):
         self._tables = {}
 
     # -- subclass hooks -------------------------------------------------------------------
-    def _magnitudes(self) -> torch.Tensor:
-        """fp32 tensor of the ``levels + 1`` magnitudes, level 0 being 0 and the top 1."""
+    def _level_magnitudes(self, level: torch.Tensor) -> torch.Tensor:
+        """The magnitude (fp32, a fraction of the scale) of each level in ``level`` (fp32
+        integers in ``0..levels``): level 0 is 0 and the top level 1."""
         raise NotImplementedError
+
+    def _magnitudes(self) -> torch.Tensor:
+        """fp32 tensor of the ``levels + 1`` magnitudes."""
+        return self._level_magnitudes(torch.arange(self.levels + 1, dtype=torch.float32))
+
+    def _fractions(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code (fp32) -> signed fraction of the scale. Codes no encoder produces map to NaN,
+        so a corrupted body can never pass as a plausible gradient."""
+        signed = codes - self.levels
+        fraction = self._level_magnitudes(signed.abs()).copysign(signed)
+        return torch.where(codes <= 2 * self.levels, fraction, math.nan)
 
     #: ``_round`` receives ``|x| / norm * _ratio_unit``
     _ratio_unit = 1
@@ -104,9 +116,9 @@ class BucketedLevelCodec(Codec):
         magnitudes = x.abs().view(-1, d)
         return magnitudes, block_norms(magnitudes, self.norm)
 
-    def _quantize(self, part, generator):
-        """Scales (one per bucket) and unpacked uint8 codes of a bucket-aligned slice."""
-        numel = part.numel()
+    def _divisors(self, part):
+        """``(scales, divisors)`` per bucket of a bucket-aligned slice: each bucket's norm,
+        and what its magnitudes are divided by before rounding."""
         magnitudes, scales = self._bucket_magnitudes(part)
         # A non-finite bucket keeps its non-finite scale, so it decodes non-finite; its codes
         # only need to be valid integers (NaN and Inf become level 0, overshoot is clamped).
@@ -114,11 +126,27 @@ class BucketedLevelCodec(Codec):
         # overflows for buckets whose largest value is below ~1e-38, which would all round to
         # zero. Unusable buckets (zero or non-finite scale) divide by inf.
         usable = torch.isfinite(scales) & (scales > 0)
-        divisor = torch.where(usable, (scales / self._ratio_unit).clamp_(min=_SMALLEST_FP32),
-                              torch.full_like(scales, math.inf))
-        scaled = magnitudes.div_(divisor.unsqueeze(1)).view(-1)[:numel].nan_to_num_(0.0, 0.0, 0.0)
-        level = self._round(scaled, uniform_1_2(numel, part.device, generator))
-        return scales, level.copysign_(part).add_(self.levels).to(torch.uint8)
+        divisors = torch.where(usable, (scales / self._ratio_unit).clamp_(min=_SMALLEST_FP32),
+                               torch.full_like(scales, math.inf))
+        return scales, divisors
+
+    def _codes(self, values, divisors, uniforms):
+        """uint8 codes of ``values``, given each one's divisor (broadcast) and a uniform in
+        [1, 2) per value."""
+        scaled = (values.float().abs() / divisors).nan_to_num_(0.0, 0.0, 0.0)
+        return self._round(scaled, uniforms).copysign_(values).add_(self.levels).to(torch.uint8)
+
+    def _quantize(self, part, uniforms):
+        """Scales (one per bucket) and unpacked uint8 codes of a bucket-aligned slice."""
+        scales, divisors = self._divisors(part)
+        numel, d = part.numel(), self.bucket_size
+        whole = numel // d * d
+        codes = torch.empty(numel, dtype=torch.uint8, device=part.device)
+        codes[:whole].view(-1, d).copy_(self._codes(
+            part[:whole].view(-1, d), divisors[: whole // d].unsqueeze(1), uniforms[:whole].view(-1, d)))
+        if whole < numel:
+            codes[whole:] = self._codes(part[whole:], divisors[-1], uniforms[whole:])
+        return scales, codes
 
     def expected_sq_error(self, flat):
         """Each value rounds between its two neighbouring magnitudes ``lo <= r <= hi`` (in
@@ -133,25 +161,65 @@ class BucketedLevelCodec(Codec):
         hi, lo = table[upper], table[upper - 1]
         return ((hi - ratio) * (ratio - lo)).sum(1).mul(safe * safe).sum()
 
+    def _fused(self):
+        """Whether the fused kernels apply: bucket boundaries fall on whole packed bytes."""
+        return self.bucket_size % bitpack.group_shape(self.bits)[0] == 0
+
     def _encode_body(self, flat, generator, out):
         d, bits = self.bucket_size, self.bits
         nb = self._buckets(flat.numel())
         scales_out, packed_out = out[: 4 * nb].view(torch.float32), out[4 * nb:]
-        for lo, hi in chunk_ranges(flat.numel(), math.lcm(d, 8), flat.device):
-            scales, codes = self._quantize(flat[lo:hi], generator)
+        done = flat.numel() // d * d  # whole buckets: one fused kernel, the rest eagerly
+        scales = kernels.run(("encode", repr(self), flat.device.type), self._fused_encoder,
+                             flat[:done], kernels.draw_key(generator, flat.device),
+                             packed_out[: done * bits // 8]) \
+            if self._fused() and kernels.usable(flat.device, done) else None
+        if scales is None:
+            done = 0
+        else:
+            scales_out[: done // d] = scales
+        for lo, hi in chunk_ranges(flat.numel(), math.lcm(d, 8), flat.device, first=done):
+            scales, codes = self._quantize(flat[lo:hi], uniform_1_2(hi - lo, flat.device, generator))
             scales_out[lo // d: lo // d + scales.numel()] = scales
             packed_out[lo * bits // 8: lo * bits // 8 + bitpack.packed_bytes(hi - lo, bits)] = \
                 bitpack.pack(codes, bits)
 
+    def _fused_encoder(self):
+        """The kernel: codes computed column by column of the packing groups (code ``k`` of
+        every group), so the compiler writes packed bytes straight from the input."""
+        per_group, d = bitpack.group_shape(self.bits)[0], self.bucket_size
+
+        def encode(flat, key, packed_out):
+            scales, divisors = self._divisors(flat)
+            columns = flat.view(-1, per_group)
+            group = torch.arange(columns.shape[0], dtype=torch.int32, device=flat.device)
+            per_value = divisors[group // (d // per_group)]
+            bits = kernels.hashed_bits(key, flat.numel(), flat.device).view(-1, per_group)
+            codes = [self._codes(columns[:, k], per_value,
+                                 bits[:, k].float().mul_(2.0 ** -23).add_(1.0))
+                     for k in range(per_group)]
+            packed_out.copy_(bitpack.pack_columns(codes, self.bits))
+            return scales
+        return encode
+
+    def _fused_decoder(self, alpha):
+        per_group, d = bitpack.group_shape(self.bits)[0], self.bucket_size
+
+        def decode(scales, packed, out):
+            codes = bitpack.unpack_columns(packed, self.bits)
+            group = torch.arange(codes[0].numel(), dtype=torch.int32, device=packed.device)
+            scale = scales[group // (d // per_group)]
+            values = [self._fractions(code.float()) * scale for code in codes]
+            self._store(torch.stack(values, 1).view(-1) if per_group > 1 else values[0], out, alpha)
+            return out
+        return decode
+
     def _table(self, device: torch.device) -> torch.Tensor:
-        """Code -> signed fraction of the scale. Codes no encoder produces map to NaN, so a
-        corrupted body can never pass as a plausible gradient."""
+        """:meth:`_fractions` of every code, for lookups."""
         table = self._tables.get(device)
         if table is None:
-            mags = self._magnitudes()
-            table = torch.full((2 ** self.bits,), float("nan"))
-            table[: 2 * self.levels + 1] = torch.cat([-mags.flip(0)[:-1], mags])
-            table = self._tables[device] = table.to(device)
+            codes = torch.arange(2 ** self.bits, dtype=torch.float32)
+            table = self._tables[device] = self._fractions(codes).to(device)
         return table
 
     def _byte_table(self, device: torch.device) -> torch.Tensor:
@@ -179,18 +247,24 @@ class BucketedLevelCodec(Codec):
         codes = bitpack.unpack(packed, n, self.bits)
         torch.index_select(self._table(packed.device), 0, codes.to(torch.int32), out=out[:n])
 
-    def _decode_body(self, body, out):
+    def _decode_body(self, body, out, alpha=None):
         d, bits, numel = self.bucket_size, self.bits, out.numel()
         nb = self._buckets(numel)
         scales = aligned(body[: 4 * nb], 4).view(torch.float32)
         packed = body[4 * nb:]
-        for lo, hi in chunk_ranges(numel, math.lcm(d, 8), body.device):
+        done = numel // d * d
+        if not (self._fused() and kernels.usable(body.device, done) and kernels.run(
+                ("decode", repr(self), body.device.type, alpha is None),
+                lambda: self._fused_decoder(alpha), scales[: done // d].clone(),
+                packed[: done * bits // 8], out[:done]) is not None):
+            done = 0
+        for lo, hi in chunk_ranges(numel, math.lcm(d, 8), body.device, first=done):
             n, nbytes = hi - lo, bitpack.packed_bytes(hi - lo, bits)
             values = torch.empty(-(-n // d) * d, dtype=torch.float32, device=body.device)
             self._lookup(packed[lo * bits // 8: lo * bits // 8 + nbytes], n, values)
             values[n:] = 0
             values.view(-1, d).mul_(scales[lo // d: lo // d + values.numel() // d].unsqueeze(1))
-            out[lo:hi] = values[:n]
+            self._store(values[:n], out[lo:hi], alpha)
 
     def _params(self):
         return (self.levels, _NORMS[self.norm], self.bucket_size)

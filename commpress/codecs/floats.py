@@ -19,8 +19,8 @@ class _CastCodec(Codec):
     def _encode_body(self, flat, generator, out):
         out.view(self.wire_dtype).copy_(flat)
 
-    def _decode_body(self, body, out):
-        out.copy_(aligned(body, self.wire_dtype.itemsize).view(self.wire_dtype))
+    def _decode_body(self, body, out, alpha=None):
+        self._store(aligned(body, self.wire_dtype.itemsize).view(self.wire_dtype), out, alpha)
 
 
 @register_codec("identity", "fp32", "none")

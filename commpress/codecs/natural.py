@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from . import kernels
 from .base import Codec, chunk_ranges, register_codec
 from .bucketed import BucketedLevelCodec, aligned, random_bits
 
@@ -46,11 +47,16 @@ class NaturalCompression(Codec):
         return torch.where(a > 0, (hi - a) * (a - hi / 2), torch.zeros_like(a)).sum()
 
     def _encode_body(self, flat, generator, out):
+        if kernels.usable(flat.device, flat.numel()):
+            e_top = kernels.run(("encode", repr(self), flat.device.type), self._fused_encoder, flat,
+                                kernels.draw_key(generator, flat.device, streams=2), out[4:])
+            if e_top is not None:
+                out[:4] = e_top.reshape(1).view(torch.uint8)
+                return
         ranges = list(chunk_ranges(flat.numel(), 1, flat.device))
         biggest = torch.zeros((), dtype=torch.int32, device=flat.device)
         for lo, hi in ranges:  # largest finite exponent, without a host sync
-            expo = (flat[lo:hi].float().view(torch.int32) >> 23) & 0xFF
-            biggest = torch.maximum(biggest, expo.masked_fill_(expo == 0xFF, 0).amax())
+            biggest = torch.maximum(biggest, self._largest_exponent(flat[lo:hi].float()))
         e_top = biggest + 1  # rounding up adds at most one
         out[:4] = e_top.reshape(1).view(torch.uint8)
         table = self._code_table(e_top)
@@ -58,7 +64,24 @@ class NaturalCompression(Codec):
         # looking is free, skip it when no value can be that small.
         low_range = flat.device.type != "cpu" or int(e_top) > _SPAN - 1
         for lo, hi in ranges:
-            out[4 + lo: 4 + hi] = self._codes(flat[lo:hi].float(), e_top, table, low_range, generator)
+            n = hi - lo
+            out[4 + lo: 4 + hi] = self._codes(flat[lo:hi].float(), e_top, table, low_range,
+                                              lambda stream: random_bits(n, flat.device, generator))
+
+    def _fused_encoder(self):
+        def encode(flat, key, codes_out):
+            x = flat.float()
+            e_top = self._largest_exponent(x) + 1
+            codes_out.copy_(self._codes(x, e_top, self._code_table(e_top), True, lambda stream:
+                                        kernels.hashed_bits(key, x.numel(), x.device, stream)))
+            return e_top
+        return encode
+
+    @staticmethod
+    def _largest_exponent(x):
+        """The largest biased exponent among the finite values of fp32 ``x`` (0-d int32)."""
+        expo = (x.view(torch.int32) >> 23) & 0xFF
+        return expo.masked_fill(expo == 0xFF, 0).amax()
 
     @staticmethod
     def _code_table(e_top):
@@ -70,7 +93,9 @@ class NaturalCompression(Codec):
         return torch.cat([low, torch.where(low == _ZERO, low, low | 0x80)]).to(torch.uint8)
 
     @staticmethod
-    def _codes(x, e_top, table, low_range, generator):
+    def _codes(x, e_top, table, low_range, random):
+        """Code bytes of fp32 ``x``; ``random(stream)`` gives uniform 23-bit integers (int32),
+        one per value, a fresh draw for each ``stream``."""
         bits = x.view(torch.int32)
         magnitude = bits & 0x7FFFFFFF
         nan = magnitude > 0x7F800000
@@ -79,19 +104,19 @@ class NaturalCompression(Codec):
         # exponent with probability mantissa / 2^23 (a subnormal becomes 2^-126 or zero).
         # fp32 has no 2^128: finite values of the top binade (|x| >= 2^127) stay at 2^127,
         # the one place C_nat is biased (down, by less than 2x); infinities stay infinite.
-        expo = magnitude.clamp_(max=0x7F7FFFFF).add_(random_bits(x.numel(), x.device, generator)) >> 23
+        expo = magnitude.clamp_(max=0x7F7FFFFF).add_(random(0)) >> 23
         expo = expo.clamp_(max=254).add_(infinite)
         if low_range:
             # below 2^(e_low-127): up to it with probability 2^(expo - e_low), else to zero
             e_low = e_top - (_SPAN - 1)
             below = (expo < e_low) & (expo > 0)
             threshold = (1 << 23) >> (e_low - expo).clamp_(0, 31)
-            up = random_bits(x.numel(), x.device, generator) < threshold
+            up = random(1) < threshold
             expo = torch.where(below, up * e_low, expo)
         index = expo.bitwise_or_((bits >> 23) & 0x100)
         return torch.index_select(table, 0, index).masked_fill_(nan, _NAN)
 
-    def _decode_body(self, body, out):
+    def _decode_body(self, body, out, alpha=None):
         e_top = aligned(body[:4], 4).view(torch.int32)
         low = torch.arange(128, device=body.device, dtype=torch.int32)
         mags = torch.ldexp(torch.ones(128, device=body.device),
@@ -100,7 +125,8 @@ class NaturalCompression(Codec):
         table = torch.cat([mags, -mags])
         table[_NAN] = math.nan
         for lo, hi in chunk_ranges(out.numel(), 1, body.device):
-            out[lo:hi] = torch.index_select(table, 0, body[4 + lo: 4 + hi].to(torch.int32))
+            self._store(torch.index_select(table, 0, body[4 + lo: 4 + hi].to(torch.int32)),
+                        out[lo:hi], alpha)
 
 
 @register_codec("dithering", "dnat")
@@ -128,17 +154,21 @@ class NaturalDithering(BucketedLevelCodec):
         bits = 1 + math.ceil(math.log2(levels + 1))
         super().__init__(bits, levels, bucket_size, "max" if p == math.inf else "l2")
 
-    def _magnitudes(self):
-        mags = torch.ldexp(torch.ones(self.levels + 1),
-                           torch.arange(self.levels + 1, dtype=torch.float32) - self.levels)
-        mags[0] = 0.0
-        return mags
+    def _level_magnitudes(self, level):
+        # 2^(level - levels) written as fp32 bits (exact, and vectorises), 0 for level 0
+        power = ((level.to(torch.int32) + (127 - self.levels)) << 23).view(torch.float32)
+        return torch.where(level > 0, power, 0.0)
 
     def _round(self, ratio, u):
-        mant, expo = torch.frexp(ratio)  # ratio = mant * 2^expo, mant in [0.5, 1)
+        # On the fp32 bits: ratio = (1 + m / 2^23) * 2^e lies between the levels 2^e and
+        # 2^(e+1), and goes up with probability m / 2^23 (exact; no frexp, which the compiler
+        # would not fuse). Ratios below the lowest nonzero level 2^(1-levels) (>= 2^-126, so
+        # every subnormal is among them) round between 0 and that level.
+        bits = ratio.view(torch.int32)
         small = ratio < 2.0 ** (1 - self.levels)
-        low = torch.where(small, 0, expo - 1 + self.levels)
-        p_up = torch.where(small, ratio * 2.0 ** (self.levels - 1), 2 * mant - 1)
+        low = torch.where(small, 0, ((bits >> 23) & 0xFF) - 127 + self.levels)
+        p_up = torch.where(small, ratio * 2.0 ** (self.levels - 1),
+                           (bits & 0x7FFFFF).float() * 2.0 ** -23)
         return (low + (u.sub_(1.0) < p_up)).clamp_(max=self.levels).float()
 
     def __repr__(self):

@@ -33,8 +33,8 @@ class QSGD(BucketedLevelCodec):
             raise ValueError(f"QSGD bits must be an integer in 2..8 (one is the sign), got {bits!r}")
         super().__init__(bits, 2 ** (bits - 1) - 1, bucket_size, norm)
 
-    def _magnitudes(self):
-        return torch.arange(self.levels + 1, dtype=torch.float32) / self.levels
+    def _level_magnitudes(self, level):
+        return level / self.levels
 
     @property
     def _ratio_unit(self):

@@ -95,3 +95,53 @@ def test_training_under_a_non_default_stream(nccl_world):
     exact = model.module.weight.grad
     # QSGD-8 with max-norm buckets: within one level of each bucket's scale
     assert (grad - exact).abs().max() <= exact.abs().max() / 127 * 1.01
+
+
+def _gloo_on_one_gpu(rank, world_size, hook, collective, use_side_stream):
+    """Two processes share cuda:0 over gloo: the hook runs on its worker thread with CUDA
+    buckets (side stream + events), the path NCCL does not take."""
+    torch.manual_seed(0)
+    model = DDP(nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4)).cuda(),
+                device_ids=[0], bucket_cap_mb=0.05)
+    state = cp.register_hook(model, hook, collective=collective, start_iter=1, log_every=0,
+                             min_numel=1)
+    assert not state._runtime.inline
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator(device="cuda").manual_seed(100 + rank)
+    stream = torch.cuda.Stream() if use_side_stream else torch.cuda.current_stream()
+    losses = []
+    for step in range(6):
+        with torch.cuda.stream(stream):
+            x = torch.randn(32, 64, device="cuda", generator=gen)
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+        losses.append(loss.item())
+    torch.cuda.synchronize()
+    # the exact fp32 mean of one step, against the hook's result, on the same weights
+    x = torch.randn(32, 64, device="cuda", generator=gen)
+    model.zero_grad()
+    model(x).square().mean().backward()
+    compressed = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.module.zero_grad()
+    model.module(x).square().mean().backward()
+    local = torch.cat([p.grad.flatten() for p in model.module.parameters()])
+    dist.all_reduce(local)
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return {"params": params.cpu(), "compressed": compressed.cpu(), "exact": (local / world_size).cpu(),
+            "losses": losses, "steps": state.stats.steps}
+
+
+@pytest.mark.parametrize("hook,collective,side", [
+    ("qsgd8", "allgather", False), ("qsgd8", "reduce_scatter", True),
+    ("qsgd4+ef", "reduce_scatter", False), ("natural", "allgather", True), ("fp16", "auto", False)])
+def test_two_processes_share_one_gpu_over_gloo(hook, collective, side):
+    from distributed import run_workers
+    results = run_workers(_gloo_on_one_gpu, 2, hook, collective, side, timeout=300)
+    assert torch.equal(results[0]["params"], results[1]["params"])  # replicas agree
+    for r in results:
+        assert r["steps"] == 7 and all(math.isfinite(v) for v in r["losses"])
+        exact = r["exact"]
+        err = (r["compressed"] - exact).norm() / exact.norm()
+        assert err < (1.0 if "+ef" in hook else 0.1), err

@@ -1,0 +1,110 @@
+"""Fused codec kernels: the codecs' own torch code, compiled once per process by
+``torch.compile`` (Inductor: C++/OpenMP on CPU, Triton on CUDA) into one or two loops.
+
+The eager code stays the reference and the fallback. A kernel is not used when compilation
+is switched off (``COMMPRESS_COMPILE=0`` or :func:`set_enabled`), when ``torch.compile``
+is missing, or when compiling or running it failed once (logged once; eager from then on).
+
+Randomness inside a kernel is counter-based: element ``i`` of a call draws
+``hash(i, key)``, with the two 32-bit key words drawn from the caller's generator. So the
+stream is reproducible from the generator's state (which checkpoints already hold), and
+independent across ranks and steps as the generators are; no separate pass writes random
+numbers to memory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Callable, Dict, Hashable, Optional
+
+import torch
+
+logger = logging.getLogger("commpress.kernels")
+
+#: below this many elements a kernel call costs more than it saves
+MIN_NUMEL = 1 << 16
+ENV_SWITCH = "COMMPRESS_COMPILE"
+
+_lock = threading.Lock()
+_kernels: Dict[Hashable, Callable] = {}
+_broken: Dict[Hashable, str] = {}
+_override: Optional[bool] = None
+
+
+def set_enabled(flag: Optional[bool]) -> None:
+    """Force the fused kernels on (True) or off (False) in this process; None: back to the
+    environment (``COMMPRESS_COMPILE``, on unless ``0``/``false``/``off``)."""
+    global _override
+    _override = flag
+
+
+def enabled() -> bool:
+    if _override is not None:
+        return _override
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def usable(device: torch.device, numel: int) -> bool:
+    """Whether a fused kernel should run for ``numel`` elements on ``device``."""
+    if numel < MIN_NUMEL or not enabled() or not hasattr(torch, "compile"):
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and _triton_available())
+
+
+def _triton_available() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+        return has_triton()
+    except ImportError:
+        return False
+
+
+def run(key: Hashable, build: Callable[[], Callable], *args):
+    """The result of the kernel cached under ``key`` (compiled from ``build()`` on first
+    use) on ``args``, whose first dimensions may vary between calls without recompiling.
+    None when the kernel is unavailable: the caller then does the work eagerly (a kernel
+    writes only into output tensors among ``args``, which the eager path overwrites)."""
+    if key in _broken:
+        return None
+    try:
+        kernel = _kernels.get(key)
+        if kernel is None:
+            with _lock:
+                kernel = _kernels.get(key)
+                if kernel is None:
+                    kernel = _kernels[key] = torch.compile(build(), dynamic=False)
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.dim() > 0:
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+        return kernel(*args)
+    except Exception as error:  # a compiler missing or failing: eager from now on
+        _broken[key] = repr(error)
+        message = str(error).strip().splitlines()
+        logger.warning("commpress: compiled kernel %s failed (%s); using the eager code",
+                       key, message[-1] if message else type(error).__name__)
+        return None
+
+
+def _mix(h: torch.Tensor) -> torch.Tensor:
+    """Chris Wellons' ``lowbias32`` integer hash on int32 (wrapping multiplies; logical
+    shifts by masking the arithmetic ones)."""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * 0x7FEB352D
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    h = h * (0x846CA68B - (1 << 32))
+    return h ^ ((h >> 16) & 0xFFFF)
+
+
+def hashed_bits(key: torch.Tensor, numel: int, device: torch.device, stream: int = 0) -> torch.Tensor:
+    """``numel`` uniform 23-bit integers (int32) for elements ``0..numel-1``, from the key
+    words ``key[2*stream]`` and ``key[2*stream + 1]`` (int32)."""
+    index = torch.arange(numel, dtype=torch.int32, device=device)
+    return (_mix(_mix(index ^ key[2 * stream]) ^ key[2 * stream + 1]) >> 9) & 0x7FFFFF
+
+
+def draw_key(generator: Optional[torch.Generator], device: torch.device, streams: int = 1) -> torch.Tensor:
+    """The key words of :func:`hashed_bits` for ``streams`` streams, drawn from ``generator``
+    on ``device`` (no host round trip on accelerators)."""
+    words = torch.empty(2 * streams, dtype=torch.int32, device=device)
+    return words.random_(-(1 << 31), (1 << 31) - 1, generator=generator)

@@ -1,0 +1,152 @@
+"""The fused (compiled) codec kernels against the eager reference: same bytes from the same
+randomness, one wire format both ways, unbiased, within the variance bounds, and a clean
+fall back to eager when compiling is off or fails."""
+import logging
+import math
+
+import pytest
+import torch
+
+import commpress as cp
+from commpress.codecs import HEADER_BYTES, bitpack, kernels
+
+N = kernels.MIN_NUMEL * 2 + 37  # whole buckets through the kernel, a ragged tail eagerly
+CODECS = {"qsgd4": cp.QSGD(bits=4), "qsgd3": cp.QSGD(bits=3),
+          "qsgd2-128": cp.QSGD(bits=2, bucket_size=128), "dithering": cp.NaturalDithering()}
+
+
+@pytest.fixture
+def compiled():
+    kernels.set_enabled(True)
+    yield
+    kernels.set_enabled(None)
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_fused_encode_is_the_eager_code_with_hashed_randomness(compiled, name):
+    codec = CODECS[name]
+    x = torch.randn(N, generator=torch.Generator().manual_seed(1))
+    x[5] = 0.0
+    x[1000:1100] *= 1e-30  # tiny values in one bucket
+    payload = codec.encode(x, torch.Generator().manual_seed(7))
+    assert payload.nbytes == codec.wire_bytes(N)
+    # the eager code given the same key words reproduces the kernel's bytes
+    key = kernels.draw_key(torch.Generator().manual_seed(7), x.device)
+    done = N // codec.bucket_size * codec.bucket_size
+    uniforms = kernels.hashed_bits(key, done, x.device).float() * 2.0 ** -23 + 1.0
+    scales, codes = codec._quantize(x[:done], uniforms)
+    body = payload.data[HEADER_BYTES:]
+    buckets = codec._buckets(N)
+    assert torch.equal(body[: 4 * (done // codec.bucket_size)].view(torch.float32), scales)
+    packed = body[4 * buckets:][: done * codec.bits // 8]
+    assert torch.equal(packed, bitpack.pack(codes, codec.bits))
+    # one wire format: the fused and the eager decoder agree bit for bit
+    fused = codec.decode(payload)
+    kernels.set_enabled(False)
+    assert torch.equal(fused, codec.decode(payload))
+    eager_payload = codec.encode(x, torch.Generator().manual_seed(7))
+    kernels.set_enabled(True)
+    assert torch.equal(codec.decode(eager_payload), _decoded_eagerly(codec, eager_payload))
+
+
+def _decoded_eagerly(codec, payload):
+    kernels.set_enabled(False)
+    try:
+        return codec.decode(payload)
+    finally:
+        kernels.set_enabled(True)
+
+
+@pytest.mark.parametrize("name", ["qsgd4", "dithering"])
+def test_fused_path_is_unbiased_with_the_expected_variance(compiled, name):
+    codec = CODECS[name]
+    x = torch.randn(N, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(3)
+    trials = 100
+    errors = torch.stack([codec.decode(codec.encode(x, gen)) - x for _ in range(trials)])
+    # unbiased: the mean error along random directions is within noise
+    directions = torch.randn(4, N, generator=torch.Generator().manual_seed(4))
+    projected = errors.double() @ directions.double().T  # trials x 4
+    assert (projected.mean(0).abs() < 5 * projected.std(0) / math.sqrt(trials)).all()
+    # the second moment is the one the rounding probabilities give (Codec.expected_sq_error)
+    measured = errors.square().sum(1).mean()
+    expected = codec.expected_sq_error(x)
+    assert abs(measured / expected - 1) < 0.05, (measured, expected)
+
+
+def test_qsgd_l2_variance_bound_on_the_fused_path(compiled):
+    codec = cp.QSGD(bits=4, norm="l2")  # min(d/s^2, sqrt(d)/s) ||v||^2 per bucket (ALGORITHMS.md)
+    d, s = codec.bucket_size, codec.levels
+    x = torch.randn(N, generator=torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(6)
+    measured = torch.stack([(codec.decode(codec.encode(x, gen)) - x).square().sum()
+                            for _ in range(30)]).mean()
+    assert measured <= min(d / s ** 2, math.sqrt(d) / s) * x.square().sum()
+
+
+def test_hashed_bits_are_uniform_and_keys_independent():
+    key = torch.tensor([123, -456, 789, 1011], dtype=torch.int32)
+    a = kernels.hashed_bits(key, 1 << 18, torch.device("cpu"), stream=0)
+    b = kernels.hashed_bits(key, 1 << 18, torch.device("cpu"), stream=1)
+    assert a.min() >= 0 and a.max() < (1 << 23)
+    counts = torch.bincount(a >> 19, minlength=16).double()  # 16 cells of the top bits
+    chi2 = ((counts - counts.mean()) ** 2 / counts.mean()).sum()
+    assert chi2 < 40  # 15 degrees of freedom: p < 1e-3
+    low = torch.bincount(a & 15, minlength=16).double()  # low bits too
+    assert ((low - low.mean()) ** 2 / low.mean()).sum() < 40
+    fa, fb = a.double() / (1 << 23), b.double() / (1 << 23)
+    assert abs(torch.corrcoef(torch.stack([fa, fb]))[0, 1]) < 0.01
+    assert abs(torch.corrcoef(torch.stack([fa[1:], fa[:-1]]))[0, 1]) < 0.01  # neighbours
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert not kernels.enabled() and not kernels.usable(torch.device("cpu"), N)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "1")
+    assert kernels.enabled()
+    kernels.set_enabled(False)
+    try:
+        assert not kernels.usable(torch.device("cpu"), N)
+    finally:
+        kernels.set_enabled(None)
+
+
+def test_a_failing_compiler_falls_back_to_eager_once(monkeypatch, caplog, compiled):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+    monkeypatch.setattr(kernels, "_kernels", {})
+    monkeypatch.setattr(kernels, "_broken", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    codec = cp.QSGD(bits=4)
+    x = torch.randn(N)
+    with caplog.at_level(logging.WARNING, logger="commpress.kernels"):
+        first = codec.decode(codec.encode(x))
+        codec.decode(codec.encode(x))
+    failures = [r for r in caplog.records if "no C++ compiler here" in r.getMessage()]
+    assert len(failures) == 2  # once for the encoder, once for the decoder, not per call
+    assert (first - x).abs().max() <= x.abs().max() / codec.levels * 1.01
+
+
+def test_fused_natural_compression_is_the_eager_code_with_hashed_randomness(compiled):
+    codec = cp.NaturalCompression()
+    x = torch.randn(N, generator=torch.Generator().manual_seed(8))
+    x[3], x[4], x[5] = 0.0, math.inf, math.nan
+    x[6:100] *= 1e-36  # far below the largest: the second, low-range rounding
+    payload = codec.encode(x, torch.Generator().manual_seed(9))
+    key = kernels.draw_key(torch.Generator().manual_seed(9), x.device, streams=2)
+    e_top = codec._largest_exponent(x) + 1
+    codes = codec._codes(x.clone(), e_top, codec._code_table(e_top), True,
+                         lambda stream: kernels.hashed_bits(key, N, x.device, stream))
+    body = payload.data[HEADER_BYTES:]
+    assert int(body[:4].view(torch.int32)) == int(e_top) and torch.equal(body[4:], codes)
+    y = codec.decode(payload)
+    assert y[3] == 0 and y[4] == math.inf and math.isnan(y[5])
+    # unbiased, with the exact second moment
+    gen = torch.Generator().manual_seed(10)
+    finite = x[6:]
+    errors = torch.stack([codec.decode(codec.encode(finite, gen)) - finite for _ in range(60)])
+    measured, expected = errors.square().sum(1).mean(), codec.expected_sq_error(finite)
+    assert abs(measured / expected - 1) < 0.05
+    direction = torch.randn(finite.numel(), generator=torch.Generator().manual_seed(11))
+    projected = errors.double() @ direction.double()
+    assert abs(projected.mean()) < 5 * projected.std() / math.sqrt(60)
