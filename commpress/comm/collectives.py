@@ -10,7 +10,8 @@ Algorithms (wire bytes per rank for a vector whose payload is ``B`` bytes):
 - ``allgather``: everyone's payload to everyone, decode all W, average. ``(W-1) * B``.
   Vectors over ``PIPELINE_ELEMENTS`` go in pieces, each its own payload, so that encoding
   the next piece and decoding the previous one overlap the wire (engines with asynchronous
-  collectives; the others run the pieces one after the other).
+  collectives; the others run the pieces one after the other). ``reduce_scatter`` does the
+  same with pieces of ``PIPELINE_ELEMENTS`` per rank.
 - ``reduce_scatter``: split into W chunks aligned to the codec's block, ``all_to_all`` the
   encoded chunks, each rank decodes and averages its chunk, re-encodes it, ``all_gather`` of the
   reduced chunks. About ``2(W-1)/W * B``, flat in W like a ring allreduce, at the price of a
@@ -54,10 +55,13 @@ def wire_bytes_per_rank(algorithm: str, codec: Codec, numel: int, world_size: in
     if algorithm == "allgather":
         return (w - 1) * sum(codec.wire_bytes(hi - lo) for lo, hi in pipeline_pieces(numel, codec.block_size))
     if algorithm == "reduce_scatter":
-        chunks = [hi - lo for lo, hi in chunk_bounds(numel, codec.block_size, w)]
-        mine = max(chunks)  # the all_gather's slot also carries a status byte
-        return (sum(codec.wire_bytes(c) for c in chunks) - codec.wire_bytes(mine)
-                + (w - 1) * (codec.wire_bytes(mine) + 1))
+        total = 0
+        for lo, hi in pipeline_pieces(numel, codec.block_size, PIPELINE_ELEMENTS * w):
+            chunks = [b - a for a, b in chunk_bounds(hi - lo, codec.block_size, w)]
+            mine = max(chunks)  # the all_gather's slot also carries a status byte
+            total += (sum(codec.wire_bytes(c) for c in chunks) - codec.wire_bytes(chunks[0])
+                      + (w - 1) * (codec.wire_bytes(mine) + 1))
+        return total
     if algorithm == "allreduce":
         return 2 * (w - 1) / w * numel * _wire_dtype(codec).itemsize
     if algorithm == "hierarchical":
@@ -96,10 +100,10 @@ def chunk_bounds(numel: int, block: int, world_size: int):
     return [(min(r * per_rank, numel), min((r + 1) * per_rank, numel)) for r in range(world_size)]
 
 
-def pipeline_pieces(numel: int, block: int):
-    """``(lo, hi)`` pieces of about ``PIPELINE_ELEMENTS``, aligned to ``block``, covering
-    ``numel`` (one piece, possibly empty, for small vectors); each is its own payload."""
-    size = max(PIPELINE_ELEMENTS // block, 1) * block
+def pipeline_pieces(numel: int, block: int, elements: int = PIPELINE_ELEMENTS):
+    """``(lo, hi)`` pieces of about ``elements``, aligned to ``block``, covering ``numel``
+    (one piece, possibly empty, for small vectors); each is its own payload."""
+    size = max(elements // block, 1) * block
     return [(lo, min(lo + size, numel)) for lo in range(0, max(numel, 1), size)]
 
 
@@ -122,10 +126,14 @@ class _Timer:
             self.stats.add(**{self.field: time.perf_counter() - self.start})
 
 
-def _decode(codec: Codec, data: torch.Tensor, numel: int, peer: int) -> torch.Tensor:
-    """``data`` decoded (fp32), refusing a payload of another length than this rank's: a peer
-    reducing a different tensor must fail the step, not be averaged in."""
+def _decode(codec: Codec, data: torch.Tensor, numel: int, peer: int,
+            into: Optional[torch.Tensor] = None, alpha: float = 1.0) -> torch.Tensor:
+    """``data`` decoded (fp32), or with ``into``, added to it times ``alpha``; refusing a
+    payload of another length than this rank's: a peer reducing a different tensor must fail
+    the step, not be averaged in."""
     try:
+        if into is not None:
+            return codec.decode_add(Payload(data), into, alpha)
         return codec.decode(Payload(data), dtype=torch.float32, numel=numel)
     except ValueError as exc:
         raise ValueError(f"commpress: rank {peer} of the group sent a payload this rank cannot "
@@ -136,17 +144,21 @@ def _decode(codec: Codec, data: torch.Tensor, numel: int, peer: int) -> torch.Te
 def _decode_mean(codec: Codec, gathered: torch.Tensor, sizes, stats, numel: int,
                  keep: Optional[List[torch.Tensor]] = None, rank: int = -1) -> torch.Tensor:
     """Average of the consecutive payloads of ``sizes`` bytes in ``gathered``, each of
-    ``numel`` values (fp32). With ``keep``, appends there the decoded payload of ``rank``
-    (error feedback needs it; decoding it again would cost a pass)."""
+    ``numel`` values (fp32), decoded straight into the sum (no full-size temporary per
+    payload). With ``keep``, appends there the decoded payload of ``rank`` (error feedback
+    needs it), which is added the same way, so every rank's sum is bit-identical."""
     with _Timer(stats, "decode_seconds"):
-        total, offset, share = None, 0, 1.0 / len(sizes)
+        # each part is scaled before it is added: a sum of W values near the fp32 maximum
+        # would overflow where their mean does not
+        offset, share = 0, 1.0 / len(sizes)
+        total = torch.zeros(numel, dtype=torch.float32, device=gathered.device)
         for peer, size in enumerate(sizes):
-            part = _decode(codec, gathered[offset: offset + size], numel, peer)
+            data = gathered[offset: offset + size]
             if keep is not None and peer == rank:
-                keep.append(part)
-            # each part is scaled before it is added: a sum of W values near the fp32 maximum
-            # would overflow where their mean does not
-            total = part.mul(share) if total is None else total.add_(part, alpha=share)
+                keep.append(_decode(codec, data, numel, peer))
+                Codec._store(keep[-1], total, share)
+            else:
+                _decode(codec, data, numel, peer, into=total, alpha=share)
             offset += size
         return total
 
@@ -203,25 +215,46 @@ def _allreduce(flat, codec, transport, generator, stats, keep_local):
     return transport.all_reduce_sum(wire).float(), local
 
 
+def _pipelined(pieces, stages):
+    """Run ``stages(lo, hi)`` for every piece with several pieces in flight. Each is a
+    generator that yields right after starting a collective and returns ``(mean, local)``
+    for its piece. A new piece starts, then every older one advances one stage, oldest first:
+    while one piece's bytes are on the wire this thread encodes the next and decodes an
+    earlier one. The schedule depends only on the number of pieces, so every rank issues its
+    collectives in the same order. Returns the means and the locals, concatenated."""
+    results = [None] * len(pieces)
+
+    def advance(index, stage):
+        try:
+            next(stage)
+            return True
+        except StopIteration as done:
+            results[index] = done.value
+            return False
+
+    active = []  # (index, generator), oldest first
+    for index, (lo, hi) in enumerate(pieces):
+        stage = stages(lo, hi)
+        fresh = [(index, stage)] if advance(index, stage) else []
+        active = [(i, g) for i, g in active if advance(i, g)] + fresh
+    while active:
+        active = [(i, g) for i, g in active if advance(i, g)]
+    means, local = zip(*results)
+    return _cat(means), (_cat(local) if local[0] is not None else None)
+
+
 def _allgather(flat, codec, transport, generator, stats, keep_local):
-    """Pipelined over pieces of ``PIPELINE_ELEMENTS``: while one piece's payloads are on the
-    wire, the next is encoded and the previous decoded."""
-    means, local, in_flight = [], [], None
-
-    def finish(pending, nbytes, numel):
-        sizes = [nbytes] * transport.world_size
-        means.append(_decode_mean(codec, pending.wait(), sizes, stats, numel,
-                                  local if keep_local else None, transport.rank))
-
-    for lo, hi in pipeline_pieces(flat.numel(), codec.block_size):
+    """Pipelined over pieces of ``PIPELINE_ELEMENTS`` (see :func:`_pipelined`)."""
+    def stages(lo, hi):
         with _Timer(stats, "encode_seconds"):
             payload = codec.encode(flat[lo:hi], generator)
-        started = (transport.all_gather_start(payload.data), payload.nbytes, hi - lo)
-        if in_flight is not None:
-            finish(*in_flight)
-        in_flight = started
-    finish(*in_flight)
-    return _cat(means), _cat(local) if keep_local else None
+        pending = transport.all_gather_start(payload.data)
+        yield
+        own = [] if keep_local else None
+        mean = _decode_mean(codec, pending.wait(), [payload.nbytes] * transport.world_size,
+                            stats, hi - lo, own, transport.rank)
+        return mean, own[0] if keep_local else None
+    return _pipelined(pipeline_pieces(flat.numel(), codec.block_size), stages)
 
 
 def _cat(parts):
@@ -229,17 +262,28 @@ def _cat(parts):
 
 
 def _reduce_scatter(flat, codec, transport, generator, stats, keep_local, server_residual):
+    """Pipelined over pieces of ``PIPELINE_ELEMENTS`` per rank (see :func:`_pipelined`)."""
+    def stages(lo, hi):
+        residual = None if server_residual is None else server_residual[lo:hi]
+        return _reduce_scatter_piece(flat[lo:hi], codec, transport, generator, stats,
+                                     keep_local, residual)
+    pieces = pipeline_pieces(flat.numel(), codec.block_size, PIPELINE_ELEMENTS * transport.world_size)
+    return _pipelined(pieces, stages)
+
+
+def _reduce_scatter_piece(flat, codec, transport, generator, stats, keep_local, server_residual):
     w, rank = transport.world_size, transport.rank
     bounds = chunk_bounds(flat.numel(), codec.block_size, w)
     with _Timer(stats, "encode_seconds"):
         payloads = [codec.encode(flat[lo:hi], generator) for lo, hi in bounds]
     sizes = [p.nbytes for p in payloads]
     mine = sizes[rank]
-    received = transport.all_to_all(torch.cat([p.data for p in payloads]), sizes, [mine] * w)
+    pending = transport.all_to_all_start(torch.cat([p.data for p in payloads]), sizes, [mine] * w)
+    yield
     lo, hi = bounds[rank]
     own: List[torch.Tensor] = []  # this rank's own chunk, decoded along with the peers'
     try:
-        chunk_mean = _decode_mean(codec, received, [mine] * w, stats, hi - lo, own, rank)
+        chunk_mean = _decode_mean(codec, pending.wait(), [mine] * w, stats, hi - lo, own, rank)
         failure = None
     except ValueError as exc:  # still take part in the all_gather, or the others would hang
         chunk_mean, failure = torch.full((hi - lo,), float("nan"), device=flat.device), exc
@@ -263,7 +307,9 @@ def _reduce_scatter(flat, codec, transport, generator, stats, keep_local, server
     padded = torch.zeros(slot + 1, dtype=torch.uint8, device=flat.device)
     padded[:mine] = reduced
     padded[slot] = failure is not None
-    gathered = transport.all_gather(padded)
+    pending = transport.all_gather_start(padded)
+    yield
+    gathered = pending.wait()
     _raise_if_failed(failure, gathered.view(w, slot + 1)[:, slot])
     gathered = gathered.view(w, slot + 1)[:, :slot].reshape(-1)
     with _Timer(stats, "decode_seconds"):

@@ -50,6 +50,10 @@ class Transport:
     def all_to_all(self, x: torch.Tensor, in_splits: List[int], out_splits: List[int]) -> torch.Tensor:
         raise NotImplementedError
 
+    def all_to_all_start(self, x: torch.Tensor, in_splits: List[int], out_splits: List[int]) -> "Pending":
+        """Start ``all_to_all``, as :meth:`all_gather_start` starts ``all_gather``."""
+        return Pending(self.all_to_all(x, in_splits, out_splits))
+
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -153,11 +157,14 @@ class TorchTransport(Transport):
         return Pending(out, _all_gather_single(out, x, group=self.group, async_op=True))
 
     def all_to_all(self, x, in_splits, out_splits):
+        return self.all_to_all_start(x, in_splits, out_splits).wait()
+
+    def all_to_all_start(self, x, in_splits, out_splits):
         self._count_all_to_all(x, in_splits)
         out = torch.empty(sum(out_splits), dtype=x.dtype, device=x.device)
-        dist.all_to_all_single(out, x, output_split_sizes=list(out_splits),
-                               input_split_sizes=list(in_splits), group=self.group)
-        return out
+        return Pending(out, dist.all_to_all_single(
+            out, x, output_split_sizes=list(out_splits), input_split_sizes=list(in_splits),
+            group=self.group, async_op=True))
 
     def all_reduce_sum(self, x):
         self._count_all_reduce(x)
@@ -202,6 +209,9 @@ class HierarchicalTransport(Transport):
 
     def all_to_all(self, x, in_splits, out_splits):
         return self.flat.all_to_all(x, in_splits, out_splits)
+
+    def all_to_all_start(self, x, in_splits, out_splits):
+        return self.flat.all_to_all_start(x, in_splits, out_splits)
 
     def all_reduce_sum(self, x):
         return self.flat.all_reduce_sum(x)
