@@ -492,6 +492,8 @@ def _gather(buffer, segments):
 
 
 def _scatter(buffer, segments, values):
+    if values.data_ptr() == buffer.data_ptr() and len(segments) == 1:
+        return  # reduced in place
     start = 0
     for o, n, _ in segments:
         buffer[o:o + n].copy_(values[start:start + n])
@@ -504,7 +506,7 @@ def _reduce_group(state: CompressionState, buffer, segments, codec, collective,
     params = [p for _, _, p in segments]
     mean = reduce_gradient(_gather(buffer, segments), params, codec, transport, collective,
                            feedback, state.generator(buffer.device), state.stats,
-                           keep=state.mask.kept_indices(params, buffer.device))
+                           keep=state.mask.kept_indices(params, buffer.device), in_place=True)
     _scatter(buffer, segments, mean)
 
 

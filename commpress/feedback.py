@@ -87,22 +87,25 @@ class ErrorFeedback:
 
     def update(self, params: Sequence, sent: torch.Tensor, local: torch.Tensor,
                mean: torch.Tensor, sizes=None) -> torch.Tensor:
-        """Update the memories; return the vector to use as the averaged gradient. ``sent``,
-        what :meth:`compensate` returned, is consumed."""
-        if self.kind == "ef":  # gathered memories are fresh copies: keep_finite writes there
-            old = self._gather("residual", params, mean, sizes)
-            self._scatter("residual", params, keep_finite(sent.sub_(local), old), sizes)
+        """Update the memories in place; return the vector to use as the averaged gradient.
+        ``sent`` (what :meth:`compensate` returned), ``local`` and ``mean`` are consumed: the
+        memories are updated through them with no full-size temporary."""
+        if self.kind == "ef":
+            self._assign("residual", params, sent.sub_(local), sizes)
             return mean
-        worker = self._gather("worker", params, local, sizes)
-        self._scatter("worker", params, keep_finite(local + worker, worker), sizes)
-        shared = self._gather("shared", params, mean, sizes)
-        total = mean + shared
-        self._scatter("shared", params, keep_finite(total, shared), sizes)
-        return total
+        self._assign("worker", params, local, sizes, add=True)
+        self._assign("shared", params, mean, sizes, add=True)
+        return mean
 
     def server_memory(self, params: Sequence[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-        """The server residual for ``params`` (to pass to ``compressed_mean``), or None."""
-        return self._gather("server", params, like) if self.server else None
+        """The server residual for ``params`` (to pass to ``compressed_mean``, which updates it
+        in place), or None. One parameter's is the memory itself, not a copy."""
+        if not self.server:
+            return None
+        store = self.memories["server"]
+        if len(params) == 1 and params[0] in store and store[params[0]].numel() == like.numel():
+            return store[params[0]]
+        return self._gather("server", params, like)
 
     def store_server_memory(self, params: Sequence[torch.Tensor], residual: Optional[torch.Tensor]) -> None:
         if residual is not None:
@@ -127,6 +130,19 @@ class ErrorFeedback:
         store = self.memories[memory]
         for param, part in zip(params, flat.split(sizes or [p.numel() for p in params])):
             store[param] = part
+
+    def _assign(self, memory: str, params, new: torch.Tensor, sizes=None, add: bool = False) -> None:
+        """Set each parameter's memory to its part of ``new`` (``add``: add it to the memory,
+        computing in ``new``, which is overwritten), in place where it exists; an entry that
+        would not be finite keeps its old value (see :func:`keep_finite`). A new memory is a
+        copy: ``new`` may be the caller's buffer."""
+        store = self.memories[memory]
+        for param, part in zip(params, new.split(sizes or [p.numel() for p in params])):
+            old = store.get(param)
+            if old is None:
+                store[param] = torch.nan_to_num(part, nan=0.0, posinf=0.0, neginf=0.0)
+            else:
+                keep_finite(part.add_(old) if add else part, old)
 
     def state_dict(self) -> Dict:
         out: Dict = {"kind": self.kind}
@@ -175,11 +191,18 @@ class ErrorFeedback:
             self.bind((name, p) for p, name in self.names.items())
 
 
+#: keep_finite works in slices of this many elements, so its mask stays small
+_FINITE_SLICE = 1 << 22
+
+
 def keep_finite(new: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """``new`` where finite, else ``memory``, written into ``memory``: an overflowing step
     (which loss scaling will skip) must not poison an error-feedback memory for every later
     step."""
-    return torch.where(torch.isfinite(new), new, memory, out=memory)
+    for lo in range(0, new.numel(), _FINITE_SLICE):
+        part, old = new[lo:lo + _FINITE_SLICE], memory[lo:lo + _FINITE_SLICE]
+        torch.where(torch.isfinite(part), part, old, out=old)
+    return memory
 
 
 def _check_fits(memory: str, name: str, value: torch.Tensor, by_name: Dict) -> None:

@@ -154,7 +154,21 @@ class Codec:
     def expected_sq_error(self, flat: torch.Tensor) -> Optional[torch.Tensor]:
         """``E||decode(encode(flat)) - flat||^2`` (a 0-d fp32 tensor) for stochastic codecs,
         computed from the rounding probabilities; None for deterministic ones. EF21 uses it to
-        make an unbiased codec contractive (see :mod:`commpress.feedback`)."""
+        make an unbiased codec contractive (see :mod:`commpress.feedback`). Computed in
+        block-aligned slices of about ``SQ_ERROR_SLICE`` elements, so its temporaries stay
+        small next to the vector."""
+        flat = flat.reshape(-1)
+        step = max(SQ_ERROR_SLICE // self.block_size, 1) * self.block_size
+        total = None
+        for lo in range(0, max(flat.numel(), 1), step):  # one (empty) slice for an empty flat
+            part = self._sq_error(flat[lo:lo + step])
+            if part is None:
+                return None
+            total = part if total is None else total + part
+        return total
+
+    def _sq_error(self, part: torch.Tensor) -> Optional[torch.Tensor]:
+        """:meth:`expected_sq_error` of a block-aligned slice, possibly empty."""
         return None
 
     def wire_bytes(self, numel: int) -> int:
@@ -205,14 +219,16 @@ class Codec:
             self._decode_body(data[HEADER_BYTES:], flat)
         return flat.view(payload.shape if payload.shape is not None else (numel,))
 
-    def decode_add(self, payload: Payload, out: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """``out += decode(payload) * alpha`` for a flat fp32 ``out`` holding as many elements
-        as the payload (checked as :meth:`decode` checks with ``numel``). Codecs that can
-        decode straight into the sum (the bucketed ones) need no full-size temporary: the
-        collectives sum W payloads this way."""
-        if out.dim() != 1 or out.dtype != torch.float32:
-            raise ValueError(f"decode_add accumulates into a 1-D float32 tensor, got "
-                             f"{out.dtype} of shape {tuple(out.shape)}")
+    def decode_into(self, payload: Payload, out: torch.Tensor, alpha: Optional[float] = None) -> torch.Tensor:
+        """``out[:] = decode(payload)`` for a flat float ``out`` holding as many elements as the
+        payload (checked as :meth:`decode` checks with ``numel``); with ``alpha``, ``out +=
+        decode(payload) * alpha`` for an fp32 ``out``. The bucketed codecs decode straight into
+        ``out``, with no full-size temporary: the collectives sum W payloads this way, into
+        buffers allocated once per vector."""
+        if out.dim() != 1 or not out.dtype.is_floating_point or (
+                alpha is not None and out.dtype != torch.float32):
+            raise ValueError(f"decode_into writes into a 1-D float tensor (float32 to accumulate), "
+                             f"got {out.dtype} of shape {tuple(out.shape)}")
         data, numel, _ = self._checked(payload, torch.float32, out.numel())
         if numel:
             self._decode_body(data[HEADER_BYTES:], out, alpha)
@@ -280,10 +296,13 @@ def contractive_factor(codec: "Codec", x: torch.Tensor) -> torch.Tensor:
     one = torch.ones((), device=x.device)
     if error is None:
         return one
-    norm = x.float().square().sum()
+    norm = torch.linalg.vector_norm(x, dtype=torch.float32).square()  # no full-size temporary
     factor = 1 / (1 + error / norm)
     return torch.where((norm > 0) & torch.isfinite(factor), factor, one)
 
+
+#: Elements per slice of :meth:`Codec.expected_sq_error`
+SQ_ERROR_SLICE = 1 << 20
 
 #: Elements per step of the chunked CPU kernels: a few MB of temporaries that stay in cache
 #: and are recycled by the allocator, instead of page-faulting fresh 100 MB tensors.

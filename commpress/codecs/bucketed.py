@@ -148,7 +148,7 @@ class BucketedLevelCodec(Codec):
             codes[whole:] = self._codes(part[whole:], divisors[-1], uniforms[whole:])
         return scales, codes
 
-    def expected_sq_error(self, flat):
+    def _sq_error(self, flat):
         """Each value rounds between its two neighbouring magnitudes ``lo <= r <= hi`` (in
         units of its bucket's scale), with variance ``(hi - r)(r - lo) scale^2``."""
         if flat.numel() == 0:

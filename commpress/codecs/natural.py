@@ -39,7 +39,7 @@ class NaturalCompression(Codec):
     def _body_bytes(self, numel):
         return 4 + numel
 
-    def expected_sq_error(self, flat):
+    def _sq_error(self, flat):
         """``|x|`` between the powers of two ``lo <= |x| < hi = 2 lo``: ``(hi - |x|)(|x| - lo)``."""
         a = flat.float().abs()
         mantissa, exponent = torch.frexp(a)  # a = mantissa * 2^exponent, mantissa in [0.5, 1)

@@ -1,8 +1,6 @@
 """QSGD (Alistarh et al., 2017): stochastic, unbiased, bucketed quantization."""
 from __future__ import annotations
 
-import torch
-
 from .base import register_codec
 from .bucketed import BucketedLevelCodec
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -93,6 +93,16 @@ def choose_algorithm(codec: Codec, numel: int, world_size: int, local_size: int 
     return "allgather" if world_size <= 2 else "reduce_scatter"
 
 
+def requantizes(algorithm: str, codec: Codec, numel: int, transport: Transport) -> bool:
+    """Whether ``algorithm`` quantizes averaged values a second time on this rank (where a
+    server residual applies): ``reduce_scatter``, and ``hierarchical`` when its collective
+    across nodes is one. The others leave a server residual untouched."""
+    if algorithm == "hierarchical" and isinstance(transport, HierarchicalTransport):
+        lo, hi = chunk_bounds(numel, codec.block_size, transport.local_size)[transport.intra.rank]
+        return choose_algorithm(codec, hi - lo, transport.nodes) == "reduce_scatter"
+    return algorithm == "reduce_scatter"
+
+
 def chunk_bounds(numel: int, block: int, world_size: int):
     """W contiguous ``(lo, hi)`` ranges covering ``numel``, starting at multiples of ``block``
     (so no codec bucket straddles two ranks); trailing ones may be empty."""
@@ -127,13 +137,13 @@ class _Timer:
 
 
 def _decode(codec: Codec, data: torch.Tensor, numel: int, peer: int,
-            into: Optional[torch.Tensor] = None, alpha: float = 1.0) -> torch.Tensor:
-    """``data`` decoded (fp32), or with ``into``, added to it times ``alpha``; refusing a
-    payload of another length than this rank's: a peer reducing a different tensor must fail
-    the step, not be averaged in."""
+            into: Optional[torch.Tensor] = None, alpha: Optional[float] = None) -> torch.Tensor:
+    """``data`` decoded (fp32), or written into ``into`` (added times ``alpha``, given one);
+    refusing a payload of another length than this rank's: a peer reducing a different
+    tensor must fail the step, not be averaged in."""
     try:
         if into is not None:
-            return codec.decode_add(Payload(data), into, alpha)
+            return codec.decode_into(Payload(data), into, alpha)
         return codec.decode(Payload(data), dtype=torch.float32, numel=numel)
     except ValueError as exc:
         raise ValueError(f"commpress: rank {peer} of the group sent a payload this rank cannot "
@@ -141,32 +151,32 @@ def _decode(codec: Codec, data: torch.Tensor, numel: int, peer: int,
                          f"models, or a different bucket layout)") from None
 
 
-def _decode_mean(codec: Codec, gathered: torch.Tensor, sizes, stats, numel: int,
-                 keep: Optional[List[torch.Tensor]] = None, rank: int = -1) -> torch.Tensor:
-    """Average of the consecutive payloads of ``sizes`` bytes in ``gathered``, each of
-    ``numel`` values (fp32), decoded straight into the sum (no full-size temporary per
-    payload). With ``keep``, appends there the decoded payload of ``rank`` (error feedback
-    needs it), which is added the same way, so every rank's sum is bit-identical."""
+def _decode_mean(codec: Codec, gathered: torch.Tensor, sizes, stats, mean: torch.Tensor,
+                 local: Optional[torch.Tensor] = None, rank: int = -1) -> None:
+    """Write into ``mean`` the average of the consecutive payloads of ``sizes`` bytes in
+    ``gathered``, each decoded straight into the sum (no full-size temporary per payload).
+    With ``local``, the payload of ``rank`` is decoded there (error feedback needs it) and
+    added from there the same way, so every rank's sum is bit-identical."""
     with _Timer(stats, "decode_seconds"):
         # each part is scaled before it is added: a sum of W values near the fp32 maximum
         # would overflow where their mean does not
         offset, share = 0, 1.0 / len(sizes)
-        total = torch.zeros(numel, dtype=torch.float32, device=gathered.device)
+        mean.zero_()
         for peer, size in enumerate(sizes):
             data = gathered[offset: offset + size]
-            if keep is not None and peer == rank:
-                keep.append(_decode(codec, data, numel, peer))
-                Codec._store(keep[-1], total, share)
+            if local is not None and peer == rank:
+                _decode(codec, data, mean.numel(), peer, into=local)
+                Codec._store(local, mean, share)
             else:
-                _decode(codec, data, numel, peer, into=total, alpha=share)
+                _decode(codec, data, mean.numel(), peer, into=mean, alpha=share)
             offset += size
-        return total
 
 
 def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algorithm: str,
                     generator: Optional[torch.Generator] = None,
                     stats: Optional[CommStats] = None, keep_local: bool = False,
-                    server_residual: Optional[torch.Tensor] = None
+                    server_residual: Optional[torch.Tensor] = None,
+                    out: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(mean, local)``: the fp32 mean over ranks of the 1-D ``flat``, and (``keep_local``)
     this rank's compressed contribution, decoded. See the module docstring.
@@ -174,104 +184,98 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
     ``server_residual``: an fp32 vector like ``flat``, the error feedback of the second
     quantization in ``reduce_scatter`` (DeepSpeed's "server error"): this rank adds its chunk
     of it to the averaged chunk before re-encoding, and stores there what re-encoding lost.
-    Other algorithms quantize once and leave it untouched."""
+    Other algorithms quantize once and leave it untouched.
+
+    ``out``: an fp32 vector like ``flat`` to write the mean into, which may be ``flat`` itself
+    (every piece is read before its mean is written): the DDP hook averages a bucket in place,
+    with no full-size buffer beyond the error-feedback ones."""
     if flat.dim() != 1:
         raise ValueError(f"compressed_mean takes a flat tensor, got shape {tuple(flat.shape)}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown collective {algorithm!r}; choose from {ALGORITHMS}")
-    if server_residual is not None and server_residual.shape != flat.shape:
-        raise ValueError(f"server_residual has shape {tuple(server_residual.shape)}, "
-                         f"expected {tuple(flat.shape)}")
+    for name, given in (("server_residual", server_residual), ("out", out)):
+        if given is not None and (given.shape != flat.shape or given.dtype != torch.float32):
+            raise ValueError(f"{name} must be float32 of shape {tuple(flat.shape)}, got "
+                             f"{given.dtype} of shape {tuple(given.shape)}")
     if algorithm == "hierarchical" and not isinstance(transport, HierarchicalTransport):
         raise ValueError("collective 'hierarchical' needs a HierarchicalTransport (ranks grouped "
                          f"by node), got {type(transport).__name__}")
+    if out is None:
+        out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    local = torch.empty_like(out) if keep_local else None
     before, intra_before = transport.sent_bytes, transport.intra_node_bytes
     started = time.perf_counter()
-    mean, local = _run(algorithm, flat, codec, transport, generator, stats, keep_local,
-                       server_residual)
+    _run(algorithm, flat, codec, transport, generator, stats, server_residual, out, local)
     if stats is not None:
         stats.add(wire_bytes=transport.sent_bytes - before,
                   intra_node_bytes=transport.intra_node_bytes - intra_before,
                   comm_seconds=time.perf_counter() - started)
-    return mean, local
+    return out, local
 
 
-def _run(algorithm, flat, codec, transport, generator, stats, keep_local, server_residual):
-    if algorithm == "reduce_scatter":
-        return _reduce_scatter(flat, codec, transport, generator, stats, keep_local,
-                               server_residual)
+def _run(algorithm, flat, codec, transport, generator, stats, server_residual, out, local):
+    """Write the mean into ``out`` and, given ``local``, this rank's compressed contribution
+    there."""
     if algorithm == "hierarchical":
-        return _hierarchical(flat, codec, transport, generator, stats, keep_local,
-                             server_residual)
-    run = _allreduce if algorithm == "allreduce" else _allgather
-    return run(flat, codec, transport, generator, stats, keep_local)
+        return _hierarchical(flat, codec, transport, generator, stats, server_residual, out, local)
+    if algorithm == "allreduce":
+        return _allreduce(flat, codec, transport, out, local)
+    if algorithm == "allgather":
+        def stages(lo, hi):
+            return _allgather_piece(flat[lo:hi], codec, transport, generator, stats, out[lo:hi],
+                                    None if local is None else local[lo:hi])
+        pieces = pipeline_pieces(flat.numel(), codec.block_size)
+    else:
+        def stages(lo, hi):
+            residual = None if server_residual is None else server_residual[lo:hi]
+            return _reduce_scatter_piece(flat[lo:hi], codec, transport, generator, stats,
+                                         residual, out[lo:hi], None if local is None else local[lo:hi])
+        pieces = pipeline_pieces(flat.numel(), codec.block_size, PIPELINE_ELEMENTS * transport.world_size)
+    _pipelined(pieces, stages)
 
 
-def _allreduce(flat, codec, transport, generator, stats, keep_local):
-    # divide and cast in one pass into one buffer (fresh full-size temporaries cost page faults)
-    wire = torch.empty(flat.shape, dtype=_wire_dtype(codec), device=flat.device)
+def _allreduce(flat, codec, transport, out, local):
+    # divide and cast in one pass into one buffer: ``out`` itself for fp32 (in place, as
+    # PyTorch's allreduce hook), else one of the wire dtype
+    dtype = _wire_dtype(codec)
+    wire = out if dtype == out.dtype else torch.empty(flat.shape, dtype=dtype, device=flat.device)
     torch.div(flat, transport.world_size, out=wire)
-    local = (wire.float() * transport.world_size) if keep_local else None
-    return transport.all_reduce_sum(wire).float(), local
+    if local is not None:
+        torch.mul(wire, transport.world_size, out=local)
+    total = transport.all_reduce_sum(wire)
+    if total is not out:
+        out.copy_(total)
 
 
-def _pipelined(pieces, stages):
+def _pipelined(pieces, stages) -> None:
     """Run ``stages(lo, hi)`` for every piece with several pieces in flight. Each is a
-    generator that yields right after starting a collective and returns ``(mean, local)``
-    for its piece. A new piece starts, then every older one advances one stage, oldest first:
+    generator that yields right after starting a collective and writes its piece's results
+    when it ends. A new piece starts, then every older one advances one stage, oldest first:
     while one piece's bytes are on the wire this thread encodes the next and decodes an
     earlier one. The schedule depends only on the number of pieces, so every rank issues its
-    collectives in the same order. Returns the means and the locals, concatenated."""
-    results = [None] * len(pieces)
+    collectives in the same order."""
+    def advance(stage):
+        return next(stage, StopIteration) is not StopIteration
 
-    def advance(index, stage):
-        try:
-            next(stage)
-            return True
-        except StopIteration as done:
-            results[index] = done.value
-            return False
-
-    active = []  # (index, generator), oldest first
-    for index, (lo, hi) in enumerate(pieces):
+    active = []  # generators, oldest first
+    for lo, hi in pieces:
         stage = stages(lo, hi)
-        fresh = [(index, stage)] if advance(index, stage) else []
-        active = [(i, g) for i, g in active if advance(i, g)] + fresh
+        fresh = [stage] if advance(stage) else []
+        active = [g for g in active if advance(g)] + fresh
     while active:
-        active = [(i, g) for i, g in active if advance(i, g)]
-    means, local = zip(*results)
-    return _cat(means), (_cat(local) if local[0] is not None else None)
+        active = [g for g in active if advance(g)]
 
 
-def _allgather(flat, codec, transport, generator, stats, keep_local):
-    """Pipelined over pieces of ``PIPELINE_ELEMENTS`` (see :func:`_pipelined`)."""
-    def stages(lo, hi):
-        with _Timer(stats, "encode_seconds"):
-            payload = codec.encode(flat[lo:hi], generator)
-        pending = transport.all_gather_start(payload.data)
-        yield
-        own = [] if keep_local else None
-        mean = _decode_mean(codec, pending.wait(), [payload.nbytes] * transport.world_size,
-                            stats, hi - lo, own, transport.rank)
-        return mean, own[0] if keep_local else None
-    return _pipelined(pipeline_pieces(flat.numel(), codec.block_size), stages)
+def _allgather_piece(flat, codec, transport, generator, stats, out, local):
+    with _Timer(stats, "encode_seconds"):
+        payload = codec.encode(flat, generator)
+    pending = transport.all_gather_start(payload.data)
+    yield
+    _decode_mean(codec, pending.wait(), [payload.nbytes] * transport.world_size, stats, out,
+                 local, transport.rank)
 
 
-def _cat(parts):
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _reduce_scatter(flat, codec, transport, generator, stats, keep_local, server_residual):
-    """Pipelined over pieces of ``PIPELINE_ELEMENTS`` per rank (see :func:`_pipelined`)."""
-    def stages(lo, hi):
-        residual = None if server_residual is None else server_residual[lo:hi]
-        return _reduce_scatter_piece(flat[lo:hi], codec, transport, generator, stats,
-                                     keep_local, residual)
-    pieces = pipeline_pieces(flat.numel(), codec.block_size, PIPELINE_ELEMENTS * transport.world_size)
-    return _pipelined(pieces, stages)
-
-
-def _reduce_scatter_piece(flat, codec, transport, generator, stats, keep_local, server_residual):
+def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_residual, out, local):
     w, rank = transport.world_size, transport.rank
     bounds = chunk_bounds(flat.numel(), codec.block_size, w)
     with _Timer(stats, "encode_seconds"):
@@ -281,17 +285,18 @@ def _reduce_scatter_piece(flat, codec, transport, generator, stats, keep_local, 
     pending = transport.all_to_all_start(torch.cat([p.data for p in payloads]), sizes, [mine] * w)
     yield
     lo, hi = bounds[rank]
-    own: List[torch.Tensor] = []  # this rank's own chunk, decoded along with the peers'
-    try:
-        chunk_mean = _decode_mean(codec, pending.wait(), [mine] * w, stats, hi - lo, own, rank)
+    chunk_mean = torch.empty(hi - lo, dtype=torch.float32, device=flat.device)
+    try:  # this rank's own chunk is decoded into local along with the peers'
+        _decode_mean(codec, pending.wait(), [mine] * w, stats, chunk_mean,
+                     None if local is None else local[lo:hi], rank)
         failure = None
     except ValueError as exc:  # still take part in the all_gather, or the others would hang
-        chunk_mean, failure = torch.full((hi - lo,), float("nan"), device=flat.device), exc
-    local = None
-    if keep_local and failure is None:
-        local = torch.cat([own[0] if r == rank else
-                           codec.decode(p, dtype=torch.float32, numel=b - a)
-                           for r, (p, (a, b)) in enumerate(zip(payloads, bounds))])
+        chunk_mean.fill_(float("nan"))
+        failure = exc
+    if local is not None and failure is None:
+        for r, (payload, (a, b)) in enumerate(zip(payloads, bounds)):
+            if r != rank:
+                codec.decode_into(payload, local[a:b])
     to_send = chunk_mean
     if server_residual is not None:  # EF at the server, made contractive (see contractive_factor)
         chunk_mean += server_residual[lo:hi]
@@ -313,9 +318,8 @@ def _reduce_scatter_piece(flat, codec, transport, generator, stats, keep_local, 
     _raise_if_failed(failure, gathered.view(w, slot + 1)[:, slot])
     gathered = gathered.view(w, slot + 1)[:, :slot].reshape(-1)
     with _Timer(stats, "decode_seconds"):
-        mean = torch.cat([_decode(codec, gathered[r * slot: r * slot + sizes[r]], b - a, r)
-                          for r, (a, b) in enumerate(bounds)])
-    return mean, local
+        for r, (a, b) in enumerate(bounds):
+            _decode(codec, gathered[r * slot: r * slot + sizes[r]], b - a, r, into=out[a:b])
 
 
 def _raise_if_failed(failure: Optional[Exception], statuses: torch.Tensor) -> None:
@@ -329,7 +333,7 @@ def _raise_if_failed(failure: Optional[Exception], statuses: torch.Tensor) -> No
                          f"models, or a different bucket layout)")
 
 
-def _hierarchical(flat, codec, transport, generator, stats, keep_local, server_residual):
+def _hierarchical(flat, codec, transport, generator, stats, server_residual, out, local):
     """See the module docstring. ``local`` (for error feedback) is ``flat`` except on this
     rank's shard, which carries L times what compressing the node's mean of it lost: averaged
     over the node's ranks, the residuals then add up to exactly the node's loss."""
@@ -341,20 +345,21 @@ def _hierarchical(flat, codec, transport, generator, stats, keep_local, server_r
     received = intra.all_to_all(flat.float(), splits, [hi - lo] * size)
     shard = received.view(size, hi - lo).div_(size).sum(0)  # scaled first: cannot overflow
     inner = choose_algorithm(codec, hi - lo, inter.world_size)
+    slot = max(splits)  # and a status, as in _reduce_scatter_piece
+    padded = torch.zeros(slot + 1, dtype=torch.float32, device=flat.device)
+    compressed = None if local is None else torch.empty_like(shard)
     try:
-        reduced, compressed = _run(inner, shard, codec, inter, generator, stats, keep_local,
-                                   None if server_residual is None else server_residual[lo:hi])
+        _run(inner, shard, codec, inter, generator, stats,
+             None if server_residual is None else server_residual[lo:hi], padded[:hi - lo],
+             compressed)
         failure = None
     except ValueError as exc:  # still take part in the node's all_gather (see _reduce_scatter)
-        reduced, compressed, failure = torch.full_like(shard, float("nan")), shard, exc
-    local = None
-    if keep_local:
-        local = flat.to(torch.float32, copy=True)
+        padded[:hi - lo], compressed, failure = float("nan"), shard, exc
+    if local is not None:
+        local.copy_(flat)
         local[lo:hi] -= (shard - compressed) * size
-    slot = max(splits)  # and a status, as in _reduce_scatter
-    padded = torch.zeros(slot + 1, dtype=torch.float32, device=flat.device)
-    padded[:hi - lo] = reduced
     padded[slot] = failure is not None
     gathered = intra.all_gather(padded).view(size, slot + 1)
     _raise_if_failed(failure, gathered[:, slot])
-    return torch.cat([gathered[r, :n] for r, n in enumerate(splits)]), local
+    for r, (a, b) in enumerate(bounds):
+        out[a:b] = gathered[r, :b - a]

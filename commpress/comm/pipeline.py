@@ -13,31 +13,35 @@ import torch
 from ..codecs import Codec
 from ..feedback import ErrorFeedback
 from ..stats import CommStats
-from .collectives import choose_algorithm, compressed_mean
+from .collectives import choose_algorithm, compressed_mean, requantizes
 from .transport import Transport
 
 
 def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport: Transport,
                 collective: str = "auto", feedback: Optional[ErrorFeedback] = None,
                 generator: Optional[torch.Generator] = None, stats: Optional[CommStats] = None,
-                keep: Optional[torch.Tensor] = None, sizes=None) -> torch.Tensor:
+                keep: Optional[torch.Tensor] = None, sizes=None, in_place: bool = False) -> torch.Tensor:
     """The fp32 mean over ranks of ``flat`` (the gradients of ``keys``, concatenated), with
     error feedback and, given ``keep`` (indices of the entries under an AC/DC mask), sending
     only those entries: the result is zero elsewhere. Every front end reduces through here.
     ``collective="auto"`` picks the algorithm with
-    :func:`~commpress.comm.collectives.choose_algorithm`."""
+    :func:`~commpress.comm.collectives.choose_algorithm`. ``in_place``: the mean may be
+    written into ``flat`` (when it is fp32 and unmasked), which the caller gives up."""
     if flat.dtype == torch.float64:  # codecs take fp32/fp16/bf16: float64 is reduced in fp32
         flat = flat.float()
     if keep is not None:  # the masked gradient: zero outside the mask
         flat = torch.zeros_like(flat).index_copy_(0, keep, flat.index_select(0, keep))
     sent = feedback.compensate(keys, flat, sizes, codec) if feedback else flat
-    server = feedback.server_memory(keys, flat) if feedback else None
     compact = sent if keep is None else sent.index_select(0, keep)
-    server_compact = server if keep is None or server is None else server.index_select(0, keep)
     algorithm = (choose_algorithm(codec, compact.numel(), transport.world_size, transport.local_size)
                  if collective == "auto" else collective)
+    server = (feedback.server_memory(keys, flat) if feedback and
+              requantizes(algorithm, codec, compact.numel(), transport) else None)
+    server_compact = server if keep is None or server is None else server.index_select(0, keep)
+    out = flat if in_place and keep is None and flat.dtype == torch.float32 else None
     mean, local = compressed_mean(compact, codec, transport, algorithm, generator, stats,
-                                  keep_local=feedback is not None, server_residual=server_compact)
+                                  keep_local=feedback is not None, server_residual=server_compact,
+                                  out=out)
     if keep is not None:
         mean = torch.zeros_like(flat, dtype=torch.float32).index_copy_(0, keep, mean)
         if local is not None:

@@ -1,0 +1,106 @@
+"""Where the reduction writes. A mean written into the input vector (the DDP hook averages
+its bucket in place) is bit-identical to one written into a fresh buffer, for every
+algorithm and across pipeline pieces; error-feedback memories are updated in place and never
+alias the caller's buffers. In-process ranks (loopback transport)."""
+import math
+
+import pytest
+import torch
+
+import commpress as cp
+from commpress.comm import LoopbackGroup, collectives, compressed_mean
+from commpress.comm.loopback import LoopbackTransport
+from commpress.comm.transport import HierarchicalTransport
+from commpress.feedback import ErrorFeedback
+
+NUMEL = 5003  # not a multiple of any block: a tail in the last piece
+
+
+def hierarchical(flat, intra_groups, inter_groups, local_size=2):
+    node, local = divmod(flat.rank, local_size)
+    return HierarchicalTransport(flat, LoopbackTransport(intra_groups[node], local),
+                                 LoopbackTransport(inter_groups[local], node))
+
+
+@pytest.mark.parametrize("algorithm,codec,keep_local,server", [
+    ("allgather", cp.QSGD(bits=4), True, False),
+    ("allgather", cp.NaturalCompression(), False, False),
+    ("reduce_scatter", cp.QSGD(bits=4), True, True),
+    ("reduce_scatter", cp.NaturalDithering(), False, False),
+    ("hierarchical", cp.QSGD(bits=4), True, True),
+    ("allreduce", cp.FP16(), True, False),
+], ids=lambda v: repr(v) if isinstance(v, cp.Codec) else str(v))
+def test_mean_written_in_place_matches_a_fresh_buffer(monkeypatch, algorithm, codec, keep_local,
+                                                      server):
+    monkeypatch.setattr(collectives, "PIPELINE_ELEMENTS", 1000)  # several pieces in flight
+    intra = [LoopbackGroup(2), LoopbackGroup(2)]
+    inter = [LoopbackGroup(2), LoopbackGroup(2)]
+
+    def rank_fn(flat):
+        transport = hierarchical(flat, intra, inter) if algorithm == "hierarchical" else flat
+        x = torch.randn(NUMEL, generator=torch.Generator().manual_seed(flat.rank))
+        runs = []
+        for in_place in (False, True):
+            y = x.clone()
+            residual = 0.01 * torch.randn(NUMEL, generator=torch.Generator().manual_seed(9)) if server else None
+            mean, local = compressed_mean(y, codec, transport, algorithm,
+                                          torch.Generator().manual_seed(10 + flat.rank),
+                                          keep_local=keep_local, server_residual=residual,
+                                          out=y if in_place else None)
+            assert (mean.data_ptr() == y.data_ptr()) == in_place
+            if not in_place:
+                assert torch.equal(y, x), "the input was overwritten"
+            runs.append((mean.clone(), local, residual))
+        return runs
+
+    results = LoopbackGroup(4).run(rank_fn)
+    for fresh, in_place in results:
+        assert torch.equal(fresh[0], results[0][0][0]), "ranks disagree"
+        for a, b in zip(fresh, in_place):
+            assert (a is None and b is None) or torch.equal(a, b)
+    exact = torch.stack([torch.randn(NUMEL, generator=torch.Generator().manual_seed(r))
+                         for r in range(4)]).mean(0)
+    assert (results[0][0][0] - exact).norm() < 0.5 * exact.norm()  # a mean, not garbage
+
+
+def test_out_must_fit():
+    transport = LoopbackGroup(1)
+    with pytest.raises(ValueError, match="out must be float32 of shape"):
+        transport.run(lambda t: compressed_mean(torch.zeros(8), cp.QSGD(bits=4), t, "allgather",
+                                                out=torch.zeros(8, dtype=torch.float16)))
+
+
+@pytest.mark.parametrize("kind", ["ef", "ef21"])
+def test_feedback_memories_are_updated_in_place(kind):
+    params = [torch.zeros(3), torch.zeros(4)]
+    feedback = ErrorFeedback(kind)
+    gen = torch.Generator().manual_seed(0)
+    memories = None
+    names = ("residual",) if kind == "ef" else ("worker", "shared")
+    expected = {name: [torch.zeros(p.numel()) for p in params] for name in names}
+    for step in range(3):
+        grad, local, mean = (torch.randn(7, generator=gen) for _ in range(3))
+        if step == 2:
+            local[1] = math.inf  # an overflowing step keeps the old memory entry
+        sent = feedback.compensate(params, grad)
+        sent_value = sent.clone()
+        result = feedback.update(params, sent, local.clone(), mean.clone())
+        if kind == "ef":
+            new = {"residual": sent_value - local}
+            assert torch.equal(result, mean)
+        else:
+            new = {"worker": torch.cat(expected["worker"]) + local,
+                   "shared": torch.cat(expected["shared"]) + mean}
+            assert torch.equal(result, new["shared"])
+        for name, value in new.items():
+            for i, part in enumerate(value.split([3, 4])):
+                expected[name][i] = torch.where(torch.isfinite(part), part, expected[name][i])
+        result.fill_(7.0)  # the caller reuses its buffer: the memories must not see it
+        for name in names:
+            for i, p in enumerate(params):
+                assert torch.equal(feedback.memories[name][p], expected[name][i]), (step, name, i)
+        pointers = {(n, i): feedback.memories[n][p].data_ptr() for n in names
+                    for i, p in enumerate(params)}
+        if memories is not None:
+            assert pointers == memories, "a memory was reallocated"
+        memories = pointers
