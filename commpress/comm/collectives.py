@@ -43,6 +43,8 @@ from .transport import HierarchicalTransport, Transport
 ALGORITHMS = ("allgather", "reduce_scatter", "allreduce", "hierarchical")
 #: below this many payload bytes a collective is latency-bound: one round beats two
 SMALL_PAYLOAD_BYTES = 64 * 1024
+#: a dividing cast into fp16/bf16 runs in slices of this many elements: its fp32 temporary
+CAST_SLICE = 1 << 22
 #: allgather sends vectors in pieces of this many elements, overlapping codec work and wire
 PIPELINE_ELEMENTS = 1 << 20
 
@@ -239,7 +241,9 @@ def _allreduce(flat, codec, transport, out, local):
     # PyTorch's allreduce hook), else one of the wire dtype
     dtype = _wire_dtype(codec)
     wire = out if dtype == out.dtype else torch.empty(flat.shape, dtype=dtype, device=flat.device)
-    torch.div(flat, transport.world_size, out=wire)
+    step = flat.numel() if dtype == flat.dtype else CAST_SLICE  # a cast computes in a temporary
+    for lo in range(0, flat.numel(), step):
+        torch.div(flat[lo:lo + step], transport.world_size, out=wire[lo:lo + step])
     if local is not None:
         torch.mul(wire, transport.world_size, out=local)
     total = transport.all_reduce_sum(wire)
