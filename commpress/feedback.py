@@ -185,7 +185,9 @@ class ErrorFeedback:
         """Memories come back keyed by name; :meth:`bind` (now if already bound, else when it
         is called) moves them to their parameters."""
         self.validate_state_dict(state)
-        self.memories = {m: {name: v.float().reshape(-1) for name, v in state.get(m, {}).items()}
+        # copies: memories are updated in place, and must not write into the caller's dict
+        self.memories = {m: {name: v.to(torch.float32, copy=True).reshape(-1)
+                             for name, v in state.get(m, {}).items()}
                          for m in self._names}
         if self.names:
             self.bind((name, p) for p, name in self.names.items())

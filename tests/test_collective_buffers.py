@@ -104,3 +104,16 @@ def test_feedback_memories_are_updated_in_place(kind):
         if memories is not None:
             assert pointers == memories, "a memory was reallocated"
         memories = pointers
+
+
+def test_loaded_memories_are_copies():
+    """Memories are updated in place: ones loaded from a checkpoint must not write into it."""
+    weight = torch.zeros(4)
+    feedback = ErrorFeedback("ef")
+    feedback.bind([("w", weight)])
+    saved = {"kind": "ef", "residual": {"w": torch.ones(4)}}
+    feedback.load_state_dict(saved)
+    sent = feedback.compensate([weight], torch.ones(4))
+    feedback.update([weight], sent, torch.zeros(4), torch.zeros(4))
+    assert torch.equal(feedback.memories["residual"][weight], torch.full((4,), 2.0))
+    assert torch.equal(saved["residual"]["w"], torch.ones(4))

@@ -241,7 +241,7 @@ def _allreduce(flat, codec, transport, out, local):
     # PyTorch's allreduce hook), else one of the wire dtype
     dtype = _wire_dtype(codec)
     wire = out if dtype == out.dtype else torch.empty(flat.shape, dtype=dtype, device=flat.device)
-    step = flat.numel() if dtype == flat.dtype else CAST_SLICE  # a cast computes in a temporary
+    step = CAST_SLICE if dtype != flat.dtype else max(flat.numel(), 1)  # a cast computes in a temporary
     for lo in range(0, flat.numel(), step):
         torch.div(flat[lo:lo + step], transport.world_size, out=wire[lo:lo + step])
     if local is not None:
