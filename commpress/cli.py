@@ -2,12 +2,25 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import runpy
 import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _benchmark_list() -> str:
+    """The benchmarks of a source checkout, each with its docstring's first line."""
+    if not BENCHMARKS.is_dir():
+        return "no benchmarks/ folder: benchmarks ship with a source checkout, not with a wheel"
+    lines = ["benchmarks:"]
+    for script in sorted(BENCHMARKS.glob("*.py")):
+        doc = ast.get_docstring(ast.parse(script.read_text()))
+        if doc and script.stem != "report":
+            lines.append(f"  {script.stem:<18} {doc.splitlines()[0]}")
+    return "\n".join(lines)
 
 
 def _bench(args, rest):
@@ -38,9 +51,13 @@ def main(argv=None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     netsim.add_arguments(netsim_parser)
     netsim_parser.set_defaults(func=lambda args, rest: sys.exit(netsim.main(args)))
-    bench = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args pass through)")
-    bench.add_argument("name", help="e.g. codec_throughput")
-    bench.set_defaults(func=_bench)
+    bench = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args pass through)",
+                           epilog=_benchmark_list(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("name", help="a benchmark from the list below")
+    bench.add_argument("args", nargs=argparse.REMAINDER,
+                       help="passed to the benchmark (--help shows its own options)")
+    bench.set_defaults(func=lambda args, rest: _bench(args, args.args + rest))
     args, rest = parser.parse_known_args(argv)
     args.func(args, rest)
 

@@ -11,6 +11,7 @@ thread per state, in bucket order (see :mod:`commpress.comm.ordered`), so commun
 overlaps the rest of the backward pass.
 """
 
+import functools
 import logging
 import warnings
 import weakref
@@ -594,8 +595,11 @@ def _on_side_stream(reduce, stream: "torch.cuda.Stream", device: torch.device):
 # -- named hooks, for command lines and configuration files ----------------------------------
 NAMED_CODECS = {
     "fp32": Identity, "fp16": FP16, "bf16": BF16,
-    "qsgd2": lambda: QSGD(bits=2, bucket_size=128), "qsgd4": lambda: QSGD(bits=4),
-    "qsgd8": lambda: QSGD(bits=8), "natural": NaturalCompression, "cnat": NaturalCompression,
+    # qsgd2 ... qsgd8, every width QSGD takes; 2 bits with smaller buckets (fewer levels need
+    # a tighter scale)
+    **{f"qsgd{bits}": functools.partial(QSGD, bits=bits, bucket_size=128 if bits == 2 else 512)
+       for bits in range(2, 9)},
+    "natural": NaturalCompression, "cnat": NaturalCompression,
     "dithering": NaturalDithering, "dnat": NaturalDithering,
 }
 
@@ -622,6 +626,9 @@ def register_hook(model: torch.nn.parallel.DistributedDataParallel, state, **kwa
 
         >>> state = commpress.register_hook(ddp_model, "qsgd4+ef")
     """
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(f"register_hook takes a DistributedDataParallel model, got "
+                        f"{type(model).__name__}: wrap it first, DDP(model), then register")
     if isinstance(state, str):
         state = state_from_name(state, **kwargs)
     elif kwargs:

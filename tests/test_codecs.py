@@ -301,3 +301,9 @@ def test_expected_sq_error_matches_monte_carlo(codec):
     exact = codec.expected_sq_error(x).double()
     assert abs(samples.mean() - exact) < 5 * samples.std() / 300 ** 0.5 + 1e-9 * exact
     assert cp.FP16().expected_sq_error(x) is None
+
+
+def test_wrong_codec_errors_name_the_codec():
+    payload = cp.QSGD(bits=4).encode(torch.randn(16))
+    with pytest.raises(ValueError, match=r"encoded by qsgd \(codec id 4\), not by natural"):
+        cp.NaturalCompression().decode(payload)

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def run_train(*args, timeout=400):
     """``commpress train ARGS --quiet`` in a subprocess, as a user runs it."""
@@ -84,3 +86,25 @@ def test_commpress_version():
     proc = subprocess.run([sys.executable, "-m", "commpress.cli", "--version"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == f"commpress {commpress.__version__}"
+
+
+def test_commpress_bench_lists_benchmarks_and_passes_help_through():
+    listing = subprocess.run([sys.executable, "-m", "commpress.cli", "bench", "--help"],
+                             capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0
+    for name in ("bandwidth", "codec_throughput", "ddp_step", "memory", "convergence"):
+        assert f"  {name} " in listing.stdout
+    own = subprocess.run([sys.executable, "-m", "commpress.cli", "bench", "memory", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert own.returncode == 0 and "--numel" in own.stdout  # the benchmark's own options
+
+
+def test_hook_names_cover_every_qsgd_width_and_need_a_ddp_model():
+    import torch
+
+    import commpress as cp
+    for bits in range(2, 9):
+        assert cp.state_from_name(f"qsgd{bits}+ef").codec.bits == bits
+    with pytest.raises(TypeError, match="DistributedDataParallel model, got Linear"):
+        cp.register_hook(torch.nn.Linear(2, 2), "qsgd4")
+

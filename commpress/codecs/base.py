@@ -263,8 +263,8 @@ class Codec:
             raise ValueError("a payload must be a 1-D uint8 tensor")
         header = Header.from_bytes(bytes(data[:HEADER_BYTES].cpu().numpy()))
         if header.codec_id != self.codec_id:
-            raise ValueError(f"payload was encoded by codec id {header.codec_id}, "
-                             f"not by {self.name} (id {self.codec_id})")
+            raise ValueError(f"payload was encoded by {_codec_name(header.codec_id)}, "
+                             f"not by {self.name} (codec id {self.codec_id})")
         if (header.param_a, header.param_b, header.block) != self._params():
             raise ValueError(f"payload parameters {(header.param_a, header.param_b, header.block)} "
                              f"do not match {self!r} {self._params()}")
@@ -323,6 +323,12 @@ def chunk_ranges(numel: int, align: int, device: torch.device, first: int = 0):
 
 
 _REGISTRY: Dict[str, Callable[..., Codec]] = {}
+
+
+def _codec_name(codec_id: int) -> str:
+    """How an error names the codec of a wire ``codec_id``."""
+    names = sorted({cls.name for cls in _REGISTRY.values() if cls.codec_id == codec_id})
+    return f"{names[0]} (codec id {codec_id})" if names else f"an unknown codec (id {codec_id})"
 
 
 def register_codec(*names: str):
