@@ -23,7 +23,8 @@ codecs by hook name (``qsgd4``, ``natural``, ...) with the ``auto`` collective, 
 after an @: ``qsgd4@hierarchical``, ``fp32@hierarchical`` (identity codec: fp32 inside the
 node, all_reduce between nodes).
 
-Results: ``benchmarks/results/bandwidth.json``; a table is printed.
+Results: ``--out`` (default ``benchmarks/results/local/bandwidth.json``, untracked), a
+plot and a markdown table next to it; the table is printed.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
-from report import pyplot, save, split_failures  # noqa: E402
+from report import out_argument, pyplot, save, split_failures  # noqa: E402
 
 METHODS = ["fp32", "torch-fp16", "torch-quant", "fp16", "qsgd4", "qsgd8", "natural", "dithering"]
 SIZES = [4 << 10, 256 << 10, 1 << 20, 4 << 20, 25_000_000, 64 << 20]
@@ -217,7 +218,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true",
                         help="2 nodes, 1gbit, 1 MB, 2 iterations (CI)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bandwidth.json"))
+    out_argument(parser, "bandwidth")
     add_job_arguments(parser)
     args = parser.parse_args(argv)
     if args.worker:

@@ -26,6 +26,9 @@ from tqdm import tqdm
 import commpress as cp
 from commpress.codecs import kernels
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/report.py
+from report import out_argument  # noqa: E402
+
 CODECS = {
     "identity": cp.Identity(), "fp16": cp.FP16(), "bf16": cp.BF16(),
     "qsgd2": cp.QSGD(bits=2, bucket_size=128), "qsgd4": cp.QSGD(bits=4),
@@ -105,8 +108,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="small sizes, 2 repeats: checks the script runs (CI); its figures "
                              "are not measurements")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                      "codec_throughput.json"))
+    out_argument(parser, "codec_throughput")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats = [1 << 16], 2

@@ -12,7 +12,8 @@ method, so methods share initial weights, data order and step count:
 Reported per task and method: test accuracy averaged over seeds and its difference from fp32
 (in points), the AC/DC dense member (weights at the end of the last dense phase), bytes per
 rank against fp32, and accuracy-vs-bytes curves (one point per epoch, averaged over seeds).
-Results: ``benchmarks/results/convergence.json`` and ``.png``.
+Results: ``--out`` (default ``benchmarks/results/local/convergence.json``, untracked) and
+``.png``, ``.md`` next to it.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
-from report import pyplot, save  # noqa: E402
+from report import out_argument, pyplot, save  # noqa: E402
 
 METHODS = ["qsgd4", "qsgd8", "natural", "dithering", "qsgd4+ef", "natural+ef", "fp16"]
 TASKS = {"digits": {"epochs": 15, "lr": 0.05}, "libsvm": {"epochs": 10, "lr": 2.0}}
@@ -114,7 +115,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, help="override every task's epochs")
     parser.add_argument("--quick", action="store_true", help="one seed, 2 epochs, qsgd4 only (CI)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "convergence.json"))
+    out_argument(parser, "convergence")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.methods = [0], 2, ["qsgd4"]

@@ -20,7 +20,8 @@ counter. Methods:
 - ``acdc90`` and ``acdc90:qsgd4``: an AC/DC sparse phase at 90% (the fp32 hook, or QSGD-4,
   sending only the entries under the mask).
 
-Results: ``benchmarks/results/ddp_step.json`` and ``.png``; a table is printed.
+Results: ``--out`` (default ``benchmarks/results/local/ddp_step.json``, untracked) and
+``.png``, ``.md`` next to it; the table is printed.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
-from report import pyplot, save, split_failures  # noqa: E402
+from report import out_argument, pyplot, save, split_failures  # noqa: E402
 
 # torch-quant last: it fails on gloo mid-backward, after which the group's state is unknown
 METHODS = ["local", "fp32", "torch-fp16", "powersgd1", "powersgd4",
@@ -194,7 +195,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--quick", action="store_true",
                         help=f"width 256, 1gbit, 2 timed steps, methods {' '.join(QUICK_METHODS)} (CI)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ddp_step.json"))
+    out_argument(parser, "ddp_step")
     add_job_arguments(parser)
     args = parser.parse_args(argv)
     if args.worker:

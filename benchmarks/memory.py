@@ -18,7 +18,8 @@ compiler's one-time footprint is in neither figure).
 
 Methods: ``fp32`` and ``torch-fp16`` (PyTorch's ``allreduce_hook`` and
 ``fp16_compress_hook``) and commpress hook names, with ``@collective`` to force one
-(``qsgd4+ef@reduce_scatter``). Results: ``benchmarks/results/memory.json``, ``.md``, ``.png``.
+(``qsgd4+ef@reduce_scatter``). Results: ``--out``
+(default ``benchmarks/results/local/memory.json``, untracked), ``.md``, ``.png``.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
-from report import pyplot, save  # noqa: E402
+from report import out_argument, pyplot, save  # noqa: E402
 
 METHODS = ["fp32", "torch-fp16", "fp16", "qsgd4", "qsgd4@reduce_scatter", "qsgd4+ef",
            "qsgd4+ef@reduce_scatter", "qsgd4+ef21", "qsgd4+ef21@reduce_scatter", "qsgd8",
@@ -177,7 +178,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help=f"4M elements, methods {' '.join(QUICK_METHODS)}: a smoke test "
                              "(CI), its figures are not measurements")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory.json"))
+    out_argument(parser, "memory")
     args = parser.parse_args(argv)
     if not os.path.exists("/proc/self/clear_refs"):
         sys.exit("memory benchmark: needs Linux's /proc/self/clear_refs to reset the peak")

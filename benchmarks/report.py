@@ -8,6 +8,20 @@ from pathlib import Path
 from typing import Callable, List, Tuple
 
 
+#: where a benchmark writes unless given --out: untracked, so a run never overwrites the
+#: results committed under benchmarks/results/ unless asked to (--out benchmarks/results/...)
+LOCAL_RESULTS = Path(__file__).resolve().parent / "results" / "local"
+
+
+def out_argument(parser, name: str) -> None:
+    """The ``--out`` option every benchmark has, defaulting to ``LOCAL_RESULTS/name.json``."""
+    parser.add_argument("--out", default=str(LOCAL_RESULTS / f"{name}.json"),
+                        help=f"results JSON (a plot and a markdown table go next to it); default "
+                             f"{LOCAL_RESULTS.relative_to(LOCAL_RESULTS.parents[2])}/{name}.json, "
+                             "untracked: pass benchmarks/results/NAME.json to update the "
+                             "committed results")
+
+
 def pyplot():
     """matplotlib's pyplot drawing to files only (no display on these machines)."""
     import matplotlib

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,6 +98,11 @@ def test_commpress_bench_lists_benchmarks_and_passes_help_through():
     own = subprocess.run([sys.executable, "-m", "commpress.cli", "bench", "memory", "--help"],
                          capture_output=True, text=True, timeout=60)
     assert own.returncode == 0 and "--numel" in own.stdout  # the benchmark's own options
+    # by default results go to an untracked folder, never over the committed ones
+    assert "benchmarks/results/local/memory.json" in " ".join(own.stdout.split())
+    ignored = subprocess.run(["git", "check-ignore", "-q", "benchmarks/results/local/memory.json"],
+                             cwd=Path(__file__).resolve().parent.parent)
+    assert ignored.returncode in (0, 128)  # ignored, or not a git checkout
 
 
 def test_hook_names_cover_every_qsgd_width_and_need_a_ddp_model():
