@@ -217,7 +217,8 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true",
-                        help="2 nodes, 1gbit, 1 MB, 2 iterations (CI)")
+                        help="2 nodes, 1gbit, 1 MB, 2 iterations: a smoke test (CI), its figures "
+                             "are not measurements")
     out_argument(parser, "bandwidth")
     add_job_arguments(parser)
     args = parser.parse_args(argv)

@@ -114,7 +114,8 @@ def main(argv=None):
                         help="besides fp32 and AC/DC 90%% (fp32 hook and QSGD-4), always run")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, help="override every task's epochs")
-    parser.add_argument("--quick", action="store_true", help="one seed, 2 epochs, qsgd4 only (CI)")
+    parser.add_argument("--quick", action="store_true", help="one seed, 2 epochs, qsgd4 only: a smoke test (CI), its "
+                             "figures are not measurements")
     out_argument(parser, "convergence")
     args = parser.parse_args(argv)
     if args.quick:

@@ -194,7 +194,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--quick", action="store_true",
-                        help=f"width 256, 1gbit, 2 timed steps, methods {' '.join(QUICK_METHODS)} (CI)")
+                        help=f"width 256, 1gbit, 2 timed steps, methods {' '.join(QUICK_METHODS)}: "
+                             "a smoke test (CI), its figures are not measurements")
     out_argument(parser, "ddp_step")
     add_job_arguments(parser)
     args = parser.parse_args(argv)

@@ -207,6 +207,12 @@ class CompressionState:
             if self.collective == "hierarchical" or auto:
                 layout = node_layout(transport)
                 even = len({len(ranks) for ranks in layout}) == 1
+                if self.collective == "hierarchical" and len(layout) == 1:
+                    warnings.warn("commpress: collective 'hierarchical' with every rank on one "
+                                  "node: it reduces in fp32 inside a node and compresses only "
+                                  "between nodes, so nothing is compressed here; use 'auto' or "
+                                  "a flat collective to compress across these ranks",
+                                  stacklevel=3)
                 if self.collective == "hierarchical" or (even and 1 < len(layout) < transport.world_size):
                     runtime.compressed_transport = torch_hierarchical_transport(transport, layout)
                     runtime.groups += [runtime.compressed_transport.intra.group,

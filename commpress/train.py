@@ -268,23 +268,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "natural+ef21 fp16 (default: qsgd4 qsgd8 natural)")
     parser.add_argument("-n", "--workers", type=int, default=2,
                         help="worker processes when not launched by torchrun (default 2)")
-    parser.add_argument("--collective", default="auto",
-                        choices=["auto", *ALGORITHMS])
+    parser.add_argument("--collective", default="auto", choices=["auto", *ALGORITHMS],
+                        help="how compressed gradients are reduced (default auto: allgather at "
+                             "2 ranks, reduce_scatter beyond, hierarchical on several nodes of "
+                             "several ranks)")
     parser.add_argument("--acdc", type=float, metavar="SPARSITY",
-                        help="also run AC/DC at this sparsity (paper schedule scaled to the run), "
+                        help="(default: off) also run AC/DC at this sparsity (paper schedule scaled to the run), "
                              "with the fp32 hook and with qsgd4: methods acdcNN and acdcNN:qsgd4")
     parser.add_argument("--data", default="digits", choices=DATA,
-                        help="digits (scikit-learn's, small CNN), synthetic (images, CNN) or "
+                        help="(default digits) digits (scikit-learn's, small CNN), synthetic (images, CNN) or "
                              "libsvm (LIBSVM-like sparse binary features, logistic regression)")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=15, help="passes over the data (default 15)")
+    parser.add_argument("--batch-size", type=int, default=32, help="per worker (default 32)")
+    parser.add_argument("--lr", type=float, default=0.05,
+                        help="SGD learning rate, momentum 0.9 (default 0.05)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="model, data order and compression randomness (default 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where to train (auto: cuda when available, else cpu)")
     parser.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
                         help="torch.distributed backend (auto: nccl on cuda, else gloo)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--json", help="also write the results to this JSON file (default: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -6,6 +6,7 @@ import os
 import pickle
 import threading
 import time
+import warnings
 import weakref
 
 import pytest
@@ -143,6 +144,12 @@ def usage_worker(rank, world_size):
     except ValueError as exc:
         out["sparse"] = str(exc)
 
+    # -- 'hierarchical' with every rank on one node says that nothing is compressed -------
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cp.register_hook(DDP(mlp()), "qsgd4", collective="hierarchical", log_every=0)
+    out["one_node_hierarchical"] = [str(w.message) for w in caught]
+
     # -- float64 models, every named hook --------------------------------------------------
     out["fp64"] = {}
     for name in ("fp32", "fp16", "bf16", "qsgd4", "natural", "dithering", "qsgd4+ef21"):
@@ -164,6 +171,7 @@ def test_direct_registration_fp64_sparse_pickle_and_two_models():
     assert len(out["direct_names"]) == 2 and all(n.startswith("param.") for n in out["direct_names"])
     assert out["direct_resumed_steps"] == 5  # 4 restored + 1
     assert out["pickled_memories_equal"]
+    assert any("nothing is compressed here" in m for m in out["one_node_hierarchical"])
     assert "more than one DDP model" in out["two_models"]
     assert "more than one DDP model" in out["two_models_direct"]
     assert "sparse gradients" in out["sparse"] and "Embedding" in out["sparse"]

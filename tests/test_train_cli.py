@@ -114,3 +114,16 @@ def test_hook_names_cover_every_qsgd_width_and_need_a_ddp_model():
     with pytest.raises(TypeError, match="DistributedDataParallel model, got Linear"):
         cp.register_hook(torch.nn.Linear(2, 2), "qsgd4")
 
+
+
+def test_every_train_option_has_help_and_a_default():
+    import argparse
+
+    from commpress import train
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{action.dest} has no help text"
+        assert action.default is not None or "default" in action.help, f"{action.dest}: no default"
