@@ -523,7 +523,7 @@ def _reduce_bucket(state: CompressionState, runtime: _Runtime, buffer: torch.Ten
     if fields is not None:
         agree(runtime.control, fields, runtime.control.device)
     w = transport.world_size
-    state.stats.add(dense_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
+    state.stats.add(fp32_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
     if not compress:
         small, big = small + big, []
     if small:

@@ -1,9 +1,10 @@
-"""Communication statistics: bytes on the wire against the dense baseline, and where time goes.
+"""Communication statistics: bytes on the wire against an fp32 all-reduce, and where time goes.
 
 ``wire_bytes`` is what this rank handed to the engine, weighted by the bytes each collective
 algorithm sends per rank (see :class:`~commpress.comm.transport.Transport`), of which
 ``intra_node_bytes`` went to ranks of the same node (hierarchical collective only);
-``dense_bytes`` is what a ring all-reduce of the same gradients in fp32 would have sent,
+``fp32_bytes`` is what a ring all-reduce of the same gradients in fp32 would have sent (the
+fp32 equivalent; not "dense", which names AC/DC's phases),
 ``2(W-1)/W * 4 * numel``. Their ratio (against the bytes that left the node) is the saving, after every overhead (headers, scales,
 padding, the uncompressed small layers, the plain warm-up steps).
 """
@@ -19,7 +20,7 @@ class StepCounters:
     wire_bytes: int = 0
     #: the part of ``wire_bytes`` sent to ranks on the same node (hierarchical collective)
     intra_node_bytes: int = 0
-    dense_bytes: int = 0
+    fp32_bytes: int = 0
     encode_seconds: float = 0.0
     decode_seconds: float = 0.0
     comm_seconds: float = 0.0
@@ -31,9 +32,9 @@ class StepCounters:
 
     @property
     def ratio(self) -> float:
-        """dense / network: how many times fewer bytes than an fp32 all-reduce puts on the
+        """fp32 / network: how many times fewer bytes than an fp32 all-reduce puts on the
         network."""
-        return self.dense_bytes / self.network_bytes if self.network_bytes else float("nan")
+        return self.fp32_bytes / self.network_bytes if self.network_bytes else float("nan")
 
 
 @dataclass
@@ -76,8 +77,8 @@ class CommStats(StepCounters):
     def summary(self) -> str:
         intra = (f" (+{self.intra_node_bytes / 1e6:.2f} MB inside the node)"
                  if self.intra_node_bytes else "")
-        return (f"step {self.steps}: wire {self.network_bytes / 1e6:.2f} MB{intra} vs dense "
-                f"{self.dense_bytes / 1e6:.2f} MB ({self.ratio:.2f}x fewer); last step "
+        return (f"step {self.steps}: wire {self.network_bytes / 1e6:.2f} MB{intra} vs fp32 "
+                f"all-reduce {self.fp32_bytes / 1e6:.2f} MB ({self.ratio:.2f}x fewer); last step "
                 f"{self.last_step.network_bytes / 1e3:.1f} kB ({self.last_step.ratio:.2f}x); "
                 f"encode {self.encode_seconds:.2f}s decode {self.decode_seconds:.2f}s "
                 f"comm {self.comm_seconds:.2f}s")
@@ -87,11 +88,12 @@ class CommStats(StepCounters):
         return {**counters, "steps": self.steps, "last_step": asdict(self.last_step)}
 
     def load_state_dict(self, state: Dict) -> None:
+        state, last = _renamed(state), _renamed(state["last_step"])
         with self._lock:
             for f in fields(StepCounters):
                 setattr(self, f.name, state.get(f.name, 0))
             self.steps = state["steps"]
-            self.last_step = StepCounters(**{**asdict(StepCounters()), **state["last_step"]})
+            self.last_step = StepCounters(**{f.name: last.get(f.name, 0) for f in fields(StepCounters)})
             self._current = StepCounters()
 
     def __getstate__(self):
@@ -101,3 +103,10 @@ class CommStats(StepCounters):
         self.__post_init__()
         self.last_step = StepCounters()
         self.load_state_dict(state)
+
+
+def _renamed(counters: Dict) -> Dict:
+    """Counters of an older checkpoint, where ``fp32_bytes`` was called ``dense_bytes``."""
+    if "dense_bytes" in counters and "fp32_bytes" not in counters:
+        counters = {**counters, "fp32_bytes": counters["dense_bytes"]}
+    return counters

@@ -158,7 +158,7 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
     accuracy, test_loss = evaluate(model.module, x_test, y_test)
     extra = {}
     if acdc is not None:
-        dense_weights, _ = acdc.sparse_dense_pair()
+        _, dense_weights = acdc.sparse_dense_pair()
         dense_member = make_model(args.seed, args.data).to(device)
         dense_member.load_state_dict(dense_weights)
         extra = {"dense_member_accuracy": evaluate(dense_member.eval(), x_test, y_test)[0],
@@ -170,7 +170,7 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
     wire = state.stats.network_bytes if state else dense
     identical = _replicas_identical(model)
     return {"method": method, "accuracy": accuracy, "test_loss": test_loss,
-            "train_loss": loss.item(), "wire_bytes": wire, "dense_bytes": dense,
+            "train_loss": loss.item(), "wire_bytes": wire, "fp32_bytes": dense,
             "intra_node_bytes": state.stats.intra_node_bytes if state else 0,
             "ratio": dense / wire if wire else float("nan"), "seconds": elapsed,
             "steps": steps, "replicas_identical": identical, "curve": curve,

@@ -23,6 +23,19 @@ def test_paper_schedule_boundaries():
     assert in_steps.total == 39_000
 
 
+def test_paper_schedule_keeps_distinct_phases_in_short_runs():
+    """5% of a short run is under one epoch: phases used to round to nothing or run into each
+    other (15 epochs gave (3, 4), (4, 5): one sparse phase where the paper has two)."""
+    assert cp.ACDCSchedule.paper(10).sparse == [(1, 2), (3, 4), (5, 6), (8, 10)]
+    for epochs in range(2, 60):
+        s = cp.ACDCSchedule.paper(epochs)
+        assert s.sparse[-1][1] == epochs, epochs          # ends with the final sparse phase
+        dense_before = [a - b for (_, b), (a, _) in zip([(0, 0)] + s.sparse, s.sparse)]
+        assert min(dense_before) >= 1, (epochs, s.sparse)  # a dense epoch before every phase
+    with pytest.raises(ValueError, match="at least 2 epochs"):
+        cp.ACDCSchedule.paper(1)
+
+
 def test_bad_schedules_and_settings_raise():
     with pytest.raises(ValueError, match="overlaps"):
         cp.ACDCSchedule([(10, 20), (15, 25)], 100)
@@ -152,7 +165,7 @@ def resume_worker(rank, world_size, spec):
                 "acdc": acdc.state_dict()}, buf)
     run_steps(ddp, opt, acdc, rank, 6, 12)
     expected = [p.detach().clone() for p in ddp.parameters()]
-    dense_member, sparse_member = acdc.sparse_dense_pair()
+    sparse_member, dense_member = acdc.sparse_dense_pair()
 
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
@@ -164,15 +177,21 @@ def resume_worker(rank, world_size, spec):
     assert acdc2.phase == "sparse" and abs(acdc2.density - 0.1) < 1e-3
     run_steps(ddp2, opt2, acdc2, rank, 6, 12)
     same = all(torch.equal(a, b.detach()) for a, b in zip(expected, ddp2.parameters()))
-    dense2, _ = acdc2.sparse_dense_pair()
-    return same, sparse_member is None, all(torch.equal(dense_member[k], dense2[k]) for k in dense_member)
+    sparse2, dense2 = acdc2.sparse_dense_pair()
+    current = ddp2.module.state_dict()
+    members_match = all(torch.equal(dense_member[k], dense2[k]) and torch.equal(dense2[k], current[k])
+                        and torch.equal(sparse_member[k], sparse2[k]) for k in dense_member)
+    weights = torch.cat([v.reshape(-1) for v in sparse2.values() if v.dim() == 2])
+    return same, members_match, (weights == 0).float().mean().item()
 
 
 @pytest.mark.parametrize("spec", ["fp32", "qsgd4+ef"])
 def test_resume_mid_sparse_phase(spec):
-    for same, ended_dense, same_dense_member in run_workers(resume_worker, 2, spec):
-        assert same and same_dense_member
-        assert ended_dense  # the schedule ends dense, so there is no sparse member to report
+    for same, members_match, sparse_zeros in run_workers(resume_worker, 2, spec):
+        assert same
+        # the schedule ends dense: the dense member is the current weights, the sparse one
+        # the weights when the sparse phase ended (saved across the resume)
+        assert members_match and abs(sparse_zeros - 0.9) < 1e-3
 
 
 def schedule_mismatch_worker(rank, world_size):

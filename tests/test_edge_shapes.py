@@ -105,7 +105,7 @@ def huge_bucket_worker(rank, world_size):
     exact /= world_size
     rel = ((model.weight.grad - exact).norm() / exact.norm()).item()
     digest = model.weight.grad.sum().item()
-    return rel, digest, state.stats.last_step.ratio, state.stats.last_step.dense_bytes
+    return rel, digest, state.stats.last_step.ratio, state.stats.last_step.fp32_bytes
 
 
 def test_single_bucket_over_256_mb():

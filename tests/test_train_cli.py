@@ -30,9 +30,9 @@ def test_commpress_train_reports(tmp_path):
 
 
 def test_commpress_train_rejects_unknown_hook():
-    proc = subprocess.run([sys.executable, "-m", "commpress.cli", "train", "qsgd3"],
+    proc = subprocess.run([sys.executable, "-m", "commpress.cli", "train", "qsgd9"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "unknown hook 'qsgd3'" in proc.stderr
+    assert proc.returncode != 0 and "unknown hook 'qsgd9'" in proc.stderr
 
 
 def test_commpress_train_acdc_reports_both_members(tmp_path):

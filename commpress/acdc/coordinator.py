@@ -44,7 +44,7 @@ class ACDC:
         ...                       schedule=commpress.ACDCSchedule.paper(epochs, steps_per_epoch))
         >>> for x, y in loader:
         ...     loss_fn(ddp_model(x), y).backward(); opt.step(); opt.zero_grad(); acdc.step()
-        >>> dense_weights, sparse_weights = acdc.sparse_dense_pair()
+        >>> sparse_weights, dense_weights = acdc.sparse_dense_pair()
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -66,7 +66,9 @@ class ACDC:
         self.steps = 0
         self.phase = "dense"
         self.masks: Dict[str, torch.Tensor] = {}
+        # each member's weights when its last phase ended (see sparse_dense_pair)
         self.dense_snapshot: Optional[Dict[str, torch.Tensor]] = None
+        self.sparse_snapshot: Optional[Dict[str, torch.Tensor]] = None
         if state is not None:
             state.bind(self.module)
         if self.schedule.phase_at(0) == "sparse":
@@ -89,11 +91,15 @@ class ACDC:
         return sum(int(m.sum()) for m in self.masks.values()) / sum(w.numel() for _, w in self.weights)
 
     def sparse_dense_pair(self) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[Dict[str, torch.Tensor]]]:
-        """``(dense, sparse)`` state dicts: the weights at the end of the last dense phase, and
-        the current weights if in a sparse phase (the run's sparse member at its end)."""
-        sparse = ({k: v.detach().clone() for k, v in self.module.state_dict().items()}
-                  if self.phase == "sparse" else None)
-        return self.dense_snapshot, sparse
+        """``(sparse, dense)``: the run's two members, as state dicts. The member of the
+        current phase is the current weights; the other is the weights at the end of its last
+        phase (a run that ended dense gives the sparse weights as they were when the last
+        sparse phase ended; the paper's schedule ends sparse, so its dense member is the end
+        of the last dense phase). None for a kind of phase the run has not had yet."""
+        current = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        if self.phase == "sparse":
+            return current, self.dense_snapshot
+        return self.sparse_snapshot, current
 
     # -- transitions ----------------------------------------------------------------------
     def _enter(self, phase: str) -> None:
@@ -110,6 +116,7 @@ class ACDC:
             self._apply_masks()
             logger.info("AC/DC step %d: sparse phase, density %.3f", self.steps, self.density)
         else:
+            self.sparse_snapshot = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
             self._set_masks({})
             self.optimizer.state.clear()  # pruned weights return as zeros, momentum restarts
             logger.info("AC/DC step %d: dense phase", self.steps)
@@ -145,7 +152,7 @@ class ACDC:
     def state_dict(self) -> Dict:
         return {"steps": self.steps, "phase": self.phase, "sparsity": self.sparsity,
                 "scope": self.scope, "masks": {k: v.cpu() for k, v in self.masks.items()},
-                "dense_snapshot": self.dense_snapshot}
+                "dense_snapshot": self.dense_snapshot, "sparse_snapshot": self.sparse_snapshot}
 
     def load_state_dict(self, state: Dict) -> None:
         if (state["sparsity"], state["scope"]) != (self.sparsity, self.scope):
@@ -156,5 +163,6 @@ class ACDC:
         self.masks = {}
         self._set_masks({k: v.to(device) for k, v in state["masks"].items()})
         self.dense_snapshot = state["dense_snapshot"]
+        self.sparse_snapshot = state.get("sparse_snapshot")  # absent in older checkpoints
         if self.state is not None:
             self.state.phase = self.phase

@@ -44,12 +44,29 @@ class ACDCSchedule:
 
     @classmethod
     def paper(cls, total_units: int, steps_per_epoch: int = 1) -> "ACDCSchedule":
-        """The paper's shape scaled to ``total_units`` epochs (10% dense warm-up, 5% phases
-        alternating up to 75%, dense to 85%, sparse to the end)."""
-        total = total_units * steps_per_epoch
-        sparse = [(round(a * total_units) * steps_per_epoch, round(b * total_units) * steps_per_epoch)
-                  for a, b in _PAPER]
-        return cls([(a, b) for a, b in sparse if b > a], total, steps_per_epoch)
+        """The paper's shape scaled to ``total_units`` epochs: 10% dense warm-up, sparse and
+        dense phases of 5% alternating up to 75%, dense to 85%, sparse to the end.
+
+        Boundaries are rounded to whole epochs. In short runs, where 5% is under one epoch,
+        every phase still lasts at least one epoch and is followed by at least one dense
+        epoch, so phases stay distinct (they are pushed later); the alternations that no longer
+        fit before the final sparse phase are dropped, and the run always ends with that final
+        sparse fine-tuning (from 85% of the run, or its last epoch). At least 2 epochs."""
+        if not isinstance(total_units, int) or total_units < 2:
+            raise ValueError(f"the paper schedule needs at least 2 epochs (a dense one and the "
+                             f"final sparse one), got {total_units!r}")
+        final_start = min(max(round(_PAPER[-1][0] * total_units), 1), total_units - 1)
+        sparse, previous = [], 0  # previous: where the last sparse phase ended
+        for a, b in _PAPER[:-1]:
+            start = max(round(a * total_units), previous + 1)  # a dense epoch before each
+            stop = max(round(b * total_units), start + 1)
+            if stop >= final_start:  # and one before the final phase
+                break
+            sparse.append((start, stop))
+            previous = stop
+        sparse.append((final_start, total_units))
+        return cls([(a * steps_per_epoch, b * steps_per_epoch) for a, b in sparse],
+                   total_units * steps_per_epoch, steps_per_epoch)
 
     @classmethod
     def alternating(cls, total: int, warmup: int, sparse_len: int, dense_len: int,
