@@ -59,14 +59,14 @@ def summarize(runs) -> list:
                 if "dense_member_accuracy" in res:
                     by_method.setdefault(res["method"] + " dense", []).append(
                         {"accuracy": res["dense_member_accuracy"], "wire_bytes": res["wire_bytes"],
-                         "dense_bytes": res["dense_bytes"]})
+                         "fp32_bytes": res["fp32_bytes"]})
         base = statistics.mean(r["accuracy"] for r in by_method[BASELINE])
         for method, results in by_method.items():
             accuracy = statistics.mean(r["accuracy"] for r in results)
             rows.append({"task": task, "method": method, "seeds": len(results),
                          "accuracies": [r["accuracy"] for r in results], "accuracy": accuracy,
                          "vs_fp32_points": 100 * (accuracy - base),
-                         "bytes_vs_fp32": statistics.mean(r["wire_bytes"] / r["dense_bytes"] for r in results),
+                         "bytes_vs_fp32": statistics.mean(r["wire_bytes"] / r["fp32_bytes"] for r in results),
                          "target_points": TARGETS.get(method)})
     return rows
 
