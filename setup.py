@@ -19,7 +19,9 @@ setup(
     install_requires=["torch>=2.2", "numpy", "tqdm"],
     extras_require={
         "train": ["scikit-learn"],
-        "test": ["pytest>=7", "scikit-learn"],
+        "test": ["pytest>=7", "scikit-learn", "pytorch-lightning>=2.0", "accelerate>=0.26"],
+        "lightning": ["pytorch-lightning>=2.0"],
+        "accelerate": ["accelerate>=0.26"],
         "mpi": ["mpi4py>=3.1"],
         "horovod": ["horovod>=0.28"],
         "bench": ["matplotlib", "scikit-learn"],

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 STATE_DIR = Path(os.environ.get("COMMPRESS_NETSIM_DIR", "/run/commpress-netsim"))
+#: ``ip netns exec NS`` mounts the files of ``/etc/netns/NS`` over ``/etc``: a node's hosts file
+NETNS_ETC = Path("/etc/netns")
 IFNAME = "eth0"
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
@@ -149,6 +151,23 @@ class NetSim:
             _sh("ip", "link", "set", "lo", "up", ns=ns)
             for dev, where in ((IFNAME, ns), (bridge_end, self.bridge_ns)):
                 self._shape(dev, where)
+            self._write_hosts(ns)
+
+    def _write_hosts(self, ns: str) -> None:
+        """The machine's hosts file plus every node's address, so that reverse lookups of node
+        addresses (c10d names its store's clients) answer at once instead of failing on the
+        namespace's missing DNS with a warning per connection."""
+        try:
+            base = Path("/etc/hosts").read_text()
+        except OSError:
+            base = "127.0.0.1 localhost\n"
+        # IPv4-mapped forms too: the store's server socket is dual-stack, so it sees its
+        # clients as ::ffff:10.x.y.z
+        nodes = "::1 localhost ip6-localhost\n" + "".join(
+            f"{self.address(i)} {self.node_ns(i)}\n::ffff:{self.address(i)} {self.node_ns(i)}\n"
+            for i in range(self.nodes))
+        (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
+        (NETNS_ETC / ns / "hosts").write_text(f"{base.rstrip()}\n# commpress netsim {self.prefix}\n{nodes}")
 
     def _shape(self, dev: str, ns: str):
         if self.rate and self.delay:
@@ -165,6 +184,7 @@ class NetSim:
         for ns in [self.node_ns(i) for i in range(self.nodes)] + [self.bridge_ns]:
             if ns in existing:
                 _sh("ip", "netns", "del", ns, check=False)
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
         self.state_file.unlink(missing_ok=True)
         self.up_done = False
 

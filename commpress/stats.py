@@ -75,6 +75,10 @@ class CommStats(StepCounters):
         return {**counters, "network_bytes": self.network_bytes / n}
 
     def summary(self) -> str:
+        if self.steps == 0:  # say so plainly: the usual cause is a hook that was never registered
+            return ("no step yet: nothing was reduced through commpress (a DDP hook that was never "
+                    "registered? Lightning's DDPStrategy registers comm hooks only on CUDA: use "
+                    "commpress.lightning.CompressedDDPStrategy)")
         intra = (f" (+{self.intra_node_bytes / 1e6:.2f} MB inside the node)"
                  if self.intra_node_bytes else "")
         return (f"step {self.steps}: wire {self.network_bytes / 1e6:.2f} MB{intra} vs fp32 "
