@@ -8,17 +8,25 @@ Build Horovod with ``launch/install_horovod.sh`` and run with ``horovodrun``::
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
     horovodrun -np 4 -H host1:2,host2:2 --gloo python train.py
+
+:func:`DistributedOptimizer` takes ``hvd.DistributedOptimizer``'s arguments with their
+meaning, and like it reduces gradients during the backward pass, group by group, as they
+become ready.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Tuple
+import contextlib
+import itertools
+import warnings
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .codecs import Codec
+from .codecs import FP16, Codec, Identity
 from .comm.agreement import agree
+from .comm.ordered import OrderedExecutor
 from .comm.pipeline import reduce_gradient
-from .comm.transport import Transport
+from .comm.transport import Pending, Transport
 from .config import CompressionConfig
 from .feedback import ErrorFeedback
 from .stats import CommStats
@@ -30,50 +38,78 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
                       "bash launch/install_horovod.sh") from exc
 
 
+class _HorovodPending(Pending):
+    """A started Horovod operation: ``wait()`` synchronizes its handle."""
+
+    def __init__(self, handle):
+        super().__init__(None, handle)
+
+    def wait(self) -> torch.Tensor:
+        if self.output is None:
+            out = hvd.synchronize(self.work)
+            self.output = out[0] if isinstance(out, tuple) else out  # alltoall: (output, splits)
+        return self.output
+
+
 class HorovodTransport(Transport):
     """The transport operations on Horovod (after ``hvd.init()``). Horovod matches operations
-    across ranks by name; unnamed synchronous calls get the same generated names on every
-    rank as long as every rank issues them in the same order, which the front end ensures.
+    across ranks by name: each transport names its operations ``{prefix}.{sequence number}``,
+    so ranks that issue them in the same order (the front ends ensure it) match, whatever
+    other, differently named, Horovod operations other threads run meanwhile.
     bfloat16 sums (unsupported by Horovod) travel as float32."""
 
-    def __init__(self):
+    def __init__(self, prefix: str):
         self.rank, self.world_size = hvd.rank(), hvd.size()
         self.sent_bytes = 0
+        self._prefix, self._sequence = prefix, itertools.count()
+
+    def _name(self, op: str) -> str:
+        return f"{self._prefix}.{op}.{next(self._sequence)}"
 
     def all_gather(self, x):
+        return self.all_gather_start(x).wait()
+
+    def all_gather_start(self, x):
         self._count_all_gather(x)
-        return hvd.allgather(x)
+        return _HorovodPending(hvd.allgather_async(x, name=self._name("allgather")))
 
     def all_to_all(self, x, in_splits, out_splits):
+        return self.all_to_all_start(x, in_splits, out_splits).wait()
+
+    def all_to_all_start(self, x, in_splits, out_splits):
         self._count_all_to_all(x, in_splits)
-        out = hvd.alltoall(x, splits=torch.tensor(in_splits, dtype=torch.int32))
-        return out[0] if isinstance(out, tuple) else out  # newer Horovod also returns the splits
+        return _HorovodPending(hvd.alltoall_async(x, splits=torch.tensor(in_splits, dtype=torch.int32),
+                                                  name=self._name("alltoall")))
 
     def all_reduce_sum(self, x):
         if x.dtype == torch.bfloat16:
             return x.copy_(self.all_reduce_sum(x.float()))
         self._count_all_reduce(x)
-        return x.copy_(hvd.allreduce(x, op=hvd.Sum))
+        return x.copy_(hvd.allreduce(x, op=hvd.Sum, name=self._name("allreduce")))
 
     def broadcast(self, x, src):
         self._count_broadcast(x, src)
-        return x.copy_(hvd.broadcast(x, root_rank=src))
+        return x.copy_(hvd.broadcast(x, root_rank=src, name=self._name("broadcast")))
 
 
 _TRANSPORT: Optional[HorovodTransport] = None
+#: numbers the optimizers of this process; every rank creates them in the same order, so the
+#: k-th optimizer's operations carry the same names on every rank
+_OPTIMIZERS = itertools.count()
 
 
 def _transport() -> HorovodTransport:
     global _TRANSPORT
     if _TRANSPORT is None or _TRANSPORT.world_size != hvd.size():
-        _TRANSPORT = HorovodTransport()
+        _TRANSPORT = HorovodTransport("commpress.allreduce")
     return _TRANSPORT
 
 
 def allreduce(tensor: torch.Tensor, codec: Codec, collective: str = "auto",
               generator: Optional[torch.Generator] = None,
               stats: Optional[CommStats] = None) -> torch.Tensor:
-    """The mean over Horovod ranks of ``tensor`` through ``codec`` (same shape and dtype)."""
+    """The mean over Horovod ranks of ``tensor`` through ``codec`` (same shape and dtype).
+    Call it from one thread, in the same order on every rank."""
     transport = _transport()
     agree(transport, {"call": "allreduce", **CompressionConfig(codec, collective).shared(),
                       "shape": list(tensor.shape), "dtype": str(tensor.dtype)})
@@ -82,11 +118,74 @@ def allreduce(tensor: torch.Tensor, codec: Codec, collective: str = "auto",
     return mean.to(tensor.dtype).view(tensor.shape)
 
 
-class _DistributedOptimizer(torch.optim.Optimizer):
-    """Mixed into the wrapped optimizer's class, as ``hvd.DistributedOptimizer`` does."""
+def _codec_for(codec: Optional[Codec], compression) -> Codec:
+    """``codec``, or the commpress equivalent of Horovod's ``compression``."""
+    given = compression is not None and compression is not hvd.Compression.none
+    if codec is not None:
+        if given:
+            raise ValueError("pass codec= or compression=, not both (codec= is commpress's)")
+        return codec
+    if compression is hvd.Compression.fp16:
+        return FP16()
+    if given:
+        raise ValueError(f"compression={getattr(compression, '__name__', compression)!r} is a "
+                         "Horovod compressor, which commpress does not run: pass codec= instead "
+                         "(e.g. commpress.QSGD(bits=4)); hvd.Compression.none and "
+                         "hvd.Compression.fp16 are accepted and mean fp32 and commpress.FP16()")
+    if compression is None:
+        warnings.warn("commpress.horovod.DistributedOptimizer without codec=: gradients are "
+                      "averaged in fp32 (pass e.g. codec=commpress.QSGD(bits=4) to compress)",
+                      stacklevel=3)
+    return Identity()
 
-    def _commpress_init(self, named_parameters, codec, error_feedback, collective,
-                        backward_passes_per_step, seed):
+
+def _groups(params: List[torch.Tensor], groups, num_groups: int,
+            bucket_cap_mb: float) -> List[List[torch.Tensor]]:
+    """The reduction groups, in the order they are sent: Horovod's ``groups`` (lists of
+    parameters, each reduced together; the rest follow in buckets), ``num_groups`` (that many
+    groups of consecutive parameters), or DDP-like buckets of ``bucket_cap_mb``. Parameters
+    go in reverse order, the order in which backward produces their gradients."""
+    order = list(reversed(params))
+    if isinstance(groups, int):  # Horovod's older spelling of num_groups
+        groups, num_groups = None, groups
+    if groups is not None:
+        explicit = [list(g) for g in groups]
+        listed = [p for g in explicit for p in g]
+        if len({id(p) for p in listed}) != len(listed):
+            raise ValueError("groups: a parameter is in more than one group")
+        if not {id(p) for p in listed} <= {id(p) for p in params}:
+            raise ValueError("groups: a parameter is not one of the optimizer's (with "
+                             "requires_grad=True)")
+        ids = {id(p) for p in listed}
+        return [g for g in explicit if g] + _groups([p for p in params if id(p) not in ids],
+                                                    None, 0, bucket_cap_mb)
+    if num_groups:
+        if num_groups < 0:
+            raise ValueError(f"num_groups must be >= 0, got {num_groups}")
+        size = -(-len(order) // num_groups)
+        return [order[i:i + size] for i in range(0, len(order), size)]
+    cap, buckets, current, current_bytes = bucket_cap_mb * 2 ** 20, [], [], 0
+    for p in order:
+        if current and current_bytes + 4 * p.numel() > cap:
+            buckets.append(current)
+            current, current_bytes = [], 0
+        current.append(p)
+        current_bytes += 4 * p.numel()
+    return buckets + ([current] if current else [])
+
+
+class _DistributedOptimizer(torch.optim.Optimizer):
+    """Mixed into the wrapped optimizer's class, as ``hvd.DistributedOptimizer`` does.
+
+    A hook on every parameter counts its backward passes; when the last pass of a step has
+    produced every gradient of a group, and every group before it has been started, the
+    group's gradients are copied into one vector and handed to a worker thread that reduces
+    groups one after another, in group order on every rank (so Horovod's operations match),
+    while backward goes on. ``synchronize()`` starts the groups whose gradients did not all
+    arrive (zeros for missing gradients), waits for all, and writes the means back."""
+
+    def _commpress_init(self, named_parameters, codec, op, groups, sparse_as_dense,
+                        error_feedback, collective, backward_passes_per_step, seed):
         self._cp_config = CompressionConfig(codec, collective, error_feedback, seed=seed)
         if backward_passes_per_step < 1:
             raise ValueError("backward_passes_per_step must be >= 1")
@@ -96,76 +195,173 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         unnamed = [p for p in params if p not in names]
         if named and unnamed:
             raise ValueError(f"named_parameters misses {len(unnamed)} of the optimizer's parameters")
-        self._cp_params = params
-        self._cp_codec, self._cp_collective = codec, collective
+        self._cp_params, self._cp_groups = params, groups
+        self._cp_group_of = {p: i for i, group in enumerate(groups) for p in group}
+        self._cp_codec, self._cp_collective, self._cp_op = codec, collective, op
+        self._cp_sparse_as_dense = sparse_as_dense
         self._cp_feedback = ErrorFeedback(error_feedback) if error_feedback else None
         if self._cp_feedback is not None:
             self._cp_feedback.bind([(names.get(p, f"param.{i}"), p) for i, p in enumerate(params)])
         self._cp_passes = backward_passes_per_step
-        self._cp_counts = {p: 0 for p in params}
         self._cp_generator = torch.Generator().manual_seed(seed * 1_000_003 + hvd.rank())
+        self._cp_transport = HorovodTransport(f"commpress.opt{next(_OPTIMIZERS)}")
+        self._cp_executor = OrderedExecutor("commpress-horovod")
+        self._cp_agreed = False
+        self._cp_skip = False
+        self._cp_reset()
         self._cp_synchronized = False
         self.comm_stats = CommStats()
         for p in params:  # count backward passes, as Horovod's hooks do
-            p.register_post_accumulate_grad_hook(self._cp_count)
+            p.register_post_accumulate_grad_hook(self._cp_on_grad)
 
-    def _cp_count(self, param):
+    def _cp_reset(self):
+        self._cp_counts = {p: 0 for p in self._cp_params}
+        self._cp_missing = [len(g) for g in self._cp_groups]  # gradients not final yet
+        self._cp_started: List[Tuple[List[torch.Tensor], torch.futures.Future]] = []
+
+    def _cp_on_grad(self, param):
         self._cp_counts[param] += 1
         if self._cp_counts[param] > self._cp_passes:
             raise RuntimeError(f"gradients were computed more than backward_passes_per_step="
                                f"{self._cp_passes} times before step(); call step() or "
                                "zero_grad() in between, or raise backward_passes_per_step")
+        if self._cp_counts[param] == self._cp_passes:
+            self._cp_missing[self._cp_group_of[param]] -= 1
+            self._cp_start_ready()
+
+    def _cp_start_ready(self, every: bool = False):
+        """Start the groups whose gradients are final (``every``: all), in group order."""
+        while len(self._cp_started) < len(self._cp_groups):
+            index = len(self._cp_started)
+            if not every and self._cp_missing[index]:
+                return
+            group = self._cp_groups[index]
+            flat = torch.cat([self._cp_grad(p).reshape(-1).float() for p in group])
+            self._cp_started.append((group, self._cp_executor.submit(
+                lambda g=group, f=flat, first=index == 0: self._cp_reduce(g, f, first))))
+
+    def _cp_grad(self, p) -> torch.Tensor:
+        if p.grad is None:
+            return torch.zeros_like(p)
+        if p.grad.layout != torch.strided:
+            if not self._cp_sparse_as_dense:
+                raise ValueError("a parameter has a sparse gradient (e.g. nn.Embedding(sparse="
+                                 "True)); commpress reduces dense gradients: pass "
+                                 "sparse_as_dense=True")
+            return p.grad.to_dense()
+        return p.grad.detach()
+
+    def _cp_reduce(self, group, flat, first):
+        """On the worker thread: the mean (or sum) of one group over ranks."""
+        transport = self._cp_transport
+        if first and not self._cp_agreed:  # every rank's first operation of its first step
+            agree(transport, {"call": "DistributedOptimizer", **self._cp_config.shared(),
+                              "op": self._cp_op, "passes": self._cp_passes,
+                              "groups": [[list(p.shape) for p in g] for g in self._cp_groups]})
+            self._cp_agreed = True
+        w = transport.world_size
+        self.comm_stats.add(fp32_bytes=2 * (w - 1) * 4 * flat.numel() // w)
+        mean = reduce_gradient(flat, group, self._cp_codec, transport, self._cp_collective,
+                               self._cp_feedback, self._cp_generator, self.comm_stats,
+                               in_place=True)
+        return mean.mul_(w) if self._cp_op == hvd.Sum else mean
 
     def synchronize(self):
-        """Average every gradient over ranks through the codec (one flat vector, in parameter
-        order on every rank). Parameters without a gradient on any rank count as zeros."""
-        params = self._cp_params
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        transport = _transport()
-        agree(transport, {"call": "synchronize", **self._cp_config.shared(),
-                          "shapes": [list(p.shape) for p in params]})
-        flat = torch.cat([p.grad.detach().reshape(-1).float() for p in params])
-        mean = reduce_gradient(flat, params, self._cp_codec, transport, self._cp_collective,
-                               self._cp_feedback, self._cp_generator, self.comm_stats)
-        for p, part in zip(params, mean.split([p.numel() for p in params])):
-            p.grad.copy_(part.view_as(p.grad))
-        self._cp_counts = {p: 0 for p in params}
+        """Finish reducing every gradient over ranks (the ones whose reduction has not
+        started yet are started now, in order; missing gradients count as zeros) and write
+        the results into ``.grad``."""
+        self._cp_start_ready(every=True)
+        started, self._cp_started = self._cp_started, []
+        for group, future in started:
+            result = future.wait()
+            for p, part in zip(group, result.split([p.numel() for p in group])):
+                if p.grad is None or p.grad.layout != torch.strided:
+                    p.grad = part.view_as(p).to(p.dtype)
+                else:
+                    p.grad.copy_(part.view_as(p.grad))
+        self._cp_reset()
         self._cp_synchronized = True
         self.comm_stats.end_step()
 
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        """``step()`` inside this block does not synchronize: for Horovod's recipe of
+        ``synchronize()``, then gradient clipping, then ``step()``."""
+        self._cp_skip = True
+        try:
+            yield
+        finally:
+            self._cp_skip = False
+
     def step(self, closure=None):
-        if not self._cp_synchronized:
+        if not self._cp_synchronized and not self._cp_skip:
             self.synchronize()
         self._cp_synchronized = False
         return super(self.__class__, self).step(closure)
 
     def zero_grad(self, set_to_none: bool = True):
-        self._cp_counts = {p: 0 for p in self._cp_params}
+        if self._cp_started:
+            raise RuntimeError("zero_grad() was called after backward() started reducing "
+                               "gradients and before step() or synchronize(); the other ranks "
+                               "would wait for this rank's reductions (Horovod refuses this too)")
+        self._cp_reset()
         return super(self.__class__, self).zero_grad(set_to_none)
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Optional[Iterable[Tuple[str, torch.nn.Parameter]]] = None,
-                         codec: Optional[Codec] = None, error_feedback: Optional[str] = None,
-                         collective: str = "auto", backward_passes_per_step: int = 1,
-                         seed: int = 0) -> torch.optim.Optimizer:
-    """Wrap ``optimizer`` so that ``step()`` first averages the gradients over Horovod ranks
-    through ``codec`` (like ``hvd.DistributedOptimizer``; ``synchronize()`` may be called
-    explicitly, e.g. before gradient clipping). ``comm_stats`` counts the bytes.
+                         compression=None, backward_passes_per_step: int = 1, op=None,
+                         gradient_predivide_factor: float = 1.0, num_groups: int = 0,
+                         groups: Optional[Sequence] = None, sparse_as_dense: bool = False,
+                         process_set=None, *, codec: Optional[Codec] = None,
+                         error_feedback: Optional[str] = None, collective: str = "auto",
+                         seed: int = 0, bucket_cap_mb: float = 25) -> torch.optim.Optimizer:
+    """Wrap ``optimizer`` so that its gradients are averaged over Horovod ranks through
+    ``codec``, a drop-in for ``hvd.DistributedOptimizer``: its arguments keep Horovod's
+    meaning and order, and the reduction overlaps backward the same way (see
+    :class:`_DistributedOptimizer`); ``synchronize()`` and ``skip_synchronize()`` serve the
+    gradient-clipping recipe. ``comm_stats`` counts the bytes.
+
+    Args (Horovod's):
+        compression: ``hvd.Compression.none`` (fp32) or ``hvd.Compression.fp16``
+            (:class:`~commpress.FP16`); other Horovod compressors are refused: use ``codec``.
+        op: ``hvd.Average`` (default) or ``hvd.Sum``.
+        gradient_predivide_factor: accepted with ``op=hvd.Average`` as in Horovod; commpress
+            forms the mean in fp32 after decoding, so where the division happens changes
+            nothing here.
+        num_groups, groups: reduce the gradients in that many groups of consecutive
+            parameters, or in the given lists of parameters (others follow in buckets);
+            default: buckets of ``bucket_cap_mb`` MB, like DDP's.
+        sparse_as_dense: reduce sparse gradients as dense ones (sparse ones are refused
+            otherwise).
+        process_set: only the global process set (commpress reduces over all ranks).
+    Args (commpress's, keyword only): ``codec``, ``error_feedback``, ``collective``, ``seed``
+        (see :class:`~commpress.CompressionState`), ``bucket_cap_mb``.
 
     Example::
 
         >>> opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
         ...                            model.named_parameters(), codec=QSGD(bits=4))
     """
-    if codec is None:
-        raise ValueError("DistributedOptimizer needs a codec, e.g. commpress.QSGD(bits=4)")
+    codec = _codec_for(codec, compression)
+    op = hvd.Average if op is None else op
+    if op not in (hvd.Average, hvd.Sum):
+        raise ValueError("op must be hvd.Average or hvd.Sum (commpress does not run Adasum)")
+    if gradient_predivide_factor <= 0:
+        raise ValueError(f"gradient_predivide_factor must be > 0, got {gradient_predivide_factor}")
+    if gradient_predivide_factor != 1.0 and op != hvd.Average:
+        raise ValueError("gradient_predivide_factor needs op=hvd.Average (as in Horovod)")
+    if process_set is not None and process_set is not hvd.global_process_set:
+        raise ValueError("commpress.horovod reduces over all ranks: process_set must be "
+                         "hvd.global_process_set")
+    if bucket_cap_mb <= 0:
+        raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                dict(_DistributedOptimizer.__dict__))
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)
-    wrapped._commpress_init(named_parameters, codec, error_feedback, collective,
-                            backward_passes_per_step, seed)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    wrapped._commpress_init(named_parameters, codec, op, _groups(params, groups, num_groups, bucket_cap_mb),
+                            sparse_as_dense, error_feedback, collective, backward_passes_per_step,
+                            seed)
     return wrapped

@@ -43,6 +43,82 @@ for label, codec in (("train_fp32", cp.Identity()), ("train_qsgd4", cp.QSGD(bits
                   "first": losses[0], "last": sum(losses[-5:]) / 5,
                   "ratio": opt.comm_stats.wire_bytes and
                   (2 * (size - 1) / size * 4 * flat.numel() * 80) / opt.comm_stats.wire_bytes}
+
+# Horovod's own arguments, with Horovod's meaning, and reduction during backward
+def net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+                               torch.nn.ReLU(), torch.nn.Linear(64, 4))
+
+
+def grads_of(model, opt_kwargs, batch_seed=0, extra=None):
+    """One backward through a wrapped SGD(lr=0); returns (reduced grads, the exact hvd ones,
+    how many groups had started before step())."""
+    opt = cphvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0),
+                                     model.named_parameters(), **opt_kwargs)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(10 * rank + batch_seed))
+    model(x).square().mean().backward()
+    started = len(opt._cp_started)
+    if extra is not None:
+        extra()  # e.g. an unrelated Horovod operation on this thread while reductions run
+    local = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    exact = [hvd.allreduce(g, op=opt_kwargs.get("op", hvd.Average)) for g in local]
+    err = max(((p.grad - e).norm() / e.norm()).item() for p, e in zip(model.parameters(), exact))
+    return err, started, len(opt._cp_groups), opt
+
+
+args = {}
+err, started, groups, opt = grads_of(net(), {"compression": hvd.Compression.none, "num_groups": 3})
+args["num_groups"] = {"err": err, "started": started, "groups": groups}
+args["summary"] = opt.comm_stats.summary()
+err, started, groups, _ = grads_of(net(), {"compression": hvd.Compression.none, "op": hvd.Sum})
+args["sum"] = {"err": err}
+err, *_ = grads_of(net(), {"compression": hvd.Compression.fp16, "gradient_predivide_factor": 2.0,
+                           "process_set": hvd.global_process_set})
+args["fp16_predivide"] = {"err": err}
+model = net()
+layers = [m for m in model if isinstance(m, torch.nn.Linear)]
+err, started, groups, _ = grads_of(model, {"codec": cp.Identity(),
+                                           "groups": [list(layers[0].parameters())]},
+                                   extra=lambda: hvd.allreduce(torch.ones(3), name="user.metric"))
+args["groups_and_foreign_op"] = {"err": err, "started": started, "groups": groups}
+refused = {}
+for label, kwargs in {"custom_compression": {"compression": type("C", (hvd.Compression.none,), {})},
+                      "adasum": {"codec": cp.Identity(), "op": hvd.Adasum},
+                      "both": {"codec": cp.QSGD(bits=4), "compression": hvd.Compression.fp16}}.items():
+    try:
+        cphvd.DistributedOptimizer(torch.optim.SGD(net().parameters(), lr=0.1), **kwargs)
+        refused[label] = None
+    except ValueError as exc:
+        refused[label] = str(exc)
+args["refused"] = refused
+
+# sparse_as_dense: an embedding with sparse gradients
+emb = torch.nn.Embedding(50, 8, sparse=True)
+opt = cphvd.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.0), sparse_as_dense=True,
+                                 codec=cp.Identity())
+emb(torch.tensor([rank, 7])).sum().backward()
+opt.step()
+args["sparse_as_dense"] = {"row7": emb.weight.grad[7].tolist(), "row0": emb.weight.grad[0].tolist()}
+
+# Horovod's gradient-clipping recipe: synchronize, clip, step under skip_synchronize
+model = net()
+opt = cphvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), codec=cp.QSGD(bits=8))
+hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+for step in range(3):
+    opt.zero_grad()
+    model(torch.randn(8, 32, generator=torch.Generator().manual_seed(rank + 10 * step))).sum().backward()
+    opt.synchronize()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    with opt.skip_synchronize():
+        opt.step()
+    hvd.allreduce(torch.ones(1))  # unnamed: fine once step() has waited for the reductions
+flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+args["clip_identical"] = len({t.numpy().tobytes() for t in hvd.allgather_object(flat)}) == 1
+args["clip_steps"] = opt.comm_stats.steps
+out["horovod_args"] = args
+
 if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)

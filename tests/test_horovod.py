@@ -44,3 +44,18 @@ def test_horovodrun_training_with_commpress_optimizer(tmp_path):
         assert run["last"] < 0.2 * run["first"], run
     assert qsgd4["last"] < 1.3 * fp32["last"] + 0.01 * fp32["first"], (qsgd4, fp32)
     assert qsgd4["ratio"] > 5
+    args = result["horovod_args"]
+    # reductions start during backward, one per group, and match Horovod's own allreduce
+    assert args["num_groups"]["groups"] == 3 and args["num_groups"]["started"] == 3
+    assert args["num_groups"]["err"] < 1e-6
+    assert "0.00x" not in args["summary"] and "vs fp32 all-reduce" in args["summary"]
+    assert args["sum"]["err"] < 1e-6                     # op=hvd.Sum sums
+    assert args["fp16_predivide"]["err"] < 1e-2          # hvd.Compression.fp16 -> FP16 codec
+    g = args["groups_and_foreign_op"]                    # explicit groups + rest in buckets,
+    assert g["groups"] == 2 and g["started"] == 2 and g["err"] < 1e-6  # beside another hvd op
+    assert "codec=" in args["refused"]["custom_compression"]
+    assert "Adasum" in args["refused"]["adasum"]
+    assert "not both" in args["refused"]["both"]
+    assert args["sparse_as_dense"]["row7"] == [1.0] * 8  # both ranks looked up row 7: mean 1
+    assert args["sparse_as_dense"]["row0"] == [0.5] * 8  # only rank 0 looked up row 0
+    assert args["clip_identical"] and args["clip_steps"] == 3
