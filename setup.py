@@ -25,6 +25,7 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         "horovod": ["horovod>=0.28"],
         "bench": ["matplotlib", "scikit-learn"],
+        "docs": ["pdoc>=14"],
     },
     entry_points={"console_scripts": ["commpress=commpress.cli:main"]},
 )

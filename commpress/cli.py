@@ -3,12 +3,20 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import logging
 import runpy
 import sys
+import warnings
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+#: the API reference's modules (listed: ``commpress.__all__`` hides submodules from pdoc), and
+#: those that need an optional dependency
+API_MODULES = ["commpress", "commpress.ddp", "commpress.config", "commpress.codecs",
+               "commpress.comm", "commpress.acdc", "commpress.feedback", "commpress.stats",
+               "commpress.train", "commpress.netsim"]
+OPTIONAL_API_MODULES = ["commpress.mpi", "commpress.horovod", "commpress.lightning"]
 
 
 def _benchmark_list() -> str:
@@ -30,6 +38,30 @@ def _bench(args, rest):
                  "ship with a source checkout, not with an installed wheel)")
     sys.argv = [str(script)] + rest
     runpy.run_path(str(script), run_name="__main__")
+
+
+def _docs(args, rest):
+    """The HTML API reference from the docstrings, with pdoc; any warning (a docstring or
+    signature pdoc cannot read) fails the build, so the reference cannot rot silently."""
+    if rest:
+        sys.exit(f"commpress docs: unrecognized arguments: {' '.join(rest)}")
+    try:
+        import pdoc
+        import pdoc.render
+    except ImportError:
+        sys.exit("commpress docs needs pdoc: pip install -e '.[docs]'")
+    modules = list(API_MODULES)
+    for name in OPTIONAL_API_MODULES:
+        try:
+            importlib.import_module(name)
+            modules.append(name)
+        except ImportError as exc:
+            print(f"commpress docs: leaving out {name}: {exc}", file=sys.stderr)
+    pdoc.render.configure(docformat="google", footer_text=f"commpress {args.version}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pdoc.pdoc(*modules, output_directory=Path(args.out))
+    print(f"API reference of {len(modules)} modules in {args.out}/index.html")
 
 
 def main(argv=None):
@@ -58,6 +90,9 @@ def main(argv=None):
     bench.add_argument("args", nargs=argparse.REMAINDER,
                        help="passed to the benchmark (--help shows its own options)")
     bench.set_defaults(func=lambda args, rest: _bench(args, args.args + rest))
+    docs = sub.add_parser("docs", help="build the HTML API reference (needs the docs extra)")
+    docs.add_argument("--out", default="build/api", help="output folder (default build/api)")
+    docs.set_defaults(func=_docs, version=__version__)
     args, rest = parser.parse_known_args(argv)
     args.func(args, rest)
 
