@@ -166,8 +166,12 @@ class NetSim:
         nodes = "::1 localhost ip6-localhost\n" + "".join(
             f"{self.address(i)} {self.node_ns(i)}\n::ffff:{self.address(i)} {self.node_ns(i)}\n"
             for i in range(self.nodes))
-        (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
-        (NETNS_ETC / ns / "hosts").write_text(f"{base.rstrip()}\n# commpress netsim {self.prefix}\n{nodes}")
+        try:
+            (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
+            (NETNS_ETC / ns / "hosts").write_text(f"{base.rstrip()}\n# commpress netsim {self.prefix}\n{nodes}")
+        except OSError as exc:  # a read-only /etc: the network works, c10d only warns more
+            print(f"netsim: no hosts file for {ns} ({exc}); c10d may warn that it cannot "
+                  "name its clients", file=sys.stderr)
 
     def _shape(self, dev: str, ns: str):
         if self.rate and self.delay:

@@ -13,21 +13,33 @@
 #                   holding NODE_ADDR); without it ranks may advertise 127.0.0.1 and hang
 #   NPROC_PER_NODE  processes per node (default 1; one per GPU with NCCL)
 #   MASTER_PORT     rendezvous port (default 29500)     RDZV_ID  job id (default commpress)
-#   RDZV_BACKEND    static (default: the node ranks are known, node 0's agent hosts the
-#                   store) or c10d (elastic membership; when node 0's agent exits first, the
-#                   others log a "failed to shutdown the rendezvous" trace at the very end)
+#   RDZV_STORE_GRACE seconds node 0 keeps the rendezvous store after its own torchrun ended,
+#                   waiting for the other nodes to finish (default 60)
 # Everything after the variables is torchrun's script and its arguments.
 set -euo pipefail
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
 NODE_ADDR=${NODE_ADDR:-$(hostname -I | awk '{print $1}')}
 IFNAME=${IFNAME:-${NETSIM_IFNAME:-$(ip -o -4 addr show | awk -v a="$NODE_ADDR" '$4 ~ "^"a"/" {print $2; exit}')}}
 export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$IFNAME} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$IFNAME}
-case "${RDZV_BACKEND:=static}" in
-  static) rdzv=(--node_rank="$NODE_RANK") ;;
-  c10d) is_host=0; [ "$NODE_RANK" = 0 ] && is_host=1; rdzv=(--rdzv_conf="is_host=$is_host") ;;
-  *) echo "torchrun_multinode.sh: RDZV_BACKEND must be static or c10d, not $RDZV_BACKEND" >&2; exit 2 ;;
-esac
-exec torchrun --nnodes="$NNODES" --nproc_per_node="${NPROC_PER_NODE:-1}" \
-  --rdzv_backend="$RDZV_BACKEND" --rdzv_endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" \
-  --rdzv_id="${RDZV_ID:-commpress}" "${rdzv[@]}" --local_addr="$NODE_ADDR" \
-  "$@"
+# Node 0 serves the c10d rendezvous store from a process of its own (rendezvous_store.py) that
+# outlives every node's torchrun agent; inside node 0's agent (is_host=1), it vanished when that
+# agent exited, and agents still in their exit barrier or rendezvous shutdown logged a trace.
+here=$(dirname "$(readlink -f "$0")")
+port=${MASTER_PORT:-29500}
+store_pid=
+if [ "$NODE_RANK" = 0 ]; then
+  python "$here/rendezvous_store.py" serve "$MASTER_ADDR" "$port" "$NNODES" &
+  store_pid=$!
+  trap 'kill "$store_pid" 2>/dev/null || true' EXIT
+fi
+rc=0
+torchrun --nnodes="$NNODES" --nproc_per_node="${NPROC_PER_NODE:-1}" \
+  --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$port" \
+  --rdzv_id="${RDZV_ID:-commpress}" --rdzv_conf=is_host=0 --local_addr="$NODE_ADDR" \
+  "$@" || rc=$?
+python "$here/rendezvous_store.py" done "$MASTER_ADDR" "$port" || true
+if [ -n "$store_pid" ] && ! timeout "${RDZV_STORE_GRACE:-60}" tail --pid="$store_pid" -f /dev/null; then
+  echo "torchrun_multinode.sh: not every node reported done within ${RDZV_STORE_GRACE:-60} s;" \
+       "stopping the rendezvous store" >&2
+fi
+exit "$rc"
