@@ -2,13 +2,14 @@
 
 ``commpress train`` starts W worker processes joined by gloo on CPU, or by NCCL with one GPU
 each where CUDA is available (``--device``/``--backend``; or joins the group torchrun set up,
-when launched by torchrun), trains the same model (a small CNN, or logistic regression
-on the LIBSVM-like set) from the same initial weights once per method on a disjoint shard of
-the data per rank, and prints a report: test accuracy, final loss, bytes each rank sent, the
-saving against the fp32 all-reduce, and time.
+when launched by torchrun), trains the same model (a small CNN, logistic regression on the
+LIBSVM-like set, or a byte-level transformer language model) from the same initial weights once
+per method on a disjoint shard of the data per rank, and prints a report: test accuracy (for
+the language model: next-byte accuracy), final loss, bytes each rank sent, the saving against
+the fp32 all-reduce, and time.
 
-Data ships with scikit-learn (the 8x8 digits, 1797 images) or is synthetic; nothing is
-downloaded.
+Data ships with scikit-learn (the 8x8 digits, 1797 images) or with Python (the standard
+library's own source files, for the language model), or is synthetic; nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -35,15 +36,23 @@ logger = logging.getLogger("commpress.train")
 BASELINE = "fp32-allreduce"
 
 
-DATA = ("digits", "synthetic", "libsvm")
+DATA = ("digits", "synthetic", "libsvm", "lm")
 #: the LIBSVM-like set: sparse binary features, unit-norm rows, two classes from a planted model
 LIBSVM_SHAPE = (15_000, 2_000)
+#: the language model's corpus: this many bytes of the standard library's sources, cut into
+#: sequences of LM_CONTEXT bytes (the model predicts every next byte)
+LM_CORPUS_BYTES, LM_CONTEXT = 640_000, 64
+#: per data set: (optimizer, learning rate) when --optimizer/--lr are not given
+DEFAULTS = {"digits": ("sgd", 0.05), "synthetic": ("sgd", 0.05), "libsvm": ("sgd", 2.0),
+            "lm": ("adamw", 3e-3)}
 
 
 def load_data(name: str, seed: int):
     """``(x_train, y_train, x_test, y_test)``: 1x8x8 images and class labels, or for
     ``libsvm`` feature vectors and binary labels."""
     gen = torch.Generator().manual_seed(seed)
+    if name == "lm":
+        return _stdlib_bytes()
     if name == "libsvm":
         x, y = _libsvm_like(gen)
     elif name == "digits":
@@ -83,8 +92,55 @@ def _libsvm_like(gen: torch.Generator):
     return x, torch.where(flip, 1 - y, y)
 
 
+def _stdlib_bytes():
+    """Byte sequences from the Python standard library's own ``.py`` files, in sorted path
+    order (the same on every machine with this Python): the first 90% of the corpus trains,
+    the last 10% (other files) is held out. ``x`` holds ``LM_CONTEXT`` bytes, ``y`` the same
+    shifted by one."""
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    corpus = bytearray()
+    for path in sorted(root.glob("*.py")):  # the top level: no tests, no site-packages
+        corpus += path.read_bytes()
+        if len(corpus) >= LM_CORPUS_BYTES:
+            break
+    data = torch.tensor(list(corpus[:LM_CORPUS_BYTES]), dtype=torch.int64)
+    n = (len(data) - 1) // LM_CONTEXT
+    x = data[:n * LM_CONTEXT].view(n, LM_CONTEXT)
+    y = data[1:n * LM_CONTEXT + 1].view(n, LM_CONTEXT)
+    split = int(0.9 * n)
+    return x[:split], y[:split], x[split:], y[split:]
+
+
+class ByteLM(nn.Module):
+    """A 2-layer causal transformer over bytes (d=128, 4 heads): logits shaped ``(batch, 256,
+    positions)``, so that ``cross_entropy(model(x), y)`` and ``argmax(1) == y`` work on it as on
+    the classifiers."""
+
+    def __init__(self, width: int = 128, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(256, width)
+        self.position = nn.Parameter(0.02 * torch.randn(LM_CONTEXT, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 256)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(LM_CONTEXT),
+                             persistent=False)
+
+    def forward(self, x):
+        t = x.shape[1]
+        h = self.blocks(self.embed(x) + self.position[:t], mask=self.causal[:t, :t], is_causal=True)
+        return self.head(self.norm(h)).transpose(1, 2)
+
+
 def make_model(seed: int, data: str = "digits") -> nn.Module:
     torch.manual_seed(seed)
+    if data == "lm":
+        return ByteLM()
     if data == "libsvm":  # logistic regression (two-class softmax)
         return nn.Linear(LIBSVM_SHAPE[1], 2)
     return nn.Sequential(
@@ -122,7 +178,9 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
     # running one more backward than the others would wait for them forever
     steps_per_epoch = len(y_train) // world_size // args.batch_size
     state, acdc = None, None
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    opt = (torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+           if args.optimizer == "adamw" else
+           torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9))
     if method != BASELINE:
         hook, sparsity = parse_method(method)
         state = register_hook(model, hook, collective=args.collective, seed=args.seed,
@@ -187,12 +245,16 @@ def _replicas_identical(model) -> bool:
     return bool(torch.equal(lo, hi))
 
 
+MODELS = {"digits": "small CNN", "synthetic": "small CNN", "libsvm": "logistic regression",
+          "lm": "byte-level transformer (next-byte accuracy)"}
+
+
 def report(results: List[Dict], args, world_size: int) -> str:
     base = next(r for r in results if r["method"] == BASELINE)
     lines = [
         f"commpress train: {world_size} workers (gloo, CPU), "
-        f"{'logistic regression' if args.data == 'libsvm' else 'small CNN'} on {args.data} "
-        f"data, {args.epochs} epochs, batch {args.batch_size} per rank, {results[0]['steps']} steps",
+        f"{MODELS[args.data]} on {args.data} data, {args.optimizer} lr {args.lr:g}, "
+        f"{args.epochs} epochs, batch {args.batch_size} per rank, {results[0]['steps']} steps",
         "",
         f"{'method':<26}{'test acc':>9}{'vs fp32':>9}{'test loss':>10}{'MB sent/rank':>14}"
         f"{'saving':>8}{'time s':>8}  replicas",
@@ -276,12 +338,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="(default: off) also run AC/DC at this sparsity (paper schedule scaled to the run), "
                              "with the fp32 hook and with qsgd4: methods acdcNN and acdcNN:qsgd4")
     parser.add_argument("--data", default="digits", choices=DATA,
-                        help="(default digits) digits (scikit-learn's, small CNN), synthetic (images, CNN) or "
-                             "libsvm (LIBSVM-like sparse binary features, logistic regression)")
+                        help="(default digits) digits (scikit-learn's, small CNN), synthetic (images, CNN), "
+                             "libsvm (LIBSVM-like sparse binary features, logistic regression) or "
+                             "lm (a byte-level transformer on the standard library's sources)")
     parser.add_argument("--epochs", type=int, default=15, help="passes over the data (default 15)")
     parser.add_argument("--batch-size", type=int, default=32, help="per worker (default 32)")
-    parser.add_argument("--lr", type=float, default=0.05,
-                        help="SGD learning rate, momentum 0.9 (default 0.05)")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"],
+                        help="sgd (momentum 0.9) or adamw (weight decay 0.01); default: adamw "
+                             "for lm, sgd otherwise")
+    parser.add_argument("--lr", type=float,
+                        help="learning rate; default: 0.05 (digits, synthetic), 2.0 (libsvm), "
+                             "0.003 (lm)")
     parser.add_argument("--seed", type=int, default=0,
                         help="model, data order and compression randomness (default 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -294,6 +361,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> None:
     args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("func", "command")})
+    optimizer, lr = DEFAULTS[args.data]
+    args.optimizer = args.optimizer or optimizer
+    args.lr = lr if args.lr is None else args.lr
     if args.acdc is not None:
         if not 0 <= args.acdc < 1:
             raise SystemExit(f"commpress train: --acdc must be in [0, 1), got {args.acdc}")

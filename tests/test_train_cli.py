@@ -63,6 +63,35 @@ def test_commpress_train_libsvm_logistic_regression_with_curves(tmp_path):
         assert r["curve"][-1]["accuracy"] == r["accuracy"]
 
 
+def test_language_model_data_and_model():
+    """The lm task: byte sequences of the standard library with held-out files, next bytes as
+    targets, and a model that cannot see the future."""
+    import torch
+
+    from commpress.train import LM_CONTEXT, load_data, make_model
+
+    x_train, y_train, x_test, y_test = load_data("lm", seed=0)
+    assert x_train.shape[1] == LM_CONTEXT and len(x_train) > 8 * len(x_test) > 0
+    assert torch.equal(x_train[0, 1:], y_train[0, :-1]) and int(x_train.max()) < 256
+    model = make_model(0, "lm").eval()
+    x = x_test[:2].clone()
+    logits = model(x)
+    assert logits.shape == (2, 256, LM_CONTEXT)
+    x[:, 40] = (x[:, 40] + 1) % 256  # a later byte changes nothing before it
+    assert torch.allclose(model(x)[:, :, :40], logits[:, :, :40], atol=1e-5)
+    assert not torch.allclose(model(x)[:, :, 40:], logits[:, :, 40:], atol=1e-5)
+
+
+def test_commpress_train_language_model_with_adamw(tmp_path):
+    out = tmp_path / "report.json"
+    proc = run_train("qsgd4", "--data", "lm", "--epochs", "1", "--json", str(out))
+    assert "byte-level transformer" in proc.stdout and "adamw" in proc.stdout
+    results = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    for r in results.values():
+        assert r["replicas_identical"] and r["test_loss"] < 3.0, r  # uniform bytes: 5.5 nats
+    assert results["qsgd4"]["ratio"] > 5
+
+
 def test_commpress_train_uneven_shards_do_not_hang(tmp_path):
     """3 and 5 workers do not divide the 1437 training images: every rank still runs the same
     number of steps (a rank with one more backward would wait for the others forever)."""
