@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
-from report import out_argument, pyplot, save, split_failures  # noqa: E402
+from report import out_argument, save, split_failures, step_time_plot  # noqa: E402
 
 # torch-quant last: it fails on gloo mid-backward, after which the group's state is unknown
 METHODS = ["local", "fp32", "torch-fp16", "powersgd1", "powersgd4",
@@ -169,18 +169,20 @@ def table(results) -> str:
 
 def plot(results, path: Path) -> None:
     """Step time per method, one panel per (nodes, rate)."""
-    plt = pyplot()
-    ok, _ = split_failures(results)
-    panels = list(dict.fromkeys((r["nodes"], r["ranks_per_node"], r["rate"]) for r in ok))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        rows = [r for r in ok if (r["nodes"], r["ranks_per_node"], r["rate"]) == panel]
-        ax.barh([r["method"] for r in rows], [1e3 * r["step_s"] for r in rows], color="tab:blue")
-        ax.invert_yaxis()
-        ax.set(xlabel="step time (ms, median)", title=f"{panel[0]} nodes x {panel[1]}, link {panel[2]}")
-        ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    step_time_plot(split_failures(results)[0], path,
+                   lambda r: (r["nodes"], r["ranks_per_node"], r["rate"]),
+                   lambda p: f"{p[0]} nodes x {p[1]}, link {p[2]}")
+
+
+def add_step_arguments(parser, methods, quick_methods, quick_what: str) -> None:
+    """The options every step benchmark has (this one's and horovod_step.py's)."""
+    parser.add_argument("--methods", nargs="+", default=methods)
+    parser.add_argument("--width", type=int, default=1536)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{quick_what}, methods {' '.join(quick_methods)}: a smoke test "
+                             "(CI), its figures are not measurements")
 
 
 def main(argv=None):
@@ -189,13 +191,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--rates", nargs="+", default=["1gbit", "100mbit"])
-    parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--width", type=int, default=1536)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"width 256, 1gbit, 2 timed steps, methods {' '.join(QUICK_METHODS)}: "
-                             "a smoke test (CI), its figures are not measurements")
+    add_step_arguments(parser, METHODS, QUICK_METHODS, "width 256, 1gbit, 2 timed steps")
     out_argument(parser, "ddp_step")
     add_job_arguments(parser)
     args = parser.parse_args(argv)

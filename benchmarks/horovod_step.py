@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py, ddp_step.py
-from ddp_step import make_model  # noqa: E402
-from report import out_argument, pyplot, save  # noqa: E402
+from ddp_step import add_step_arguments, make_model  # noqa: E402
+from report import out_argument, save, step_time_plot  # noqa: E402
 
 METHODS = ["hvd-fp32", "hvd-fp16", "cphvd-fp16", "cphvd-qsgd4", "cphvd-qsgd4-1group",
            "cphvd-qsgd8", "cphvd-natural"]
@@ -145,29 +145,14 @@ def table(results) -> str:
 
 
 def plot(results, path: Path) -> None:
-    plt = pyplot()
-    rates = list(dict.fromkeys(r["rate"] for r in results))
-    fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4), squeeze=False)
-    for ax, rate in zip(axes[0], rates):
-        rows = [r for r in results if r["rate"] == rate]
-        ax.barh([r["method"] for r in rows], [1e3 * r["step_s"] for r in rows], color="tab:blue")
-        ax.invert_yaxis()
-        ax.set(xlabel="step time (ms, median)", title=f"2 Horovod ranks, shared link {rate}")
-        ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    step_time_plot(results, path, lambda r: r["rate"],
+                   lambda rate: f"2 Horovod ranks, shared link {rate}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", nargs="+", default=["1gbit"])
-    parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--width", type=int, default=1536)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"width 256, 2 timed steps, methods {' '.join(QUICK_METHODS)}: a "
-                             "smoke test (CI), its figures are not measurements")
+    add_step_arguments(parser, METHODS, QUICK_METHODS, "width 256, 2 timed steps")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     out_argument(parser, "horovod_step")

@@ -30,6 +30,23 @@ def pyplot():
     return plt
 
 
+def step_time_plot(results: List[dict], path: Path, panel: Callable[[dict], tuple],
+                   title: Callable[[tuple], str]) -> None:
+    """Median step time per method as horizontal bars, one panel per ``panel(row)`` value
+    (titled ``title(value)``), in the order the rows came."""
+    plt = pyplot()
+    panels = list(dict.fromkeys(panel(r) for r in results))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        rows = [r for r in results if panel(r) == key]
+        ax.barh([r["method"] for r in rows], [1e3 * r["step_s"] for r in rows], color="tab:blue")
+        ax.invert_yaxis()
+        ax.set(xlabel="step time (ms, median)", title=title(key))
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def split_failures(results: List[dict]) -> Tuple[List[dict], List[str]]:
     """The rows that ran, and one line per method that did not, saying why."""
     ran = [r for r in results if "failed" not in r]

@@ -150,14 +150,13 @@ def _groups(params: List[torch.Tensor], groups, num_groups: int,
         groups, num_groups = None, groups
     if groups is not None:
         explicit = [list(g) for g in groups]
-        listed = [p for g in explicit for p in g]
-        if len({id(p) for p in listed}) != len(listed):
+        listed = {id(p) for g in explicit for p in g}
+        if len(listed) != sum(len(g) for g in explicit):
             raise ValueError("groups: a parameter is in more than one group")
-        if not {id(p) for p in listed} <= {id(p) for p in params}:
+        if not listed <= {id(p) for p in params}:
             raise ValueError("groups: a parameter is not one of the optimizer's (with "
                              "requires_grad=True)")
-        ids = {id(p) for p in listed}
-        return [g for g in explicit if g] + _groups([p for p in params if id(p) not in ids],
+        return [g for g in explicit if g] + _groups([p for p in params if id(p) not in listed],
                                                     None, 0, bucket_cap_mb)
     if num_groups:
         if num_groups < 0:
