@@ -16,7 +16,11 @@ counter. Methods:
   ``powersgd4``: PyTorch's stock hooks (fp16 compression, per-tensor quantization, PowerSGD
   rank 1 and 4, each starting after 2 fp32 iterations);
 - commpress hook names (``qsgd4``, ``qsgd8+ef``, ``natural``, ``dithering+ef`` ...), with
-  ``@collective`` to force one (``qsgd4@hierarchical``);
+  ``@collective`` to force one (``qsgd4@hierarchical``): the codec on every bucket (policy
+  ``fixed``);
+- ``calibrated:NAME``: the same hook under the library's default policy, which times fp32,
+  fp16 and the codec in a warm-up step and reduces each bucket with the fastest (the plan is
+  in the results, and the calibration step's time in ``calibration_step_s``);
 - ``acdc90`` and ``acdc90:qsgd4``: an AC/DC sparse phase at 90% (the fp32 hook, or QSGD-4,
   sending only the entries under the mask).
 
@@ -31,6 +35,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
@@ -40,7 +45,11 @@ from report import out_argument, save, split_failures, step_time_plot  # noqa: E
 METHODS = ["local", "fp32", "torch-fp16", "powersgd1", "powersgd4",
            "qsgd4", "qsgd4+ef", "qsgd8", "qsgd8+ef", "natural", "natural+ef",
            "dithering", "dithering+ef", "acdc90", "acdc90:qsgd4", "torch-quant"]
-QUICK_METHODS = ["local", "fp32", "torch-fp16", "powersgd1", "qsgd4", "acdc90:qsgd4"]
+QUICK_METHODS = ["local", "fp32", "torch-fp16", "powersgd1", "qsgd4", "calibrated:qsgd4",
+                 "acdc90:qsgd4"]
+#: issue 17's comparison: the calibrated policy against every fixed choice it could make
+CALIBRATION_METHODS = ["fp32", "torch-fp16", "fp16", "qsgd4@allgather", "qsgd4@reduce_scatter",
+                       "calibrated:qsgd4"]
 
 
 def make_model(width: int, layers: int = 3):
@@ -71,14 +80,16 @@ def attach(method: str, model, optimizer, total_steps: int):
                                             matrix_approximation_rank=int(method[len("powersgd"):]))
         model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
         return None, None
-    name, _, collective = method.partition("@")
+    policy = "calibrated" if method.startswith("calibrated:") else "fixed"
+    name, _, collective = method.removeprefix("calibrated:").partition("@")
+    options = dict(collective=collective or "auto", log_every=0, policy=policy)
     if name.startswith("acdc"):
         sparsity = int(name[4:].split(":")[0]) / 100
         hook = name.partition(":")[2] or "fp32"
-        state = cp.register_hook(model, hook, collective=collective or "auto", log_every=0)
+        state = cp.register_hook(model, hook, **options)
         schedule = cp.ACDCSchedule([(1, total_steps)], total_steps)  # sparse after one dense step
         return state, cp.ACDC(model, optimizer, state, sparsity=sparsity, schedule=schedule)
-    return cp.register_hook(model, name, collective=collective or "auto", log_every=0), None
+    return cp.register_hook(model, name, **options), None
 
 
 def run_method(method, args, rank, ifname):
@@ -114,8 +125,8 @@ def run_method(method, args, rank, ifname):
         if acdc is not None:
             acdc.step()
         loss.item()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    calibration_s, times = times[1], times[args.warmup:]  # a calibrated hook measures in step 1
     dist.barrier()
     row = {"method": method, "step_s": statistics.median(times),
            "link_bytes_per_step": (link_tx_bytes(ifname) - link_before) / args.steps,
@@ -124,6 +135,9 @@ def run_method(method, args, rank, ifname):
         last = state.stats.last_step
         row.update(wire_bytes_per_step=last.wire_bytes, intra_node_bytes_per_step=last.intra_node_bytes,
                    encode_s=last.encode_seconds, decode_s=last.decode_seconds)
+        if state.plan is not None:
+            row.update(plan=state.plan.state_dict(), plan_text=state.stats.plan,
+                       calibration_step_s=calibration_s)
     if acdc is not None:
         row["density"] = acdc.density
     return row
@@ -164,7 +178,28 @@ def table(results) -> str:
                      f"| {1e3 * r['step_s']:.1f} | {r.get('speedup_vs_fp32', float('nan')):.2f}x "
                      f"| {r['link_bytes_per_step'] / 1e6:.3g} | {r.get('bytes_vs_fp32', float('nan')):.3f} "
                      f"| {codec} |")
-    return "\n".join(lines + failures)
+    return "\n".join(lines + failures + calibration_table(results))
+
+
+def calibration_table(results) -> list:
+    """The calibrated rows against the fastest fixed choice of the same run (issue 17's
+    promise: within 5% of it, and never slower than fp32)."""
+    rows = [r for r in results if r.get("fastest_fixed")]
+    if not rows:
+        return []
+    lines = ["", "| rate | nodes x ranks | calibrated | step ms | fastest fixed | its ms "
+             "| vs fastest fixed | vs fp32 | plan | calibration step s |",
+             "|---|---|---|---:|---|---:|---:|---:|---|---:|"]
+    for r in rows:
+        name, fastest = r["fastest_fixed"]
+        choices = Counter(e["codec"] if e["codec"] != "codec" else f"codec/{e['collective']}"
+                          for e in r["plan"]["entries"])
+        plan = ", ".join(f"{k} x{n}" for k, n in sorted(choices.items()))
+        lines.append(f"| {r['rate']} | {r['nodes']} x {r['ranks_per_node']} | {r['method']} "
+                     f"| {1e3 * r['step_s']:.1f} | {name} | {1e3 * fastest:.1f} "
+                     f"| {r['step_s'] / fastest:.3f} | {r.get('speedup_vs_fp32', float('nan')):.2f}x "
+                     f"| {plan} | {r['calibration_step_s']:.2f} |")
+    return lines
 
 
 def plot(results, path: Path) -> None:
@@ -192,11 +227,16 @@ def main(argv=None):
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--rates", nargs="+", default=["1gbit", "100mbit"])
     add_step_arguments(parser, METHODS, QUICK_METHODS, "width 256, 1gbit, 2 timed steps")
+    parser.add_argument("--calibrated-vs-fixed", action="store_true",
+                        help=f"methods {' '.join(CALIBRATION_METHODS)}: the calibrated policy "
+                             "against each fixed choice it could make")
     out_argument(parser, "ddp_step")
     add_job_arguments(parser)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.calibrated_vs_fixed:
+        args.methods = CALIBRATION_METHODS
     if args.quick:
         args.width, args.rates, args.steps, args.methods = 256, ["1gbit"], 2, QUICK_METHODS
 
@@ -216,6 +256,12 @@ def main(argv=None):
                 if "failed" not in r and base is not None:
                     r["speedup_vs_fp32"] = base["step_s"] / r["step_s"]
                     r["bytes_vs_fp32"] = r["link_bytes_per_step"] / base["link_bytes_per_step"]
+            fixed = [r for r in rows if "failed" not in r and r["method"] != "local"
+                     and not r["method"].startswith(("calibrated:", "acdc"))]
+            for r in rows:
+                if r["method"].startswith("calibrated:") and "failed" not in r and fixed:
+                    fastest = min(fixed, key=lambda f: f["step_s"])
+                    r["fastest_fixed"] = [fastest["method"], fastest["step_s"]]
             results += rows
     except NetSimError as exc:
         sys.exit(f"ddp_step benchmark: {exc}")

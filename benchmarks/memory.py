@@ -73,7 +73,8 @@ def attach(method: str, model):
         model.register_comm_hook(None, measured(hook, records))
         return records, 0
     name, _, collective = method.partition("@")
-    state = cp.state_from_name(name, collective=collective or "auto", log_every=0)
+    state = cp.state_from_name(name, collective=collective or "auto", log_every=0,
+                               policy="fixed")  # the codec's footprint, on every bucket
     state.bind(model)
     model.register_comm_hook(state, measured(cp.compress_hook, records))
     # load the codec's compiled kernels now: the compiler's own one-time footprint (about

@@ -13,6 +13,7 @@ overlaps the rest of the backward pass.
 
 import functools
 import logging
+import time
 import warnings
 import weakref
 from typing import Dict, List, Optional
@@ -23,17 +24,19 @@ import torch.distributed as dist
 from .codecs import FP16, BF16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering
 from .acdc.masks import GradientMask
 from .comm.agreement import agree
+from .comm.calibration import (CALIBRATED, FP32, POLICIES, Candidate, DriftMonitor, Plan,
+                               PlanEntry, candidates, decide, measure)
 from .config import CompressionConfig
 from .comm.ordered import OrderedExecutor
-from .comm.transport import (TorchTransport, Transport, destroyable, new_group, node_layout,
-                             torch_hierarchical_transport)
+from .comm.transport import (HierarchicalTransport, TorchTransport, Transport, destroyable,
+                             new_group, node_layout, torch_hierarchical_transport)
 from .comm.pipeline import reduce_gradient
 from .feedback import ErrorFeedback
 from .stats import CommStats
 
 logger = logging.getLogger("commpress")
 
-_FP32 = Identity()
+_FP32, _FP16 = Identity(), FP16()
 #: gradient dtypes the hook reduces (float64 is reduced in float32 and written back)
 _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 #: every bucket's layout is checked across ranks in this many first steps of a process (DDP
@@ -110,6 +113,20 @@ class CompressionState:
         seed: stochastic rounding on rank ``r`` uses a generator seeded from ``(seed, r)``, so
             noise is independent across ranks and runs are reproducible.
         log_every: log :attr:`stats` on rank 0 every this many steps (0: never).
+        policy: ``"calibrated"`` (default): in a warm-up step (step ``max(start_iter - 1, 1)``,
+            after DDP's bucket rebuild) time, per bucket, the fp32 all-reduce, an fp16
+            all-reduce and ``codec`` under each applicable collective (only ``collective`` when
+            one is named), on the real buckets and group, and reduce each bucket with the most
+            exact choice within 5% of the fastest (see :mod:`commpress.comm.calibration`): a
+            step is then never slower than fp32 by more than the timing noise, and on a fast
+            link, or on one node, nothing is compressed. ``"fixed"``: ``codec`` on every bucket
+            from ``start_iter`` on, whatever it costs (studies, exact reproductions of a method).
+        recalibrate_every: with ``"calibrated"``, every this many steps after a plan, ranks
+            agree whether the reduction time per step moved by more than 2x (a congested or a
+            freed link) and, if any saw it, calibrate again (0: never).
+
+    The plan (:attr:`plan`) is the same on every rank, in :meth:`state_dict` (a resumed run
+    reduces as the original did), in :attr:`stats`' summary and, on rank 0, in the log.
 
     Its process groups and worker thread are created on the caller's thread by
     :func:`register_hook` (or at the first hook call), after one check that every rank has the
@@ -132,8 +149,16 @@ class CompressionState:
     def __init__(self, codec: Codec, process_group: Optional[dist.ProcessGroup] = None,
                  collective: str = "auto", error_feedback: Optional[str] = None,
                  server_feedback: bool = False, start_iter: int = 2, min_numel: int = 1024,
-                 seed: int = 0, log_every: int = 100):
+                 seed: int = 0, log_every: int = 100, policy: str = CALIBRATED,
+                 recalibrate_every: int = 1000):
         self.config = CompressionConfig(codec, collective, error_feedback, server_feedback, seed)
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if not isinstance(recalibrate_every, int) or recalibrate_every < 0:
+            raise ValueError(f"recalibrate_every must be a non-negative integer, got "
+                             f"{recalibrate_every!r}")
+        self.policy = policy
+        self.recalibrate_every = recalibrate_every
         if not isinstance(start_iter, int) or start_iter < 0:
             raise ValueError(f"start_iter must be a non-negative integer, got {start_iter!r}")
         if error_feedback is not None and start_iter < 2:
@@ -151,6 +176,11 @@ class CompressionState:
         self.phase = "dense"
         self.phase_stats = {"dense": CommStats(), "sparse": CommStats()}
         self.feedback = ErrorFeedback(error_feedback, server_feedback) if error_feedback else None
+        #: the calibrated policy's choice per bucket size (None until calibrated)
+        self.plan: Optional[Plan] = None
+        self._pending_plan: Optional[Plan] = None  # filled during a calibration step
+        self._calibrating = False                   # this step measures (worker thread)
+        self._drift = DriftMonitor()
         # this process's runtime and bookkeeping (not pickled, not in state_dict)
         self.param_index: Dict[torch.Tensor, int] = {}
         self.mask = GradientMask()      # the AC/DC policy: which entries to send
@@ -279,6 +309,33 @@ class CompressionState:
             self._generators[key] = gen
         return self._generators[key]
 
+    # -- the calibrated policy -------------------------------------------------------------
+    def _candidates(self, runtime: _Runtime):
+        return candidates(self.codec, self.collective, runtime.transport.world_size,
+                          isinstance(runtime.compressed_transport, HierarchicalTransport))
+
+    def _all_candidates(self):
+        """Every choice this configuration could make, on any world (to check a checkpoint)."""
+        return candidates(self.codec, self.collective, 3, True)
+
+    def _recalibration_due(self, step: int, runtime: _Runtime) -> bool:
+        """At every ``recalibrate_every``-th step after the plan's, whether any rank saw the
+        reduction time drift: one small all-gather, at a step every rank knows."""
+        if (self.plan is None or not self.recalibrate_every or step <= self.plan.step
+                or (step - self.plan.step) % self.recalibrate_every):
+            return False
+        control = runtime.control
+        votes = control.all_gather(torch.tensor([self._drift.drifted()], dtype=torch.uint8,
+                                                device=control.device))
+        return bool(votes.any())
+
+    def _adopt_plan(self, runtime: _Runtime) -> None:
+        self.plan, self._pending_plan = self._pending_plan, None
+        self._drift.reset()
+        self.stats.plan = self.plan.summary(self.codec)
+        if runtime.transport.rank == 0:
+            logger.info("commpress calibrated %s", self.stats.plan)
+
     def set_masks(self, masks: Dict[torch.Tensor, torch.Tensor]) -> None:
         """Send only the gradient entries where ``masks[param]`` is true (zeros elsewhere);
         ``{}`` sends everything. Drops the error-feedback memories of masked-out entries.
@@ -354,11 +411,13 @@ class CompressionState:
     # -- persistence ----------------------------------------------------------------------
     def _config(self) -> Dict:
         return {**self.config.describe(), "start_iter": self.start_iter,
-                "min_numel": self.min_numel}
+                "min_numel": self.min_numel, "policy": self.policy}
 
     def _agreement_fields(self) -> Dict:
         return {**self.config.shared(), "start_iter": self.start_iter,
-                "min_numel": self.min_numel, "iter": self.iter, "phase": self.phase}
+                "min_numel": self.min_numel, "iter": self.iter, "phase": self.phase,
+                "policy": self.policy, "recalibrate_every": self.recalibrate_every,
+                "plan": self.plan.state_dict() if self.plan else None}
 
     def state_dict(self) -> Dict:
         rng = {key: gen.get_state() for key, gen in self._generators.items()}
@@ -369,7 +428,8 @@ class CompressionState:
                 "stats": self.stats.state_dict(), "phase": self.phase,
                 "phase_stats": {k: v.state_dict() for k, v in self.phase_stats.items()},
                 "rank": origin[0] if origin else None,
-                "world_size": origin[1] if origin else None}
+                "world_size": origin[1] if origin else None,
+                "plan": self.plan.state_dict() if self.plan else None}
 
     def load_state_dict(self, state: Dict) -> None:
         """Restore :meth:`state_dict`, after checking every entry (a wrong one is refused with
@@ -379,6 +439,10 @@ class CompressionState:
         and the per-rank memories are reset consistently (see
         :meth:`ErrorFeedback.adopt_other_rank`)."""
         _validate_state(state, self._config(), self.feedback)
+        plan = state.get("plan")
+        self.plan = Plan.from_state_dict(plan, self._all_candidates()) if plan else None
+        self._drift.reset()
+        self.stats.plan = self.plan.summary(self.codec) if self.plan else ""
         self.iter = state["iter"]
         self._generators, self._saved_rng = {}, dict(state["rng"])
         if self.feedback is not None:
@@ -412,7 +476,8 @@ class CompressionState:
         args = dict(codec=self.codec, collective=self.collective,
                     error_feedback=self.error_feedback, server_feedback=self.server_feedback,
                     start_iter=self.start_iter, min_numel=self.min_numel, seed=self.seed,
-                    log_every=self.log_every)
+                    log_every=self.log_every, policy=self.policy,
+                    recalibrate_every=self.recalibrate_every)
         try:
             saved = self.state_dict()
         except RuntimeError as exc:  # memories of parameters that were never named
@@ -438,7 +503,7 @@ def _validate_state(state: Dict, config: Dict, feedback: Optional[ErrorFeedback]
     missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"checkpoint misses entries {missing}")
-    unknown = sorted(set(state) - set(required) - {"rank", "world_size"})
+    unknown = sorted(set(state) - set(required) - {"rank", "world_size", "plan"})
     if unknown:
         raise ValueError(f"checkpoint has unknown entries {unknown}")
     if state["config"] != config:
@@ -508,29 +573,95 @@ def _scatter(buffer, segments, values):
 
 
 def _reduce_group(state: CompressionState, buffer, segments, codec, collective,
-                  feedback: Optional[ErrorFeedback], transport: Transport) -> None:
+                  feedback: Optional[ErrorFeedback], transport: Transport,
+                  generator: Optional[torch.Generator], stats: Optional[CommStats]) -> None:
     """Average the gradients of ``segments`` over ranks through ``codec``, in place."""
     params = [p for _, _, p in segments]
     mean = reduce_gradient(_gather(buffer, segments), params, codec, transport, collective,
-                           feedback, state.generator(buffer.device), state.stats,
+                           feedback, generator, stats,
                            keep=state.mask.kept_indices(params, buffer.device), in_place=True)
     _scatter(buffer, segments, mean)
 
 
+def _reduce_as(state: CompressionState, runtime: _Runtime, buffer, small, big, choice: Candidate,
+               generator: Optional[torch.Generator], stats: Optional[CommStats],
+               feedback: Optional[ErrorFeedback]) -> None:
+    """Average ``buffer`` over ranks in place as ``choice`` says: the small layers in fp32, the
+    large ones through the choice's codec and collective (everything in one fp32 all-reduce
+    when the choice is fp32). Error feedback applies to the configured codec only."""
+    if choice == FP32:
+        small, big = small + big, []
+    if small:
+        _reduce_group(state, buffer, small, _FP32, "allreduce", None, runtime.transport,
+                      generator, stats)
+    if big:
+        codec = state.codec if choice.codec == "codec" else _FP16
+        transport = (runtime.compressed_transport if choice.collective in ("auto", "hierarchical")
+                     else runtime.transport)
+        _reduce_group(state, buffer, big, codec, choice.collective,
+                      feedback if choice.codec == "codec" else None, transport, generator, stats)
+
+
+def _choose(state: CompressionState, runtime: _Runtime, buffer, small, big, step: int,
+            index: int, last: bool, compress: bool, calibrate: bool) -> Candidate:
+    """How this bucket is reduced this step (worker thread, in bucket order). Under the
+    calibrated policy the first bucket of a step decides whether the step calibrates: the
+    hook asked for it (no plan yet), or a periodic check finds that some rank saw the
+    reduction time drift (:class:`~commpress.comm.calibration.DriftMonitor`). A calibration
+    step measures every candidate on each bucket and reduces it in fp32."""
+    if state.policy != CALIBRATED:
+        return Candidate("codec", state.collective) if compress else FP32
+    if index == 0:
+        state._calibrating = calibrate or (compress and state._recalibration_due(step, runtime))
+    if state._calibrating:
+        _calibrate_bucket(state, runtime, buffer, small, big, step)
+        if last:
+            state._adopt_plan(runtime)
+        return FP32
+    if not compress or state.plan is None:
+        return FP32
+    return state.plan.entry_for(buffer.numel()).choice
+
+
+def _calibrate_bucket(state: CompressionState, runtime: _Runtime, buffer, small, big, step: int) -> None:
+    """Time every candidate on a copy of ``buffer`` and add the decision to the pending plan.
+    Candidates draw rounding noise from a generator of their own (the training's stream is
+    untouched) and feed back into a scratch memory (so error feedback's cost is counted)."""
+    options = state._candidates(runtime)
+    if state._pending_plan is None:
+        state._pending_plan = Plan(step)
+    if len(options) > 1:
+        scratch = torch.empty_like(buffer)
+        generator = torch.Generator(device=buffer.device) if state.codec.stochastic else None
+        if generator is not None:
+            generator.manual_seed(state.seed * 1_000_003 + runtime.transport.rank)
+        feedback = ErrorFeedback(state.error_feedback, state.server_feedback) if state.feedback else None
+
+        def run(choice):
+            return lambda: _reduce_as(state, runtime, scratch, small, big, choice, generator,
+                                      None, feedback)
+        seconds = measure([run(c) for c in options], runtime.control, buffer.device,
+                          prepare=lambda: scratch.copy_(buffer))
+        timed = {c.label(state.codec): s for c, s in zip(options, seconds)}
+        state._pending_plan.add(PlanEntry(buffer.numel(), decide(options, seconds), timed))
+    else:  # nothing to compare (an fp32 "codec")
+        state._pending_plan.add(PlanEntry(buffer.numel(), options[0], {}))
+
+
 def _reduce_bucket(state: CompressionState, runtime: _Runtime, buffer: torch.Tensor, small, big,
-                   compress: bool, last: bool, phase: str, fields: Optional[Dict]) -> torch.Tensor:
+                   compress: bool, calibrate: bool, step: int, index: int, last: bool, phase: str,
+                   fields: Optional[Dict]) -> torch.Tensor:
     transport = runtime.transport
     if fields is not None:
         agree(runtime.control, fields, runtime.control.device)
     w = transport.world_size
     state.stats.add(fp32_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
-    if not compress:
-        small, big = small + big, []
-    if small:
-        _reduce_group(state, buffer, small, _FP32, "allreduce", None, transport)
-    if big:
-        _reduce_group(state, buffer, big, state.codec, state.collective, state.feedback,
-                      runtime.compressed_transport)
+    choice = _choose(state, runtime, buffer, small, big, step, index, last, compress, calibrate)
+    start = time.perf_counter()
+    _reduce_as(state, runtime, buffer, small, big, choice, state.generator(buffer.device),
+               state.stats, state.feedback)
+    if state.plan is not None:
+        state._drift.add(time.perf_counter() - start, last)
     if last:
         state.stats.end_step()
         state.phase_stats[phase].absorb(state.stats.last_step)
@@ -562,7 +693,11 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
     state._learn(index, bucket.parameters(), last)
     device = buffer.device  # from the bucket, never from another thread's current device
     runtime = state._ensure_runtime(device)  # on this (the backward's) thread, never the worker
-    compress = state.iter >= state.start_iter
+    step, compress = state.iter, state.iter >= state.start_iter
+    # the calibrated policy's first plan: measured after DDP's bucket rebuild (step 1), in the
+    # last fp32 warm-up step when there is one; buckets are reduced in fp32 until it exists
+    calibrate = (state.policy == CALIBRATED and state.plan is None
+                 and step >= max(state.start_iter - 1, 1))
     small, big = _segments(state, bucket)
     phase = state.phase
     fields = state._layout_fields(index, buffer, small, big, compress, phase)
@@ -571,7 +706,8 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
         state._process_steps += 1
 
     def reduce():
-        return _reduce_bucket(state, runtime, buffer, small, big, compress, last, phase, fields)
+        return _reduce_bucket(state, runtime, buffer, small, big, compress, calibrate, step,
+                              index, last, phase, fields)
 
     cuda = [device] if device.type == "cuda" else None
     if runtime.inline:  # queued on this stream, in DDP's order; the future is CUDA-aware

@@ -44,6 +44,8 @@ class CommStats(StepCounters):
 
     steps: int = 0
     last_step: StepCounters = field(default_factory=StepCounters)
+    #: the calibrated policy's plan, in words (set by the front end; not a counter)
+    plan: str = ""
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -85,7 +87,7 @@ class CommStats(StepCounters):
                 f"all-reduce {self.fp32_bytes / 1e6:.2f} MB ({self.ratio:.2f}x fewer); last step "
                 f"{self.last_step.network_bytes / 1e3:.1f} kB ({self.last_step.ratio:.2f}x); "
                 f"encode {self.encode_seconds:.2f}s decode {self.decode_seconds:.2f}s "
-                f"comm {self.comm_seconds:.2f}s")
+                f"comm {self.comm_seconds:.2f}s" + (f"; {self.plan}" if self.plan else ""))
 
     def state_dict(self) -> Dict:
         counters = {f.name: getattr(self, f.name) for f in fields(StepCounters)}

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .acdc import ACDC, ACDCSchedule
+from .comm.calibration import POLICIES
 from .comm.collectives import ALGORITHMS
 from .ddp import register_hook, state_from_name
 
@@ -184,7 +185,7 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
     if method != BASELINE:
         hook, sparsity = parse_method(method)
         state = register_hook(model, hook, collective=args.collective, seed=args.seed,
-                              log_every=0)
+                              log_every=0, policy=args.policy)
         if sparsity is not None:
             acdc = ACDC(model, opt, state, sparsity=sparsity,
                         schedule=ACDCSchedule.paper(args.epochs * steps_per_epoch))
@@ -233,7 +234,8 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
             "ratio": dense / wire if wire else float("nan"), "seconds": elapsed,
             "steps": steps, "replicas_identical": identical, "curve": curve,
             "encode_seconds": state.stats.encode_seconds if state else 0.0,
-            "decode_seconds": state.stats.decode_seconds if state else 0.0, **extra}
+            "decode_seconds": state.stats.decode_seconds if state else 0.0,
+            "plan": state.stats.plan if state else "", **extra}
 
 
 def _replicas_identical(model) -> bool:
@@ -254,7 +256,8 @@ def report(results: List[Dict], args, world_size: int) -> str:
     lines = [
         f"commpress train: {world_size} workers (gloo, CPU), "
         f"{MODELS[args.data]} on {args.data} data, {args.optimizer} lr {args.lr:g}, "
-        f"{args.epochs} epochs, batch {args.batch_size} per rank, {results[0]['steps']} steps",
+        f"{args.epochs} epochs, batch {args.batch_size} per rank, {results[0]['steps']} steps, "
+        f"policy {args.policy}",
         "",
         f"{'method':<26}{'test acc':>9}{'vs fp32':>9}{'test loss':>10}{'MB sent/rank':>14}"
         f"{'saving':>8}{'time s':>8}  replicas",
@@ -274,6 +277,7 @@ def report(results: List[Dict], args, world_size: int) -> str:
     lines += ["", "MB sent/rank: bytes this rank put on the network (ring/all-to-all accounting; "
               "the hierarchical collective's node-local traffic is not counted); "
               "saving: fp32 all-reduce bytes / bytes sent."]
+    lines += [f"{r['method']} {r['plan']}" for r in results if r.get("plan")]
     acdc = [r for r in results if "sparse_phase_bytes_per_step" in r]
     for r in acdc:
         lines.append(f"{r['method']}: {r['sparse_phase_bytes_per_step'] / 1e3:.1f} kB per step in "
@@ -334,6 +338,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how compressed gradients are reduced (default auto: allgather at "
                              "2 ranks, reduce_scatter beyond, hierarchical on several nodes of "
                              "several ranks)")
+    parser.add_argument("--policy", default="fixed", choices=POLICIES,
+                        help="fixed (default here, to compare methods): each method's codec on "
+                             "every bucket; calibrated (the library's default): time fp32, fp16 "
+                             "and the codec in a warm-up step and compress only the buckets "
+                             "where it pays, which on one machine's loopback is usually none")
     parser.add_argument("--acdc", type=float, metavar="SPARSITY",
                         help="(default: off) also run AC/DC at this sparsity (paper schedule scaled to the run), "
                              "with the fp32 hook and with qsgd4: methods acdcNN and acdcNN:qsgd4")

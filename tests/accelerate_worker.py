@@ -22,7 +22,7 @@ def main(out: Path) -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
     state = None
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # one process: no DDP
-        state = cp.register_hook(model, "qsgd4", log_every=0)
+        state = cp.register_hook(model, "qsgd4", log_every=0, policy="fixed")
     g = torch.Generator().manual_seed(accelerator.process_index)
     for _ in range(STEPS):
         x = torch.randn(32, 64, generator=g)

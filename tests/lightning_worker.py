@@ -45,9 +45,9 @@ def main(out: Path, mode: str) -> None:
     x = torch.randn(512, 64)
     data = DataLoader(TensorDataset(x, x[:, :1] - 0.5 * x[:, 1:2]), batch_size=32)
     if mode == "commpress":
-        strategy = CompressedDDPStrategy("qsgd4", state_kwargs={"log_every": 0})
+        strategy = CompressedDDPStrategy("qsgd4", state_kwargs={"log_every": 0, "policy": "fixed"})
     else:
-        state = cp.state_from_name("qsgd4", log_every=0)
+        state = cp.state_from_name("qsgd4", log_every=0, policy="fixed")
         strategy = DDPStrategy(ddp_comm_state=state, ddp_comm_hook=cp.compress_hook)
     model = Regression()
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=STEPS,

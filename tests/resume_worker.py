@@ -34,7 +34,7 @@ def main(directory, out, kill_at=None):
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
                                 torch.nn.ReLU(), torch.nn.Linear(64, 4))
     ddp = DDP(model, bucket_cap_mb=25)  # one bucket, in DDP's first iteration too
-    state = cp.register_hook(ddp, "qsgd4+ef", seed=1, log_every=0, min_numel=256)
+    state = cp.register_hook(ddp, "qsgd4+ef", seed=1, log_every=0, policy="fixed", min_numel=256)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     acdc = cp.ACDC(ddp, opt, state, sparsity=0.8,
                    schedule=cp.ACDCSchedule([(10, 20), (30, STEPS)], STEPS))

@@ -107,7 +107,7 @@ def acdc_worker(rank, world_size, spec, tied):
             for p in model.parameters():
                 p.copy_(torch.sign(p) * (torch.rand(p.shape, generator=torch.Generator().manual_seed(0)) < 0.5) * 0.01 + 0.01)
     ddp = DDP(model, bucket_cap_mb=25)
-    state = cp.register_hook(ddp, spec, log_every=0)
+    state = cp.register_hook(ddp, spec, log_every=0, policy="fixed")
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     acdc = cp.ACDC(ddp, opt, state, sparsity=0.9, schedule=schedule)
     seen_masks, grads_outside = [], []
@@ -154,7 +154,7 @@ def resume_worker(rank, world_size, spec):
 
     def build():
         ddp = DDP(big_model(), bucket_cap_mb=25)
-        state = cp.register_hook(ddp, spec, log_every=0)
+        state = cp.register_hook(ddp, spec, log_every=0, policy="fixed")
         opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
         return ddp, state, opt, cp.ACDC(ddp, opt, state, sparsity=0.9, schedule=schedule)
 
@@ -198,7 +198,7 @@ def schedule_mismatch_worker(rank, world_size):
     """Rank 1's sparse phase starts one step after rank 0's."""
     schedule = cp.ACDCSchedule([(4 + rank, 8)], 10)
     ddp = DDP(big_model())
-    state = cp.register_hook(ddp, "qsgd4", log_every=0)
+    state = cp.register_hook(ddp, "qsgd4", log_every=0, policy="fixed")
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     acdc = cp.ACDC(ddp, opt, state, sparsity=0.9, schedule=schedule)
     try:

@@ -14,7 +14,7 @@ from distributed import run_workers
 
 def bound_state(spec="qsgd4+ef"):
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
-    state = cp.state_from_name(spec, log_every=0)
+    state = cp.state_from_name(spec, log_every=0, policy="fixed")
     state.bind(model)
     return state, model
 
@@ -75,7 +75,7 @@ def test_bad_entries_are_refused_with_their_name(what, named):
 
 
 def test_memories_loaded_before_binding_are_checked_at_bind():
-    state = cp.state_from_name("qsgd4+ef", log_every=0)
+    state = cp.state_from_name("qsgd4+ef", log_every=0, policy="fixed")
     state.load_state_dict(corrupt(good_state_dict(), "unknown name"))
     with pytest.raises(ValueError, match="no.such.layer"):
         state.bind(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)))
@@ -84,7 +84,7 @@ def test_memories_loaded_before_binding_are_checked_at_bind():
 def rank0_checkpoint_worker(rank, world_size):
     torch.manual_seed(0)
     model = DDP(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)))
-    state = cp.register_hook(model, "qsgd4+ef21", log_every=0, min_numel=256)
+    state = cp.register_hook(model, "qsgd4+ef21", log_every=0, policy="fixed", min_numel=256)
     for step in range(4):
         x = torch.randn(8, 32, generator=torch.Generator().manual_seed(rank * 100 + step))
         model(x).square().mean().backward()
@@ -96,7 +96,7 @@ def rank0_checkpoint_worker(rank, world_size):
     logging.getLogger("commpress").addHandler(handler)
     torch.manual_seed(0)
     model2 = DDP(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)))
-    fresh = cp.register_hook(model2, "qsgd4+ef21", log_every=0, min_numel=256)
+    fresh = cp.register_hook(model2, "qsgd4+ef21", log_every=0, policy="fixed", min_numel=256)
     fresh.load_state_dict(saved[0])
     rng = fresh.generator(torch.device("cpu")).get_state()
     fb = fresh.feedback

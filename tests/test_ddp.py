@@ -28,7 +28,7 @@ def batch(rank, step, dtype=torch.float32):
 def make_state(spec, **kwargs):
     if spec is None:
         return None
-    return cp.state_from_name(spec, log_every=0, **kwargs)
+    return cp.state_from_name(spec, log_every=0, policy="fixed", **kwargs)
 
 
 def train(rank, steps, model, state, opt, first_step=0, dtype=torch.float32):
@@ -195,7 +195,7 @@ def test_state_rejects_unsafe_settings():
 
 def server_feedback_worker(rank, world_size):
     state = cp.CompressionState(cp.QSGD(bits=4), collective="reduce_scatter", error_feedback="ef",
-                                server_feedback=True, log_every=0)
+                                server_feedback=True, log_every=0, policy="fixed")
     model = ddp(make_model(), state)
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     losses = train(rank, 80, model, state, opt)
@@ -217,9 +217,11 @@ def mismatch_worker(rank, world_size, field):
     settings = {"codec": dict(codec=cp.QSGD(bits=4 if rank == 0 else 8)),
                 "collective": dict(codec=cp.QSGD(bits=4),
                                    collective="allgather" if rank == 0 else "reduce_scatter"),
-                "start_iter": dict(codec=cp.QSGD(bits=4), start_iter=2 + rank)}.get(
+                "start_iter": dict(codec=cp.QSGD(bits=4), start_iter=2 + rank),
+                "policy": dict(codec=cp.QSGD(bits=4), policy=("fixed", "calibrated")[rank])}.get(
                     field, dict(codec=cp.QSGD(bits=4)))
     settings.setdefault("start_iter", 0)
+    settings.setdefault("policy", "fixed")
     try:
         state = cp.CompressionState(log_every=0, **settings)
         if field == "layout":  # DDP syncs its buckets; a hook can still be handed others
@@ -269,7 +271,7 @@ def layout_mismatch(rank, state):
     return "no error"
 
 
-@pytest.mark.parametrize("field", ["codec", "collective", "start_iter", "phase", "layout"])
+@pytest.mark.parametrize("field", ["codec", "collective", "start_iter", "policy", "phase", "layout"])
 def test_mismatched_ranks_fail_with_a_clear_error(field):
     """Named errors on every rank, at registration or at the first differing step, never a
     hang or a gloo abort (layout: 85 of 100 such cases used to abort the process)."""

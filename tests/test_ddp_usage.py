@@ -36,7 +36,7 @@ def gan_worker(rank, world_size, direct):
     gen, disc = DDP(mlp(1)), DDP(nn.Sequential(mlp(2), nn.Linear(32, 1)))
     states = []
     for model, name in ((gen, "qsgd4"), (disc, "natural+ef")):
-        state = cp.state_from_name(name, log_every=0, start_iter=2, min_numel=256)
+        state = cp.state_from_name(name, log_every=0, policy="fixed", start_iter=2, min_numel=256)
         if direct:
             model.register_comm_hook(state, cp.compress_hook)
         else:
@@ -84,7 +84,7 @@ def test_model_on_subgroup_averages_over_its_group():
 def auto_uneven_worker(rank, world_size):
     os.environ["GROUP_RANK"] = "0" if rank < 2 else "1"  # nodes of 2 and 1 ranks
     model = DDP(mlp(width=512))
-    state = cp.register_hook(model, "qsgd4", start_iter=0, min_numel=256)
+    state = cp.register_hook(model, "qsgd4", start_iter=0, min_numel=256, policy="fixed")
     model(data(rank, 0)).square().mean().backward()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()]), type(state.compressed_transport).__name__
 
@@ -99,13 +99,13 @@ def usage_worker(rank, world_size):
     out = {}
     # -- direct registration with EF: parameters named lazily, checkpoints work ------------
     model = DDP(mlp())
-    state = cp.state_from_name("qsgd4+ef", log_every=0, min_numel=256)
+    state = cp.state_from_name("qsgd4+ef", log_every=0, policy="fixed", min_numel=256)
     model.register_comm_hook(state, cp.compress_hook)
     for step in range(4):
         model(data(rank, step)).square().mean().backward()
     saved = state.state_dict()
     out["direct_names"] = sorted(saved["feedback"]["residual"])
-    fresh = cp.state_from_name("qsgd4+ef", log_every=0, min_numel=256)
+    fresh = cp.state_from_name("qsgd4+ef", log_every=0, policy="fixed", min_numel=256)
     fresh.load_state_dict(saved)
     model2 = DDP(mlp())
     model2.register_comm_hook(fresh, cp.compress_hook)
@@ -154,7 +154,7 @@ def usage_worker(rank, world_size):
     out["fp64"] = {}
     for name in ("fp32", "fp16", "bf16", "qsgd4", "natural", "dithering", "qsgd4+ef21"):
         model = DDP(mlp(dtype=torch.float64))
-        cp.register_hook(model, name, log_every=0, start_iter=2, min_numel=256)
+        cp.register_hook(model, name, log_every=0, policy="fixed", start_iter=2, min_numel=256)
         for step in range(3):
             model.zero_grad()
             model(data(rank, step, torch.float64)).square().mean().backward()
@@ -197,13 +197,13 @@ def leak_worker(rank, world_size):
     # warm-up: one-time resources of the process (tqdm's monitor thread, which compiling the
     # fused kernels starts) exist before counting
     model = DDP(mlp(width=1024))
-    with cp.register_hook(model, "qsgd4", log_every=0, min_numel=256, start_iter=0):
+    with cp.register_hook(model, "qsgd4", log_every=0, policy="fixed", min_numel=256, start_iter=0):
         model(data(rank, 0)).square().mean().backward()
     del model
     before = resource_counts()
     for i in range(12):
         model = DDP(mlp(width=1024))
-        cp.register_hook(model, "qsgd4+ef" if i % 2 else "qsgd4", log_every=0, min_numel=256)
+        cp.register_hook(model, "qsgd4+ef" if i % 2 else "qsgd4", log_every=0, policy="fixed", min_numel=256)
         for step in range(3):
             model(data(rank, step)).square().mean().backward()
         del model
@@ -228,7 +228,7 @@ def memory_worker(rank, world_size):
     alive = []
     for i in range(3):
         model = DDP(nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 1)))
-        state = cp.register_hook(model, "qsgd4+ef", log_every=0)
+        state = cp.register_hook(model, "qsgd4+ef", log_every=0, policy="fixed")
         for step in range(3):
             model(data(rank, step).repeat(1, 64)).square().mean().backward()
         ref = weakref.ref(state)
@@ -274,7 +274,7 @@ def execution_worker(rank, world_size):
     for inline in (False, True):
         cpddp._INLINE_BACKENDS = ("nccl", "gloo") if inline else ("nccl",)
         model = DDP(mlp(width=256), bucket_cap_mb=0.01)
-        state = cp.register_hook(model, "qsgd4+ef", log_every=0, min_numel=256,
+        state = cp.register_hook(model, "qsgd4+ef", log_every=0, policy="fixed", min_numel=256,
                                  collective="reduce_scatter")
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         for step in range(5):
@@ -328,7 +328,7 @@ def ddp_modes_worker(rank, world_size):
         kwargs = {"static": dict(static_graph=True), "unused": dict(find_unused_parameters=True),
                   "view": dict(gradient_as_bucket_view=True)}.get(mode, {})
         model = DDP(Branchy(), bucket_cap_mb=0.02, **kwargs)
-        cp.register_hook(model, "qsgd4+ef", log_every=0, min_numel=256)
+        cp.register_hook(model, "qsgd4+ef", log_every=0, policy="fixed", min_numel=256)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         steps = 6 + 3 * rank if mode == "join" else 8
         with Join([model], enable=mode == "join"):

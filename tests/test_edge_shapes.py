@@ -32,7 +32,7 @@ def edge_worker(rank, world_size, spec):
         torch.manual_seed(0)
         model = DDP(Odd(), find_unused_parameters=True, bucket_cap_mb=0.001)
         if label != "plain":
-            cp.register_hook(model, label, log_every=0, start_iter=0)
+            cp.register_hook(model, label, log_every=0, policy="fixed", start_iter=0)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
         for step in range(6):
             opt.zero_grad()
@@ -66,7 +66,7 @@ def hung_peer_worker(rank, world_size):
     import time
     torch.manual_seed(0)
     model = DDP(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)))
-    cp.register_hook(model, "qsgd4", log_every=0, start_iter=0)
+    cp.register_hook(model, "qsgd4", log_every=0, policy="fixed", start_iter=0)
     for step in range(3):
         if rank == 1 and step == 2:
             time.sleep(25)        # stops participating, but stays alive
@@ -96,7 +96,7 @@ def huge_bucket_worker(rank, world_size):
     model = torch.nn.Linear(8192, 8192)            # 67M weights: one 268 MB bucket
     reference = copy.deepcopy(model)
     ddp = DDP(model, bucket_cap_mb=300)
-    state = cp.register_hook(ddp, "qsgd8", log_every=0, start_iter=0)
+    state = cp.register_hook(ddp, "qsgd8", log_every=0, policy="fixed", start_iter=0)
     x = torch.randn(4, 8192, generator=torch.Generator().manual_seed(rank))
     ddp(x).square().mean().backward()
     reference(x).square().mean().backward()

@@ -28,7 +28,7 @@ def fit(rank, hook, collective, server):
     model = DDP(mlp())
     if hook != "plain":
         kwargs = {"server_feedback": True} if server else {}
-        cp.register_hook(model, hook, collective=collective, min_numel=256, **kwargs)
+        cp.register_hook(model, hook, collective=collective, min_numel=256, policy="fixed", **kwargs)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(rank)
     teacher = torch.randn(64, 10, generator=torch.Generator().manual_seed(7))

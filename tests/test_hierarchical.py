@@ -112,7 +112,7 @@ def hook_worker(rank, world_size, collective):
     model = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 8))
     reference = [p.detach().clone() for p in model.parameters()]
     state = cp.CompressionState(cp.QSGD(bits=8), collective=collective, error_feedback="ef",
-                                start_iter=2, log_every=0)
+                                start_iter=2, log_every=0, policy="fixed")
     wrapped = DDP(model, bucket_cap_mb=0.01)
     cp.register_hook(wrapped, state)
     mask = (torch.arange(HIDDEN * IN) % 3 != 0).reshape(HIDDEN, IN)  # an AC/DC-style mask
@@ -161,7 +161,7 @@ def fp32_hook_worker(rank, world_size):
     reference = torch.nn.Linear(IN, HIDDEN)
     reference.load_state_dict(model.state_dict())
     wrapped = DDP(model)
-    state = cp.register_hook(wrapped, "fp32", collective="hierarchical", start_iter=0, log_every=0)
+    state = cp.register_hook(wrapped, "fp32", collective="hierarchical", start_iter=0, log_every=0, policy="fixed")
     x = torch.randn(8, IN, generator=torch.Generator().manual_seed(rank))
     wrapped(x).square().mean().backward()
     reference(x).square().mean().backward()

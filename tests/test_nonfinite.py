@@ -43,7 +43,7 @@ def scaler_worker(rank, world_size, spec):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
     ddp = DDP(model)
-    cp.register_hook(ddp, spec, log_every=0)
+    cp.register_hook(ddp, spec, log_every=0, policy="fixed")
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     skipped, scales = [], []

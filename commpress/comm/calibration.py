@@ -1,0 +1,205 @@
+"""A measured choice of codec and collective per bucket: compress only where it pays.
+
+Whether compression saves time depends on the link and on how fast the codec runs next to
+the backward pass, which no byte count predicts: on a 10 Gbit/s link a plain fp32 all-reduce
+beats a CPU codec. So the calibrated policy times the candidates on the real buckets, over the
+real group, once (during a warm-up step) and again when the step's communication time drifts.
+
+- :func:`candidates`: what is tried, most exact first: the fp32 all-reduce, an fp16 all-reduce,
+  then the configured codec under each collective that applies.
+- :func:`measure`: every candidate run :data:`RUNS` times, each run started together on every
+  rank (a one-element all-gather); a candidate's time is its fastest run on its slowest rank,
+  so every rank holds the same numbers (one all-gather of the timings).
+- :func:`decide`: the most exact candidate within :data:`MARGIN` of the fastest. fp32 thus wins
+  every near tie, and the choice is never slower than fp32 by more than the timing noise.
+- :class:`Plan`: the choices by bucket size, identical on every rank (decided from identical
+  numbers), part of the front end's checkpoint, so a resumed run reduces as the original did.
+- :class:`DriftMonitor`: the reduction time per step against the first steps after the plan;
+  a plan is stale when it moved by more than :data:`DRIFT` either way (a congested or freed
+  link), which the front end then agrees on across ranks before calibrating again.
+
+The module knows transports and codecs only; what a candidate run does is the front end's
+callable.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ..codecs import Codec
+from .transport import Transport
+
+#: the front ends' policies: measure and choose per bucket, or apply the codec everywhere
+CALIBRATED, FIXED = "calibrated", "fixed"
+POLICIES = (CALIBRATED, FIXED)
+#: a less exact candidate is chosen only if it beats every more exact one by this fraction
+MARGIN = 0.05
+#: timed runs per candidate: the first may pay allocations and kernel compilation
+RUNS = 3
+#: a plan is stale when the step's reduction time changed by this factor (either way)
+DRIFT = 2.0
+#: steps whose reduction times make the reference, and the window compared with it
+WINDOW = 10
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """``codec``: ``"fp32"``, ``"fp16"`` or ``"codec"`` (the configured one); ``collective``:
+    one of :data:`commpress.comm.ALGORITHMS`."""
+
+    codec: str
+    collective: str
+
+    def label(self, codec: Codec) -> str:
+        name = self.codec
+        if self.codec == "codec":  # "qsgd4" rather than "qsgd"
+            name = codec.name + str(getattr(codec, "bits", ""))
+        return name if self.collective == "allreduce" else f"{name}/{self.collective}"
+
+
+FP32 = Candidate("fp32", "allreduce")
+
+
+def candidates(codec: Codec, collective: str, world_size: int, hierarchical: bool) -> List[Candidate]:
+    """What to time, most exact first. ``collective``: the configured one (``"auto"``: every
+    collective that applies: ``allgather``, ``reduce_scatter`` beyond 2 ranks, where it sends
+    fewer bytes, and ``hierarchical`` when ``hierarchical`` is true, i.e. several nodes of
+    several ranks)."""
+    if codec.summable:  # fp32, fp16 or bf16 itself: its all-reduce against fp32's
+        return [FP32] if codec.wire_dtype == torch.float32 else [FP32, Candidate("codec", "allreduce")]
+    if collective != "auto":
+        collectives = [collective]
+    else:
+        collectives = (["allgather"] + (["reduce_scatter"] if world_size > 2 else [])
+                       + (["hierarchical"] if hierarchical else []))
+    return [FP32, Candidate("fp16", "allreduce")] + [Candidate("codec", c) for c in collectives]
+
+
+def decide(options: Sequence[Candidate], seconds: Sequence[float]) -> Candidate:
+    """The first (most exact) of ``options`` within :data:`MARGIN` of the fastest."""
+    fastest = min(seconds)
+    return next(c for c, s in zip(options, seconds) if s <= fastest * (1 + MARGIN))
+
+
+def measure(runs: Sequence[Callable[[], None]], control: Transport,
+            device: torch.device = torch.device("cpu"),
+            prepare: Optional[Callable[[], None]] = None) -> List[float]:
+    """Seconds of each of ``runs`` (collective calls every rank makes in the same order): its
+    fastest of :data:`RUNS` runs, on the slowest rank, the same list on every rank.
+    ``prepare`` runs before each run, untimed (e.g. restoring the input a run consumes); runs
+    on ``device`` (CUDA) are synchronized before their clock stops."""
+    where = getattr(control, "device", None)  # the transport's own tensors (CPU: gloo)
+    mine = []
+    for run in runs:
+        best = math.inf
+        for _ in range(RUNS):
+            if prepare is not None:
+                prepare()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            control.all_gather(torch.zeros(1, device=where))  # start together
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        mine.append(best)
+    every = control.all_gather(torch.tensor(mine, dtype=torch.float64, device=where))
+    return every.view(control.world_size, -1).max(dim=0).values.tolist()
+
+
+@dataclass
+class PlanEntry:
+    """One bucket size's choice and the timings it was made from (label -> seconds)."""
+
+    numel: int
+    choice: Candidate
+    seconds: Dict[str, float]
+
+
+class Plan:
+    """Choices by bucket size (elements). A size that was not calibrated (a bucket DDP
+    rebuilt differently) takes the choice of the nearest calibrated size, by ratio."""
+
+    def __init__(self, step: int, entries: Optional[Dict[int, PlanEntry]] = None):
+        self.step = step  # the step it was calibrated in
+        self.entries: Dict[int, PlanEntry] = dict(entries or {})
+
+    def add(self, entry: PlanEntry) -> None:
+        self.entries[entry.numel] = entry
+
+    def entry_for(self, numel: int) -> PlanEntry:
+        if not self.entries:
+            raise LookupError("an empty calibration plan has no choice")
+        nearest = min(self.entries, key=lambda n: (abs(math.log(max(n, 1) / max(numel, 1))), n))
+        return self.entries[nearest]
+
+    def summary(self, codec: Codec) -> str:
+        parts = []
+        for numel in sorted(self.entries):
+            entry = self.entries[numel]
+            timed = (", ".join(f"{label} {1e3 * s:.1f} ms" for label, s in entry.seconds.items())
+                     or "the only candidate")
+            parts.append(f"{numel * 4 / 1e6:.2f} MB bucket -> {entry.choice.label(codec)} ({timed})")
+        return f"plan of step {self.step}: " + "; ".join(parts)
+
+    def state_dict(self) -> Dict:
+        return {"step": self.step,
+                "entries": [{"numel": e.numel, "codec": e.choice.codec,
+                             "collective": e.choice.collective, "seconds": dict(e.seconds)}
+                            for e in self.entries.values()]}
+
+    @classmethod
+    def from_state_dict(cls, state: Dict, allowed: Sequence[Candidate]) -> "Plan":
+        """A plan from :meth:`state_dict`, refusing a malformed one or a choice outside
+        ``allowed`` (what this configuration could have chosen), with its name."""
+        try:
+            step, entries = state["step"], state["entries"]
+            plan = cls(int(step))
+            for e in entries:
+                choice = Candidate(str(e["codec"]), str(e["collective"]))
+                if choice not in allowed:
+                    raise ValueError(f"choice {choice} is not a candidate of this configuration")
+                plan.add(PlanEntry(int(e["numel"]), choice,
+                                   {str(k): float(v) for k, v in e["seconds"].items()}))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"checkpoint entry 'plan' is malformed ({exc!r})") from None
+        return plan
+
+
+class DriftMonitor:
+    """Reduction seconds per step: the median of the first :data:`WINDOW` steps after a plan is
+    the reference, the median of the latest :data:`WINDOW` is compared with it."""
+
+    def __init__(self):
+        self.reference: Optional[float] = None
+        self._first: List[float] = []
+        self._recent: deque = deque(maxlen=WINDOW)
+        self._current = 0.0
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def add(self, seconds: float, step_done: bool) -> None:
+        self._current += seconds
+        if not step_done:
+            return
+        total, self._current = self._current, 0.0
+        if self.reference is None:
+            self._first.append(total)
+            if len(self._first) == WINDOW:
+                self.reference = statistics.median(self._first)
+        else:
+            self._recent.append(total)
+
+    def drifted(self) -> bool:
+        if self.reference is None or len(self._recent) < WINDOW or self.reference <= 0:
+            return False
+        ratio = statistics.median(self._recent) / self.reference
+        return ratio > DRIFT or ratio < 1 / DRIFT

@@ -1,0 +1,206 @@
+"""The calibrated policy: what it times, how it decides, and that every rank follows one plan
+that survives checkpoints, falls back to fp32 when the codec does not pay, and is measured
+again when any rank sees the step's reduction time drift."""
+import copy
+import time
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commpress as cp
+import commpress.ddp
+from commpress.comm import LoopbackGroup
+from commpress.comm.calibration import (FP32, WINDOW, Candidate, DriftMonitor, Plan, PlanEntry,
+                                        candidates, decide, measure)
+from distributed import run_workers
+
+FP16 = Candidate("fp16", "allreduce")
+GATHER, SCATTER, HIER = (Candidate("codec", c) for c in ("allgather", "reduce_scatter", "hierarchical"))
+
+
+# -- the pieces, in one process ----------------------------------------------------------------
+def test_candidates_most_exact_first():
+    q = cp.QSGD(bits=4)
+    assert candidates(q, "auto", 2, False) == [FP32, FP16, GATHER]
+    assert candidates(q, "auto", 4, True) == [FP32, FP16, GATHER, SCATTER, HIER]
+    assert candidates(q, "reduce_scatter", 2, False) == [FP32, FP16, SCATTER]
+    assert candidates(cp.BF16(), "auto", 4, False) == [FP32, Candidate("codec", "allreduce")]
+    assert candidates(cp.Identity(), "auto", 4, True) == [FP32]
+
+
+@pytest.mark.parametrize("seconds, expected", [
+    ([1.0, 0.5, 0.1], GATHER),      # the codec pays
+    ([1.0, 0.5, 0.49], FP16),       # within 5% of fp16, which is more exact
+    ([0.10, 0.2, 0.096], FP32),     # a near tie goes to fp32
+    ([0.10, 0.2, 0.5], FP32),       # a fast link
+])
+def test_decide_takes_the_most_exact_within_the_margin(seconds, expected):
+    assert decide([FP32, FP16, GATHER], seconds) == expected
+
+
+def test_measure_is_the_slowest_rank_and_the_same_everywhere():
+    def body(transport):
+        delay = 0.02 * (transport.rank + 1)  # rank 1 is the slow one
+        return measure([lambda: time.sleep(delay), lambda: None], transport)
+
+    results = LoopbackGroup(2).run(body)
+    assert results[0] == results[1]
+    assert 0.04 <= results[0][0] < 0.2 and results[0][1] < 0.02
+
+
+def test_plan_round_trip_nearest_size_and_refusals():
+    plan = Plan(3, {100: PlanEntry(100, FP32, {"fp32": 1e-3}),
+                    10_000: PlanEntry(10_000, GATHER, {"fp32": 2e-3, "qsgd4/allgather": 1e-3})})
+    again = Plan.from_state_dict(plan.state_dict(), candidates(cp.QSGD(), "auto", 3, True))
+    assert again.state_dict() == plan.state_dict() and again.step == 3
+    assert again.entry_for(90).choice == FP32 and again.entry_for(5_000).choice == GATHER
+    assert "qsgd4/allgather" in again.summary(cp.QSGD(bits=4))
+    with pytest.raises(ValueError, match="not a candidate"):  # a plan of another configuration
+        Plan.from_state_dict(plan.state_dict(), candidates(cp.QSGD(), "reduce_scatter", 3, False))
+    with pytest.raises(ValueError, match="malformed"):
+        Plan.from_state_dict({"step": 1}, [FP32])
+
+
+def test_drift_monitor_flags_a_slower_or_faster_link_only():
+    monitor = DriftMonitor()
+    for seconds in [0.1] * WINDOW + [0.15] * WINDOW:
+        monitor.add(seconds / 2, step_done=False)  # two buckets a step
+        monitor.add(seconds / 2, step_done=True)
+    assert monitor.reference == pytest.approx(0.1) and not monitor.drifted()
+    for _ in range(WINDOW):
+        monitor.add(0.25, step_done=True)
+    assert monitor.drifted()
+    monitor.reset()
+    for seconds in [0.1] * WINDOW + [0.04] * WINDOW:
+        monitor.add(seconds, step_done=True)
+    assert monitor.drifted()
+
+
+def test_state_rejects_unknown_policy():
+    with pytest.raises(ValueError, match="policy"):
+        cp.CompressionState(cp.QSGD(), policy="fastest")
+    with pytest.raises(ValueError, match="recalibrate_every"):
+        cp.CompressionState(cp.QSGD(), recalibrate_every=-1)
+
+
+# -- the hook, on real processes -------------------------------------------------------------
+class SlowQSGD(cp.QSGD):
+    """QSGD that takes 50 ms more per encode: a codec that never pays."""
+
+    def encode(self, *args, **kwargs):
+        time.sleep(0.05)
+        return super().encode(*args, **kwargs)
+
+
+def model_and_data(rank, width=256):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(),
+                                torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 4))
+    return model, torch.Generator().manual_seed(10 + rank)
+
+
+def train(model, steps, data, opt, width=256):
+    for _ in range(steps):
+        x = torch.randn(8, width, generator=data)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), x[:, :4]).backward()
+        opt.step()
+
+
+def fake_timings(runs, control, device=None, prepare=None):
+    """Timings in which the configured codec's first collective is the fastest candidate."""
+    fake_timings.calls += 1
+    for run in runs:  # the runs still communicate, as in a real calibration
+        if prepare is not None:
+            prepare()
+        run()
+    return [1.0, 0.5, 0.1, 0.2, 0.3][:len(runs)]
+
+
+fake_timings.calls = 0
+
+
+def default_policy_worker(rank, world_size, codec):
+    model, data = model_and_data(rank)
+    ddp = DDP(model, bucket_cap_mb=0.1)  # several buckets
+    state = cp.register_hook(ddp, cp.CompressionState(codec, log_every=0))
+    train(ddp, 4, data, torch.optim.SGD(model.parameters(), lr=0.01))
+    return (state.state_dict()["plan"], state.stats.summary(), state.stats.last_step.wire_bytes,
+            state.stats.last_step.fp32_bytes, [p.detach() for p in model.parameters()])
+
+
+def test_default_policy_plans_alike_on_every_rank():
+    results = run_workers(default_policy_worker, 2, cp.QSGD(bits=4))
+    plan, summary = results[0][0], results[0][1]
+    assert plan == results[1][0] and plan["step"] == 1
+    assert len(plan["entries"]) >= 2  # every bucket size timed
+    for entry in plan["entries"]:
+        assert set(entry["seconds"]) == {"fp32", "fp16", "qsgd4/allgather"}
+    assert "plan of step 1" in summary
+    for p0, p1 in zip(results[0][-1], results[1][-1]):
+        assert torch.equal(p0, p1)
+
+
+def test_codec_that_does_not_pay_falls_back_to_fp32():
+    results = run_workers(default_policy_worker, 2, SlowQSGD(bits=4))
+    for entry in results[0][0]["entries"]:
+        assert entry["codec"] == "fp32", entry
+        assert entry["seconds"]["qsgd4/allgather"] > entry["seconds"]["fp32"] + 0.04
+    wire, fp32 = results[0][2], results[0][3]
+    assert wire == fp32  # nothing compressed after the plan
+
+
+def resume_worker(rank, world_size):
+    commpress.ddp.measure = fake_timings  # the codec wins: its random stream must resume too
+    model, data = model_and_data(rank)
+    ddp = DDP(model, bucket_cap_mb=25)
+    state = cp.register_hook(ddp, "qsgd4+ef", log_every=0, min_numel=256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    train(ddp, 4, data, opt)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                           "state": state.state_dict(), "data": data.get_state()})
+    train(ddp, 3, data, opt)
+    ratio = state.stats.last_step.fp32_bytes / state.stats.last_step.wire_bytes
+    calls_before = fake_timings.calls
+
+    model2, data2 = model_and_data(rank)
+    model2.load_state_dict(saved["model"])
+    ddp2 = DDP(model2, bucket_cap_mb=25)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.01, momentum=0.9)
+    opt2.load_state_dict(saved["opt"])
+    state2 = cp.register_hook(ddp2, "qsgd4+ef", log_every=0, min_numel=256)
+    state2.load_state_dict(saved["state"])
+    data2.set_state(saved["data"])
+    train(ddp2, 3, data2, opt2)
+    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    return (saved["state"]["plan"], state2.state_dict()["plan"], ratio,
+            fake_timings.calls - calls_before, same)
+
+
+def test_plan_survives_a_checkpoint_and_resume_is_bit_identical():
+    for plan, resumed_plan, ratio, calibrations_after_resume, same in run_workers(resume_worker, 2):
+        assert plan["entries"][0]["codec"] == "codec" and plan == resumed_plan
+        assert ratio > 4  # the codec was used
+        assert calibrations_after_resume == 0 and same
+
+
+def drift_worker(rank, world_size):
+    commpress.ddp.measure = fake_timings
+    model, data = model_and_data(rank)
+    ddp = DDP(model, bucket_cap_mb=25)
+    state = cp.register_hook(ddp, "qsgd4", log_every=0, recalibrate_every=3)
+    if rank == 1:  # only this rank sees its link slow down
+        state._drift.drifted = lambda: True
+    plan_steps = []
+    for _ in range(9):
+        train(ddp, 1, data, torch.optim.SGD(model.parameters(), lr=0.01))
+        plan_steps.append(state.plan.step if state.plan else None)
+    return plan_steps, fake_timings.calls
+
+
+def test_drift_seen_by_one_rank_recalibrates_every_rank():
+    results = run_workers(drift_worker, 2)
+    assert results[0] == results[1]
+    # first plan in step 1; checks every 3 steps after the plan (4, 7) each find rank 1's drift
+    assert results[0][0] == [None, 1, 1, 1, 4, 4, 4, 7, 7]
