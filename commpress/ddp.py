@@ -179,7 +179,8 @@ class CompressionState:
         #: the calibrated policy's choice per bucket size (None until calibrated)
         self.plan: Optional[Plan] = None
         self._pending_plan: Optional[Plan] = None  # filled during a calibration step
-        self._calibrating = False                   # this step measures (worker thread)
+        self._calibrating = False                   # this step measures (set by the hook)
+        self._step_started = 0.0
         self._drift = DriftMonitor()
         # this process's runtime and bookkeeping (not pickled, not in state_dict)
         self.param_index: Dict[torch.Tensor, int] = {}
@@ -318,16 +319,27 @@ class CompressionState:
         """Every choice this configuration could make, on any world (to check a checkpoint)."""
         return candidates(self.codec, self.collective, 3, True)
 
-    def _recalibration_due(self, step: int, runtime: _Runtime) -> bool:
-        """At every ``recalibrate_every``-th step after the plan's, whether any rank saw the
-        reduction time drift: one small all-gather, at a step every rank knows."""
-        if (self.plan is None or not self.recalibrate_every or step <= self.plan.step
+    def _calibration_due(self, step: int, compress: bool, runtime: _Runtime) -> bool:
+        """Whether this step calibrates (asked by the hook at a step's first bucket, before
+        anything of the step is in flight). The first plan: after DDP's bucket rebuild (step
+        1), in the last fp32 warm-up step when there is one; buckets are reduced in fp32 until
+        it exists. Later: at every ``recalibrate_every``-th step after the plan's, if any rank
+        saw the reduction time drift (one small all-gather, at a step every rank knows)."""
+        if self.plan is None:
+            return step >= max(self.start_iter - 1, 1)
+        if (not compress or not self.recalibrate_every or step <= self.plan.step
                 or (step - self.plan.step) % self.recalibrate_every):
             return False
         control = runtime.control
         votes = control.all_gather(torch.tensor([self._drift.drifted()], dtype=torch.uint8,
                                                 device=control.device))
         return bool(votes.any())
+
+    def _plan_is_direct(self) -> bool:
+        """Whether buckets skip the worker (see :func:`_reduce_direct`): a plan of all-reduces
+        only, and no AC/DC mask (whose compact vectors only the worker path sends)."""
+        return (self.policy == CALIBRATED and self.plan is not None and self.plan.all_reduce
+                and not self.mask)
 
     def _adopt_plan(self, runtime: _Runtime) -> None:
         self.plan, self._pending_plan = self._pending_plan, None
@@ -602,19 +614,15 @@ def _reduce_as(state: CompressionState, runtime: _Runtime, buffer, small, big, c
                       feedback if choice.codec == "codec" else None, transport, generator, stats)
 
 
-def _choose(state: CompressionState, runtime: _Runtime, buffer, small, big, step: int,
-            index: int, last: bool, compress: bool, calibrate: bool) -> Candidate:
-    """How this bucket is reduced this step (worker thread, in bucket order). Under the
-    calibrated policy the first bucket of a step decides whether the step calibrates: the
-    hook asked for it (no plan yet), or a periodic check finds that some rank saw the
-    reduction time drift (:class:`~commpress.comm.calibration.DriftMonitor`). A calibration
-    step measures every candidate on each bucket and reduces it in fp32."""
+def _choose(state: CompressionState, runtime: _Runtime, buffer, small, big, last: bool,
+            compress: bool, calibrating: bool) -> Candidate:
+    """How this bucket is reduced this step (worker thread, in bucket order). A calibration
+    step (decided by the hook, see :meth:`CompressionState._calibration_due`) measures every
+    candidate on each bucket and reduces it in fp32."""
     if state.policy != CALIBRATED:
         return Candidate("codec", state.collective) if compress else FP32
-    if index == 0:
-        state._calibrating = calibrate or (compress and state._recalibration_due(step, runtime))
-    if state._calibrating:
-        _calibrate_bucket(state, runtime, buffer, small, big, step)
+    if calibrating:
+        _calibrate_bucket(state, runtime, buffer, small, big)
         if last:
             state._adopt_plan(runtime)
         return FP32
@@ -623,13 +631,11 @@ def _choose(state: CompressionState, runtime: _Runtime, buffer, small, big, step
     return state.plan.entry_for(buffer.numel()).choice
 
 
-def _calibrate_bucket(state: CompressionState, runtime: _Runtime, buffer, small, big, step: int) -> None:
+def _calibrate_bucket(state: CompressionState, runtime: _Runtime, buffer, small, big) -> None:
     """Time every candidate on a copy of ``buffer`` and add the decision to the pending plan.
     Candidates draw rounding noise from a generator of their own (the training's stream is
     untouched) and feed back into a scratch memory (so error feedback's cost is counted)."""
     options = state._candidates(runtime)
-    if state._pending_plan is None:
-        state._pending_plan = Plan(step)
     if len(options) > 1:
         scratch = torch.empty_like(buffer)
         generator = torch.Generator(device=buffer.device) if state.codec.stochastic else None
@@ -649,25 +655,62 @@ def _calibrate_bucket(state: CompressionState, runtime: _Runtime, buffer, small,
 
 
 def _reduce_bucket(state: CompressionState, runtime: _Runtime, buffer: torch.Tensor, small, big,
-                   compress: bool, calibrate: bool, step: int, index: int, last: bool, phase: str,
+                   compress: bool, calibrating: bool, index: int, last: bool, phase: str,
                    fields: Optional[Dict]) -> torch.Tensor:
     transport = runtime.transport
     if fields is not None:
         agree(runtime.control, fields, runtime.control.device)
     w = transport.world_size
     state.stats.add(fp32_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
-    choice = _choose(state, runtime, buffer, small, big, step, index, last, compress, calibrate)
+    choice = _choose(state, runtime, buffer, small, big, last, compress, calibrating)
     start = time.perf_counter()
     _reduce_as(state, runtime, buffer, small, big, choice, state.generator(buffer.device),
                state.stats, state.feedback)
     if state.plan is not None:
         state._drift.add(time.perf_counter() - start, last)
     if last:
-        state.stats.end_step()
-        state.phase_stats[phase].absorb(state.stats.last_step)
-        if state.log_every and state.stats.steps % state.log_every == 0 and transport.rank == 0:
-            logger.info("commpress %s", state.stats.summary())
+        _end_step(state, phase, transport.rank)
     return buffer
+
+
+def _end_step(state: CompressionState, phase: str, rank: int) -> None:
+    state.stats.end_step()
+    state.phase_stats[phase].absorb(state.stats.last_step)
+    if state.log_every and state.stats.steps % state.log_every == 0 and rank == 0:
+        logger.info("commpress %s", state.stats.summary())
+
+
+def _reduce_direct(state: CompressionState, runtime: _Runtime, buffer: torch.Tensor,
+                   last: bool) -> torch.futures.Future:
+    """A bucket under a plan whose every choice is an all-reduce (fp32 or fp16: the codec paid
+    nowhere): one asynchronous all-reduce issued here, as DDP's own default, with no worker
+    thread and no per-step agreement, so that such a plan costs what plain DDP costs. Safe
+    because no step of such a plan uses the worker (a calibration step uses only the worker,
+    and DDP waits for every bucket of a step before the next begins); ranks hold the same
+    plan, so they take this path at the same buckets."""
+    choice = state.plan.entry_for(buffer.numel()).choice
+    wire = (torch.float32 if choice == FP32 else
+            _FP16.wire_dtype if choice.codec == "fp16" else state.codec.wire_dtype)
+    w, phase = runtime.transport.world_size, state.phase
+    send = buffer.div_(w) if buffer.dtype == wire else buffer.div_(w).to(wire)  # pre-divided
+    state.stats.add(fp32_bytes=2 * (w - 1) * 4 * buffer.numel() // w,
+                    wire_bytes=2 * (w - 1) * send.nbytes // w)
+    if last:
+        state.iter += 1
+        state._process_steps += 1
+        _end_step(state, phase, runtime.transport.rank)
+    started = state._step_started
+    work = dist.all_reduce(send, group=runtime.transport.group, async_op=True)
+
+    def finish(_):
+        if send is not buffer:
+            buffer.copy_(send)
+        if last:
+            state._drift.add(time.perf_counter() - started, step_done=True)
+        return buffer
+    return work.get_future().then(finish)
+
+
 
 
 def _check_buffer(buffer: torch.Tensor) -> None:
@@ -694,10 +737,14 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
     device = buffer.device  # from the bucket, never from another thread's current device
     runtime = state._ensure_runtime(device)  # on this (the backward's) thread, never the worker
     step, compress = state.iter, state.iter >= state.start_iter
-    # the calibrated policy's first plan: measured after DDP's bucket rebuild (step 1), in the
-    # last fp32 warm-up step when there is one; buckets are reduced in fp32 until it exists
-    calibrate = (state.policy == CALIBRATED and state.plan is None
-                 and step >= max(state.start_iter - 1, 1))
+    if state.policy == CALIBRATED and index == 0:  # nothing of this step is in flight yet
+        state._calibrating = state._calibration_due(step, compress, runtime)
+        state._step_started = time.perf_counter()
+        if state._calibrating:
+            state._pending_plan = Plan(step)
+    calibrating = state._calibrating
+    if compress and not calibrating and state._plan_is_direct():
+        return _reduce_direct(state, runtime, buffer, last)
     small, big = _segments(state, bucket)
     phase = state.phase
     fields = state._layout_fields(index, buffer, small, big, compress, phase)
@@ -706,8 +753,8 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
         state._process_steps += 1
 
     def reduce():
-        return _reduce_bucket(state, runtime, buffer, small, big, compress, calibrate, step,
-                              index, last, phase, fields)
+        return _reduce_bucket(state, runtime, buffer, small, big, compress, calibrating, index,
+                              last, phase, fields)
 
     cuda = [device] if device.type == "cuda" else None
     if runtime.inline:  # queued on this stream, in DDP's order; the future is CUDA-aware

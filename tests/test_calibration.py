@@ -125,9 +125,16 @@ def default_policy_worker(rank, world_size, codec):
     model, data = model_and_data(rank)
     ddp = DDP(model, bucket_cap_mb=0.1)  # several buckets
     state = cp.register_hook(ddp, cp.CompressionState(codec, log_every=0))
-    train(ddp, 4, data, torch.optim.SGD(model.parameters(), lr=0.01))
+    worker_calls = []
+    reduce_bucket = commpress.ddp._reduce_bucket
+    commpress.ddp._reduce_bucket = lambda *a: worker_calls.append(1) or reduce_bucket(*a)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    train(ddp, 2, data, opt)  # fp32, then the calibration step
+    before = len(worker_calls)
+    train(ddp, 2, data, opt)
     return (state.state_dict()["plan"], state.stats.summary(), state.stats.last_step.wire_bytes,
-            state.stats.last_step.fp32_bytes, [p.detach() for p in model.parameters()])
+            state.stats.last_step.fp32_bytes, len(worker_calls) - before,
+            [p.detach() for p in model.parameters()])
 
 
 def test_default_policy_plans_alike_on_every_rank():
@@ -147,8 +154,9 @@ def test_codec_that_does_not_pay_falls_back_to_fp32():
     for entry in results[0][0]["entries"]:
         assert entry["codec"] == "fp32", entry
         assert entry["seconds"]["qsgd4/allgather"] > entry["seconds"]["fp32"] + 0.04
-    wire, fp32 = results[0][2], results[0][3]
+    wire, fp32, worker_calls = results[0][2:5]
     assert wire == fp32  # nothing compressed after the plan
+    assert worker_calls == 0  # a plain all-reduce from the hook, as DDP's own
 
 
 def resume_worker(rank, world_size):

@@ -131,6 +131,12 @@ class Plan:
         self.step = step  # the step it was calibrated in
         self.entries: Dict[int, PlanEntry] = dict(entries or {})
 
+    @property
+    def all_reduce(self) -> bool:
+        """Every choice is an all-reduce (fp32, fp16, or a summable codec): the codec paid
+        nowhere, and a front end may reduce as plain data parallelism does."""
+        return all(e.choice.collective == "allreduce" for e in self.entries.values())
+
     def add(self, entry: PlanEntry) -> None:
         self.entries[entry.numel] = entry
 
