@@ -19,8 +19,9 @@ counter. Methods:
   ``@collective`` to force one (``qsgd4@hierarchical``): the codec on every bucket (policy
   ``fixed``);
 - ``calibrated:NAME``: the same hook under the library's default policy, which times fp32,
-  fp16 and the codec in a warm-up step and reduces each bucket with the fastest (the plan is
-  in the results, and the calibration step's time in ``calibration_step_s``);
+  fp16 and the codec in a warm-up step, runs trial steps of the plans that come near, and
+  adopts the fastest; it warms up until then (the plan is in the results, the calibration
+  step's time in ``calibration_step_s``, the warm-up length in ``warmup_steps``);
 - ``acdc90`` and ``acdc90:qsgd4``: an AC/DC sparse phase at 90% (the fp32 hook, or QSGD-4,
   sending only the entries under the mask).
 
@@ -106,13 +107,15 @@ def run_method(method, args, rank, ifname):
     # deadlock gloo's worker threads here; PyTorch tests PowerSGD on NCCL only
     model = DDP(make_model(args.width), bucket_cap_mb=100 if method.startswith("powersgd") else 25)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    total = args.warmup + args.steps
-    state, acdc = attach(method, model, opt, total)
+    state, acdc = attach(method, model, opt, args.warmup + args.steps)
     gen = torch.Generator().manual_seed(rank)
-    times = []
-    for step in range(total):
+    warmup, times = [], []
+    while len(times) < args.steps:
+        # a calibrated hook warms up until it has adopted its plan (the same step on every rank)
+        ready = len(warmup) >= args.warmup and (state is None or state.policy != "calibrated"
+                                                or state.plan is not None)
         x, y = torch.randn(32, args.width, generator=gen), torch.randint(0, 10, (32,), generator=gen)
-        if step == args.warmup:  # every rank of the node is between two barriers
+        if ready and not times:  # every rank of the node is between two barriers
             dist.barrier()
             link_before = link_tx_bytes(ifname)
         dist.barrier()
@@ -125,8 +128,7 @@ def run_method(method, args, rank, ifname):
         if acdc is not None:
             acdc.step()
         loss.item()
-        times.append(time.perf_counter() - start)
-    calibration_s, times = times[1], times[args.warmup:]  # a calibrated hook measures in step 1
+        (times if ready else warmup).append(time.perf_counter() - start)
     dist.barrier()
     row = {"method": method, "step_s": statistics.median(times),
            "link_bytes_per_step": (link_tx_bytes(ifname) - link_before) / args.steps,
@@ -135,9 +137,9 @@ def run_method(method, args, rank, ifname):
         last = state.stats.last_step
         row.update(wire_bytes_per_step=last.wire_bytes, intra_node_bytes_per_step=last.intra_node_bytes,
                    encode_s=last.encode_seconds, decode_s=last.decode_seconds)
-        if state.plan is not None:
+        if state.plan is not None:  # its step 1 timed every candidate, then trial steps
             row.update(plan=state.plan.state_dict(), plan_text=state.stats.plan,
-                       calibration_step_s=calibration_s)
+                       calibration_step_s=warmup[1], warmup_steps=len(warmup))
     if acdc is not None:
         row["density"] = acdc.density
     return row
@@ -187,9 +189,10 @@ def calibration_table(results) -> list:
     rows = [r for r in results if r.get("fastest_fixed")]
     if not rows:
         return []
+    from commpress.comm.calibration import TRIAL_STEPS
     lines = ["", "| rate | nodes x ranks | calibrated | step ms | fastest fixed | its ms "
-             "| vs fastest fixed | vs fp32 | plan | calibration step s |",
-             "|---|---|---|---:|---|---:|---:|---:|---|---:|"]
+             "| vs fastest fixed | vs fp32 | plan | calibration step s | trial steps |",
+             "|---|---|---|---:|---|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         name, fastest = r["fastest_fixed"]
         choices = Counter(e["codec"] if e["codec"] != "codec" else f"codec/{e['collective']}"
@@ -198,7 +201,8 @@ def calibration_table(results) -> list:
         lines.append(f"| {r['rate']} | {r['nodes']} x {r['ranks_per_node']} | {r['method']} "
                      f"| {1e3 * r['step_s']:.1f} | {name} | {1e3 * fastest:.1f} "
                      f"| {r['step_s'] / fastest:.3f} | {r.get('speedup_vs_fp32', float('nan')):.2f}x "
-                     f"| {plan} | {r['calibration_step_s']:.2f} |")
+                     f"| {plan} | {r['calibration_step_s']:.2f} "
+                     f"| {len(r['plan']['trials']) * TRIAL_STEPS} |")
     return lines
 
 

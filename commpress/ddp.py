@@ -25,7 +25,7 @@ from .codecs import FP16, BF16, QSGD, Codec, Identity, NaturalCompression, Natur
 from .acdc.masks import GradientMask
 from .comm.agreement import agree
 from .comm.calibration import (CALIBRATED, FP32, POLICIES, Candidate, DriftMonitor, Plan,
-                               PlanEntry, candidates, decide, measure)
+                               PlanEntry, Trials, candidates, decide, finalists, measure)
 from .config import CompressionConfig
 from .comm.ordered import OrderedExecutor
 from .comm.transport import (HierarchicalTransport, TorchTransport, Transport, destroyable,
@@ -179,7 +179,9 @@ class CompressionState:
         #: the calibrated policy's choice per bucket size (None until calibrated)
         self.plan: Optional[Plan] = None
         self._pending_plan: Optional[Plan] = None  # filled during a calibration step
+        self._trials: Optional[Trials] = None       # finalist plans taking turns over steps
         self._calibrating = False                   # this step measures (set by the hook)
+        self._step_plan: Optional[Plan] = None      # the plan this step runs
         self._step_started = 0.0
         self._drift = DriftMonitor()
         # this process's runtime and bookkeeping (not pickled, not in state_dict)
@@ -335,14 +337,38 @@ class CompressionState:
                                                 device=control.device))
         return bool(votes.any())
 
-    def _plan_is_direct(self) -> bool:
-        """Whether buckets skip the worker (see :func:`_reduce_direct`): a plan of all-reduces
-        only, and no AC/DC mask (whose compact vectors only the worker path sends)."""
-        return (self.policy == CALIBRATED and self.plan is not None and self.plan.all_reduce
-                and not self.mask)
+    def _begin_step(self, step: int, compress: bool, runtime: _Runtime) -> None:
+        """The calibrated policy at a step's first bucket, on the hook's thread while nothing
+        of the step is in flight: time the previous trial step (first bucket to first bucket:
+        its whole iteration), adopt a plan when the trials are over, decide whether this step
+        calibrates, and which plan it runs."""
+        now = time.perf_counter()
+        trials = self._trials
+        if trials is not None:
+            if trials.covers(step - 1):
+                trials.record(step - 1, now - self._step_started)
+            if step > trials.last:
+                self._trials = None
+                self._adopt(trials.decide(runtime.control, self.codec), runtime)
+        self._calibrating = self._trials is None and self._calibration_due(step, compress, runtime)
+        if self._calibrating:
+            self._pending_plan = Plan(step)
+        in_trial = self._trials is not None and self._trials.covers(step)
+        self._step_plan = self._trials.plan_for(step) if in_trial else self.plan
+        self._step_started = now
 
-    def _adopt_plan(self, runtime: _Runtime) -> None:
-        self.plan, self._pending_plan = self._pending_plan, None
+    def _isolated_done(self, runtime: _Runtime) -> None:
+        """After a calibration step (worker thread, its last bucket): adopt the per-bucket plan
+        at once if no other plan comes near it, else start the trial steps."""
+        isolated, self._pending_plan = self._pending_plan, None
+        plans = finalists(isolated, self._candidates(runtime), self.codec)
+        if len(plans) == 1:
+            self._adopt(plans[0], runtime)
+        else:
+            self._trials = Trials(plans, isolated.step + 1)
+
+    def _adopt(self, plan: Plan, runtime: _Runtime) -> None:
+        self.plan = plan
         self._drift.reset()
         self.stats.plan = self.plan.summary(self.codec)
         if runtime.transport.rank == 0:
@@ -453,6 +479,7 @@ class CompressionState:
         _validate_state(state, self._config(), self.feedback)
         plan = state.get("plan")
         self.plan = Plan.from_state_dict(plan, self._all_candidates()) if plan else None
+        self._trials = self._pending_plan = None  # a calibration under way starts again
         self._drift.reset()
         self.stats.plan = self.plan.summary(self.codec) if self.plan else ""
         self.iter = state["iter"]
@@ -518,8 +545,14 @@ def _validate_state(state: Dict, config: Dict, feedback: Optional[ErrorFeedback]
     unknown = sorted(set(state) - set(required) - {"rank", "world_size", "plan"})
     if unknown:
         raise ValueError(f"checkpoint has unknown entries {unknown}")
-    if state["config"] != config:
-        raise ValueError(f"checkpoint was made with {state['config']}, this state is {config}")
+    saved = state["config"]
+    if isinstance(saved, dict) and "policy" not in saved:  # before policies: the codec everywhere
+        saved = {**saved, "policy": "fixed"}
+    if saved != config:
+        differing = sorted(k for k in set(config) | set(saved if isinstance(saved, dict) else {})
+                           if not isinstance(saved, dict) or saved.get(k) != config.get(k))
+        raise ValueError(f"checkpoint was made with another configuration (differing: "
+                         f"{', '.join(differing)}): {saved}, this state is {config}")
     if not isinstance(state["iter"], int) or isinstance(state["iter"], bool) or state["iter"] < 0:
         raise ValueError(f"checkpoint entry 'iter' must be a non-negative integer, got {state['iter']!r}")
     if state["phase"] not in ("dense", "sparse"):
@@ -615,7 +648,7 @@ def _reduce_as(state: CompressionState, runtime: _Runtime, buffer, small, big, c
 
 
 def _choose(state: CompressionState, runtime: _Runtime, buffer, small, big, last: bool,
-            compress: bool, calibrating: bool) -> Candidate:
+            compress: bool, calibrating: bool, plan: Optional[Plan]) -> Candidate:
     """How this bucket is reduced this step (worker thread, in bucket order). A calibration
     step (decided by the hook, see :meth:`CompressionState._calibration_due`) measures every
     candidate on each bucket and reduces it in fp32."""
@@ -624,11 +657,11 @@ def _choose(state: CompressionState, runtime: _Runtime, buffer, small, big, last
     if calibrating:
         _calibrate_bucket(state, runtime, buffer, small, big)
         if last:
-            state._adopt_plan(runtime)
+            state._isolated_done(runtime)
         return FP32
-    if not compress or state.plan is None:
+    if not compress or plan is None:
         return FP32
-    return state.plan.entry_for(buffer.numel()).choice
+    return plan.entry_for(buffer.numel()).choice
 
 
 def _calibrate_bucket(state: CompressionState, runtime: _Runtime, buffer, small, big) -> None:
@@ -655,18 +688,18 @@ def _calibrate_bucket(state: CompressionState, runtime: _Runtime, buffer, small,
 
 
 def _reduce_bucket(state: CompressionState, runtime: _Runtime, buffer: torch.Tensor, small, big,
-                   compress: bool, calibrating: bool, index: int, last: bool, phase: str,
-                   fields: Optional[Dict]) -> torch.Tensor:
+                   compress: bool, calibrating: bool, plan: Optional[Plan], index: int,
+                   last: bool, phase: str, fields: Optional[Dict]) -> torch.Tensor:
     transport = runtime.transport
     if fields is not None:
         agree(runtime.control, fields, runtime.control.device)
     w = transport.world_size
     state.stats.add(fp32_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
-    choice = _choose(state, runtime, buffer, small, big, last, compress, calibrating)
+    choice = _choose(state, runtime, buffer, small, big, last, compress, calibrating, plan)
     start = time.perf_counter()
     _reduce_as(state, runtime, buffer, small, big, choice, state.generator(buffer.device),
                state.stats, state.feedback)
-    if state.plan is not None:
+    if plan is not None and plan is state.plan:  # adopted, not on trial
         state._drift.add(time.perf_counter() - start, last)
     if last:
         _end_step(state, phase, transport.rank)
@@ -681,14 +714,14 @@ def _end_step(state: CompressionState, phase: str, rank: int) -> None:
 
 
 def _reduce_direct(state: CompressionState, runtime: _Runtime, buffer: torch.Tensor,
-                   last: bool) -> torch.futures.Future:
+                   plan: Plan, last: bool) -> torch.futures.Future:
     """A bucket under a plan whose every choice is an all-reduce (fp32 or fp16: the codec paid
     nowhere): one asynchronous all-reduce issued here, as DDP's own default, with no worker
     thread and no per-step agreement, so that such a plan costs what plain DDP costs. Safe
     because no step of such a plan uses the worker (a calibration step uses only the worker,
     and DDP waits for every bucket of a step before the next begins); ranks hold the same
     plan, so they take this path at the same buckets."""
-    choice = state.plan.entry_for(buffer.numel()).choice
+    choice = plan.entry_for(buffer.numel()).choice
     wire = (torch.float32 if choice == FP32 else
             _FP16.wire_dtype if choice.codec == "fp16" else state.codec.wire_dtype)
     w, phase = runtime.transport.world_size, state.phase
@@ -699,13 +732,13 @@ def _reduce_direct(state: CompressionState, runtime: _Runtime, buffer: torch.Ten
         state.iter += 1
         state._process_steps += 1
         _end_step(state, phase, runtime.transport.rank)
-    started = state._step_started
+    started, monitored = state._step_started, plan is state.plan
     work = dist.all_reduce(send, group=runtime.transport.group, async_op=True)
 
     def finish(_):
         if send is not buffer:
             buffer.copy_(send)
-        if last:
+        if last and monitored:
             state._drift.add(time.perf_counter() - started, step_done=True)
         return buffer
     return work.get_future().then(finish)
@@ -738,13 +771,11 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
     runtime = state._ensure_runtime(device)  # on this (the backward's) thread, never the worker
     step, compress = state.iter, state.iter >= state.start_iter
     if state.policy == CALIBRATED and index == 0:  # nothing of this step is in flight yet
-        state._calibrating = state._calibration_due(step, compress, runtime)
-        state._step_started = time.perf_counter()
-        if state._calibrating:
-            state._pending_plan = Plan(step)
-    calibrating = state._calibrating
-    if compress and not calibrating and state._plan_is_direct():
-        return _reduce_direct(state, runtime, buffer, last)
+        state._begin_step(step, compress, runtime)
+    calibrating, plan = state._calibrating, state._step_plan
+    # a plan of all-reduces only skips the worker; an AC/DC mask's compact vectors need it
+    if compress and not calibrating and plan is not None and plan.all_reduce and not state.mask:
+        return _reduce_direct(state, runtime, buffer, plan, last)
     small, big = _segments(state, bucket)
     phase = state.phase
     fields = state._layout_fields(index, buffer, small, big, compress, phase)
@@ -753,8 +784,8 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
         state._process_steps += 1
 
     def reduce():
-        return _reduce_bucket(state, runtime, buffer, small, big, compress, calibrating, index,
-                              last, phase, fields)
+        return _reduce_bucket(state, runtime, buffer, small, big, compress, calibrating, plan,
+                              index, last, phase, fields)
 
     cuda = [device] if device.type == "cuda" else None
     if runtime.inline:  # queued on this stream, in DDP's order; the future is CUDA-aware

@@ -11,8 +11,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import commpress as cp
 import commpress.ddp
 from commpress.comm import LoopbackGroup
-from commpress.comm.calibration import (FP32, WINDOW, Candidate, DriftMonitor, Plan, PlanEntry,
-                                        candidates, decide, measure)
+from commpress.comm.calibration import (FP32, TRIAL_STEPS, WINDOW, Candidate, DriftMonitor, Plan,
+                                        PlanEntry, Trials, candidates, decide, finalists, measure)
 from distributed import run_workers
 
 FP16 = Candidate("fp16", "allreduce")
@@ -109,16 +109,18 @@ def train(model, steps, data, opt, width=256):
 
 
 def fake_timings(runs, control, device=None, prepare=None):
-    """Timings in which the configured codec's first collective is the fastest candidate."""
+    """``fake_timings.seconds`` for fp32, fp16 and the codec's collectives, as if measured."""
     fake_timings.calls += 1
     for run in runs:  # the runs still communicate, as in a real calibration
         if prepare is not None:
             prepare()
         run()
-    return [1.0, 0.5, 0.1, 0.2, 0.3][:len(runs)]
+    return fake_timings.seconds[:len(runs)]
 
 
 fake_timings.calls = 0
+#: the codec far ahead: no other plan comes within TRIAL_FACTOR, so no trial steps
+fake_timings.seconds = [1.0, 0.5, 0.1, 0.2, 0.3]
 
 
 def default_policy_worker(rank, world_size, codec):
@@ -131,7 +133,7 @@ def default_policy_worker(rank, world_size, codec):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     train(ddp, 2, data, opt)  # fp32, then the calibration step
     before = len(worker_calls)
-    train(ddp, 2, data, opt)
+    train(ddp, 2 + 3 * TRIAL_STEPS, data, opt)  # trial steps of up to 3 finalists, then the plan
     return (state.state_dict()["plan"], state.stats.summary(), state.stats.last_step.wire_bytes,
             state.stats.last_step.fp32_bytes, len(worker_calls) - before,
             [p.detach() for p in model.parameters()])
@@ -140,11 +142,11 @@ def default_policy_worker(rank, world_size, codec):
 def test_default_policy_plans_alike_on_every_rank():
     results = run_workers(default_policy_worker, 2, cp.QSGD(bits=4))
     plan, summary = results[0][0], results[0][1]
-    assert plan == results[1][0] and plan["step"] == 1
+    assert plan == results[1][0] and plan["step"] >= 1
     assert len(plan["entries"]) >= 2  # every bucket size timed
     for entry in plan["entries"]:
         assert set(entry["seconds"]) == {"fp32", "fp16", "qsgd4/allgather"}
-    assert "plan of step 1" in summary
+    assert "plan of step" in summary
     for p0, p1 in zip(results[0][-1], results[1][-1]):
         assert torch.equal(p0, p1)
 
@@ -152,11 +154,12 @@ def test_default_policy_plans_alike_on_every_rank():
 def test_codec_that_does_not_pay_falls_back_to_fp32():
     results = run_workers(default_policy_worker, 2, SlowQSGD(bits=4))
     for entry in results[0][0]["entries"]:
-        assert entry["codec"] == "fp32", entry
+        assert entry["codec"] != "codec", entry  # fp32, or fp16 if its trial steps were faster
         assert entry["seconds"]["qsgd4/allgather"] > entry["seconds"]["fp32"] + 0.04
+    assert set(results[0][0]["trials"]) == {"fp32", "fp16"}  # the codec was not a finalist
     wire, fp32, worker_calls = results[0][2:5]
-    assert wire == fp32  # nothing compressed after the plan
-    assert worker_calls == 0  # a plain all-reduce from the hook, as DDP's own
+    assert wire <= fp32  # nothing compressed after the plan
+    assert worker_calls == 0  # plain all-reduces from the hook, as DDP's own
 
 
 def resume_worker(rank, world_size):
@@ -212,3 +215,42 @@ def test_drift_seen_by_one_rank_recalibrates_every_rank():
     assert results[0] == results[1]
     # first plan in step 1; checks every 3 steps after the plan (4, 7) each find rank 1's drift
     assert results[0][0] == [None, 1, 1, 1, 4, 4, 4, 7, 7]
+
+
+def test_finalists_are_the_plans_near_the_fastest_without_duplicates():
+    q = cp.QSGD(bits=4)
+    options = candidates(q, "auto", 2, False)
+    labels = ["fp32", "fp16", "qsgd4/allgather"]
+
+    def isolated(seconds):
+        return Plan(1, {1000: PlanEntry(1000, decide(options, seconds), dict(zip(labels, seconds)))})
+    near = finalists(isolated([0.10, 0.09, 0.08]), options, q)
+    assert [p.label(q) for p in near] == ["fp32", "fp16", "qsgd4/allgather"]
+    assert [p.label(q) for p in finalists(isolated([1.0, 0.5, 0.1]), options, q)] == ["qsgd4/allgather"]
+    assert [p.label(q) for p in finalists(isolated([0.10, 0.3, 0.5]), options, q)] == ["fp32"]
+    trials = Trials(near, first=2)
+    assert trials.last == 2 + 3 * TRIAL_STEPS - 1 and trials.plan_for(5) is near[0]
+
+
+def trials_worker(rank, world_size):
+    commpress.ddp.measure = fake_timings
+    fake_timings.seconds = [0.10, 0.09, 0.08]  # three finalists
+    model, data = model_and_data(rank)
+    ddp = DDP(model, bucket_cap_mb=25)
+    state = cp.register_hook(ddp, "qsgd4", log_every=0, min_numel=256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    wire = []
+    for _ in range(13):
+        train(ddp, 1, data, opt)
+        wire.append(state.stats.last_step.wire_bytes / state.stats.last_step.fp32_bytes)
+    return wire, state.state_dict()["plan"]
+
+
+def test_trial_steps_take_turns_then_every_rank_adopts_one_plan():
+    results = run_workers(trials_worker, 2)
+    wire, plan = results[0]
+    assert plan == results[1][1] and plan["step"] == 1 + 3 * TRIAL_STEPS
+    assert set(plan["trials"]) == {"fp32", "fp16", "qsgd4/allgather"}
+    trial = wire[2:2 + 3 * TRIAL_STEPS]  # steps 2..10: fp32, fp16, the codec, in turn
+    assert all(w == 1 for w in trial[0::3]) and all(0.45 < w < 0.55 for w in trial[1::3])
+    assert all(w < 0.2 for w in trial[2::3])

@@ -12,6 +12,12 @@ real group, once (during a warm-up step) and again when the step's communication
   so every rank holds the same numbers (one all-gather of the timings).
 - :func:`decide`: the most exact candidate within :data:`MARGIN` of the fastest. fp32 thus wins
   every near tie, and the choice is never slower than fp32 by more than the timing noise.
+- :class:`Trials`: timing a reduction alone misses what it costs next to the backward pass
+  (casts and codecs take the CPU or GPU from it; an all-reduce overlaps it). So the plans
+  whose isolated time is within :data:`TRIAL_FACTOR` of the fastest (one fp32 and one fp16
+  all-reduce plan, and the per-bucket plan :func:`decide` made) then each run
+  :data:`TRIAL_STEPS` real training steps, interleaved, and the one with the shortest median
+  iteration (on the slowest rank) is adopted, fp32 first within :data:`MARGIN`.
 - :class:`Plan`: the choices by bucket size, identical on every rank (decided from identical
   numbers), part of the front end's checkpoint, so a resumed run reduces as the original did.
 - :class:`DriftMonitor`: the reduction time per step against the first steps after the plan;
@@ -46,6 +52,10 @@ RUNS = 3
 DRIFT = 2.0
 #: steps whose reduction times make the reference, and the window compared with it
 WINDOW = 10
+#: real training steps each finalist plan runs (interleaved) before one is adopted
+TRIAL_STEPS = 3
+#: a plan is a finalist if its isolated time is within this factor of the fastest plan's
+TRIAL_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,7 @@ def candidates(codec: Codec, collective: str, world_size: int, hierarchical: boo
     return [FP32, Candidate("fp16", "allreduce")] + [Candidate("codec", c) for c in collectives]
 
 
-def decide(options: Sequence[Candidate], seconds: Sequence[float]) -> Candidate:
+def decide(options: Sequence, seconds: Sequence[float]):
     """The first (most exact) of ``options`` within :data:`MARGIN` of the fastest."""
     fastest = min(seconds)
     return next(c for c, s in zip(options, seconds) if s <= fastest * (1 + MARGIN))
@@ -127,9 +137,27 @@ class Plan:
     """Choices by bucket size (elements). A size that was not calibrated (a bucket DDP
     rebuilt differently) takes the choice of the nearest calibrated size, by ratio."""
 
-    def __init__(self, step: int, entries: Optional[Dict[int, PlanEntry]] = None):
-        self.step = step  # the step it was calibrated in
+    def __init__(self, step: int, entries: Optional[Dict[int, PlanEntry]] = None,
+                 trials: Optional[Dict[str, float]] = None):
+        self.step = step  # the last step of its calibration
         self.entries: Dict[int, PlanEntry] = dict(entries or {})
+        #: median iteration seconds of each finalist in the trial steps (label -> seconds)
+        self.trials: Dict[str, float] = dict(trials or {})
+
+    def uniform(self, choice: Candidate) -> "Plan":
+        """This plan's bucket sizes and timings, with ``choice`` for every one."""
+        return Plan(self.step, {n: PlanEntry(n, choice, e.seconds) for n, e in self.entries.items()})
+
+    def choices(self) -> Dict[int, Candidate]:
+        return {n: e.choice for n, e in self.entries.items()}
+
+    def isolated_seconds(self, codec: Codec) -> float:
+        """The sum of its choices' isolated times (0 where nothing was timed)."""
+        return sum(e.seconds.get(e.choice.label(codec), 0.0) for e in self.entries.values())
+
+    def label(self, codec: Codec) -> str:
+        labels = sorted({e.choice.label(codec) for e in self.entries.values()})
+        return labels[0] if len(labels) == 1 else "per bucket (" + ", ".join(labels) + ")"
 
     @property
     def all_reduce(self) -> bool:
@@ -153,10 +181,12 @@ class Plan:
             timed = (", ".join(f"{label} {1e3 * s:.1f} ms" for label, s in entry.seconds.items())
                      or "the only candidate")
             parts.append(f"{numel * 4 / 1e6:.2f} MB bucket -> {entry.choice.label(codec)} ({timed})")
-        return f"plan of step {self.step}: " + "; ".join(parts)
+        trials = ("; trial steps (median): " + ", ".join(
+            f"{label} {1e3 * s:.1f} ms" for label, s in self.trials.items())) if self.trials else ""
+        return f"plan of step {self.step}: " + "; ".join(parts) + trials
 
     def state_dict(self) -> Dict:
-        return {"step": self.step,
+        return {"step": self.step, "trials": dict(self.trials),
                 "entries": [{"numel": e.numel, "codec": e.choice.codec,
                              "collective": e.choice.collective, "seconds": dict(e.seconds)}
                             for e in self.entries.values()]}
@@ -167,7 +197,7 @@ class Plan:
         ``allowed`` (what this configuration could have chosen), with its name."""
         try:
             step, entries = state["step"], state["entries"]
-            plan = cls(int(step))
+            plan = cls(int(step), trials={str(k): float(v) for k, v in state.get("trials", {}).items()})
             for e in entries:
                 choice = Candidate(str(e["codec"]), str(e["collective"]))
                 if choice not in allowed:
@@ -177,6 +207,52 @@ class Plan:
         except (KeyError, TypeError) as exc:
             raise ValueError(f"checkpoint entry 'plan' is malformed ({exc!r})") from None
         return plan
+
+
+def finalists(isolated: Plan, options: Sequence[Candidate], codec: Codec) -> List[Plan]:
+    """The plans worth trial steps, most exact first: one all-reduce plan per all-reduce
+    candidate (fp32, fp16) and ``isolated`` (the per-bucket decision), each only if its
+    isolated time is within :data:`TRIAL_FACTOR` of the fastest, without duplicates."""
+    plans = [isolated.uniform(c) for c in options if c.collective == "allreduce"] + [isolated]
+    fastest = min(p.isolated_seconds(codec) for p in plans)
+    out: List[Plan] = []
+    for plan in plans:
+        if (plan.isolated_seconds(codec) <= fastest * TRIAL_FACTOR
+                and all(plan.choices() != p.choices() for p in out)):
+            out.append(plan)
+    return out
+
+
+class Trials:
+    """Finalist plans taking turns over real steps from ``first`` on (plan ``i`` in steps
+    ``first + i``, ``first + i + n``, ...), with the iteration time of each step."""
+
+    def __init__(self, plans: Sequence[Plan], first: int):
+        self.plans, self.first = list(plans), first
+        self.seconds: List[List[float]] = [[] for _ in self.plans]
+
+    @property
+    def last(self) -> int:
+        return self.first + TRIAL_STEPS * len(self.plans) - 1
+
+    def covers(self, step: int) -> bool:
+        return self.first <= step <= self.last
+
+    def plan_for(self, step: int) -> Plan:
+        return self.plans[(step - self.first) % len(self.plans)]
+
+    def record(self, step: int, seconds: float) -> None:
+        self.seconds[(step - self.first) % len(self.plans)].append(seconds)
+
+    def decide(self, control: Transport, codec: Codec) -> Plan:
+        """The adopted plan, the same on every rank: the medians of each finalist's steps,
+        each the slowest rank's, given to :func:`decide` (a collective on ``control``)."""
+        mine = torch.tensor([statistics.median(s) for s in self.seconds], dtype=torch.float64,
+                            device=getattr(control, "device", None))
+        medians = control.all_gather(mine).view(control.world_size, -1).max(dim=0).values.tolist()
+        chosen = decide(self.plans, medians)
+        return Plan(self.last, chosen.entries,
+                    {p.label(codec): s for p, s in zip(self.plans, medians)})
 
 
 class DriftMonitor:
