@@ -116,10 +116,11 @@ class CompressionState:
         policy: ``"calibrated"`` (default): in a warm-up step (step ``max(start_iter - 1, 1)``,
             after DDP's bucket rebuild) time, per bucket, the fp32 all-reduce, an fp16
             all-reduce and ``codec`` under each applicable collective (only ``collective`` when
-            one is named), on the real buckets and group, and reduce each bucket with the most
-            exact choice within 5% of the fastest (see :mod:`commpress.comm.calibration`): a
-            step is then never slower than fp32 by more than the timing noise, and on a fast
-            link, or on one node, nothing is compressed. ``"fixed"``: ``codec`` on every bucket
+            one is named), on the real buckets and group; pick per bucket the most exact choice
+            within 5% of the fastest; then let the plans that come near (all-fp32, all-fp16,
+            that per-bucket plan) run 5 real steps each and adopt the fastest (see
+            :mod:`commpress.comm.calibration`). A step is then not slower than fp32 by more
+            than the timing noise, and on a fast link, or on one node, nothing is compressed. ``"fixed"``: ``codec`` on every bucket
             from ``start_iter`` on, whatever it costs (studies, exact reproductions of a method).
         recalibrate_every: with ``"calibrated"``, every this many steps after a plan, ranks
             agree whether the reduction time per step moved by more than 2x (a congested or a

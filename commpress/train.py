@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -162,6 +163,33 @@ def parse_method(method: str):
     return hook or "fp32", int(level) / 100
 
 
+#: PyTorch's PowerSGD hook starts after this many fp32 steps here (as in benchmarks/ddp_step.py)
+POWERSGD_START = 2
+
+
+def powersgd_rank(method: str) -> Optional[int]:
+    """``R`` for ``"powersgdR"`` (PyTorch's own PowerSGD hook at rank R, for comparison), else
+    None."""
+    digits = method[len("powersgd"):]
+    return int(digits) if method.startswith("powersgd") and digits.isdigit() and int(digits) > 0 else None
+
+
+def powersgd_bytes_per_step(module: nn.Module, rank: int, world_size: int) -> float:
+    """What one rank sends per step of PyTorch's PowerSGD hook, under the ring accounting used
+    for the codecs: the P (n x r) and Q (m x r) factors of each matrix it compresses, and fp32
+    for what it leaves alone (vectors, and matrices where ``(n + m) r`` is not below half of
+    ``n m``: its ``min_compression_rate`` of 2), as its ``_should_compress`` decides."""
+    elements = 0
+    for p in module.parameters():
+        if p.dim() <= 1:
+            elements += p.numel()
+            continue
+        n, m = p.shape[0], p.numel() // p.shape[0]
+        r = min(n, m, rank)
+        elements += (n + m) * r if (n + m) * r * 2 < n * m else n * m
+    return 2 * (world_size - 1) / world_size * 4 * elements
+
+
 def evaluate(module, x_test, y_test):
     with torch.no_grad():
         logits = module(x_test)
@@ -172,8 +200,12 @@ def evaluate(module, x_test, y_test):
 def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
     x_train, y_train, x_test, y_test = data
     device = x_train.device
+    powersgd = powersgd_rank(method)
+    # PowerSGD gets one bucket: with two, its callbacks (which issue further collectives)
+    # deadlocked gloo's worker threads (PyTorch tests PowerSGD on NCCL only)
     model = DDP(make_model(args.seed, args.data).to(device),
-                device_ids=[device] if device.type == "cuda" else None)
+                device_ids=[device] if device.type == "cuda" else None,
+                bucket_cap_mb=1024 if powersgd else None)
     shard = torch.arange(rank, len(y_train), world_size)  # disjoint shard per rank
     # the same on every rank (shards differ by one when W does not divide the data): a rank
     # running one more backward than the others would wait for them forever
@@ -182,7 +214,11 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
     opt = (torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
            if args.optimizer == "adamw" else
            torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9))
-    if method != BASELINE:
+    if powersgd:
+        model.register_comm_hook(powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=powersgd,
+            start_powerSGD_iter=POWERSGD_START, random_seed=args.seed), powerSGD_hook.powerSGD_hook)
+    elif method != BASELINE:
         hook, sparsity = parse_method(method)
         state = register_hook(model, hook, collective=args.collective, seed=args.seed,
                               log_every=0, policy=args.policy)
@@ -193,6 +229,15 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
                disable=rank != 0 or args.quiet, file=sys.stdout, mininterval=1.0)
     gen = torch.Generator().manual_seed(args.seed + rank)
     dense_per_step = 2 * (world_size - 1) / world_size * 4 * sum(p.numel() for p in model.parameters())
+    powersgd_per_step = powersgd_bytes_per_step(model.module, powersgd, world_size) if powersgd else 0
+
+    def sent(steps_done: int) -> float:  # bytes this rank put on the network so far
+        if state is not None:
+            return state.stats.network_bytes
+        if powersgd:
+            fp32_steps = min(steps_done, POWERSGD_START)
+            return dense_per_step * fp32_steps + powersgd_per_step * (steps_done - fp32_steps)
+        return dense_per_step * steps_done
     curve = []  # per epoch: steps, bytes sent so far, test accuracy
     started, evaluating = time.perf_counter(), 0.0
     for epoch in range(args.epochs):
@@ -209,7 +254,7 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         tick, steps_done = time.perf_counter(), (epoch + 1) * steps_per_epoch
         curve.append({"steps": steps_done, "accuracy": evaluate(model.module, x_test, y_test)[0],
-                      "wire_bytes": state.stats.network_bytes if state else dense_per_step * steps_done})
+                      "wire_bytes": sent(steps_done)})
         evaluating += time.perf_counter() - tick
     elapsed = time.perf_counter() - started - evaluating
     bar.close()
@@ -226,7 +271,7 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
                  "dense_phase_bytes_per_step": state.phase_stats["dense"].per_step()["network_bytes"]}
     steps = args.epochs * steps_per_epoch
     dense = dense_per_step * steps
-    wire = state.stats.network_bytes if state else dense
+    wire = sent(steps)
     identical = _replicas_identical(model)
     return {"method": method, "accuracy": accuracy, "test_loss": test_loss,
             "train_loss": loss.item(), "wire_bytes": wire, "fp32_bytes": dense,
@@ -331,7 +376,8 @@ def _free_port() -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("methods", nargs="*", default=["qsgd4", "qsgd8", "natural"],
                         help="hooks to compare with fp32, e.g. qsgd4 natural dithering qsgd4+ef "
-                             "natural+ef21 fp16 (default: qsgd4 qsgd8 natural)")
+                             "natural+ef21 fp16, or powersgd1, powersgd4 (PyTorch's PowerSGD "
+                             "hook at that rank) (default: qsgd4 qsgd8 natural)")
     parser.add_argument("-n", "--workers", type=int, default=2,
                         help="worker processes when not launched by torchrun (default 2)")
     parser.add_argument("--collective", default="auto", choices=["auto", *ALGORITHMS],
@@ -380,7 +426,8 @@ def run(args) -> None:
         args.methods = list(args.methods) + [f"acdc{level}", f"acdc{level}:qsgd4"]
     for method in args.methods:  # fail on a bad name here, not in W workers
         try:
-            state_from_name(parse_method(method)[0], collective=args.collective)
+            if not powersgd_rank(method):
+                state_from_name(parse_method(method)[0], collective=args.collective)
         except ValueError as exc:
             raise SystemExit(f"commpress train: {exc}") from None
     if args.workers < 1:

@@ -240,7 +240,7 @@ def trials_worker(rank, world_size):
     state = cp.register_hook(ddp, "qsgd4", log_every=0, min_numel=256)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     wire = []
-    for _ in range(13):
+    for _ in range(2 + 3 * TRIAL_STEPS + 1):  # fp32, calibration, trials, the plan
         train(ddp, 1, data, opt)
         wire.append(state.stats.last_step.wire_bytes / state.stats.last_step.fp32_bytes)
     return wire, state.state_dict()["plan"]

@@ -53,7 +53,7 @@ DRIFT = 2.0
 #: steps whose reduction times make the reference, and the window compared with it
 WINDOW = 10
 #: real training steps each finalist plan runs (interleaved) before one is adopted
-TRIAL_STEPS = 3
+TRIAL_STEPS = 5
 #: a plan is a finalist if its isolated time is within this factor of the fastest plan's
 TRIAL_FACTOR = 2.0
 
