@@ -2,8 +2,10 @@
 
 Usage: python benchmarks/convergence.py [--quick] [--seeds 0 1 2] [--tasks digits libsvm lm]
 
-Each (task, seed) is one run of the main job (``commpress train``, 2 gloo workers) with every
-method, so methods share initial weights, data order and step count:
+Each (task, seed) is one run of the main job (``commpress train``, 2 gloo workers, each codec
+on every bucket: policy ``fixed``) with every method, so methods share initial weights, data
+order and step count; ``powersgd1`` and ``powersgd4`` are PyTorch's own PowerSGD hook (rank 1
+and 4, after 2 fp32 steps, one DDP bucket), its bytes counted as its hook sends them:
 
 - ``digits``: the small CNN on scikit-learn's bundled digits, 15 epochs;
 - ``libsvm``: logistic regression on a LIBSVM-like set (sparse binary text-like features,
@@ -31,7 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
 from report import out_argument, pyplot, save  # noqa: E402
 
-METHODS = ["qsgd4", "qsgd8", "natural", "dithering", "qsgd4+ef", "natural+ef", "fp16"]
+METHODS = ["qsgd4", "qsgd8", "natural", "dithering", "qsgd4+ef", "natural+ef", "fp16",
+           "qsgd2", "qsgd2+ef", "qsgd2+ef21", "powersgd1", "powersgd4"]
 TASKS = {"digits": {"epochs": 15, "lr": 0.05}, "libsvm": {"epochs": 10, "lr": 2.0},
          "lm": {"epochs": 1, "lr": 3e-3}}
 BASELINE = "fp32-allreduce"
@@ -39,10 +42,12 @@ BASELINE = "fp32-allreduce"
 TARGETS = {"qsgd8": 0.3, "natural": 0.3, "qsgd4": 0.5, "acdc90": 1.5, "acdc90 dense": 0.5}
 
 
-def run_task(task: str, seed: int, methods, epochs: int, lr: float, workers: int) -> dict:
+def run_task(task: str, seed: int, methods, epochs: int, lr: float, workers: int,
+             acdc: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
-        command = [sys.executable, "-m", "commpress.cli", "train", *methods, "--acdc", "0.9",
+        command = [sys.executable, "-m", "commpress.cli", "train", *methods,
+                   *(["--acdc", "0.9"] if acdc else []),
                    "--data", task, "--epochs", str(epochs), "--lr", str(lr), "--seed", str(seed),
                    "-n", str(workers), "--quiet", "--json", str(out)]
         proc = subprocess.run(command, capture_output=True, text=True)
@@ -120,7 +125,9 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=METHODS,
-                        help="besides fp32 and AC/DC 90%% (fp32 hook and QSGD-4), always run")
+                        help="besides fp32 and AC/DC 90%% (fp32 hook and QSGD-4), always run; "
+                             "powersgd1 and powersgd4 are PyTorch's PowerSGD hook")
+    parser.add_argument("--no-acdc", action="store_true", help="leave out the two AC/DC runs")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, help="override every task's epochs")
     parser.add_argument("--quick", action="store_true", help="one seed, 2 epochs, qsgd4 only: a smoke test (CI), its "
@@ -137,7 +144,7 @@ def main(argv=None):
     for task, seed in tqdm(jobs, desc="runs", disable=not sys.stderr.isatty()):
         settings = TASKS[task]
         run = run_task(task, seed, args.methods, args.epochs or settings["epochs"], settings["lr"],
-                       args.workers)
+                       args.workers, acdc=not args.no_acdc)
         runs.append({"task": task, "seed": seed, **run})
     rows = summarize(runs)
     save(args.out, "convergence.py", argv, runs, plot, table(rows), summary=rows)

@@ -96,7 +96,7 @@ def check(codec, g, trials: int, seed: int) -> dict:
 
 
 def table(rows) -> str:
-    lines = ["| task | step | d (elements) | codec | variance / ‖g‖² | exact | bound | within bound "
+    lines = ["| task | step | gradient elements | codec | variance / ‖g‖² | exact | bound | within bound "
              "| second moment | bias / (variance/trials) |",
              "|---|---:|---:|---|---:|---:|---:|---|---:|---:|"]
     for r in rows:

@@ -1,7 +1,7 @@
 """The calibrated policy: what it times, how it decides, and that every rank follows one plan
 that survives checkpoints, falls back to fp32 when the codec does not pay, and is measured
 again when any rank sees the step's reduction time drift."""
-import copy
+import io
 import time
 
 import pytest
@@ -169,8 +169,11 @@ def resume_worker(rank, world_size):
     state = cp.register_hook(ddp, "qsgd4+ef", log_every=0, min_numel=256)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     train(ddp, 4, data, opt)
-    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
-                           "state": state.state_dict(), "data": data.get_state()})
+    buffer = io.BytesIO()  # as a user checkpoints: torch.save, then a weights-only load
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "state": state.state_dict(), "data": data.get_state()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
     train(ddp, 3, data, opt)
     ratio = state.stats.last_step.fp32_bytes / state.stats.last_step.wire_bytes
     calls_before = fake_timings.calls
