@@ -43,11 +43,11 @@ TARGETS = {"qsgd8": 0.3, "natural": 0.3, "qsgd4": 0.5, "acdc90": 1.5, "acdc90 de
 
 
 def run_task(task: str, seed: int, methods, epochs: int, lr: float, workers: int,
-             acdc: bool = True) -> dict:
+             acdc: bool = True, last_dense: float = 0.10) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
         command = [sys.executable, "-m", "commpress.cli", "train", *methods,
-                   *(["--acdc", "0.9"] if acdc else []),
+                   *(["--acdc", "0.9", "--acdc-last-dense", str(last_dense)] if acdc else []),
                    "--data", task, "--epochs", str(epochs), "--lr", str(lr), "--seed", str(seed),
                    "-n", str(workers), "--quiet", "--json", str(out)]
         proc = subprocess.run(command, capture_output=True, text=True)
@@ -128,6 +128,9 @@ def main(argv=None):
                         help="besides fp32 and AC/DC 90%% (fp32 hook and QSGD-4), always run; "
                              "powersgd1 and powersgd4 are PyTorch's PowerSGD hook")
     parser.add_argument("--no-acdc", action="store_true", help="leave out the two AC/DC runs")
+    parser.add_argument("--acdc-last-dense", type=float, default=0.10, metavar="FRACTION",
+                        help="AC/DC's dense phase before the final sparse one, as a fraction "
+                             "of the run (default 0.10, the paper's)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, help="override every task's epochs")
     parser.add_argument("--quick", action="store_true", help="one seed, 2 epochs, qsgd4 only: a smoke test (CI), its "
@@ -144,7 +147,7 @@ def main(argv=None):
     for task, seed in tqdm(jobs, desc="runs", disable=not sys.stderr.isatty()):
         settings = TASKS[task]
         run = run_task(task, seed, args.methods, args.epochs or settings["epochs"], settings["lr"],
-                       args.workers, acdc=not args.no_acdc)
+                       args.workers, acdc=not args.no_acdc, last_dense=args.acdc_last_dense)
         runs.append({"task": task, "seed": seed, **run})
     rows = summarize(runs)
     save(args.out, "convergence.py", argv, runs, plot, table(rows), summary=rows)

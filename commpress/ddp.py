@@ -733,14 +733,17 @@ def _reduce_direct(state: CompressionState, runtime: _Runtime, buffer: torch.Ten
         state.iter += 1
         state._process_steps += 1
         _end_step(state, phase, runtime.transport.rank)
-    started, monitored = state._step_started, plan is state.plan
+    # the callback runs on the engine's thread and must not hold the state: if it held the
+    # last reference, the state's finalizer would destroy the group from that group's own
+    # thread ("Resource deadlock avoided", and the process aborts)
+    started, drift = state._step_started, state._drift if last and plan is state.plan else None
     work = dist.all_reduce(send, group=runtime.transport.group, async_op=True)
 
     def finish(_):
         if send is not buffer:
             buffer.copy_(send)
-        if last and monitored:
-            state._drift.add(time.perf_counter() - started, step_done=True)
+        if drift is not None:
+            drift.add(time.perf_counter() - started, step_done=True)
         return buffer
     return work.get_future().then(finish)
 

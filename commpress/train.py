@@ -224,7 +224,8 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
                               log_every=0, policy=args.policy)
         if sparsity is not None:
             acdc = ACDC(model, opt, state, sparsity=sparsity,
-                        schedule=ACDCSchedule.paper(args.epochs * steps_per_epoch))
+                        schedule=ACDCSchedule.paper(args.epochs * steps_per_epoch,
+                                                    last_dense=args.acdc_last_dense))
     bar = tqdm(total=args.epochs * steps_per_epoch, desc=f"{method:>16}", leave=True,
                disable=rank != 0 or args.quiet, file=sys.stdout, mininterval=1.0)
     gen = torch.Generator().manual_seed(args.seed + rank)
@@ -392,6 +393,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--acdc", type=float, metavar="SPARSITY",
                         help="(default: off) also run AC/DC at this sparsity (paper schedule scaled to the run), "
                              "with the fp32 hook and with qsgd4: methods acdcNN and acdcNN:qsgd4")
+    parser.add_argument("--acdc-last-dense", type=float, default=0.10, metavar="FRACTION",
+                        help="AC/DC: at least this fraction of the run is dense before the final "
+                             "sparse phase, where the dense member is taken (default 0.10, the "
+                             "paper's)")
     parser.add_argument("--data", default="digits", choices=DATA,
                         help="(default digits) digits (scikit-learn's, small CNN), synthetic (images, CNN), "
                              "libsvm (LIBSVM-like sparse binary features, logistic regression) or "
@@ -422,6 +427,10 @@ def run(args) -> None:
     if args.acdc is not None:
         if not 0 <= args.acdc < 1:
             raise SystemExit(f"commpress train: --acdc must be in [0, 1), got {args.acdc}")
+        try:
+            ACDCSchedule.paper(100, last_dense=args.acdc_last_dense)
+        except ValueError as exc:
+            raise SystemExit(f"commpress train: --acdc-last-dense: {exc}") from None
         level = round(100 * args.acdc)
         args.methods = list(args.methods) + [f"acdc{level}", f"acdc{level}:qsgd4"]
     for method in args.methods:  # fail on a bad name here, not in W workers

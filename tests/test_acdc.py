@@ -23,6 +23,17 @@ def test_paper_schedule_boundaries():
     assert in_steps.total == 39_000
 
 
+def test_paper_schedule_with_a_longer_last_dense_phase():
+    """The dense member is taken at the end of the last dense phase; a longer one drops the
+    alternations that would end inside it and keeps the final sparse phase."""
+    s = cp.ACDCSchedule.paper(100, last_dense=0.3)
+    assert s.sparse == [(10, 15), (20, 25), (30, 35), (40, 45), (50, 55), (85, 100)]
+    assert cp.ACDCSchedule.paper(100, last_dense=0.10) == cp.ACDCSchedule.paper(100)
+    for bad in (0.05, 0.8):
+        with pytest.raises(ValueError, match="last_dense"):
+            cp.ACDCSchedule.paper(100, last_dense=bad)
+
+
 def test_paper_schedule_keeps_distinct_phases_in_short_runs():
     """5% of a short run is under one epoch: phases used to round to nothing or run into each
     other (15 epochs gave (3, 4), (4, 5): one sparse phase where the paper has two)."""

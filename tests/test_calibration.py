@@ -156,7 +156,8 @@ def test_codec_that_does_not_pay_falls_back_to_fp32():
     for entry in results[0][0]["entries"]:
         assert entry["codec"] != "codec", entry  # fp32, or fp16 if its trial steps were faster
         assert entry["seconds"]["qsgd4/allgather"] > entry["seconds"]["fp32"] + 0.04
-    assert set(results[0][0]["trials"]) == {"fp32", "fp16"}  # the codec was not a finalist
+    trials = results[0][0]["trials"]  # fp32, fp16 or a per-bucket mix: never the codec
+    assert not any("qsgd" in t for t in trials), trials
     wire, fp32, worker_calls = results[0][2:5]
     assert wire <= fp32  # nothing compressed after the plan
     assert worker_calls == 0  # plain all-reduces from the hook, as DDP's own

@@ -43,9 +43,16 @@ class ACDCSchedule:
             previous = stop
 
     @classmethod
-    def paper(cls, total_units: int, steps_per_epoch: int = 1) -> "ACDCSchedule":
+    def paper(cls, total_units: int, steps_per_epoch: int = 1,
+              last_dense: float = 0.10) -> "ACDCSchedule":
         """The paper's shape scaled to ``total_units`` epochs: 10% dense warm-up, sparse and
         dense phases of 5% alternating up to 75%, dense to 85%, sparse to the end.
+
+        ``last_dense``: at least this fraction of the run is dense before the final sparse
+        phase (the paper's 0.10); a longer one drops the alternations that would end inside
+        it. The dense member (weights at the end of that phase) recovers from the last
+        sparse phase for that long: in short runs 10% is too little for it to catch up with
+        dense training.
 
         Boundaries are rounded to whole epochs. In short runs, where 5% is under one epoch,
         every phase still lasts at least one epoch and is followed by at least one dense
@@ -55,9 +62,14 @@ class ACDCSchedule:
         if not isinstance(total_units, int) or total_units < 2:
             raise ValueError(f"the paper schedule needs at least 2 epochs (a dense one and the "
                              f"final sparse one), got {total_units!r}")
+        if not 0.10 <= last_dense <= _PAPER[-1][0] - _PAPER[0][0]:
+            raise ValueError(f"last_dense must be between 0.10 (the paper's) and 0.75 of the "
+                             f"run, got {last_dense!r}")
         final_start = min(max(round(_PAPER[-1][0] * total_units), 1), total_units - 1)
         sparse, previous = [], 0  # previous: where the last sparse phase ended
         for a, b in _PAPER[:-1]:
+            if b > _PAPER[-1][0] - last_dense + 1e-9:  # would end inside the last dense phase
+                break
             start = max(round(a * total_units), previous + 1)  # a dense epoch before each
             stop = max(round(b * total_units), start + 1)
             if stop >= final_start:  # and one before the final phase
