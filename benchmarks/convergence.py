@@ -1,6 +1,7 @@
 """Accuracy against bytes sent: every method with the same seeds and steps, on three tasks.
 
 Usage: python benchmarks/convergence.py [--quick] [--seeds 0 1 2] [--tasks digits libsvm lm]
+       [--rate 100mbit --eval-every 20]
 
 Each (task, seed) is one run of the main job (``commpress train``, 2 gloo workers, each codec
 on every bucket: policy ``fixed``) with every method, so methods share initial weights, data
@@ -15,8 +16,12 @@ and 4, after 2 fp32 steps, one DDP bucket), its bytes counted as its hook sends 
   accuracy is next-byte accuracy, and its test loss (nats per byte) is the finer measure.
 
 Reported per task and method: test accuracy averaged over seeds, its spread (standard
-deviation over seeds) and difference from fp32 (in points), the mean test loss, the AC/DC dense member (weights at the end of the last dense phase), bytes per
-rank against fp32, and accuracy-vs-bytes curves (one point per epoch, averaged over seeds).
+deviation over seeds) and difference from fp32 (in points), the mean test loss and its
+difference from fp32's (in percent), the AC/DC dense member (weights at the end of the last
+dense phase), bytes per rank against fp32, and curves of test loss against bytes sent and
+against training time (per epoch or every ``--eval-every`` steps, averaged over seeds). With
+``--rate`` every rank runs on a netsim node of its own behind a link of that rate, so the
+times include a real rate-limited wire; without it the ranks talk over loopback.
 Results: ``--out`` (default ``benchmarks/results/local/convergence.json``, untracked) and
 ``.png``, ``.md`` next to it.
 """
@@ -24,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
 from report import out_argument, pyplot, save  # noqa: E402
@@ -43,16 +50,31 @@ TARGETS = {"qsgd8": 0.3, "natural": 0.3, "qsgd4": 0.5, "acdc90": 1.5, "acdc90 de
 
 
 def run_task(task: str, seed: int, methods, epochs: int, lr: float, workers: int,
-             acdc: bool = True, last_dense: float = 0.10) -> dict:
+             acdc: bool = True, last_dense: float = 0.10, eval_every: Optional[int] = None,
+             rate: Optional[str] = None) -> dict:
+    """One ``commpress train`` run of every method: ``workers`` spawned processes on loopback,
+    or with ``rate`` one rank on each of ``workers`` netsim nodes linked at that rate, so
+    its wall-clock times include a real rate-limited wire."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
         command = [sys.executable, "-m", "commpress.cli", "train", *methods,
                    *(["--acdc", "0.9", "--acdc-last-dense", str(last_dense)] if acdc else []),
+                   *(["--eval-every", str(eval_every)] if eval_every else []),
                    "--data", task, "--epochs", str(epochs), "--lr", str(lr), "--seed", str(seed),
                    "-n", str(workers), "--quiet", "--json", str(out)]
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"convergence: {' '.join(command)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+        if rate is None:
+            proc = subprocess.run(command, capture_output=True, text=True)
+            failed, log = proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        else:
+            from commpress.netsim import NetSim
+            with NetSim(nodes=workers, rate=rate) as net:  # torchrun's variables, set by hand
+                line = (f"RANK=$NODE_RANK WORLD_SIZE={workers} MASTER_PORT=29613 "
+                        + " ".join(shlex.quote(c) for c in command))
+                nodes = net.run(line, timeout=7200)
+            failed = any(node.returncode != 0 for node in nodes)
+            log = "".join(f"[node {i}] {node.stdout[-2500:]}" for i, node in enumerate(nodes))
+        if failed:
+            sys.exit(f"convergence: {' '.join(command)} failed:\n{log}")
         return json.loads(out.read_text())
 
 
@@ -68,7 +90,8 @@ def summarize(runs) -> list:
                 if "dense_member_accuracy" in res:
                     by_method.setdefault(res["method"] + " dense", []).append(
                         {"accuracy": res["dense_member_accuracy"], "wire_bytes": res["wire_bytes"],
-                         "fp32_bytes": res["fp32_bytes"], "test_loss": float("nan")})
+                         "fp32_bytes": res["fp32_bytes"],
+                         "test_loss": res.get("dense_member_test_loss", float("nan"))})
         base = statistics.mean(r["accuracy"] for r in by_method[BASELINE])
         for method, results in by_method.items():
             accuracy = statistics.mean(r["accuracy"] for r in results)
@@ -84,38 +107,49 @@ def summarize(runs) -> list:
 
 
 def table(rows) -> str:
-    lines = ["| task | method | test acc (mean of seeds) | sd | vs fp32 | test loss | target "
-             "| bytes vs fp32 |", "|---|---|---:|---:|---:|---:|---|---:|"]
+    lines = ["| task | method | test acc (mean of seeds) | sd | vs fp32 | test loss | loss vs fp32 "
+             "| target | bytes vs fp32 |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    base_loss = {r["task"]: r["test_loss"] for r in rows if r["method"] == BASELINE}
     for r in rows:
         target = r["target_points"]
         verdict = ("-" if target is None else
                    f"within {target} pp: {'met' if r['vs_fp32_points'] >= -target else 'MISSED'}")
-        loss = "-" if r["test_loss"] != r["test_loss"] else f"{r['test_loss']:.4f}"
+        known = r["test_loss"] == r["test_loss"]  # not NaN (dense members of old results)
+        loss = f"{r['test_loss']:.4f}" if known else "-"
+        relative = f"{100 * (r['test_loss'] / base_loss[r['task']] - 1):+.2f}%" if known else "-"
         lines.append(f"| {r['task']} | {r['method']} | {100 * r['accuracy']:.2f}% "
-                     f"| {100 * r['spread']:.2f} | {r['vs_fp32_points']:+.2f} pp | {loss} | {verdict} "
+                     f"| {100 * r['spread']:.2f} | {r['vs_fp32_points']:+.2f} pp | {loss} | {relative} | {verdict} "
                      f"| {r['bytes_vs_fp32']:.3f} |")
     return "\n".join(lines)
 
 
 def plot(runs, path: Path) -> None:
-    """Test accuracy against MB sent per rank, per epoch, averaged over seeds."""
+    """Per task, test loss against MB sent per rank (left) and against training seconds
+    (right: at the link rate of the run), averaged over seeds at each evaluation."""
     plt = pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in runs))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 4.5 * len(tasks)), squeeze=False)
+    for (by_bytes, by_time), task in zip(axes, tasks):
+        mine = [r for r in runs if r["task"] == task]
         curves: dict = {}
-        for run in (r for r in runs if r["task"] == task):
+        for run in mine:
             for res in run["results"]:
                 curves.setdefault(res["method"], []).append(res["curve"])
         for method, seeds in curves.items():
-            points = list(zip(*seeds))  # per epoch, one point per seed
-            ax.plot([statistics.mean(p["wire_bytes"] for p in epoch) / 1e6 for epoch in points],
-                    [100 * statistics.mean(p["accuracy"] for p in epoch) for epoch in points],
-                    marker=".", label=method)
-        ax.set(xscale="log", xlabel="MB sent per rank (cumulative)", ylabel="test accuracy (%)",
-               title=task)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+            points = list(zip(*seeds))  # per evaluation, one point per seed
+            loss = [statistics.mean(p.get("test_loss", float("nan")) for p in at) for at in points]
+            megabytes = [statistics.mean(p["wire_bytes"] for p in at) / 1e6 for at in points]
+            seconds = [statistics.mean(p.get("seconds", float("nan")) for p in at) for at in points]
+            by_bytes.plot(megabytes, loss, marker=".", label=method)
+            by_time.plot(seconds, loss, marker=".", label=method)
+        link = mine[0].get("rate") or "loopback (no rate limit)"
+        by_bytes.set(xscale="log", xlabel="MB sent per rank (cumulative)", ylabel="test loss",
+                     title=f"{task}: test loss against bytes sent")
+        by_time.set(xlabel=f"training seconds, {mine[0]['world_size']} ranks, link: {link}",
+                    ylabel="test loss", title=f"{task}: test loss against wall-clock time")
+        for ax in (by_bytes, by_time):
+            ax.grid(True, which="both", alpha=0.3)
+        by_time.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -132,6 +166,12 @@ def main(argv=None):
                         help="AC/DC's dense phase before the final sparse one, as a fraction "
                              "of the run (default 0.10, the paper's)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, metavar="STEPS",
+                        help="points on the learning curves every STEPS steps (default: per epoch)")
+    parser.add_argument("--rate", metavar="RATE",
+                        help="run each rank on a netsim node of its own, linked at RATE (e.g. "
+                             "100mbit; needs root and iproute2), so the curves against time "
+                             "include the wire (default: loopback processes)")
     parser.add_argument("--epochs", type=int, help="override every task's epochs")
     parser.add_argument("--quick", action="store_true", help="one seed, 2 epochs, qsgd4 only: a smoke test (CI), its "
                              "figures are not measurements")
@@ -142,13 +182,21 @@ def main(argv=None):
 
     from tqdm import tqdm
 
+    if args.rate:
+        from commpress.netsim import NetSimError, check_environment, rate_bits
+        try:
+            rate_bits(args.rate)
+            check_environment()
+        except (ValueError, NetSimError) as exc:
+            parser.error(f"--rate: {exc}")
     jobs = [(task, seed) for task in args.tasks for seed in args.seeds]
     runs = []
     for task, seed in tqdm(jobs, desc="runs", disable=not sys.stderr.isatty()):
         settings = TASKS[task]
         run = run_task(task, seed, args.methods, args.epochs or settings["epochs"], settings["lr"],
-                       args.workers, acdc=not args.no_acdc, last_dense=args.acdc_last_dense)
-        runs.append({"task": task, "seed": seed, **run})
+                       args.workers, acdc=not args.no_acdc, last_dense=args.acdc_last_dense,
+                       eval_every=args.eval_every, rate=args.rate)
+        runs.append({"task": task, "seed": seed, "rate": args.rate, **run})
     rows = summarize(runs)
     save(args.out, "convergence.py", argv, runs, plot, table(rows), summary=rows)
 

@@ -14,6 +14,7 @@ library's own source files, for the language model), or is synthetic; nothing is
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -239,9 +240,12 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
             fp32_steps = min(steps_done, POWERSGD_START)
             return dense_per_step * fp32_steps + powersgd_per_step * (steps_done - fp32_steps)
         return dense_per_step * steps_done
-    curve = []  # per epoch: steps, bytes sent so far, test accuracy
-    started, evaluating = time.perf_counter(), 0.0
-    for epoch in range(args.epochs):
+    # every eval_every steps and at the end: steps, bytes sent so far, training seconds so far
+    # (evaluation excluded), test accuracy and loss
+    curve = []
+    eval_every = args.eval_every or steps_per_epoch
+    started, evaluating, steps_done = time.perf_counter(), 0.0, 0
+    for _ in range(args.epochs):
         perm = shard[torch.randperm(len(shard), generator=gen)]
         for step in range(steps_per_epoch):
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
@@ -253,10 +257,13 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
                 acdc.step()
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        tick, steps_done = time.perf_counter(), (epoch + 1) * steps_per_epoch
-        curve.append({"steps": steps_done, "accuracy": evaluate(model.module, x_test, y_test)[0],
-                      "wire_bytes": sent(steps_done)})
-        evaluating += time.perf_counter() - tick
+            steps_done += 1
+            if steps_done % eval_every == 0 or steps_done == args.epochs * steps_per_epoch:
+                tick = time.perf_counter()
+                accuracy, test_loss = evaluate(model.module, x_test, y_test)
+                curve.append({"steps": steps_done, "accuracy": accuracy, "test_loss": test_loss,
+                              "wire_bytes": sent(steps_done), "seconds": tick - started - evaluating})
+                evaluating += time.perf_counter() - tick
     elapsed = time.perf_counter() - started - evaluating
     bar.close()
     model.eval()
@@ -266,7 +273,8 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
         _, dense_weights = acdc.sparse_dense_pair()
         dense_member = make_model(args.seed, args.data).to(device)
         dense_member.load_state_dict(dense_weights)
-        extra = {"dense_member_accuracy": evaluate(dense_member.eval(), x_test, y_test)[0],
+        member_accuracy, member_loss = evaluate(dense_member.eval(), x_test, y_test)
+        extra = {"dense_member_accuracy": member_accuracy, "dense_member_test_loss": member_loss,
                  "final_density": acdc.density,
                  "sparse_phase_bytes_per_step": state.phase_stats["sparse"].per_step()["network_bytes"],
                  "dense_phase_bytes_per_step": state.phase_stats["dense"].per_step()["network_bytes"]}
@@ -353,7 +361,13 @@ def worker(rank: int, world_size: int, args) -> Optional[List[Dict]]:
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world_size)
     data = [t.to(device) for t in load_data(args.data, args.seed)]
-    results = [train_one(m, args, data, rank, world_size) for m in [BASELINE] + args.methods]
+    results = []
+    for method in [BASELINE] + args.methods:
+        results.append(train_one(method, args, data, rank, world_size))
+        # A DDP model lives in reference cycles, so only the cyclic collector frees it, on
+        # whichever thread it next runs: possibly a gloo thread running the next model's hook
+        # callbacks (PowerSGD's), where tearing down a reducer is unsafe. Free it here.
+        gc.collect()
     if rank == 0:
         print("\n" + report(results, args, world_size), flush=True)
         if args.json:
@@ -403,6 +417,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "lm (a byte-level transformer on the standard library's sources)")
     parser.add_argument("--epochs", type=int, default=15, help="passes over the data (default 15)")
     parser.add_argument("--batch-size", type=int, default=32, help="per worker (default 32)")
+    parser.add_argument("--eval-every", type=int, metavar="STEPS",
+                        help="test the model every STEPS steps for the learning curves in "
+                             "--json (default: once per epoch)")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"],
                         help="sgd (momentum 0.9) or adamw (weight decay 0.01); default: adamw "
                              "for lm, sgd otherwise")
@@ -441,6 +458,8 @@ def run(args) -> None:
             raise SystemExit(f"commpress train: {exc}") from None
     if args.workers < 1:
         raise SystemExit("commpress train: --workers must be >= 1")
+    if args.eval_every is not None and args.eval_every < 1:
+        raise SystemExit(f"commpress train: --eval-every must be >= 1, got {args.eval_every}")
     device_and_backend(args)  # fail on a bad combination before starting workers
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)

@@ -27,12 +27,16 @@ def test_commpress_train_reports(tmp_path):
         assert r["replicas_identical"]
         assert r["accuracy"] > 0.8  # two epochs on digits already reach ~95%
     assert results["qsgd4"]["ratio"] > 5 and results["natural+ef"]["ratio"] > 3
+    for r in results.values():  # learning curves: one point per epoch by default
+        assert [p["steps"] for p in r["curve"]] == [r["steps"] // 2, r["steps"]]
 
 
-def test_commpress_train_rejects_unknown_hook():
-    proc = subprocess.run([sys.executable, "-m", "commpress.cli", "train", "qsgd9"],
+@pytest.mark.parametrize("args, message", [(["qsgd9"], "unknown hook 'qsgd9'"),
+                                           (["--eval-every", "0"], "--eval-every must be >= 1")])
+def test_commpress_train_rejects_bad_arguments(args, message):
+    proc = subprocess.run([sys.executable, "-m", "commpress.cli", "train", *args],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "unknown hook 'qsgd9'" in proc.stderr
+    assert proc.returncode != 0 and message in proc.stderr
 
 
 def test_commpress_train_acdc_reports_both_members(tmp_path):
@@ -49,18 +53,26 @@ def test_commpress_train_acdc_reports_both_members(tmp_path):
 
 def test_commpress_train_libsvm_logistic_regression_with_curves(tmp_path):
     """The LIBSVM-like task of the convergence benchmark: logistic regression learns, QSGD-4
-    compresses it, and every run records accuracy against bytes per epoch."""
+    compresses it, and every run records test accuracy and loss against bytes and training
+    time every --eval-every steps and at the end."""
     out = tmp_path / "report.json"
-    proc = run_train("qsgd4", "--data", "libsvm", "--epochs", "2", "--lr", "2", "--json", str(out))
+    proc = run_train("qsgd4", "--data", "libsvm", "--epochs", "2", "--lr", "2",
+                     "--eval-every", "7", "--json", str(out))
     assert "logistic regression" in proc.stdout
     results = {r["method"]: r for r in json.loads(out.read_text())["results"]}
     base, qsgd = results["fp32-allreduce"], results["qsgd4"]
     assert base["accuracy"] > 0.7 and abs(qsgd["accuracy"] - base["accuracy"]) < 0.02
     assert qsgd["ratio"] > 5
     for r in (base, qsgd):
-        assert [p["steps"] for p in r["curve"]] == [r["steps"] // 2, r["steps"]]
-        assert r["curve"][-1]["wire_bytes"] == r["wire_bytes"]
-        assert r["curve"][-1]["accuracy"] == r["accuracy"]
+        steps = [p["steps"] for p in r["curve"]]
+        assert steps == list(range(7, r["steps"] + 1, 7)) + ([r["steps"]] if r["steps"] % 7 else [])
+        last = r["curve"][-1]
+        assert (last["wire_bytes"], last["accuracy"], last["test_loss"]) == (
+            r["wire_bytes"], r["accuracy"], r["test_loss"])
+        for before, after in zip(r["curve"], r["curve"][1:]):
+            assert after["wire_bytes"] > before["wire_bytes"] and after["seconds"] > before["seconds"]
+        assert last["seconds"] <= r["seconds"]
+        assert r["curve"][0]["test_loss"] > last["test_loss"]  # it learns
 
 
 def test_language_model_data_and_model():
