@@ -13,6 +13,8 @@ overlaps the rest of the backward pass.
 
 import functools
 import logging
+import queue
+import threading
 import time
 import warnings
 import weakref
@@ -82,6 +84,29 @@ class _Runtime:
                 except (RuntimeError, ValueError, KeyError):  # already gone with the world
                     pass
         self.groups = []
+
+
+def _close_when_collected(box: list) -> None:
+    """A dropped state's finalizer, given the one-element list that holds its runtime.
+
+    The cyclic collector, or a callback holding the last reference, may run it on a gloo
+    thread of the very group it owns; a group destroyed or freed there joins that thread
+    ("Resource deadlock avoided": the process aborts). So off the main thread the runtime
+    is moved to a thread of its own, which closes it and drops the last reference to it
+    (this thread keeps none: the box is emptied, the queue hands it over)."""
+    if not box:
+        return
+    if threading.current_thread() is threading.main_thread():
+        box.pop().close()
+        return
+    handoff: queue.SimpleQueue = queue.SimpleQueue()
+    handoff.put(box.pop())
+    threading.Thread(target=_close_handed_off, args=(handoff,), name="commpress-release",
+                     daemon=True).start()
+
+
+def _close_handed_off(handoff: queue.SimpleQueue) -> None:
+    handoff.get().close()
 
 
 def _two_models_error() -> RuntimeError:
@@ -188,7 +213,9 @@ class CompressionState:
         # this process's runtime and bookkeeping (not pickled, not in state_dict)
         self.param_index: Dict[torch.Tensor, int] = {}
         self.mask = GradientMask()      # the AC/DC policy: which entries to send
-        self._runtime: Optional[_Runtime] = None
+        # the runtime, once created: its only strong reference, so that the finalizer
+        # decides on which thread it dies (see _close_when_collected)
+        self._runtime_box: List[_Runtime] = []
         self._release = None
         self._closed = False
         self._model = None              # weak reference to the model bound by register_hook
@@ -209,6 +236,10 @@ class CompressionState:
     seed = property(lambda self: self.config.seed)
 
     # -- runtime: created eagerly on the caller's thread ------------------------------------
+    @property
+    def _runtime(self) -> Optional[_Runtime]:
+        return self._runtime_box[0] if self._runtime_box else None
+
     def _ensure_runtime(self, device: Optional[torch.device] = None) -> _Runtime:
         """Create the private group (and node groups), check that every rank is configured
         alike, start the worker thread. Collective over the group's ranks: every rank reaches
@@ -257,8 +288,8 @@ class CompressionState:
         except BaseException:
             runtime.close()
             raise
-        self._runtime = runtime
-        self._release = weakref.finalize(self, runtime.close)
+        self._runtime_box.append(runtime)
+        self._release = weakref.finalize(self, _close_when_collected, self._runtime_box)
         self._check_loaded_rank()
         return runtime
 
@@ -287,9 +318,10 @@ class CompressionState:
     def close(self) -> None:
         """Stop the worker thread and destroy this state's process groups (after the reductions
         already submitted). The hook refuses to run afterwards."""
-        if self._release is not None:
-            self._release()
-        self._runtime, self._release, self._closed = None, None, True
+        if self._release is not None and self._release.detach() is not None:
+            self._runtime_box.pop().close()  # here and now, on the caller's thread
+        self._runtime_box.clear()
+        self._release, self._closed = None, True
 
     def __enter__(self) -> "CompressionState":
         return self

@@ -222,6 +222,43 @@ def test_dropped_and_closed_states_release_groups_threads_and_fds():
         assert closed == before, (before, closed)
 
 
+def release_on_gloo_thread_worker(rank, world_size):
+    """A state whose last reference dies inside a completion callback, on a gloo thread of
+    the group it owns: where the cyclic collector, or a callback holding the state, drops it."""
+    count = len(dist.distributed_c10d._world.pg_map)
+    where = []
+
+    def reduce_and_drop():
+        holder = [cp.state_from_name("qsgd4", log_every=0)]
+        group = holder[0].transport.group  # created together: a collective
+        if rank == 1:
+            time.sleep(0.5)  # so that rank 0's all-reduce completes on gloo's thread
+        work = dist.all_reduce(torch.ones(1), group=group, async_op=True)
+        del group
+
+        def release(fut):
+            where.append(threading.current_thread() is threading.main_thread())
+            holder.clear()  # the state's last reference: its finalizer runs here
+            return fut.value()
+        return work.get_future().then(release)
+    reduce_and_drop().wait()
+    for _ in range(100):
+        if len(dist.distributed_c10d._world.pg_map) == count:
+            break
+        time.sleep(0.05)
+    dist.barrier()
+    return where, len(dist.distributed_c10d._world.pg_map) - count
+
+
+def test_state_released_on_its_own_groups_thread():
+    """Released there, destroying the group joined the thread doing it ("Resource deadlock
+    avoided": the process aborted); the release now runs on a thread of its own."""
+    results = run_workers(release_on_gloo_thread_worker, 2)
+    assert results[0][0] == [False]  # rank 0's callback did run off the main thread
+    for _, left in results:
+        assert left == 0  # the state's groups are gone
+
+
 def memory_worker(rank, world_size):
     """Models with a 16 MB layer and qsgd4+ef, each dropped after 3 steps: their states (with
     their memories) and the last bucket they reduced must be freed."""
