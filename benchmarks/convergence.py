@@ -90,7 +90,7 @@ def summarize(runs) -> list:
                 if "dense_member_accuracy" in res:
                     by_method.setdefault(res["method"] + " dense", []).append(
                         {"accuracy": res["dense_member_accuracy"], "wire_bytes": res["wire_bytes"],
-                         "fp32_bytes": res["fp32_bytes"],
+                         "fp32_bytes": res["fp32_bytes"], "seconds": res["seconds"],
                          "test_loss": res.get("dense_member_test_loss", float("nan"))})
         base = statistics.mean(r["accuracy"] for r in by_method[BASELINE])
         for method, results in by_method.items():
@@ -102,13 +102,14 @@ def summarize(runs) -> list:
                          "test_loss": statistics.mean(r["test_loss"] for r in results),
                          "vs_fp32_points": 100 * (accuracy - base),
                          "bytes_vs_fp32": statistics.mean(r["wire_bytes"] / r["fp32_bytes"] for r in results),
+                         "seconds": statistics.mean(r["seconds"] for r in results),
                          "target_points": TARGETS.get(method)})
     return rows
 
 
 def table(rows) -> str:
     lines = ["| task | method | test acc (mean of seeds) | sd | vs fp32 | test loss | loss vs fp32 "
-             "| target | bytes vs fp32 |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+             "| target | bytes vs fp32 | training s |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     base_loss = {r["task"]: r["test_loss"] for r in rows if r["method"] == BASELINE}
     for r in rows:
         target = r["target_points"]
@@ -119,7 +120,7 @@ def table(rows) -> str:
         relative = f"{100 * (r['test_loss'] / base_loss[r['task']] - 1):+.2f}%" if known else "-"
         lines.append(f"| {r['task']} | {r['method']} | {100 * r['accuracy']:.2f}% "
                      f"| {100 * r['spread']:.2f} | {r['vs_fp32_points']:+.2f} pp | {loss} | {relative} | {verdict} "
-                     f"| {r['bytes_vs_fp32']:.3f} |")
+                     f"| {r['bytes_vs_fp32']:.3f} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -135,13 +136,16 @@ def plot(runs, path: Path) -> None:
         for run in mine:
             for res in run["results"]:
                 curves.setdefault(res["method"], []).append(res["curve"])
-        for method, seeds in curves.items():
+        colours = plt.get_cmap("tab20").colors
+        for i, (method, seeds) in enumerate(curves.items()):
             points = list(zip(*seeds))  # per evaluation, one point per seed
+            style = dict(color=colours[i % len(colours)], linestyle=("-", "--", ":")[i // len(colours)],
+                         marker=".", label=method)
             loss = [statistics.mean(p.get("test_loss", float("nan")) for p in at) for at in points]
             megabytes = [statistics.mean(p["wire_bytes"] for p in at) / 1e6 for at in points]
             seconds = [statistics.mean(p.get("seconds", float("nan")) for p in at) for at in points]
-            by_bytes.plot(megabytes, loss, marker=".", label=method)
-            by_time.plot(seconds, loss, marker=".", label=method)
+            by_bytes.plot(megabytes, loss, **style)
+            by_time.plot(seconds, loss, **style)
         link = mine[0].get("rate") or "loopback (no rate limit)"
         by_bytes.set(xscale="log", xlabel="MB sent per rank (cumulative)", ylabel="test loss",
                      title=f"{task}: test loss against bytes sent")
