@@ -135,12 +135,21 @@ def test_fused_natural_compression_is_the_eager_code_with_hashed_randomness(comp
     payload = codec.encode(x, torch.Generator().manual_seed(9))
     key = kernels.draw_key(torch.Generator().manual_seed(9), x.device, streams=2)
     e_top = codec._largest_exponent(x) + 1
-    codes = codec._codes(x.clone(), e_top, codec._code_table(e_top), True,
+    codes = codec._codes(x.clone(), e_top, True,
                          lambda stream: kernels.hashed_bits(key, N, x.device, stream))
     body = payload.data[HEADER_BYTES:]
     assert int(body[:4].view(torch.int32)) == int(e_top) and torch.equal(body[4:], codes)
     y = codec.decode(payload)
     assert y[3] == 0 and y[4] == math.inf and math.isnan(y[5])
+    # one wire format: the fused decoder (arithmetic) and the eager one (a table) agree bit
+    # for bit, also when accumulating into a sum
+    assert torch.equal(y.view(torch.int32), _decoded_eagerly(codec, payload).view(torch.int32))
+    fused_sum, eager_sum = torch.full((N,), 0.25), torch.full((N,), 0.25)
+    codec.decode_into(payload, fused_sum, alpha=1 / 3)
+    kernels.set_enabled(False)
+    codec.decode_into(payload, eager_sum, alpha=1 / 3)
+    kernels.set_enabled(True)
+    assert torch.equal(fused_sum.view(torch.int32), eager_sum.view(torch.int32))
     # unbiased, with the exact second moment
     gen = torch.Generator().manual_seed(10)
     finite = x[6:]
@@ -150,3 +159,29 @@ def test_fused_natural_compression_is_the_eager_code_with_hashed_randomness(comp
     direction = torch.randn(finite.numel(), generator=torch.Generator().manual_seed(11))
     projected = errors.double() @ direction.double()
     assert abs(projected.mean()) < 5 * projected.std() / math.sqrt(60)
+
+
+def test_natural_compression_code_bytes_and_values_match_their_definitions():
+    """C_nat's arithmetic code bytes (encoder) and values (compiled decoder) against their
+    definition, for every rounded exponent, sign and code byte, at several ``e_top``."""
+    codec = cp.NaturalCompression()
+    expo = torch.arange(256, dtype=torch.int32)
+    for e in (1, 2, 60, 126, 127, 128, 200, 255):
+        e_top = torch.tensor(e, dtype=torch.int32)
+        for negative in (False, True):
+            got = codec._code_bytes(expo, torch.full((256,), negative), e_top).tolist()
+            for x, code in zip(expo.tolist(), got):
+                low = 0 if x == 0 else 127 if x == 255 else max(x - e + 126, 0)
+                assert code == (low | 0x80 if negative and low else low), (e, x, negative)
+        values = codec._values(torch.arange(256, dtype=torch.int32), e_top).tolist()
+        for code, value in enumerate(values):
+            low, sign = code & 0x7F, -1.0 if code & 0x80 else 1.0
+            if code == 0x80:
+                assert math.isnan(value)
+            elif low == 0:
+                assert value == 0.0
+            else:
+                magnitude = math.inf if low == 127 else math.ldexp(1.0, e - 127 - 126 + low)
+                # in fp32: zero below 2^-149, infinite from 2^128
+                expected = torch.tensor(sign * magnitude, dtype=torch.float64).float().item()
+                assert value == expected, (e, code)
