@@ -50,7 +50,7 @@ TARGETS = {"qsgd8": 0.3, "natural": 0.3, "qsgd4": 0.5, "acdc90": 1.5, "acdc90 de
 
 
 def run_task(task: str, seed: int, methods, epochs: int, lr: float, workers: int,
-             acdc: bool = True, last_dense: float = 0.10, eval_every: Optional[int] = None,
+             acdc: Optional[float] = 0.9, last_dense: float = 0.10, eval_every: Optional[int] = None,
              rate: Optional[str] = None) -> dict:
     """One ``commpress train`` run of every method: ``workers`` spawned processes on loopback,
     or with ``rate`` one rank on each of ``workers`` netsim nodes linked at that rate, so
@@ -58,7 +58,7 @@ def run_task(task: str, seed: int, methods, epochs: int, lr: float, workers: int
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
         command = [sys.executable, "-m", "commpress.cli", "train", *methods,
-                   *(["--acdc", "0.9", "--acdc-last-dense", str(last_dense)] if acdc else []),
+                   *(["--acdc", str(acdc), "--acdc-last-dense", str(last_dense)] if acdc is not None else []),
                    *(["--eval-every", str(eval_every)] if eval_every else []),
                    "--data", task, "--epochs", str(epochs), "--lr", str(lr), "--seed", str(seed),
                    "-n", str(workers), "--quiet", "--json", str(out)]
@@ -163,9 +163,11 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=METHODS,
-                        help="besides fp32 and AC/DC 90%% (fp32 hook and QSGD-4), always run; "
+                        help="besides fp32 and AC/DC (fp32 hook and QSGD-4; --acdc-sparsity), always run; "
                              "powersgd1 and powersgd4 are PyTorch's PowerSGD hook")
     parser.add_argument("--no-acdc", action="store_true", help="leave out the two AC/DC runs")
+    parser.add_argument("--acdc-sparsity", type=float, default=0.9, metavar="SPARSITY",
+                        help="AC/DC's sparsity in its sparse phases (default 0.9, the targets')")
     parser.add_argument("--acdc-last-dense", type=float, default=0.10, metavar="FRACTION",
                         help="AC/DC's dense phase before the final sparse one, as a fraction "
                              "of the run (default 0.10, the paper's)")
@@ -198,7 +200,8 @@ def main(argv=None):
     for task, seed in tqdm(jobs, desc="runs", disable=not sys.stderr.isatty()):
         settings = TASKS[task]
         run = run_task(task, seed, args.methods, args.epochs or settings["epochs"], settings["lr"],
-                       args.workers, acdc=not args.no_acdc, last_dense=args.acdc_last_dense,
+                       args.workers, acdc=None if args.no_acdc else args.acdc_sparsity,
+                       last_dense=args.acdc_last_dense,
                        eval_every=args.eval_every, rate=args.rate)
         runs.append({"task": task, "seed": seed, "rate": args.rate, **run})
     rows = summarize(runs)
