@@ -133,7 +133,9 @@ class BucketedLevelCodec(Codec):
     def _codes(self, values, divisors, uniforms):
         """uint8 codes of ``values``, given each one's divisor (broadcast) and a uniform in
         [1, 2) per value."""
-        scaled = (values.float().abs() / divisors).nan_to_num_(0.0, 0.0, 0.0)
+        scaled = values.float().abs() / divisors
+        # NaN and Inf to level 0 (a compare and a select: nan_to_num compiles to a scalar loop)
+        scaled = torch.where(scaled < math.inf, scaled, 0.0)
         return self._round(scaled, uniforms).copysign_(values).add_(self.levels).to(torch.uint8)
 
     def _quantize(self, part, uniforms):
@@ -190,6 +192,7 @@ class BucketedLevelCodec(Codec):
         per_group, d = bitpack.group_shape(self.bits)[0], self.bucket_size
 
         def encode(flat, key, packed_out):
+            torch._check(packed_out.shape[0] * 8 == flat.shape[0] * self.bits)
             scales, divisors = self._divisors(flat)
             columns = flat.view(-1, per_group)
             group = torch.arange(columns.shape[0], dtype=torch.int32, device=flat.device)
@@ -206,6 +209,7 @@ class BucketedLevelCodec(Codec):
         per_group, d = bitpack.group_shape(self.bits)[0], self.bucket_size
 
         def decode(scales, packed, out):
+            torch._check(out.shape[0] * self.bits == packed.shape[0] * 8)
             codes = bitpack.unpack_columns(packed, self.bits)
             group = torch.arange(codes[0].numel(), dtype=torch.int32, device=packed.device)
             scale = scales[group // (d // per_group)]

@@ -69,6 +69,7 @@ class NaturalCompression(Codec):
 
     def _fused_encoder(self):
         def encode(flat, key, codes_out):
+            torch._check(codes_out.shape[0] == flat.shape[0])
             x = flat.float()
             e_top = self._largest_exponent(x) + 1
             codes_out.copy_(self._codes(x, e_top, True, lambda stream:
@@ -129,6 +130,7 @@ class NaturalCompression(Codec):
 
     def _fused_decoder(self, alpha):
         def decode(e_top, codes, out):
+            torch._check(out.shape[0] == codes.shape[0])
             self._store(self._values(codes.to(torch.int32), e_top), out, alpha)
             return out
         return decode
