@@ -33,7 +33,8 @@ def test_fused_encode_is_the_eager_code_with_hashed_randomness(compiled, name):
     # the eager code given the same key words reproduces the kernel's bytes
     key = kernels.draw_key(torch.Generator().manual_seed(7), x.device)
     done = N // codec.bucket_size * codec.bucket_size
-    uniforms = kernels.hashed_bits(key, done, x.device).float() * 2.0 ** -23 + 1.0
+    per_group = bitpack.group_shape(codec.bits)[0]
+    uniforms = torch.stack(kernels.hashed_uniforms(key, done // per_group, per_group, x.device), 1).view(-1)
     scales, codes = codec._quantize(x[:done], uniforms)
     body = payload.data[HEADER_BYTES:]
     buckets = codec._buckets(N)
@@ -97,6 +98,20 @@ def test_hashed_bits_are_uniform_and_keys_independent():
     fa, fb = a.double() / (1 << 23), b.double() / (1 << 23)
     assert abs(torch.corrcoef(torch.stack([fa, fb]))[0, 1]) < 0.01
     assert abs(torch.corrcoef(torch.stack([fa[1:], fa[:-1]]))[0, 1]) < 0.01  # neighbours
+
+
+def test_hashed_uniforms_are_uniform_on_their_grid_and_halves_independent():
+    key = torch.tensor([321, -654], dtype=torch.int32)
+    columns = kernels.hashed_uniforms(key, 1 << 17, 4, torch.device("cpu"))
+    steps = torch.stack(columns).double().sub(1.0).mul(2 ** 16).sub(0.5)
+    assert (steps == steps.round()).all() and steps.min() >= 0 and steps.max() < 2 ** 16
+    for column in columns:
+        counts = torch.bincount(((column - 1) * 16).long(), minlength=16).double()
+        assert ((counts - counts.mean()) ** 2 / counts.mean()).sum() < 40  # p < 1e-3, 15 dof
+    # the two halves of one hash, and columns from different hashes, are uncorrelated
+    assert abs(torch.corrcoef(torch.stack(columns).double())[0, 1:]).max() < 0.01
+    # counters do not repeat across groups: no two groups draw identical columns
+    assert not torch.equal(columns[0][:1000], columns[0][1:1001])
 
 
 def test_switched_off_by_the_environment(monkeypatch):

@@ -197,10 +197,8 @@ class BucketedLevelCodec(Codec):
             columns = flat.view(-1, per_group)
             group = torch.arange(columns.shape[0], dtype=torch.int32, device=flat.device)
             per_value = divisors[group // (d // per_group)]
-            bits = kernels.hashed_bits(key, flat.numel(), flat.device).view(-1, per_group)
-            codes = [self._codes(columns[:, k], per_value,
-                                 bits[:, k].float().mul_(2.0 ** -23).add_(1.0))
-                     for k in range(per_group)]
+            uniforms = kernels.hashed_uniforms(key, columns.shape[0], per_group, flat.device)
+            codes = [self._codes(columns[:, k], per_value, uniforms[k]) for k in range(per_group)]
             packed_out.copy_(bitpack.pack_columns(codes, self.bits))
             return scales
         return encode

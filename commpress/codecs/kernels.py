@@ -5,11 +5,12 @@ The eager code stays the reference and the fallback. A kernel is not used when c
 is switched off (``COMMPRESS_COMPILE=0`` or :func:`set_enabled`), when ``torch.compile``
 is missing, or when compiling or running it failed once (logged once; eager from then on).
 
-Randomness inside a kernel is counter-based: element ``i`` of a call draws
+Randomness inside a kernel is counter-based: counter ``i`` of a call draws
 ``hash(i, key)``, with the two 32-bit key words drawn from the caller's generator. So the
 stream is reproducible from the generator's state (which checkpoints already hold), and
 independent across ranks and steps as the generators are; no separate pass writes random
-numbers to memory.
+numbers to memory. The scaled-level codecs split each 32-bit hash into two 16-bit uniforms
+(:func:`hashed_uniforms`): half the hashing per value.
 """
 from __future__ import annotations
 
@@ -103,6 +104,23 @@ def hashed_bits(key: torch.Tensor, numel: int, device: torch.device, stream: int
     words ``key[2*stream]`` and ``key[2*stream + 1]`` (int32)."""
     index = torch.arange(numel, dtype=torch.int32, device=device)
     return (_mix(_mix(index ^ key[2 * stream]) ^ key[2 * stream + 1]) >> 9) & 0x7FFFFF
+
+
+def hashed_uniforms(key: torch.Tensor, groups: int, per_group: int, device: torch.device) -> list:
+    """``per_group`` columns of ``groups`` uniforms in ``(1, 2)`` each (fp32), on the grid
+    ``1 + (k + 1/2) / 2**16``: value ``c`` of group ``g`` is the low (even ``c``) or high half
+    of the hash of counter ``g * ceil(per_group / 2) + c // 2``. Rounding up with
+    ``P(u - 1 < p)`` then misses ``p`` by at most ``2**-17``, below the fp32 rounding of the
+    codecs' own arithmetic at 8 bits."""
+    words = -(-per_group // 2)
+    group = torch.arange(groups, dtype=torch.int32, device=device) * words
+    columns = []
+    for k in range(per_group):
+        if k % 2 == 0:
+            word = _mix(_mix((group + k // 2) ^ key[0]) ^ key[1])
+        half = (word >> (16 * (k % 2))) & 0xFFFF
+        columns.append(half.float() * 2.0 ** -16 + (1.0 + 2.0 ** -17))
+    return columns
 
 
 def draw_key(generator: Optional[torch.Generator], device: torch.device, streams: int = 1) -> torch.Tensor:
