@@ -85,6 +85,24 @@ def test_qsgd_l2_variance_bound_on_the_fused_path(compiled):
     assert measured <= min(d / s ** 2, math.sqrt(d) / s) * x.square().sum()
 
 
+@pytest.mark.parametrize("name", ["qsgd4", "qsgd2-128"])
+def test_fused_decoder_into_any_output_matches_the_eager_one(compiled, name):
+    """The 4-bit decoder stores code pairs as int64 words where the output allows it (fp32,
+    contiguous, even offset); every other output takes the general kernel, same values."""
+    codec = CODECS[name]
+    payload = codec.encode(torch.randn(N, generator=torch.Generator().manual_seed(11)))
+    eager = _decoded_eagerly(codec, payload)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert torch.equal(codec.decode(payload, dtype=dtype), eager.to(dtype))
+    room = torch.zeros(2 * N + 2)
+    for out in (room[1:N + 1], room[2:N + 2], room[::2][:N]):  # odd and even offset, strided
+        assert torch.equal(codec.decode_into(payload, out.fill_(7.0)), eager)
+        start = torch.linspace(-1, 1, N)
+        out.copy_(start)
+        codec.decode_into(payload, out, alpha=0.25)
+        assert torch.equal(out, start + eager * 0.25)  # Codec._store's rounding order
+
+
 def test_hashed_bits_are_uniform_and_keys_independent():
     key = torch.tensor([123, -456, 789, 1011], dtype=torch.int32)
     a = kernels.hashed_bits(key, 1 << 18, torch.device("cpu"), stream=0)
