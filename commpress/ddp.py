@@ -33,6 +33,7 @@ from .comm.ordered import OrderedExecutor
 from .comm.transport import (HierarchicalTransport, TorchTransport, Transport, destroyable,
                              new_group, node_layout, torch_hierarchical_transport)
 from .comm.pipeline import reduce_gradient
+from .comm.segments import Segments
 from .feedback import ErrorFeedback
 from .stats import CommStats
 
@@ -634,31 +635,15 @@ def _segments(state: CompressionState, bucket):
     return small, big
 
 
-def _gather(buffer, segments):
-    if len(segments) == 1 and segments[0][1] == buffer.numel():
-        return buffer
-    parts = [buffer[o:o + n] for o, n, _ in segments]
-    return torch.cat(parts) if parts else buffer[:0]
-
-
-def _scatter(buffer, segments, values):
-    if values.data_ptr() == buffer.data_ptr() and len(segments) == 1:
-        return  # reduced in place
-    start = 0
-    for o, n, _ in segments:
-        buffer[o:o + n].copy_(values[start:start + n])
-        start += n
-
-
 def _reduce_group(state: CompressionState, buffer, segments, codec, collective,
                   feedback: Optional[ErrorFeedback], transport: Transport,
                   generator: Optional[torch.Generator], stats: Optional[CommStats]) -> None:
-    """Average the gradients of ``segments`` over ranks through ``codec``, in place."""
+    """Average the gradients of ``segments`` over ranks through ``codec``, in place (where
+    they lie in the bucket, without gathering them, when nothing needs them gathered)."""
     params = [p for _, _, p in segments]
-    mean = reduce_gradient(_gather(buffer, segments), params, codec, transport, collective,
-                           feedback, generator, stats,
-                           keep=state.mask.kept_indices(params, buffer.device), in_place=True)
-    _scatter(buffer, segments, mean)
+    reduce_gradient(Segments([buffer[o:o + n] for o, n, _ in segments]), params, codec, transport,
+                    collective, feedback, generator, stats,
+                    keep=state.mask.kept_indices(params, buffer.device))
 
 
 def _reduce_as(state: CompressionState, runtime: _Runtime, buffer, small, big, choice: Candidate,

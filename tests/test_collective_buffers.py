@@ -10,6 +10,8 @@ import torch
 import commpress as cp
 from commpress.comm import LoopbackGroup, collectives, compressed_mean
 from commpress.comm.loopback import LoopbackTransport
+from commpress.comm.pipeline import reduce_gradient
+from commpress.comm.segments import Segments
 from commpress.comm.transport import HierarchicalTransport
 from commpress.feedback import ErrorFeedback
 
@@ -117,3 +119,47 @@ def test_loaded_memories_are_copies():
     feedback.update([weight], sent, torch.zeros(4), torch.zeros(4))
     assert torch.equal(feedback.memories["residual"][weight], torch.full((4,), 2.0))
     assert torch.equal(saved["residual"]["w"], torch.ones(4))
+
+
+@pytest.mark.parametrize("algorithm", ["allgather", "reduce_scatter"])
+def test_segments_reduce_where_they_lie_bit_identical_to_a_concatenation(monkeypatch, algorithm):
+    """A bucket's large gradients, interleaved with small ones, reduced through Segments:
+    the same bytes and mean as their concatenation, pieces across parts included, and the
+    small ones between them untouched."""
+    monkeypatch.setattr(collectives, "PIPELINE_ELEMENTS", 1024)  # many pieces, some across parts
+    codec = cp.QSGD(bits=4, bucket_size=128)
+    cuts = [(0, 1500), (1510, 3000), (3003, 3003), (3003, NUMEL)]  # gaps hold "biases"
+
+    def rank_fn(transport):
+        bucket = torch.randn(NUMEL, generator=torch.Generator().manual_seed(transport.rank))
+        joined = torch.cat([bucket[a:b] for a, b in cuts])
+        sent = transport.sent_bytes
+        expected, _ = compressed_mean(joined, codec, transport, algorithm,
+                                      torch.Generator().manual_seed(3 + transport.rank))
+        sent_joined, sent = transport.sent_bytes - sent, transport.sent_bytes
+        before = bucket.clone()
+        parts = Segments([bucket[a:b] for a, b in cuts])
+        compressed_mean(parts, codec, transport, algorithm,
+                        torch.Generator().manual_seed(3 + transport.rank), out=parts)
+        return expected, parts.concatenated(), bucket, before, (sent_joined, transport.sent_bytes - sent)
+
+    for expected, got, bucket, before, (sent_joined, sent) in LoopbackGroup(3).run(rank_fn):
+        assert torch.equal(got, expected) and sent == sent_joined
+        assert torch.equal(bucket[1500:1510], before[1500:1510])
+        assert torch.equal(bucket[3000:3003], before[3000:3003])
+
+
+def test_segments_outside_the_piecewise_algorithms_go_through_one_copy():
+    codec = cp.FP16()
+
+    def rank_fn(transport):
+        bucket = torch.full((10,), float(transport.rank + 1))
+        parts = Segments([bucket[0:4], bucket[6:10]])
+        with pytest.raises(ValueError, match="reduced in place"):
+            compressed_mean(parts, codec, transport, "allreduce", out=parts)
+        assert reduce_gradient(parts, [], codec, transport, "allreduce") is parts
+        return bucket
+
+    for bucket in LoopbackGroup(2).run(rank_fn):
+        assert bucket[[0, 3, 6, 9]].eq(1.5).all() and bucket[4:6].eq(bucket[4]).all()
+

@@ -38,9 +38,12 @@ import torch
 from ..codecs import Codec, Payload, contractive_factor
 from ..feedback import keep_finite
 from ..stats import CommStats
+from .segments import Segments, destination
 from .transport import HierarchicalTransport, Transport
 
 ALGORITHMS = ("allgather", "reduce_scatter", "allreduce", "hierarchical")
+#: the algorithms that touch a vector only piece by piece, so that it may be :class:`Segments`
+PIECEWISE = ("allgather", "reduce_scatter")
 #: below this many payload bytes a collective is latency-bound: one round beats two
 SMALL_PAYLOAD_BYTES = 64 * 1024
 #: a dividing cast into fp16/bf16 runs in slices of this many elements: its fp32 temporary
@@ -190,7 +193,9 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
 
     ``out``: an fp32 vector like ``flat`` to write the mean into, which may be ``flat`` itself
     (every piece is read before its mean is written): the DDP hook averages a bucket in place,
-    with no full-size buffer beyond the error-feedback ones."""
+    with no full-size buffer beyond the error-feedback ones. ``flat`` may be :class:`Segments`
+    (a bucket's large gradients where they lie) for the ``PIECEWISE`` algorithms, reduced in
+    place (``out=flat``)."""
     if flat.dim() != 1:
         raise ValueError(f"compressed_mean takes a flat tensor, got shape {tuple(flat.shape)}")
     if algorithm not in ALGORITHMS:
@@ -199,6 +204,8 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
         if given is not None and (given.shape != flat.shape or given.dtype != torch.float32):
             raise ValueError(f"{name} must be float32 of shape {tuple(flat.shape)}, got "
                              f"{given.dtype} of shape {tuple(given.shape)}")
+    if isinstance(flat, Segments) and (algorithm not in PIECEWISE or out is not flat):
+        raise ValueError(f"Segments are reduced in place by {PIECEWISE}, not {algorithm!r}")
     if algorithm == "hierarchical" and not isinstance(transport, HierarchicalTransport):
         raise ValueError("collective 'hierarchical' needs a HierarchicalTransport (ranks grouped "
                          f"by node), got {type(transport).__name__}")
@@ -224,14 +231,18 @@ def _run(algorithm, flat, codec, transport, generator, stats, server_residual, o
         return _allreduce(flat, codec, transport, out, local)
     if algorithm == "allgather":
         def stages(lo, hi):
-            return _allgather_piece(flat[lo:hi], codec, transport, generator, stats, out[lo:hi],
-                                    None if local is None else local[lo:hi])
+            into, commit = destination(out, lo, hi)
+            yield from _allgather_piece(flat[lo:hi], codec, transport, generator, stats, into,
+                                        None if local is None else local[lo:hi])
+            commit()
         pieces = pipeline_pieces(flat.numel(), codec.block_size)
     else:
         def stages(lo, hi):
             residual = None if server_residual is None else server_residual[lo:hi]
-            return _reduce_scatter_piece(flat[lo:hi], codec, transport, generator, stats,
-                                         residual, out[lo:hi], None if local is None else local[lo:hi])
+            into, commit = destination(out, lo, hi)
+            yield from _reduce_scatter_piece(flat[lo:hi], codec, transport, generator, stats,
+                                             residual, into, None if local is None else local[lo:hi])
+            commit()
         pieces = pipeline_pieces(flat.numel(), codec.block_size, PIPELINE_ELEMENTS * transport.world_size)
     _pipelined(pieces, stages)
 

@@ -13,7 +13,8 @@ import torch
 from ..codecs import Codec
 from ..feedback import ErrorFeedback
 from ..stats import CommStats
-from .collectives import choose_algorithm, compressed_mean, requantizes
+from .collectives import PIECEWISE, choose_algorithm, compressed_mean, requantizes
+from .segments import Segments
 from .transport import Transport
 
 
@@ -26,7 +27,21 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
     only those entries: the result is zero elsewhere. Every front end reduces through here.
     ``collective="auto"`` picks the algorithm with
     :func:`~commpress.comm.collectives.choose_algorithm`. ``in_place``: the mean may be
-    written into ``flat`` (when it is fp32 and unmasked), which the caller gives up."""
+    written into ``flat`` (when it is fp32 and unmasked), which the caller gives up.
+
+    ``flat`` may be :class:`~commpress.comm.segments.Segments` (views of a buffer, e.g. a DDP
+    bucket's large gradients): the mean is then written into them and they are returned.
+    Without error feedback or a mask, in fp32, under a piecewise algorithm, they are reduced
+    where they lie; otherwise through one concatenated copy."""
+    if isinstance(flat, Segments):
+        algorithm = (choose_algorithm(codec, flat.numel(), transport.world_size, transport.local_size)
+                     if collective == "auto" else collective)
+        if feedback is None and keep is None and flat.dtype == torch.float32 and algorithm in PIECEWISE:
+            compressed_mean(flat, codec, transport, algorithm, generator, stats, out=flat)
+        else:
+            flat.assign(reduce_gradient(flat.concatenated(), keys, codec, transport, collective,
+                                        feedback, generator, stats, keep, sizes, in_place=True))
+        return flat
     if flat.dtype == torch.float64:  # codecs take fp32/fp16/bf16: float64 is reduced in fp32
         flat = flat.float()
     if keep is not None:  # the masked gradient: zero outside the mask
