@@ -20,6 +20,7 @@ import torch
 from .codecs import Codec
 from .comm.agreement import agree
 from .comm.pipeline import reduce_gradient
+from .comm.segments import Segments
 from .comm.transport import Transport
 from .config import CompressionConfig
 from .feedback import ErrorFeedback
@@ -138,8 +139,14 @@ def allreduce_gradients(comm, parameters: Iterable[torch.nn.Parameter], codec: C
            [tuple(p.shape) for p in params], None)
     if not params:
         return
-    flat = torch.cat([p.grad.detach().reshape(-1).float() for p in params])
+    grads = [p.grad.detach() for p in params]
+    if all(g.dtype == torch.float32 and g.is_contiguous() for g in grads):
+        # reduced where they lie, without a concatenated copy (see comm.segments)
+        reduce_gradient(Segments([g.view(-1) for g in grads]), params, codec, transport,
+                        collective, error_feedback, generator, stats)
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
     mean = reduce_gradient(flat, params, codec, transport, collective, error_feedback,
-                       generator, stats)
+                           generator, stats)
     for p, part in zip(params, mean.split([p.numel() for p in params])):
         p.grad.copy_(part.view_as(p.grad))
