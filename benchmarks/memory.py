@@ -3,7 +3,8 @@
 Usage: python benchmarks/memory.py [--quick] [--numel 100000000] [--methods ...] [--out PATH]
 
 Each method runs in 2 fresh processes (gloo, one CPU each) training a model whose only
-parameter has ``--numel`` elements, so DDP makes one bucket of that size. The hook is wrapped:
+parameter has ``--numel`` elements, so DDP makes one bucket of that size (with ``--layers K``:
+K weight matrices of ``numel / K`` values, each followed by a bias, all in one bucket). The hook is wrapped:
 on entry it records the process's resident memory and resets its peak (``VmHWM``, reset by
 writing 5 to ``/proc/self/clear_refs``), waits for the hook's future, and records the peak
 minus the entry value: what the hook added on top of the model, gradients, bucket and the
@@ -95,20 +96,29 @@ def worker(rank: int, args, port: int, queue) -> None:
                             world_size=2)
 
     class OneBucket(nn.Module):
+        """``--layers`` weights of ``numel / layers`` values, each followed by a 1000-value
+        bias (left uncompressed by the hook), so that the bucket interleaves them."""
         def __init__(self):
             super().__init__()
-            self.weight = nn.Parameter(torch.zeros(args.numel // 1000, 1000))
-            self.register_buffer("noise", torch.randn(args.numel // 1000, 1000,
-                                                      generator=torch.Generator().manual_seed(rank)))
+            rows = args.numel // 1000 // args.layers
+            gen = torch.Generator().manual_seed(rank)
+            self.weights = nn.ParameterList()
+            self.biases = nn.ParameterList()
+            for k in range(args.layers):
+                self.weights.append(nn.Parameter(torch.zeros(rows, 1000)))
+                self.register_buffer(f"noise{k}", torch.randn(rows, 1000, generator=gen))
+                if args.layers > 1:
+                    self.biases.append(nn.Parameter(torch.zeros(1000)))
 
         def forward(self, scale):
-            return (self.weight * self.noise).sum() * scale
+            total = sum((w * getattr(self, f"noise{k}")).sum() for k, w in enumerate(self.weights))
+            return (total + sum(b.sum() for b in self.biases)) * scale
 
     model = DDP(OneBucket(), bucket_cap_mb=1 << 16)
     records, start_iter = attach(args.method, model)
     for _ in range(args.warmup + args.steps):
         model(torch.tensor(1.0)).backward()
-        model.module.weight.grad = None
+        model.zero_grad(set_to_none=True)
     extra = max(kb for _, kb in records[args.warmup:])
     kept = records[-1][0] - records[start_iter][0]
     queue.put((rank, extra, kept, records[start_iter][1]))
@@ -137,7 +147,7 @@ def run_method(method: str, args) -> dict:
         return {"method": method, "failed": f"exit codes {[p.exitcode for p in procs]}"}
     got = [queue.get() for _ in procs]
     bucket_kb = args.numel * 4 / 1024
-    return {"method": method, "numel": args.numel,
+    return {"method": method, "numel": args.numel, "layers": args.layers,
             "peak_extra_x_bucket": max(g[1] for g in got) / bucket_kb,
             "kept_x_bucket": max(g[2] for g in got) / bucket_kb,
             "first_step_peak_extra_x_bucket": max(g[3] for g in got) / bucket_kb}
@@ -173,6 +183,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--numel", type=int, default=100_000_000,
                         help="elements of the one parameter (a multiple of 1000)")
+    parser.add_argument("--layers", type=int, default=1,
+                        help="split the parameter into this many weight matrices, each with a "
+                             "bias after it: a bucket that interleaves compressed and "
+                             "uncompressed gradients, as real models' buckets do")
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)

@@ -33,6 +33,17 @@ KINDS = ("ef", "ef21")
 _MEMORIES = {"ef": ("residual",), "ef21": ("worker", "shared")}
 
 
+def _add_by_parts(total: torch.Tensor, flat, sizes) -> torch.Tensor:
+    """``total += flat``, one parameter's part at a time: ``flat`` may be any vector that
+    slices, such as the DDP hook's bucket :class:`~commpress.comm.segments.Segments`, whose
+    slices inside one parameter are views."""
+    offset = 0
+    for n in sizes:
+        total[offset: offset + n].add_(flat[offset: offset + n])
+        offset += n
+    return total
+
+
 class ErrorFeedback:
     def __init__(self, kind: str, server: bool = False):
         if kind not in KINDS:
@@ -78,9 +89,10 @@ class ErrorFeedback:
         ``omega > 1`` (QSGD-2) made it diverge. So EF21 sends ``lam * (grad - g_i)`` with
         ``lam = 1 / (1 + omega)`` (:func:`commpress.codecs.contractive_factor`, exact for this
         vector). The estimates still add exactly what was sent, so ``g == mean_i g_i`` holds."""
+        sizes = sizes or [p.numel() for p in params]
         if self.kind == "ef":  # the gathered memory is a fresh copy: add in place
-            return self._gather("residual", params, flat, sizes).add_(flat)
-        diff = self._gather("worker", params, flat, sizes).neg_().add_(flat)
+            return _add_by_parts(self._gather("residual", params, flat, sizes), flat, sizes)
+        diff = _add_by_parts(self._gather("worker", params, flat, sizes).neg_(), flat, sizes)
         if codec is not None:
             diff.mul_(contractive_factor(codec, diff))
         return diff

@@ -193,9 +193,9 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
 
     ``out``: an fp32 vector like ``flat`` to write the mean into, which may be ``flat`` itself
     (every piece is read before its mean is written): the DDP hook averages a bucket in place,
-    with no full-size buffer beyond the error-feedback ones. ``flat`` may be :class:`Segments`
-    (a bucket's large gradients where they lie) for the ``PIECEWISE`` algorithms, reduced in
-    place (``out=flat``)."""
+    with no full-size buffer beyond the error-feedback ones. ``out`` may be :class:`Segments`
+    (a bucket's large gradients where they lie) for the ``PIECEWISE`` algorithms, and then
+    ``flat`` too, reduced in place (``out=flat``)."""
     if flat.dim() != 1:
         raise ValueError(f"compressed_mean takes a flat tensor, got shape {tuple(flat.shape)}")
     if algorithm not in ALGORITHMS:
@@ -204,14 +204,16 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
         if given is not None and (given.shape != flat.shape or given.dtype != torch.float32):
             raise ValueError(f"{name} must be float32 of shape {tuple(flat.shape)}, got "
                              f"{given.dtype} of shape {tuple(given.shape)}")
-    if isinstance(flat, Segments) and (algorithm not in PIECEWISE or out is not flat):
+    if isinstance(flat, Segments) and out is not flat:
+        raise ValueError("Segments are reduced in place: pass out=flat")
+    if isinstance(out, Segments) and algorithm not in PIECEWISE:
         raise ValueError(f"Segments are reduced in place by {PIECEWISE}, not {algorithm!r}")
     if algorithm == "hierarchical" and not isinstance(transport, HierarchicalTransport):
         raise ValueError("collective 'hierarchical' needs a HierarchicalTransport (ranks grouped "
                          f"by node), got {type(transport).__name__}")
     if out is None:
         out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
-    local = torch.empty_like(out) if keep_local else None
+    local = torch.empty(out.shape, dtype=torch.float32, device=out.device) if keep_local else None
     before, intra_before = transport.sent_bytes, transport.intra_node_bytes
     started = time.perf_counter()
     _run(algorithm, flat, codec, transport, generator, stats, server_residual, out, local)

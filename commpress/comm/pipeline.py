@@ -30,18 +30,16 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
     written into ``flat`` (when it is fp32 and unmasked), which the caller gives up.
 
     ``flat`` may be :class:`~commpress.comm.segments.Segments` (views of a buffer, e.g. a DDP
-    bucket's large gradients): the mean is then written into them and they are returned.
-    Without error feedback or a mask, in fp32, under a piecewise algorithm, they are reduced
-    where they lie; otherwise through one concatenated copy."""
+    bucket's large gradients, one part per key): the mean is then written into them and they
+    are returned. Unmasked, in fp32, under a piecewise algorithm, they are reduced where they
+    lie (error feedback included); otherwise through one concatenated copy."""
     if isinstance(flat, Segments):
         algorithm = (choose_algorithm(codec, flat.numel(), transport.world_size, transport.local_size)
                      if collective == "auto" else collective)
-        if feedback is None and keep is None and flat.dtype == torch.float32 and algorithm in PIECEWISE:
-            compressed_mean(flat, codec, transport, algorithm, generator, stats, out=flat)
-        else:
+        if keep is not None or flat.dtype != torch.float32 or algorithm not in PIECEWISE:
             flat.assign(reduce_gradient(flat.concatenated(), keys, codec, transport, collective,
                                         feedback, generator, stats, keep, sizes, in_place=True))
-        return flat
+            return flat
     if flat.dtype == torch.float64:  # codecs take fp32/fp16/bf16: float64 is reduced in fp32
         flat = flat.float()
     if keep is not None:  # the masked gradient: zero outside the mask
@@ -53,7 +51,8 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
     server = (feedback.server_memory(keys, flat) if feedback and
               requantizes(algorithm, codec, compact.numel(), transport) else None)
     server_compact = server if keep is None or server is None else server.index_select(0, keep)
-    out = flat if in_place and keep is None and flat.dtype == torch.float32 else None
+    out = flat if isinstance(flat, Segments) or (
+        in_place and keep is None and flat.dtype == torch.float32) else None
     mean, local = compressed_mean(compact, codec, transport, algorithm, generator, stats,
                                   keep_local=feedback is not None, server_residual=server_compact,
                                   out=out)

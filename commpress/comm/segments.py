@@ -87,6 +87,14 @@ class Segments:
                 offset += b - a
         return staging, commit
 
+    def split(self, sizes: Sequence[int]) -> List[torch.Tensor]:
+        """The parts themselves, for writers that go part by part (error feedback's
+        memories); only along the parts, so nothing written is lost in a copy."""
+        if list(sizes) != [p.numel() for p in self.parts]:
+            raise ValueError(f"Segments split only along their parts "
+                             f"{[p.numel() for p in self.parts]}, not {list(sizes)}")
+        return list(self.parts)
+
     def concatenated(self) -> torch.Tensor:
         """All values as one tensor (the single part itself when there is one)."""
         return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
