@@ -191,14 +191,14 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
-                        help=f"4M elements, methods {' '.join(QUICK_METHODS)}: a smoke test "
+                        help=f"4M elements in 2 layers, methods {' '.join(QUICK_METHODS)}: a smoke test "
                              "(CI), its figures are not measurements")
     out_argument(parser, "memory")
     args = parser.parse_args(argv)
     if not os.path.exists("/proc/self/clear_refs"):
         sys.exit("memory benchmark: needs Linux's /proc/self/clear_refs to reset the peak")
     if args.quick:
-        args.numel, args.methods = 4_000_000, QUICK_METHODS
+        args.numel, args.methods, args.layers = 4_000_000, QUICK_METHODS, 2
     from tqdm import tqdm
 
     results = [run_method(m, args) for m in tqdm(args.methods, disable=not sys.stderr.isatty())]
