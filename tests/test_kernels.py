@@ -103,6 +103,19 @@ def test_fused_decoder_into_any_output_matches_the_eager_one(compiled, name):
         assert torch.equal(out, start + eager * 0.25)  # Codec._store's rounding order
 
 
+@pytest.mark.parametrize("name", ["qsgd4", "qsgd3", "natural"])
+def test_fused_decoder_takes_each_calls_alpha(compiled, name):
+    """The cached kernel must not keep the first call's ``alpha``: a process reduces over
+    groups of several sizes (hierarchical: the node and the inter-node groups)."""
+    codec = CODECS.get(name) or cp.NaturalCompression()
+    payload = codec.encode(torch.randn(N, generator=torch.Generator().manual_seed(12)))
+    eager = _decoded_eagerly(codec, payload)
+    for alpha in (0.5, 0.25, 1 / 3, 0.5):
+        out = torch.ones(N)
+        codec.decode_into(payload, out, alpha=alpha)
+        assert torch.equal(out, 1 + eager * alpha), alpha
+
+
 def test_hashed_bits_are_uniform_and_keys_independent():
     key = torch.tensor([123, -456, 789, 1011], dtype=torch.int32)
     a = kernels.hashed_bits(key, 1 << 18, torch.device("cpu"), stream=0)

@@ -216,12 +216,13 @@ class BucketedLevelCodec(Codec):
             return scales
         return encode
 
-    def _fused_decoder(self, alpha, paired):
+    def _fused_decoder(self, paired):
         """The kernel; ``paired``: it writes into the int64 view of the output (two codes
-        per packed group)."""
+        per packed group). ``alpha`` is an argument, not a constant of the closure: the
+        kernel is cached per codec, and a cached closure would keep the first call's."""
         per_group, d = bitpack.group_shape(self.bits)[0], self.bucket_size
 
-        def decode(scales, packed, out):
+        def decode(scales, packed, out, alpha):
             # tie sizes the compiler would take as unrelated (it then fuses the store)
             numel = out.shape[0] * (2 if paired else 1)
             torch._check(numel * self.bits == packed.shape[0] * 8)
@@ -280,9 +281,9 @@ class BucketedLevelCodec(Codec):
                   and out.is_contiguous() and out.storage_offset() % 2 == 0)
         if not (self._fused() and kernels.usable(body.device, done) and kernels.run(
                 ("decode", repr(self), body.device.type, alpha is None, paired),
-                lambda: self._fused_decoder(alpha, paired), scales[: done // d].clone(),
+                lambda: self._fused_decoder(paired), scales[: done // d].clone(),
                 packed[: done * bits // 8],
-                out[:done].view(torch.int64) if paired else out[:done]) is not None):
+                out[:done].view(torch.int64) if paired else out[:done], alpha) is not None):
             done = 0
         for lo, hi in chunk_ranges(numel, math.lcm(d, 8), body.device, first=done):
             n, nbytes = hi - lo, bitpack.packed_bytes(hi - lo, bits)

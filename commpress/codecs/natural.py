@@ -128,8 +128,8 @@ class NaturalCompression(Codec):
         magnitude = torch.where(low == _ZERO, 0.0, torch.where(low == _INF, math.inf, magnitude))
         return torch.where(codes == _NAN, math.nan, torch.where(codes >= 0x80, -magnitude, magnitude))
 
-    def _fused_decoder(self, alpha):
-        def decode(e_top, codes, out):
+    def _fused_decoder(self):
+        def decode(e_top, codes, out, alpha):  # alpha an argument: see the bucketed codecs
             torch._check(out.shape[0] == codes.shape[0])
             self._store(self._values(codes.to(torch.int32), e_top), out, alpha)
             return out
@@ -139,7 +139,7 @@ class NaturalCompression(Codec):
         e_top = aligned(body[:4], 4).view(torch.int32)
         if kernels.usable(body.device, out.numel()) and kernels.run(
                 ("decode", repr(self), body.device.type, alpha is None),
-                lambda: self._fused_decoder(alpha), e_top.reshape(()), body[4:], out) is not None:
+                self._fused_decoder, e_top.reshape(()), body[4:], out, alpha) is not None:
             return
         low = torch.arange(128, device=body.device, dtype=torch.int32)
         mags = torch.ldexp(torch.ones(128, device=body.device),
