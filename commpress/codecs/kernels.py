@@ -99,11 +99,17 @@ def _mix(h: torch.Tensor) -> torch.Tensor:
     return h ^ ((h >> 16) & 0xFFFF)
 
 
+def _keyed(counter: torch.Tensor, key: torch.Tensor, stream: int = 0) -> torch.Tensor:
+    """32 random bits (int32) per ``counter``, from the key words ``key[2*stream]`` and
+    ``key[2*stream + 1]``."""
+    return _mix(_mix(counter ^ key[2 * stream]) ^ key[2 * stream + 1])
+
+
 def hashed_bits(key: torch.Tensor, numel: int, device: torch.device, stream: int = 0) -> torch.Tensor:
     """``numel`` uniform 23-bit integers (int32) for elements ``0..numel-1``, from the key
     words ``key[2*stream]`` and ``key[2*stream + 1]`` (int32)."""
     index = torch.arange(numel, dtype=torch.int32, device=device)
-    return (_mix(_mix(index ^ key[2 * stream]) ^ key[2 * stream + 1]) >> 9) & 0x7FFFFF
+    return (_keyed(index, key, stream) >> 9) & 0x7FFFFF
 
 
 def hashed_uniforms(key: torch.Tensor, groups: int, per_group: int, device: torch.device) -> list:
@@ -117,7 +123,7 @@ def hashed_uniforms(key: torch.Tensor, groups: int, per_group: int, device: torc
     columns = []
     for k in range(per_group):
         if k % 2 == 0:
-            word = _mix(_mix((group + k // 2) ^ key[0]) ^ key[1])
+            word = _keyed(group + k // 2, key)
         half = (word >> (16 * (k % 2))) & 0xFFFF
         columns.append(half.float() * 2.0 ** -16 + (1.0 + 2.0 ** -17))
     return columns

@@ -79,13 +79,14 @@ class Segments:
             index, start, stop = spans[0]
             return self.parts[index][start:stop], _nothing
         staging = torch.empty(hi - lo, dtype=self.dtype, device=self.device)
+        return staging, lambda: self._copy_in(spans, staging)
 
-        def commit():
-            offset = 0
-            for i, a, b in spans:
-                self.parts[i][a:b].copy_(staging[offset: offset + b - a])
-                offset += b - a
-        return staging, commit
+    def _copy_in(self, spans, values: torch.Tensor) -> None:
+        """Write consecutive ``values`` into the parts' slices ``spans``."""
+        offset = 0
+        for i, a, b in spans:
+            self.parts[i][a:b].copy_(values[offset: offset + b - a])
+            offset += b - a
 
     def split(self, sizes: Sequence[int]) -> List[torch.Tensor]:
         """The parts themselves, for writers that go part by part (error feedback's
@@ -103,5 +104,4 @@ class Segments:
         """Write ``values`` (as many as this holds) into the parts."""
         if len(self.parts) == 1 and values.data_ptr() == self.parts[0].data_ptr():
             return  # already there
-        for part, lo, hi in zip(self.parts, self.starts, self.starts[1:]):
-            part.copy_(values[lo:hi])
+        self._copy_in(self._spans(0, self.numel()), values)
