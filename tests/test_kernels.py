@@ -207,6 +207,31 @@ def test_fused_natural_compression_is_the_eager_code_with_hashed_randomness(comp
     assert abs(projected.mean()) < 5 * projected.std() / math.sqrt(60)
 
 
+@pytest.mark.parametrize("tiny", [False, True])
+def test_fused_natural_compression_runs_the_low_range_step_only_when_a_value_needs_it(
+        compiled, monkeypatch, tiny):
+    """On the CPU the kernel without the low-range rounding runs first; only a value far
+    enough below the largest makes it run again with it. The codes are those of the full
+    rounding either way."""
+    codec = cp.NaturalCompression()
+    x = torch.randn(N, generator=torch.Generator().manual_seed(12))
+    if tiny:
+        x[7] = 1e-40  # a subnormal, more than 2^125 below the largest value
+    runs = []
+    run = codec._run_fused_encoder
+    monkeypatch.setattr(codec, "_run_fused_encoder",
+                        lambda *args: runs.append(args[-1]) or run(*args))
+    payload = codec.encode(x, torch.Generator().manual_seed(13))
+    assert runs == ([False, True] if tiny else [False])
+    key = kernels.draw_key(torch.Generator().manual_seed(13), x.device, streams=2)
+    e_top = codec._largest_exponent(x) + 1
+    codes = codec._codes(x.clone(), e_top, True,
+                         lambda stream: kernels.hashed_bits(key, N, x.device, stream))
+    assert torch.equal(payload.data[HEADER_BYTES + 4:], codes)
+    if tiny:  # rounded between zero and the smallest power of the range
+        assert codec.decode(payload)[7].item() in (0.0, math.ldexp(1.0, int(e_top) - 125 - 127))
+
+
 def test_natural_compression_code_bytes_and_values_match_their_definitions():
     """C_nat's arithmetic code bytes (encoder) and values (compiled decoder) against their
     definition, for every rounded exponent, sign and code byte, at several ``e_top``."""
