@@ -9,6 +9,7 @@ import torch
 
 import commpress as cp
 from commpress.codecs import HEADER_BYTES, bitpack, kernels
+from commpress.codecs.bucketed import random_bits
 
 N = kernels.MIN_NUMEL * 2 + 37  # whole buckets through the kernel, a ragged tail eagerly
 CODECS = {"qsgd4": cp.QSGD(bits=4), "qsgd3": cp.QSGD(bits=3),
@@ -118,17 +119,23 @@ def test_fused_decoder_takes_each_calls_alpha(compiled, name):
 
 def test_hashed_bits_are_uniform_and_keys_independent():
     key = torch.tensor([123, -456, 789, 1011], dtype=torch.int32)
-    a = kernels.hashed_bits(key, 1 << 18, torch.device("cpu"), stream=0)
-    b = kernels.hashed_bits(key, 1 << 18, torch.device("cpu"), stream=1)
-    assert a.min() >= 0 and a.max() < (1 << 23)
-    counts = torch.bincount(a >> 19, minlength=16).double()  # 16 cells of the top bits
-    chi2 = ((counts - counts.mean()) ** 2 / counts.mean()).sum()
-    assert chi2 < 40  # 15 degrees of freedom: p < 1e-3
-    low = torch.bincount(a & 15, minlength=16).double()  # low bits too
-    assert ((low - low.mean()) ** 2 / low.mean()).sum() < 40
-    fa, fb = a.double() / (1 << 23), b.double() / (1 << 23)
-    assert abs(torch.corrcoef(torch.stack([fa, fb]))[0, 1]) < 0.01
-    assert abs(torch.corrcoef(torch.stack([fa[1:], fa[:-1]]))[0, 1]) < 0.01  # neighbours
+    a = kernels.hashed_bits(key, 1 << 16, torch.device("cpu"), stream=0)
+    b = kernels.hashed_bits(key, 1 << 16, torch.device("cpu"), stream=1)
+    for column in a:  # the fourth column is made of the bits the other three leave
+        assert column.min() >= 0 and column.max() < (1 << 23)
+        counts = torch.bincount(column >> 19, minlength=16).double()  # 16 cells of the top bits
+        assert ((counts - counts.mean()) ** 2 / counts.mean()).sum() < 40  # 15 dof: p < 1e-3
+        low = torch.bincount(column & 15, minlength=16).double()  # low bits too
+        assert ((low - low.mean()) ** 2 / low.mean()).sum() < 40
+    values = torch.stack(a, 1).view(-1).double() / (1 << 23)  # in the order values take them
+    other = torch.stack(b, 1).view(-1).double() / (1 << 23)
+    assert abs(torch.corrcoef(torch.stack([values, other]))[0, 1]) < 0.01  # streams
+    for lag in (1, 2, 3, 4):  # within a group of four, and across groups
+        assert abs(torch.corrcoef(torch.stack([values[lag:], values[:-lag]]))[0, 1]) < 0.01
+    # pairs of neighbours fill a 16 x 16 grid evenly
+    cells = torch.bincount((values[:-1] * 16).long() * 16 + (values[1:] * 16).long(), minlength=256)
+    expected = (values.numel() - 1) / 256
+    assert ((cells.double() - expected) ** 2 / expected).sum() < 255 + 5 * math.sqrt(510)
 
 
 def test_hashed_uniforms_are_uniform_on_their_grid_and_halves_independent():
@@ -173,16 +180,29 @@ def test_a_failing_compiler_falls_back_to_eager_once(monkeypatch, caplog, compil
     assert (first - x).abs().max() <= x.abs().max() / codec.levels * 1.01
 
 
+def _natural_codes_of_the_kernel(codec, x, seed):
+    """``(e_top, codes)`` of C_nat with full rounding and the fused path's randomness: the
+    hashed bits of groups of four (value ``4g + k`` takes column ``k`` of group ``g``), then
+    the generator's bits for the last ``numel % 4`` values."""
+    gen = torch.Generator().manual_seed(seed)
+    key = kernels.draw_key(gen, x.device, streams=2)
+    e_top = codec._largest_exponent(x) + 1
+    whole = x.numel() // 4 * 4
+    per_value = [torch.stack(kernels.hashed_bits(key, whole // 4, x.device, stream), 1).view(-1)
+                 for stream in (0, 1)]
+    codes = codec._codes(x[:whole].clone(), e_top, True, lambda stream: per_value[stream])
+    tail = codec._codes(x[whole:].clone(), e_top, True,
+                        lambda stream: random_bits(x.numel() - whole, x.device, gen))
+    return e_top, torch.cat([codes, tail])
+
+
 def test_fused_natural_compression_is_the_eager_code_with_hashed_randomness(compiled):
     codec = cp.NaturalCompression()
     x = torch.randn(N, generator=torch.Generator().manual_seed(8))
     x[3], x[4], x[5] = 0.0, math.inf, math.nan
     x[6:100] *= 1e-36  # far below the largest: the second, low-range rounding
     payload = codec.encode(x, torch.Generator().manual_seed(9))
-    key = kernels.draw_key(torch.Generator().manual_seed(9), x.device, streams=2)
-    e_top = codec._largest_exponent(x) + 1
-    codes = codec._codes(x.clone(), e_top, True,
-                         lambda stream: kernels.hashed_bits(key, N, x.device, stream))
+    e_top, codes = _natural_codes_of_the_kernel(codec, x, seed=9)
     body = payload.data[HEADER_BYTES:]
     assert int(body[:4].view(torch.int32)) == int(e_top) and torch.equal(body[4:], codes)
     y = codec.decode(payload)
@@ -223,10 +243,7 @@ def test_fused_natural_compression_runs_the_low_range_step_only_when_a_value_nee
                         lambda *args: runs.append(args[-1]) or run(*args))
     payload = codec.encode(x, torch.Generator().manual_seed(13))
     assert runs == ([False, True] if tiny else [False])
-    key = kernels.draw_key(torch.Generator().manual_seed(13), x.device, streams=2)
-    e_top = codec._largest_exponent(x) + 1
-    codes = codec._codes(x.clone(), e_top, True,
-                         lambda stream: kernels.hashed_bits(key, N, x.device, stream))
+    e_top, codes = _natural_codes_of_the_kernel(codec, x, seed=13)
     assert torch.equal(payload.data[HEADER_BYTES + 4:], codes)
     if tiny:  # rounded between zero and the smallest power of the range
         assert codec.decode(payload)[7].item() in (0.0, math.ldexp(1.0, int(e_top) - 125 - 127))

@@ -194,7 +194,9 @@ class Codec:
     def encode(self, tensor: torch.Tensor, generator: Optional[torch.Generator] = None) -> Payload:
         check_float_tensor(tensor)
         numel = tensor.numel()
-        data = torch.empty(self.wire_bytes(numel), dtype=torch.uint8, device=tensor.device)
+        nbytes = self.wire_bytes(numel)
+        # storage in whole 8-byte words: a compiled kernel may write the body as wider words
+        data = torch.empty(-(-nbytes // 8) * 8, dtype=torch.uint8, device=tensor.device)[:nbytes]
         data[:HEADER_BYTES].copy_(self._header(tensor.dtype, numel, tensor.device))
         if numel:
             self._encode_body(tensor.reshape(-1), generator, data[HEADER_BYTES:])

@@ -105,11 +105,17 @@ def _keyed(counter: torch.Tensor, key: torch.Tensor, stream: int = 0) -> torch.T
     return _mix(_mix(counter ^ key[2 * stream]) ^ key[2 * stream + 1])
 
 
-def hashed_bits(key: torch.Tensor, numel: int, device: torch.device, stream: int = 0) -> torch.Tensor:
-    """``numel`` uniform 23-bit integers (int32) for elements ``0..numel-1``, from the key
-    words ``key[2*stream]`` and ``key[2*stream + 1]`` (int32)."""
-    index = torch.arange(numel, dtype=torch.int32, device=device)
-    return (_keyed(index, key, stream) >> 9) & 0x7FFFFF
+def hashed_bits(key: torch.Tensor, groups: int, device: torch.device, stream: int = 0) -> list:
+    """Four columns of ``groups`` uniform 23-bit integers (int32) each, from three hashes per
+    group (counters ``3g, 3g + 1, 3g + 2`` under the key words ``key[2*stream]`` and
+    ``key[2*stream + 1]``): the first three take the top 23 bits of one hash each, the fourth
+    23 of the 27 bits the three leave. Disjoint bits: a quarter less hashing than a hash per
+    value, with all 23 bits random."""
+    first = torch.arange(groups, dtype=torch.int32, device=device) * 3
+    words = [_keyed(first + k, key, stream) for k in range(3)]
+    columns = [(word >> 9) & 0x7FFFFF for word in words]
+    columns.append((words[0] & 0x1FF) | ((words[1] & 0x1FF) << 9) | ((words[2] & 0x1F) << 18))
+    return columns
 
 
 def hashed_uniforms(key: torch.Tensor, groups: int, per_group: int, device: torch.device) -> list:
@@ -130,7 +136,7 @@ def hashed_uniforms(key: torch.Tensor, groups: int, per_group: int, device: torc
 
 
 def draw_key(generator: Optional[torch.Generator], device: torch.device, streams: int = 1) -> torch.Tensor:
-    """The key words of :func:`hashed_bits` for ``streams`` streams, drawn from ``generator``
-    on ``device`` (no host round trip on accelerators)."""
+    """The key words of :func:`hashed_bits` and :func:`hashed_uniforms` for ``streams``
+    streams, drawn from ``generator`` on ``device`` (no host round trip on accelerators)."""
     words = torch.empty(2 * streams, dtype=torch.int32, device=device)
     return words.random_(-(1 << 31), (1 << 31) - 1, generator=generator)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -47,7 +48,10 @@ class NaturalCompression(Codec):
         return torch.where(a > 0, (hi - a) * (a - hi / 2), torch.zeros_like(a)).sum()
 
     def _encode_body(self, flat, generator, out):
-        if kernels.usable(flat.device, flat.numel()):
+        # the kernel writes four codes as one little-endian int32 word: out[4:] must be aligned
+        # and its storage whole words (as `encode` allocates it; the compiler asserts so)
+        if (kernels.usable(flat.device, flat.numel()) and out.storage_offset() % 4 == 0
+                and out.untyped_storage().nbytes() % 4 == 0 and sys.byteorder == "little"):
             key = kernels.draw_key(generator, flat.device, streams=2)
             # The low-range step draws a second hash per value, though it rarely applies (only
             # to values 2^125 below the largest). On the CPU, where reading the kernel's flag
@@ -58,7 +62,13 @@ class NaturalCompression(Codec):
             if fused is not None and not low_range and bool(fused[1]):
                 fused = self._run_fused_encoder(flat, key, out, True)
             if fused is not None:
-                out[:4] = fused[0].reshape(1).view(torch.uint8)
+                e_top = fused[0]
+                out[:4] = e_top.reshape(1).view(torch.uint8)
+                whole = flat.numel() // 4 * 4  # the last 0-3 values eagerly, from the generator
+                tail = flat[whole:].float()
+                if tail.numel():
+                    out[4 + whole:] = self._codes(tail, e_top, True, lambda stream: random_bits(
+                        tail.numel(), flat.device, generator))
                 return
         ranges = list(chunk_ranges(flat.numel(), 1, flat.device))
         biggest = torch.zeros((), dtype=torch.int32, device=flat.device)
@@ -75,17 +85,28 @@ class NaturalCompression(Codec):
                                               lambda stream: random_bits(n, flat.device, generator))
 
     def _run_fused_encoder(self, flat, key, out, low_range):
-        """``(e_top, needs_low_range)`` from the kernel, which wrote the codes, or None."""
+        """``(e_top, needs_low_range)`` from the kernel, which wrote the codes of the first
+        ``numel // 4 * 4`` values, or None."""
+        words = out[4: 4 + flat.numel() // 4 * 4].view(torch.int32)
         return kernels.run(("encode", repr(self), flat.device.type, low_range),
-                           lambda: self._fused_encoder(low_range), flat, key, out[4:])
+                           lambda: self._fused_encoder(low_range), flat, key, words)
 
     def _fused_encoder(self, low_range):
-        def encode(flat, key, codes_out):
-            torch._check(codes_out.shape[0] == flat.shape[0])
+        """The kernel: the values in columns of four, so that three hashes serve four values
+        (:func:`kernels.hashed_bits`), and their codes stored as one int32 word."""
+        def encode(flat, key, words_out):
+            groups = words_out.shape[0]
+            torch._check(flat.shape[0] - 4 * groups >= 0)
+            torch._check(flat.shape[0] - 4 * groups < 4)
             x = flat.float()
             e_top = self._largest_exponent(x) + 1
-            codes_out.copy_(self._codes(x, e_top, low_range, lambda stream:
-                                        kernels.hashed_bits(key, x.numel(), x.device, stream)))
+            columns = x[: 4 * groups].view(-1, 4)
+            bits = [kernels.hashed_bits(key, groups, x.device, stream) for stream in range(1 + low_range)]
+            word = 0
+            for k in range(4):  # little-endian: value 4g + k is byte k of word g
+                code = self._codes(columns[:, k], e_top, low_range, lambda stream, k=k: bits[stream][k])
+                word = word | (code.to(torch.int32) << (8 * k))
+            words_out.copy_(word)
             # a nonzero magnitude below 2^(e_low - 127) may round below the range
             magnitude = x.view(torch.int32) & 0x7FFFFFFF
             e_low = (e_top - (_SPAN - 1)).clamp(min=0)
@@ -134,14 +155,16 @@ class NaturalCompression(Codec):
     def _values(codes, e_top):
         """fp32 values of code bytes ``codes`` (int32), arithmetically (the compiled decoder's
         form of :meth:`_decode_body`'s table): code ``low`` is ``2^(e_top - 127 - 126 + low)``,
-        built from its bits, subnormal or zero where it falls below the normal range."""
+        its fp32 bits built directly (subnormal or zero where it falls below the normal range),
+        the code's sign bit moved to the float's."""
         low = codes & 0x7F
         biased = e_top - _SPAN + low
         normal = biased.clamp(min=0) << 23
         subnormal = torch.where(biased > -23, 1 << (biased + 22).clamp(0, 22), 0)
-        magnitude = torch.where(biased >= 1, normal, subnormal).view(torch.float32)
-        magnitude = torch.where(low == _ZERO, 0.0, torch.where(low == _INF, math.inf, magnitude))
-        return torch.where(codes == _NAN, math.nan, torch.where(codes >= 0x80, -magnitude, magnitude))
+        magnitude = torch.where(biased >= 1, normal, subnormal)
+        magnitude = torch.where(low == _INF, 0x7F800000, torch.where(low == _ZERO, 0, magnitude))
+        bits = torch.where(codes == _NAN, 0x7FC00000, magnitude | ((codes & 0x80) << 24))
+        return bits.view(torch.float32)
 
     def _fused_decoder(self):
         def decode(e_top, codes, out, alpha):  # alpha an argument: see the bucketed codecs
