@@ -44,6 +44,40 @@ def test_codec_on_cuda_sizes_round_trip_and_unbiased(name):
         assert abs(err) < 5 * single.std() / math.sqrt(trials)
 
 
+@pytest.mark.parametrize("name", ["qsgd2", "qsgd3", "qsgd4", "qsgd8", "natural", "dithering"])
+def test_fused_kernels_on_cuda_one_wire_format_and_unbiased(name):
+    """Large enough for the compiled (Triton) kernels: they run without falling back, their
+    payloads decode bit for bit like the eager CPU decoder's, decoding into a sum matches,
+    and the rounding stays unbiased."""
+    from commpress.codecs import kernels
+    kernels.set_enabled(True)
+    try:
+        codec = CODECS[name]
+        n = kernels.MIN_NUMEL * 2 + 37
+        x = torch.randn(n, device="cuda")
+        x[5], x[6] = 0.0, 1e-40  # a zero and a subnormal (C_nat's low range)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        payload = codec.encode(x, gen)
+        fused = codec.decode(payload)
+        kernels.set_enabled(False)
+        eager = codec.decode(cp.Payload(payload.data.cpu(), payload.shape))
+        kernels.set_enabled(True)
+        assert not [key for key in kernels._broken if "cuda" in key], kernels._broken
+        assert torch.equal(fused.cpu().view(torch.int32), eager.view(torch.int32))
+        total = torch.full((n,), 0.5, device="cuda")
+        codec.decode_into(payload, total, alpha=0.25)
+        # (the GPU may fuse the multiply-add: one rounding instead of two)
+        assert torch.allclose(total.cpu(), torch.full((n,), 0.5) + eager * 0.25, rtol=1e-6, atol=0)
+        trials = 100
+        mean = sum(codec.decode(codec.encode(x, gen)).double() for _ in range(trials)) / trials
+        direction = torch.randn(n, device="cuda", dtype=torch.float64)
+        single = torch.stack([((codec.decode(codec.encode(x, gen)).double() - x) * direction).sum()
+                              for _ in range(30)])
+        assert abs(((mean - x.double()) * direction).sum()) < 5 * single.std() / math.sqrt(trials)
+    finally:
+        kernels.set_enabled(None)
+
+
 @pytest.fixture(scope="module")
 def nccl_world():
     with tempfile.TemporaryDirectory() as tmp:
