@@ -66,7 +66,7 @@ def worker(args) -> None:
 
     from commpress.comm import compressed_mean
     from commpress.comm.transport import TorchTransport, node_layout, torch_hierarchical_transport
-    from commpress.ddp import NAMED_CODECS
+    from commpress.ddp import codec_from_name, named_hooks
     from commpress.netsim import join_job, link_tx_bytes
     from commpress.stats import CommStats
 
@@ -85,7 +85,7 @@ def worker(args) -> None:
         for method in args.methods:
             name, _, collective = method.partition("@")
             transport = hierarchical if collective == "hierarchical" else flat
-            codec = NAMED_CODECS[name]() if name in NAMED_CODECS else None
+            codec = codec_from_name(name) if name in named_hooks() else None
             stats, times, wire = CommStats(), [], []
             if method in torch_hooks:
                 failure = _hook_failure(torch_hooks[method], x.clone())

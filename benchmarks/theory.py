@@ -143,14 +143,14 @@ def main(argv=None):
 
     import torch
 
-    from commpress.ddp import NAMED_CODECS
+    from commpress.ddp import codec_from_name
 
     torch.set_num_threads(1)
     rows = []
     for task in args.tasks:
         for step, g in gradients(task, args.steps):
             for name in CODECS:
-                codec = NAMED_CODECS[name]()
+                codec = codec_from_name(name)
                 rows.append({"task": task, "step": step, "numel": g.numel(), "codec": name,
                              **check(codec, g, args.trials, seed=step)})
     failed = [r for r in rows if r["variance"] > r["bound"] + 3 * r["variance_se"]]

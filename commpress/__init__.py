@@ -3,11 +3,13 @@ from .codecs import (BF16, FP16, QSGD, Codec, Identity, NaturalCompression, Natu
                      Payload, codec_names, get_codec)
 from .acdc import ACDC, ACDCSchedule
 from .config import CompressionConfig
-from .ddp import CompressionState, compress_hook, register_hook, state_from_name
+from .ddp import (CompressionState, codec_from_name, compress_hook, named_hooks, register_hook,
+                  register_named_hook, state_from_name)
 from .stats import CommStats
 
 __version__ = "0.1.0"
 __all__ = ["Codec", "Payload", "get_codec", "codec_names", "QSGD", "NaturalCompression",
            "NaturalDithering", "Identity", "FP16", "BF16", "CompressionConfig", "CompressionState",
-           "compress_hook", "register_hook", "state_from_name", "CommStats", "ACDC",
+           "compress_hook", "register_hook", "register_named_hook", "named_hooks",
+           "codec_from_name", "state_from_name", "CommStats", "ACDC",
            "ACDCSchedule"]

@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -834,27 +834,69 @@ def _on_side_stream(reduce, stream: "torch.cuda.Stream", device: torch.device):
 
 
 # -- named hooks, for command lines and configuration files ----------------------------------
-NAMED_CODECS = {
-    "fp32": Identity, "fp16": FP16, "bf16": BF16,
-    # qsgd2 ... qsgd8, every width QSGD takes; 2 bits with smaller buckets (fewer levels need
-    # a tighter scale)
-    **{f"qsgd{bits}": functools.partial(QSGD, bits=bits, bucket_size=128 if bits == 2 else 512)
-       for bits in range(2, 9)},
-    "natural": NaturalCompression, "cnat": NaturalCompression,
-    "dithering": NaturalDithering, "dnat": NaturalDithering,
-}
+#: hook name -> factory of its codec; one table behind every place a hook is named
+#: (register_hook, state_from_name, ``commpress train``, the Lightning strategy, benchmarks)
+_NAMED_HOOKS: Dict[str, Callable[[], Codec]] = {}
+_FEEDBACK_SUFFIXES = ("ef", "ef21")
+
+
+def register_named_hook(name: str, codec_factory: Callable[[], Codec]) -> None:
+    """Make ``name`` (and ``name+ef``, ``name+ef21``) a hook name, e.g. for a codec of your
+    own. A taken name is refused, as codec names and wire ids are (see
+    :func:`commpress.codecs.register_codec`): a plugin cannot silently replace a built-in.
+
+    Example::
+
+        >>> commpress.register_named_hook("qsgd4-l2", lambda: QSGD(bits=4, norm="l2"))
+        >>> state = commpress.register_hook(ddp_model, "qsgd4-l2+ef")
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if not isinstance(key, str) or not key or "+" in key or not key.isprintable() or " " in key:
+        raise ValueError(f"a hook name is a non-empty word without '+' or spaces, got {name!r}")
+    if not callable(codec_factory):
+        raise TypeError(f"codec_factory must be callable (returning a Codec), got {codec_factory!r}")
+    if key in _NAMED_HOOKS:
+        raise ValueError(f"hook name {name!r} is already registered")
+    _NAMED_HOOKS[key] = codec_factory
+
+
+def named_hooks() -> List[str]:
+    """The registered hook names (each also takes ``+ef`` or ``+ef21``)."""
+    return sorted(_NAMED_HOOKS)
+
+
+def _split_name(name: str):
+    """``(codec factory, error_feedback or None)`` of a hook name such as ``"qsgd4+ef"``."""
+    base, plus, feedback = name.lower().partition("+") if isinstance(name, str) else (name, "", "")
+    if base not in _NAMED_HOOKS or (plus and feedback not in _FEEDBACK_SUFFIXES):
+        raise ValueError(f"unknown hook {name!r}; known: {', '.join(named_hooks())} "
+                         "(optionally with +ef or +ef21)")
+    return _NAMED_HOOKS[base], feedback or None
+
+
+def codec_from_name(name: str) -> Codec:
+    """A fresh codec of hook ``name`` (without its feedback suffix)."""
+    return _split_name(name)[0]()
 
 
 def state_from_name(name: str, **kwargs) -> CompressionState:
-    """``"qsgd4"``, ``"natural"``, ... with an optional ``+ef`` or ``+ef21`` suffix,
-    e.g. ``"qsgd4+ef"``; keyword arguments go to :class:`CompressionState`."""
-    base, _, feedback = name.lower().partition("+")
-    if base not in NAMED_CODECS:
-        raise ValueError(f"unknown hook {name!r}; known: {', '.join(sorted(NAMED_CODECS))} "
-                         "(optionally with +ef or +ef21)")
+    """``"qsgd4"``, ``"natural"``, ... (see :func:`named_hooks`) with an optional ``+ef`` or
+    ``+ef21`` suffix, e.g. ``"qsgd4+ef"``; keyword arguments go to :class:`CompressionState`."""
+    factory, feedback = _split_name(name)
     if feedback:
         kwargs["error_feedback"] = feedback
-    return CompressionState(codec=NAMED_CODECS[base](), **kwargs)
+    return CompressionState(codec=factory(), **kwargs)
+
+
+for _name, _factory in {
+        "fp32": Identity, "fp16": FP16, "bf16": BF16,
+        # qsgd2 ... qsgd8, every width QSGD takes; 2 bits with smaller buckets (fewer levels
+        # need a tighter scale)
+        **{f"qsgd{bits}": functools.partial(QSGD, bits=bits, bucket_size=128 if bits == 2 else 512)
+           for bits in range(2, 9)},
+        "natural": NaturalCompression, "cnat": NaturalCompression,
+        "dithering": NaturalDithering, "dnat": NaturalDithering}.items():
+    register_named_hook(_name, _factory)
 
 
 def register_hook(model: torch.nn.parallel.DistributedDataParallel, state, **kwargs) -> CompressionState:

@@ -193,6 +193,27 @@ def test_state_rejects_unsafe_settings():
         cp.state_from_name("qsgd9")
 
 
+def test_named_hooks_one_registry_refusing_taken_and_malformed_names(monkeypatch):
+    from commpress import ddp as ddp_module
+    monkeypatch.setattr(ddp_module, "_NAMED_HOOKS", dict(ddp_module._NAMED_HOOKS))
+    assert {"fp32", "fp16", "qsgd2", "qsgd8", "natural", "dithering"} <= set(cp.named_hooks())
+    assert cp.state_from_name("QSGD4+EF", policy="fixed").error_feedback == "ef"
+    assert cp.codec_from_name("qsgd2+ef21") == cp.QSGD(bits=2, bucket_size=128)
+    for bad in ("qsgd4+topk", "qsgd4+", ""):
+        with pytest.raises(ValueError, match="unknown hook"):
+            cp.state_from_name(bad)
+    with pytest.raises(ValueError, match="already registered"):
+        cp.register_named_hook("QSGD4", cp.QSGD)  # names are case-insensitive
+    for bad in ("a+b", "", "two words"):
+        with pytest.raises(ValueError, match="hook name"):
+            cp.register_named_hook(bad, cp.QSGD)
+    with pytest.raises(TypeError, match="callable"):
+        cp.register_named_hook("mine", cp.QSGD(bits=3))
+    cp.register_named_hook("qsgd4-l2", lambda: cp.QSGD(bits=4, norm="l2"))
+    state = cp.state_from_name("qsgd4-l2+ef", policy="fixed")
+    assert state.codec == cp.QSGD(bits=4, norm="l2") and state.error_feedback == "ef"
+
+
 def server_feedback_worker(rank, world_size):
     state = cp.CompressionState(cp.QSGD(bits=4), collective="reduce_scatter", error_feedback="ef",
                                 server_feedback=True, log_every=0, policy="fixed")
