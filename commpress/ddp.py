@@ -26,8 +26,8 @@ import torch.distributed as dist
 from .codecs import FP16, BF16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering
 from .acdc.masks import GradientMask
 from .comm.agreement import agree
-from .comm.calibration import (CALIBRATED, FP32, POLICIES, Candidate, DriftMonitor, Plan,
-                               PlanEntry, Trials, candidates, decide, finalists, measure)
+from .comm.calibration import (CALIBRATED, FP32, POLICIES, Candidate, CudaTimer, DriftMonitor,
+                               Plan, PlanEntry, Trials, candidates, decide, finalists, measure)
 from .config import CompressionConfig
 from .comm.ordered import OrderedExecutor
 from .comm.transport import (HierarchicalTransport, TorchTransport, Transport, destroyable,
@@ -210,6 +210,7 @@ class CompressionState:
         self._calibrating = False                   # this step measures (set by the hook)
         self._step_plan: Optional[Plan] = None      # the plan this step runs
         self._step_started = 0.0
+        self._step_timer: Optional[CudaTimer] = None
         self._drift = DriftMonitor()
         # this process's runtime and bookkeeping (not pickled, not in state_dict)
         self.param_index: Dict[torch.Tensor, int] = {}
@@ -371,11 +372,15 @@ class CompressionState:
                                                 device=control.device))
         return bool(votes.any())
 
-    def _begin_step(self, step: int, compress: bool, runtime: _Runtime) -> None:
+    def _begin_step(self, step: int, compress: bool, runtime: _Runtime, device: torch.device) -> None:
         """The calibrated policy at a step's first bucket, on the hook's thread while nothing
         of the step is in flight: time the previous trial step (first bucket to first bucket:
         its whole iteration), adopt a plan when the trials are over, decide whether this step
         calibrates, and which plan it runs."""
+        cuda = device.type == "cuda"
+        if cuda and self._trials is not None:
+            # trial steps are timed on the host clock, which on a GPU runs ahead of the work
+            torch.cuda.synchronize(device)
         now = time.perf_counter()
         trials = self._trials
         if trials is not None:
@@ -390,6 +395,9 @@ class CompressionState:
         in_trial = self._trials is not None and self._trials.covers(step)
         self._step_plan = self._trials.plan_for(step) if in_trial else self.plan
         self._step_started = now
+        # an adopted plan's all-reduces issued inline on a GPU are timed by events
+        self._step_timer = (CudaTimer() if cuda and runtime.inline and self._step_plan is not None
+                            and self._step_plan is self.plan else None)
 
     def _isolated_done(self, runtime: _Runtime) -> None:
         """After a calibration step (worker thread, its last bucket): adopt the per-bucket plan
@@ -714,10 +722,16 @@ def _reduce_bucket(state: CompressionState, runtime: _Runtime, buffer: torch.Ten
     w = transport.world_size
     state.stats.add(fp32_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
     choice = _choose(state, runtime, buffer, small, big, last, compress, calibrating, plan)
+    adopted = plan is not None and plan is state.plan  # not on trial: watched for drift
+    # inline on a GPU the host only queues the work: time it by events (a worker thread
+    # synchronizes its side stream, so its clock is the work's)
+    timer = CudaTimer() if adopted and runtime.inline and buffer.is_cuda else None
     start = time.perf_counter()
     _reduce_as(state, runtime, buffer, small, big, choice, state.generator(buffer.device),
                state.stats, state.feedback)
-    if plan is not None and plan is state.plan:  # adopted, not on trial
+    if timer is not None:
+        state._drift.add_timer(timer.stop(), last)
+    elif adopted:
         state._drift.add(time.perf_counter() - start, last)
     if last:
         _end_step(state, phase, transport.rank)
@@ -754,12 +768,15 @@ def _reduce_direct(state: CompressionState, runtime: _Runtime, buffer: torch.Ten
     # last reference, the state's finalizer would destroy the group from that group's own
     # thread ("Resource deadlock avoided", and the process aborts)
     started, drift = state._step_started, state._drift if last and plan is state.plan else None
+    timer = state._step_timer
     work = dist.all_reduce(send, group=runtime.transport.group, async_op=True)
 
     def finish(_):
         if send is not buffer:
             buffer.copy_(send)
-        if drift is not None:
+        if drift is not None and timer is not None:  # on the GPU: after the all-reduce's work
+            drift.add_timer(timer.stop(), step_done=True)
+        elif drift is not None:
             drift.add(time.perf_counter() - started, step_done=True)
         return buffer
     return work.get_future().then(finish)
@@ -792,7 +809,7 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
     runtime = state._ensure_runtime(device)  # on this (the backward's) thread, never the worker
     step, compress = state.iter, state.iter >= state.start_iter
     if state.policy == CALIBRATED and index == 0:  # nothing of this step is in flight yet
-        state._begin_step(step, compress, runtime)
+        state._begin_step(step, compress, runtime, device)
     calibrating, plan = state._calibrating, state._step_plan
     # a plan of all-reduces only skips the worker; an AC/DC mask's compact vectors need it
     if compress and not calibrating and plan is not None and plan.all_reduce and not state.mask:

@@ -11,8 +11,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import commpress as cp
 import commpress.ddp
 from commpress.comm import LoopbackGroup
-from commpress.comm.calibration import (FP32, TRIAL_STEPS, WINDOW, Candidate, DriftMonitor, Plan,
-                                        PlanEntry, Trials, candidates, decide, finalists, measure)
+from commpress.comm.calibration import (FP32, MAX_UNREAD, TRIAL_STEPS, WINDOW, Candidate,
+                                        DriftMonitor, Plan, PlanEntry, Trials, candidates, decide,
+                                        finalists, measure)
 from distributed import run_workers
 
 FP16 = Candidate("fp16", "allreduce")
@@ -75,6 +76,42 @@ def test_drift_monitor_flags_a_slower_or_faster_link_only():
     for seconds in [0.1] * WINDOW + [0.04] * WINDOW:
         monitor.add(seconds, step_done=True)
     assert monitor.drifted()
+
+
+class _FakeTimer:
+    """A stopped CudaTimer whose work the GPU finishes when the test says."""
+
+    def __init__(self, seconds):
+        self.value, self.finished, self.waited = seconds, False, False
+
+    def done(self):
+        return self.finished
+
+    def seconds(self):
+        self.waited = not self.finished
+        return self.value
+
+
+def test_drift_monitor_reads_gpu_timers_in_order_once_done():
+    monitor = DriftMonitor()
+    timers = [_FakeTimer(0.1) for _ in range(2 * WINDOW)]
+    for timer in timers[:WINDOW]:
+        monitor.add_timer(timer, step_done=True)
+    assert monitor.reference is None  # nothing finished, nothing read, nothing waited for
+    timers[1].finished = True
+    monitor.add_timer(timers[WINDOW], step_done=True)
+    assert monitor.reference is None  # the oldest is not done: read in order
+    for timer in timers:
+        timer.finished = True
+    for timer in timers[WINDOW + 1:]:
+        monitor.add_timer(timer, step_done=True)
+    assert monitor.reference == pytest.approx(0.1) and not monitor.drifted()
+    assert not any(timer.waited for timer in timers)
+    # a GPU far behind: the oldest is waited for rather than piling up timers
+    slow = [_FakeTimer(0.1) for _ in range(MAX_UNREAD + 1)]
+    for timer in slow:
+        monitor.add_timer(timer, step_done=True)
+    assert slow[0].waited and not slow[1].waited
 
 
 def test_state_rejects_unknown_policy():

@@ -20,9 +20,10 @@ real group, once (during a warm-up step) and again when the step's communication
   iteration (on the slowest rank) is adopted, fp32 first within :data:`MARGIN`.
 - :class:`Plan`: the choices by bucket size, identical on every rank (decided from identical
   numbers), part of the front end's checkpoint, so a resumed run reduces as the original did.
-- :class:`DriftMonitor`: the reduction time per step against the first steps after the plan;
-  a plan is stale when it moved by more than :data:`DRIFT` either way (a congested or freed
-  link), which the front end then agrees on across ranks before calibrating again.
+- :class:`DriftMonitor`: the reduction time per step against the first steps after the plan
+  (on CUDA read from events, :class:`CudaTimer`); a plan is stale when it moved by more than
+  :data:`DRIFT` either way (a congested or freed link), which the front end then agrees on
+  across ranks before calibrating again.
 
 The module knows transports and codecs only; what a candidate run does is the front end's
 callable.
@@ -255,6 +256,33 @@ class Trials:
                     {p.label(codec): s for p, s in zip(self.plans, medians)})
 
 
+class CudaTimer:
+    """Seconds of the work queued on the current CUDA stream between construction and
+    :meth:`stop`, read from events once the GPU has done it: the host only launches that
+    work, so its clock would count the launches."""
+
+    def __init__(self):
+        self._begin = torch.cuda.Event(enable_timing=True)
+        self._begin.record()
+        self._end: Optional[torch.cuda.Event] = None
+
+    def stop(self) -> "CudaTimer":
+        self._end = torch.cuda.Event(enable_timing=True)
+        self._end.record()
+        return self
+
+    def done(self) -> bool:
+        return self._end.query()
+
+    def seconds(self) -> float:
+        self._end.synchronize()
+        return self._begin.elapsed_time(self._end) / 1e3
+
+
+#: timers a :class:`DriftMonitor` leaves unread before it waits for the oldest
+MAX_UNREAD = 64
+
+
 class DriftMonitor:
     """Reduction seconds per step: the median of the first :data:`WINDOW` steps after a plan is
     the reference, the median of the latest :data:`WINDOW` is compared with it."""
@@ -264,6 +292,7 @@ class DriftMonitor:
         self._first: List[float] = []
         self._recent: deque = deque(maxlen=WINDOW)
         self._current = 0.0
+        self._unread: deque = deque()  # (timer, step_done) of work the GPU may not have done
 
     def reset(self) -> None:
         self.__init__()
@@ -279,6 +308,14 @@ class DriftMonitor:
                 self.reference = statistics.median(self._first)
         else:
             self._recent.append(total)
+
+    def add_timer(self, timer: CudaTimer, step_done: bool) -> None:
+        """:meth:`add` for work timed on the GPU (a stopped :class:`CudaTimer`): read in order,
+        as the GPU finishes, so that reading rarely waits."""
+        self._unread.append((timer, step_done))
+        while self._unread and (self._unread[0][0].done() or len(self._unread) > MAX_UNREAD):
+            timer, done = self._unread.popleft()
+            self.add(timer.seconds(), done)
 
     def drifted(self) -> bool:
         if self.reference is None or len(self._recent) < WINDOW or self.reference <= 0:

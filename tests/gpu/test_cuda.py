@@ -114,6 +114,26 @@ def test_ddp_hook_under_nccl(nccl_world, hook, collective):
         assert all(torch.equal(a, p.grad) for a, p in zip(ddp_grads, model.parameters()))
 
 
+def test_calibrated_policy_under_nccl_times_the_gpu(nccl_world):
+    """The default policy on a GPU, where the hook only queues work: trial steps are timed
+    after a synchronize, the adopted plan's reductions by CUDA events, so the drift reference
+    is the GPU's time and gets set."""
+    from commpress.comm.calibration import TRIAL_STEPS, WINDOW
+    torch.manual_seed(0)
+    model = DDP(nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 8)).cuda(),
+                device_ids=[0])
+    state = cp.register_hook(model, "qsgd4", log_every=0)
+    assert state.policy == "calibrated"
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2 + 3 * TRIAL_STEPS + 2 * WINDOW):
+        opt.zero_grad()
+        model(torch.randn(64, 512, device="cuda")).square().mean().backward()
+        opt.step()
+    torch.cuda.synchronize()
+    assert state.plan is not None
+    assert state._drift.reference is not None and 0 < state._drift.reference < 1.0
+
+
 def test_training_under_a_non_default_stream(nccl_world):
     torch.manual_seed(0)
     model = DDP(nn.Linear(1024, 1024).cuda(), device_ids=[0])
