@@ -340,9 +340,14 @@ def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_resid
 
 
 def _raise_if_failed(failure: Optional[Exception], statuses: torch.Tensor) -> None:
-    """Every rank fails when any did: ``statuses`` are the ranks' failure flags."""
+    """Every rank fails when any did: ``statuses`` are the ranks' failure flags. On an
+    accelerator they are not read (a device->host copy would stall the hook on every bucket):
+    there the ranks' layouts were checked before the step (the configuration agreement, on a
+    CPU group), the failing rank raises, and its chunk, sent as NaN, is NaN on every peer."""
     if failure is not None:
         raise failure
+    if statuses.device.type != "cpu":
+        return
     failed = statuses.nonzero().view(-1).tolist()
     if failed:
         raise ValueError(f"commpress: rank(s) {failed} of the group received payloads of the wrong "
