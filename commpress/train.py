@@ -307,8 +307,9 @@ MODELS = {"digits": "small CNN", "synthetic": "small CNN", "libsvm": "logistic r
 
 def report(results: List[Dict], args, world_size: int) -> str:
     base = next(r for r in results if r["method"] == BASELINE)
+    device, backend = device_and_backend(args)
     lines = [
-        f"commpress train: {world_size} workers (gloo, CPU), "
+        f"commpress train: {world_size} workers ({backend}, {device.upper()}), "
         f"{MODELS[args.data]} on {args.data} data, {args.optimizer} lr {args.lr:g}, "
         f"{args.epochs} epochs, batch {args.batch_size} per rank, {results[0]['steps']} steps, "
         f"policy {args.policy}",
@@ -341,13 +342,20 @@ def report(results: List[Dict], args, world_size: int) -> str:
 
 
 def device_and_backend(args):
-    """``--device``/``--backend``, resolved: CUDA and NCCL when a GPU is there, else CPU and gloo."""
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    """``--device``/``--backend``, resolved: CUDA and NCCL when there is a GPU for each of this
+    node's ranks (NCCL refuses two ranks on one GPU), else CPU and gloo."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # torchrun's ranks on this node, else the workers this command spawns
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1 if "RANK" in os.environ else args.workers))
+    device = args.device if args.device != "auto" else ("cuda" if gpus >= local else "cpu")
     backend = args.backend if args.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not gpus:
         raise SystemExit("commpress train: --device cuda, but CUDA is not available")
     if backend == "nccl" and device != "cuda":
         raise SystemExit("commpress train: --backend nccl needs --device cuda")
+    if backend == "nccl" and gpus < local:
+        raise SystemExit(f"commpress train: NCCL needs a GPU per rank: {local} ranks on this node, "
+                         f"{gpus} GPU(s); use fewer --workers, or --backend gloo")
     return device, backend
 
 

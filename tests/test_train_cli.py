@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def run_train(*args, timeout=400):
@@ -37,6 +38,36 @@ def test_commpress_train_rejects_bad_arguments(args, message):
     proc = subprocess.run([sys.executable, "-m", "commpress.cli", "train", *args],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and message in proc.stderr
+
+
+@pytest.mark.parametrize("gpus, workers, device, backend, expected", [
+    (0, 2, "auto", "auto", ("cpu", "gloo")),
+    (2, 2, "auto", "auto", ("cuda", "nccl")),
+    (1, 2, "auto", "auto", ("cpu", "gloo")),     # NCCL takes one GPU per rank
+    (1, 2, "cuda", "gloo", ("cuda", "gloo")),    # sharing a GPU over gloo, if asked for
+    (1, 2, "cuda", "auto", "NCCL needs a GPU per rank: 2 ranks on this node, 1 GPU"),
+    (0, 2, "cuda", "auto", "CUDA is not available"),
+    (2, 2, "cpu", "nccl", "--backend nccl needs --device cuda")])
+def test_device_and_backend_give_each_nccl_rank_a_gpu(monkeypatch, gpus, workers, device,
+                                                       backend, expected):
+    import argparse
+
+    from commpress.train import device_and_backend
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for name in ("RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    args = argparse.Namespace(device=device, backend=backend, workers=workers)
+    if isinstance(expected, tuple):
+        assert device_and_backend(args) == expected
+    else:
+        with pytest.raises(SystemExit, match=expected):
+            device_and_backend(args)
+    # under torchrun, the node's ranks are LOCAL_WORLD_SIZE, whatever --workers says
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    if gpus and backend != "gloo" and device != "cpu":
+        assert device_and_backend(args) == ("cuda", "nccl")
 
 
 def test_commpress_train_acdc_reports_both_members(tmp_path):
