@@ -121,13 +121,15 @@ def test_loaded_memories_are_copies():
     assert torch.equal(saved["residual"]["w"], torch.ones(4))
 
 
-@pytest.mark.parametrize("algorithm", ["allgather", "reduce_scatter"])
-def test_segments_reduce_where_they_lie_bit_identical_to_a_concatenation(monkeypatch, algorithm):
+@pytest.mark.parametrize("algorithm, codec", [
+    ("allgather", cp.QSGD(bits=4, bucket_size=128)), ("reduce_scatter", cp.QSGD(bits=4, bucket_size=128)),
+    ("allreduce", cp.FP16()), ("allreduce", cp.BF16()), ("allreduce", cp.Identity())])
+def test_segments_reduce_where_they_lie_bit_identical_to_a_concatenation(monkeypatch, algorithm, codec):
     """A bucket's large gradients, interleaved with small ones, reduced through Segments:
-    the same bytes and mean as their concatenation, pieces across parts included, and the
-    small ones between them untouched."""
+    the same bytes and mean as their concatenation, pieces (and allreduce's cast slices)
+    across parts included, and the small ones between them untouched."""
     monkeypatch.setattr(collectives, "PIPELINE_ELEMENTS", 1024)  # many pieces, some across parts
-    codec = cp.QSGD(bits=4, bucket_size=128)
+    monkeypatch.setattr(collectives, "CAST_SLICE", 1000)
     cuts = [(0, 1500), (1510, 3000), (3003, 3003), (3003, NUMEL)]  # gaps hold "biases"
 
     def rank_fn(transport):
@@ -153,10 +155,11 @@ def test_segments_outside_the_piecewise_algorithms_go_through_one_copy():
     codec = cp.FP16()
 
     def rank_fn(transport):
-        bucket = torch.full((10,), float(transport.rank + 1))
-        parts = Segments([bucket[0:4], bucket[6:10]])
+        parts = Segments([torch.zeros(4), torch.zeros(4)])
         with pytest.raises(ValueError, match="reduced in place"):
-            compressed_mean(parts, codec, transport, "allreduce", out=parts)
+            compressed_mean(parts, codec, transport, "hierarchical", out=parts)
+        bucket = torch.full((10,), float(transport.rank + 1), dtype=torch.float16)  # fp16 grads
+        parts = Segments([bucket[0:4], bucket[6:10]])
         assert reduce_gradient(parts, [], codec, transport, "allreduce") is parts
         return bucket
 

@@ -42,12 +42,13 @@ from .segments import Segments, destination
 from .transport import HierarchicalTransport, Transport
 
 ALGORITHMS = ("allgather", "reduce_scatter", "allreduce", "hierarchical")
-#: the algorithms that touch a vector only piece by piece, so that it may be :class:`Segments`
-PIECEWISE = ("allgather", "reduce_scatter")
+#: the algorithms that read and write a vector only piece by piece, so that it may be
+#: :class:`Segments` (allreduce casts slice by slice into and out of its one wire buffer)
+PIECEWISE = ("allgather", "reduce_scatter", "allreduce")
 #: below this many payload bytes a collective is latency-bound: one round beats two
 SMALL_PAYLOAD_BYTES = 64 * 1024
 #: a dividing cast into fp16/bf16 runs in slices of this many elements: its fp32 temporary
-CAST_SLICE = 1 << 22
+CAST_SLICE = 1 << 18
 #: allgather sends vectors in pieces of this many elements, overlapping codec work and wire
 PIPELINE_ELEMENTS = 1 << 20
 
@@ -251,17 +252,26 @@ def _run(algorithm, flat, codec, transport, generator, stats, server_residual, o
 
 def _allreduce(flat, codec, transport, out, local):
     # divide and cast in one pass into one buffer: ``out`` itself for fp32 (in place, as
-    # PyTorch's allreduce hook), else one of the wire dtype
+    # PyTorch's allreduce hook), else one of the wire dtype (or fp32 when ``out`` is Segments:
+    # one collective needs one contiguous buffer); casts and Segments go slice by slice, so
+    # that only a slice-sized temporary is made
     dtype = _wire_dtype(codec)
-    wire = out if dtype == out.dtype else torch.empty(flat.shape, dtype=dtype, device=flat.device)
-    step = CAST_SLICE if dtype != flat.dtype else max(flat.numel(), 1)  # a cast computes in a temporary
+    segmented = isinstance(out, Segments)
+    wire = (out if dtype == out.dtype and not segmented
+            else torch.empty(flat.shape, dtype=dtype, device=flat.device))
+    step = CAST_SLICE if dtype != flat.dtype or segmented else max(flat.numel(), 1)
     for lo in range(0, flat.numel(), step):
         torch.div(flat[lo:lo + step], transport.world_size, out=wire[lo:lo + step])
     if local is not None:
         torch.mul(wire, transport.world_size, out=local)
     total = transport.all_reduce_sum(wire)
-    if total is not out:
-        out.copy_(total)
+    if total is out:
+        return
+    for lo in range(0, flat.numel(), step):  # cast back into the parts where they lie
+        hi = min(lo + step, flat.numel())
+        into, commit = destination(out, lo, hi)
+        into.copy_(total[lo:hi])
+        commit()
 
 
 def _pipelined(pieces, stages) -> None:
