@@ -119,6 +119,15 @@ class ErrorFeedback:
             return store[params[0]]
         return self._gather("server", params, like)
 
+    def server_memories(self, params: Sequence, like: torch.Tensor, sizes=None) -> list:
+        """Each parameter's server residual itself (zeros the first time), for a collective
+        that updates them in place piece by piece: no concatenated copy, nothing to store."""
+        store = self.memories["server"]
+        for param, n in zip(params, sizes or [p.numel() for p in params]):
+            if param not in store:
+                store[param] = torch.zeros(n, device=like.device)
+        return [store[param] for param in params]
+
     def store_server_memory(self, params: Sequence[torch.Tensor], residual: Optional[torch.Tensor]) -> None:
         if residual is not None:
             self._scatter("server", params, residual)

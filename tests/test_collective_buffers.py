@@ -167,30 +167,38 @@ def test_segments_outside_the_piecewise_algorithms_go_through_one_copy():
         assert bucket[[0, 3, 6, 9]].eq(1.5).all() and bucket[4:6].eq(bucket[4]).all()
 
 
-@pytest.mark.parametrize("kind", ["ef", "ef21"])
-def test_segments_with_error_feedback_match_the_concatenated_reduction(kind):
-    """Error feedback reads and writes a bucket's gradients where they lie: the same means
-    and the same memories, step after step, as through a concatenated copy."""
+@pytest.mark.parametrize("kind, server, algorithm", [
+    ("ef", False, "allgather"), ("ef21", False, "allgather"), ("ef", True, "reduce_scatter"),
+    ("ef21", False, "reduce_scatter")])  # EF21 always keeps the server residual
+def test_segments_with_error_feedback_match_the_concatenated_reduction(monkeypatch, kind, server,
+                                                                      algorithm):
+    """Error feedback reads and writes a bucket's gradients where they lie, and
+    reduce_scatter's server residuals where they lie in each parameter's memory: the same
+    means and the same memories, step after step, as through concatenated copies."""
+    monkeypatch.setattr(collectives, "PIPELINE_ELEMENTS", 256)  # pieces across parameters
     codec = cp.QSGD(bits=2, bucket_size=64)
     cuts = [(0, 700), (710, 1500)]
 
     def rank_fn(transport):
         keys = [torch.zeros(700), torch.zeros(790)]
-        joined_fb, parts_fb = ErrorFeedback(kind), ErrorFeedback(kind)
+        joined_fb, parts_fb = ErrorFeedback(kind, server), ErrorFeedback(kind, server)
         joined_gen, parts_gen = (torch.Generator().manual_seed(transport.rank) for _ in range(2))
         for step in range(3):
             bucket = torch.randn(1500, generator=torch.Generator().manual_seed(10 * step + transport.rank))
             joined = torch.cat([bucket[a:b] for a, b in cuts])
-            expected = reduce_gradient(joined, keys, codec, transport, "allgather", joined_fb,
+            expected = reduce_gradient(joined, keys, codec, transport, algorithm, joined_fb,
                                        joined_gen, in_place=True)
             parts = Segments([bucket[a:b] for a, b in cuts])
-            assert reduce_gradient(parts, keys, codec, transport, "allgather", parts_fb, parts_gen) is parts
+            assert reduce_gradient(parts, keys, codec, transport, algorithm, parts_fb, parts_gen) is parts
             assert torch.equal(parts.concatenated(), expected)
         for memory, joined_store in joined_fb.memories.items():
             parts_store = parts_fb.memories[memory]
             assert set(map(id, joined_store)) == set(map(id, parts_store))
             assert all(torch.equal(joined_store[key], parts_store[key]) for key in joined_store)
         assert joined_fb.memories[("residual" if kind == "ef" else "worker")]  # not vacuous
+        if algorithm == "reduce_scatter":  # the server residuals: each parameter's own tensor
+            assert joined_fb.memories["server"][keys[0]].abs().sum() > 0
+            assert all(m._base is None for m in parts_fb.memories["server"].values())
         return True
 
     assert all(LoopbackGroup(2).run(rank_fn))

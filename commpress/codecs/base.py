@@ -304,7 +304,7 @@ def contractive_factor(codec: "Codec", x: torch.Tensor) -> torch.Tensor:
 
 
 #: Elements per slice of :meth:`Codec.expected_sq_error`
-SQ_ERROR_SLICE = 1 << 20
+SQ_ERROR_SLICE = 1 << 18
 
 #: Elements per step of the chunked CPU kernels: a few MB of temporaries that stay in cache
 #: and are recycled by the allocator, instead of page-faulting fresh 100 MB tensors.

@@ -163,18 +163,21 @@ class BucketedLevelCodec(Codec):
             codes[whole:] = self._codes(part[whole:], divisors[-1], uniforms[whole:])
         return scales, codes
 
+    def _rounding_variance(self, ratio: torch.Tensor) -> torch.Tensor:
+        """``(hi - r)(r - lo)`` for each ratio ``r`` in [0, 1] (may overwrite ``ratio``), where
+        ``lo <= r <= hi`` are its neighbouring magnitudes: the variance of its rounding, in
+        units of the scale squared."""
+        raise NotImplementedError
+
     def _sq_error(self, flat):
-        """Each value rounds between its two neighbouring magnitudes ``lo <= r <= hi`` (in
-        units of its bucket's scale), with variance ``(hi - r)(r - lo) scale^2``."""
+        """Each value rounds between its two neighbouring magnitudes, with variance
+        :meth:`_rounding_variance` times its bucket's scale squared."""
         if flat.numel() == 0:
             return torch.zeros((), device=flat.device)
         magnitudes, scales = self._bucket_magnitudes(flat.reshape(-1))
         safe = torch.where(torch.isfinite(scales) & (scales > 0), scales, torch.ones_like(scales))
-        ratio = (magnitudes / safe.unsqueeze(1)).clamp_(0, 1)
-        table = self._magnitudes().to(flat.device)
-        upper = torch.searchsorted(table, ratio.contiguous(), right=True).clamp_(1, self.levels)
-        hi, lo = table[upper], table[upper - 1]
-        return ((hi - ratio) * (ratio - lo)).sum(1).mul(safe * safe).sum()
+        ratio = magnitudes.div_(safe.unsqueeze(1)).clamp_(0, 1)
+        return self._rounding_variance(ratio).sum(1).mul(safe * safe).sum()
 
     def _fused(self):
         """Whether the fused kernels apply: bucket boundaries fall on whole packed bytes."""

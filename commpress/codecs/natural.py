@@ -220,6 +220,15 @@ class NaturalDithering(BucketedLevelCodec):
         power = ((level.to(torch.int32) + (127 - self.levels)) << 23).view(torch.float32)
         return torch.where(level > 0, power, 0.0)
 
+    def _rounding_variance(self, ratio):
+        # between the powers of two around r (its exponent's bits alone), below the lowest
+        # nonzero level between 0 and it
+        smallest = 2.0 ** (1 - self.levels)
+        small = ratio < smallest
+        lo = torch.where(small, 0.0, (ratio.view(torch.int32) & 0x7F800000).view(torch.float32))
+        hi = torch.where(small, smallest, 2.0 * lo)
+        return (hi - ratio).mul_(ratio - lo)
+
     def _round(self, ratio, u):
         # On the fp32 bits: ratio = (1 + m / 2^23) * 2^e lies between the levels 2^e and
         # 2^(e+1), and goes up with probability m / 2^23 (exact; no frexp, which the compiler

@@ -1,6 +1,8 @@
 """QSGD (Alistarh et al., 2017): stochastic, unbiased, bucketed quantization."""
 from __future__ import annotations
 
+import torch
+
 from .base import register_codec
 from .bucketed import BucketedLevelCodec
 
@@ -37,6 +39,12 @@ class QSGD(BucketedLevelCodec):
     @property
     def _ratio_unit(self):
         return self.levels
+
+    def _rounding_variance(self, ratio):
+        # evenly spaced levels: with t = r * levels, frac(t) (1 - frac(t)) / levels^2
+        t = ratio.mul_(self.levels)
+        fraction = t.sub_(torch.floor(t))
+        return fraction.mul_(1.0 - fraction).div_(self.levels ** 2)
 
     def _round(self, scaled, u):
         # floor(t + U), U ~ [0, 1), is floor(t) + 1 with probability frac(t): unbiased up to the

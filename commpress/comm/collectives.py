@@ -38,7 +38,7 @@ import torch
 from ..codecs import Codec, Payload, contractive_factor
 from ..feedback import keep_finite
 from ..stats import CommStats
-from .segments import Segments, destination
+from .segments import Segments, destination, window
 from .transport import HierarchicalTransport, Transport
 
 ALGORITHMS = ("allgather", "reduce_scatter", "allreduce", "hierarchical")
@@ -209,6 +209,9 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
         raise ValueError("Segments are reduced in place: pass out=flat")
     if isinstance(out, Segments) and algorithm not in PIECEWISE:
         raise ValueError(f"Segments are reduced in place by {PIECEWISE}, not {algorithm!r}")
+    if isinstance(server_residual, Segments) and algorithm != "reduce_scatter":
+        raise ValueError(f"a server residual in Segments is updated piecewise by reduce_scatter, "
+                         f"not {algorithm!r}")
     if algorithm == "hierarchical" and not isinstance(transport, HierarchicalTransport):
         raise ValueError("collective 'hierarchical' needs a HierarchicalTransport (ranks grouped "
                          f"by node), got {type(transport).__name__}")
@@ -241,11 +244,14 @@ def _run(algorithm, flat, codec, transport, generator, stats, server_residual, o
         pieces = pipeline_pieces(flat.numel(), codec.block_size)
     else:
         def stages(lo, hi):
-            residual = None if server_residual is None else server_residual[lo:hi]
+            residual, keep_residual = (None, None) if server_residual is None else \
+                window(server_residual, lo, hi)
             into, commit = destination(out, lo, hi)
             yield from _reduce_scatter_piece(flat[lo:hi], codec, transport, generator, stats,
                                              residual, into, None if local is None else local[lo:hi])
             commit()
+            if keep_residual is not None:
+                keep_residual()
         pieces = pipeline_pieces(flat.numel(), codec.block_size, PIPELINE_ELEMENTS * transport.world_size)
     _pipelined(pieces, stages)
 

@@ -48,8 +48,12 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
     compact = sent if keep is None else sent.index_select(0, keep)
     algorithm = (choose_algorithm(codec, compact.numel(), transport.world_size, transport.local_size)
                  if collective == "auto" else collective)
-    server = (feedback.server_memory(keys, flat) if feedback and
-              requantizes(algorithm, codec, compact.numel(), transport) else None)
+    server = None
+    if feedback and feedback.server and requantizes(algorithm, codec, compact.numel(), transport):
+        # reduce_scatter updates it piece by piece: each parameter's memory where it lies
+        server = (Segments(feedback.server_memories(keys, flat, sizes))
+                  if keep is None and algorithm == "reduce_scatter" and len(keys) > 1
+                  else feedback.server_memory(keys, flat))
     server_compact = server if keep is None or server is None else server.index_select(0, keep)
     out = flat if isinstance(flat, Segments) or (
         in_place and keep is None and flat.dtype == torch.float32) else None
@@ -64,5 +68,6 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
             server.index_copy_(0, keep, server_compact)
     if feedback:
         mean = feedback.update(keys, sent, local, mean, sizes)
-        feedback.store_server_memory(keys, server)
+        if not isinstance(server, Segments):  # Segments: updated where they lie
+            feedback.store_server_memory(keys, server)
     return mean

@@ -24,6 +24,12 @@ def destination(out, lo: int, hi: int) -> Tuple[torch.Tensor, Callable[[], None]
     return out.destination(lo, hi) if isinstance(out, Segments) else (out[lo:hi], _nothing)
 
 
+def window(x, lo: int, hi: int) -> Tuple[torch.Tensor, Callable[[], None]]:
+    """Values ``[lo:hi]`` of ``x`` (a tensor or :class:`Segments`) to read and update, and
+    what to call once they are updated."""
+    return x.window(lo, hi) if isinstance(x, Segments) else (x[lo:hi], _nothing)
+
+
 class Segments:
     """The concatenation of ``parts`` (1-D tensors of one dtype and device), without copying.
 
@@ -80,6 +86,16 @@ class Segments:
             return self.parts[index][start:stop], _nothing
         staging = torch.empty(hi - lo, dtype=self.dtype, device=self.device)
         return staging, lambda: self._copy_in(spans, staging)
+
+    def window(self, lo: int, hi: int) -> Tuple[torch.Tensor, Callable[[], None]]:
+        """Values ``[lo:hi]`` to read and update in place, and what to call once they are: a
+        view and nothing inside one part, else a copy and its write-back."""
+        spans = self._spans(lo, hi)
+        if len(spans) == 1:
+            index, start, stop = spans[0]
+            return self.parts[index][start:stop], _nothing
+        values = torch.cat([self.parts[i][a:b] for i, a, b in spans])
+        return values, lambda: self._copy_in(spans, values)
 
     def _copy_in(self, spans, values: torch.Tensor) -> None:
         """Write consecutive ``values`` into the parts' slices ``spans``."""
