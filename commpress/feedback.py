@@ -223,10 +223,15 @@ _FINITE_SLICE = 1 << 18
 def keep_finite(new: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """``new`` where finite, else ``memory``, written into ``memory``: an overflowing step
     (which loss scaling will skip) must not poison an error-feedback memory for every later
-    step."""
+    step. On the CPU a slice whose sum is finite (so are its values) is copied as it is: one
+    reduction instead of ``isfinite``'s four passes and a select (a third of EF21's step)."""
+    host = new.device.type == "cpu"  # where reading the sum back costs no sync
     for lo in range(0, new.numel(), _FINITE_SLICE):
         part, old = new[lo:lo + _FINITE_SLICE], memory[lo:lo + _FINITE_SLICE]
-        torch.where(torch.isfinite(part), part, old, out=old)
+        if host and bool(torch.isfinite(part.sum())):
+            old.copy_(part)
+        else:
+            torch.where(torch.isfinite(part), part, old, out=old)
     return memory
 
 

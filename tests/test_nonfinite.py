@@ -72,3 +72,18 @@ def test_grad_scaler_skips_the_step_on_every_rank(spec):
         # and training went on: error-feedback memories did not keep the overflow
     for p0, p1 in zip(results[0][2], results[1][2]):
         assert torch.equal(p0, p1) and torch.isfinite(p0).all()
+
+
+def test_keep_finite_keeps_old_values_exactly_where_new_ones_are_not_finite(monkeypatch):
+    """Every slice: all finite (copied), one NaN, +inf and -inf together (their sum is NaN),
+    and finite values whose sum overflows (still copied, through the slow path)."""
+    from commpress import feedback
+    monkeypatch.setattr(feedback, "_FINITE_SLICE", 4)
+    new = torch.tensor([1.0, 2.0, 3.0, 4.0,
+                        5.0, math.nan, 7.0, 8.0,
+                        math.inf, 10.0, -math.inf, 12.0,
+                        3e38, 3e38, 3e38, -1.0, 0.5])
+    memory = torch.full((17,), -9.0)
+    feedback.keep_finite(new, memory)
+    expected = torch.where(torch.isfinite(new), new, torch.full((17,), -9.0))
+    assert torch.equal(memory, expected)
