@@ -34,7 +34,7 @@ from .comm.transport import (HierarchicalTransport, TorchTransport, Transport, d
                              new_group, node_layout, torch_hierarchical_transport)
 from .comm.pipeline import reduce_gradient
 from .comm.segments import Segments
-from .feedback import ErrorFeedback
+from .feedback import KINDS as FEEDBACK_KINDS, ErrorFeedback
 from .stats import CommStats
 
 logger = logging.getLogger("commpress")
@@ -854,7 +854,6 @@ def _on_side_stream(reduce, stream: "torch.cuda.Stream", device: torch.device):
 #: hook name -> factory of its codec; one table behind every place a hook is named
 #: (register_hook, state_from_name, ``commpress train``, the Lightning strategy, benchmarks)
 _NAMED_HOOKS: Dict[str, Callable[[], Codec]] = {}
-_FEEDBACK_SUFFIXES = ("ef", "ef21")
 
 
 def register_named_hook(name: str, codec_factory: Callable[[], Codec]) -> None:
@@ -885,7 +884,7 @@ def named_hooks() -> List[str]:
 def _split_name(name: str):
     """``(codec factory, error_feedback or None)`` of a hook name such as ``"qsgd4+ef"``."""
     base, plus, feedback = name.lower().partition("+") if isinstance(name, str) else (name, "", "")
-    if base not in _NAMED_HOOKS or (plus and feedback not in _FEEDBACK_SUFFIXES):
+    if base not in _NAMED_HOOKS or (plus and feedback not in FEEDBACK_KINDS):
         raise ValueError(f"unknown hook {name!r}; known: {', '.join(named_hooks())} "
                          "(optionally with +ef or +ef21)")
     return _NAMED_HOOKS[base], feedback or None

@@ -92,10 +92,6 @@ class BucketedLevelCodec(Codec):
         integers in ``0..levels``): level 0 is 0 and the top level 1."""
         raise NotImplementedError
 
-    def _magnitudes(self) -> torch.Tensor:
-        """fp32 tensor of the ``levels + 1`` magnitudes."""
-        return self._level_magnitudes(torch.arange(self.levels + 1, dtype=torch.float32))
-
     def _fractions(self, codes: torch.Tensor) -> torch.Tensor:
         """Code (fp32) -> signed fraction of the scale. Codes no encoder produces map to NaN,
         so a corrupted body can never pass as a plausible gradient."""

@@ -52,8 +52,8 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
     if feedback and feedback.server and requantizes(algorithm, codec, compact.numel(), transport):
         # reduce_scatter updates it piece by piece: each parameter's memory where it lies
         server = (Segments(feedback.server_memories(keys, flat, sizes))
-                  if keep is None and algorithm == "reduce_scatter" and len(keys) > 1
-                  else feedback.server_memory(keys, flat))
+                  if keep is None and algorithm == "reduce_scatter" and keys else
+                  feedback.server_memory(keys, flat))
     server_compact = server if keep is None or server is None else server.index_select(0, keep)
     out = flat if isinstance(flat, Segments) or (
         in_place and keep is None and flat.dtype == torch.float32) else None

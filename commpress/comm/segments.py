@@ -18,16 +18,16 @@ def _nothing() -> None:
     pass
 
 
+def window(x, lo: int, hi: int, read: bool = True) -> Tuple[torch.Tensor, Callable[[], None]]:
+    """Values ``[lo:hi]`` of ``x`` (a tensor or :class:`Segments`) to update, and what to call
+    once they are updated (see :meth:`Segments.window`)."""
+    return x.window(lo, hi, read) if isinstance(x, Segments) else (x[lo:hi], _nothing)
+
+
 def destination(out, lo: int, hi: int) -> Tuple[torch.Tensor, Callable[[], None]]:
-    """Where values ``[lo:hi]`` of ``out`` (a tensor or :class:`Segments`) are written, and
-    what to call once they are."""
-    return out.destination(lo, hi) if isinstance(out, Segments) else (out[lo:hi], _nothing)
-
-
-def window(x, lo: int, hi: int) -> Tuple[torch.Tensor, Callable[[], None]]:
-    """Values ``[lo:hi]`` of ``x`` (a tensor or :class:`Segments`) to read and update, and
-    what to call once they are updated."""
-    return x.window(lo, hi) if isinstance(x, Segments) else (x[lo:hi], _nothing)
+    """Where values ``[lo:hi]`` of ``out`` are written (their old values unread), and what to
+    call once they are."""
+    return window(out, lo, hi, read=False)
 
 
 class Segments:
@@ -77,24 +77,16 @@ class Segments:
             return self.parts[index][start:stop]
         return torch.cat([self.parts[i][a:b] for i, a, b in spans])
 
-    def destination(self, lo: int, hi: int) -> Tuple[torch.Tensor, Callable[[], None]]:
-        """Where to write values ``[lo:hi]``, and what to call once they are written: a view
-        and nothing inside one part, else a temporary and its copy into the parts."""
+    def window(self, lo: int, hi: int, read: bool = True) -> Tuple[torch.Tensor, Callable[[], None]]:
+        """Values ``[lo:hi]`` to update in place, and what to call once they are: a view and
+        nothing inside one part, else a temporary (holding their values when ``read``, else
+        to be overwritten) and its write-back into the parts."""
         spans = self._spans(lo, hi)
         if len(spans) == 1:
             index, start, stop = spans[0]
             return self.parts[index][start:stop], _nothing
-        staging = torch.empty(hi - lo, dtype=self.dtype, device=self.device)
-        return staging, lambda: self._copy_in(spans, staging)
-
-    def window(self, lo: int, hi: int) -> Tuple[torch.Tensor, Callable[[], None]]:
-        """Values ``[lo:hi]`` to read and update in place, and what to call once they are: a
-        view and nothing inside one part, else a copy and its write-back."""
-        spans = self._spans(lo, hi)
-        if len(spans) == 1:
-            index, start, stop = spans[0]
-            return self.parts[index][start:stop], _nothing
-        values = torch.cat([self.parts[i][a:b] for i, a, b in spans])
+        values = (torch.cat([self.parts[i][a:b] for i, a, b in spans]) if read else
+                  torch.empty(hi - lo, dtype=self.dtype, device=self.device))
         return values, lambda: self._copy_in(spans, values)
 
     def _copy_in(self, spans, values: torch.Tensor) -> None:
