@@ -199,6 +199,29 @@ def test_bitpack_round_trip(bits, n):
     assert torch.equal(bitpack.unpack(packed, n, bits), codes)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [0, 5, 128, 128 * 3 + 37, 4096])
+def test_tiled_bitpack_round_trip(bits, n):
+    codes = torch.randint(0, 2 ** bits, (n,), dtype=torch.uint8)
+    packed = bitpack.pack_tiled(codes, bits)
+    assert packed.numel() == bitpack.packed_bytes(n, bits)
+    assert torch.equal(bitpack.unpack_tiled(packed, n, bits), codes)
+
+
+def test_tiled_bitpack_layout():
+    """Group j of a tile packs codes LANES apart; byte b of its word lies LANES * b further;
+    codes after the last whole tile are packed in order."""
+    lanes = bitpack.LANES
+    codes = (torch.arange(2 * lanes + 2) % 16).to(torch.uint8)
+    packed = bitpack.pack_tiled(codes, 4).tolist()
+    assert packed[:lanes] == [j | (j << 4) for j in range(lanes)]
+    assert packed[lanes:] == [0 | (1 << 4)]
+    codes = torch.randint(0, 8, (8 * lanes,), dtype=torch.uint8)  # 3 bits: 3 bytes per group
+    tile = bitpack.pack_tiled(codes, 3).view(3, lanes)
+    for j in range(lanes):
+        assert tile[:, j].tolist() == bitpack.pack(codes[j::lanes], 3).tolist()
+
+
 def test_bitpack_layout_is_little_endian():
     assert bitpack.pack(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [0b00111001]
     assert bitpack.pack(torch.tensor([5, 3], dtype=torch.uint8), 3).tolist() == [0b00011101]

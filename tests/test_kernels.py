@@ -12,7 +12,7 @@ from commpress.codecs import HEADER_BYTES, bitpack, kernels
 from commpress.codecs.bucketed import random_bits
 
 N = kernels.MIN_NUMEL * 2 + 37  # whole buckets through the kernel, a ragged tail eagerly
-CODECS = {"qsgd4": cp.QSGD(bits=4), "qsgd3": cp.QSGD(bits=3),
+CODECS = {"qsgd4": cp.QSGD(bits=4), "qsgd3": cp.QSGD(bits=3), "qsgd8": cp.QSGD(bits=8),
           "qsgd2-128": cp.QSGD(bits=2, bucket_size=128), "dithering": cp.NaturalDithering()}
 
 
@@ -39,14 +39,16 @@ def test_fused_encode_is_the_eager_code_with_hashed_randomness(compiled, name):
     # the eager code given the same key words reproduces the kernel's bytes
     key = kernels.draw_key(torch.Generator().manual_seed(7), x.device)
     done = N // codec.bucket_size * codec.bucket_size
-    per_group = bitpack.group_shape(codec.bits)[0]
-    uniforms = torch.stack(kernels.hashed_uniforms(key, done // per_group, per_group, x.device), 1).view(-1)
+    # tiles of rows of LANES values; lane j's hash gives the uniforms of its column
+    rows = codec._kernel_rows()
+    columns = kernels.hashed_uniforms(key, done // rows, rows, x.device)
+    uniforms = torch.stack([c.view(-1, bitpack.LANES) for c in columns], 1).view(-1)
     scales, codes = codec._quantize(x[:done], uniforms)
     body = payload.data[HEADER_BYTES:]
     buckets = codec._buckets(N)
     assert torch.equal(body[: 4 * (done // codec.bucket_size)].view(torch.float32), scales)
     packed = body[4 * buckets:][: done * codec.bits // 8]
-    assert torch.equal(packed, bitpack.pack(codes, codec.bits))
+    assert torch.equal(packed, bitpack.pack_tiled(codes, codec.bits))
     # one wire format: the fused and the eager decoder agree bit for bit
     fused = codec.decode(payload)
     kernels.set_enabled(False)
@@ -93,8 +95,8 @@ def test_qsgd_l2_variance_bound_on_the_fused_path(compiled):
 
 @pytest.mark.parametrize("name", ["qsgd4", "qsgd2-128"])
 def test_fused_decoder_into_any_output_matches_the_eager_one(compiled, name):
-    """The 4-bit decoder stores code pairs as int64 words where the output allows it (fp32,
-    contiguous, even offset); every other output takes the general kernel, same values."""
+    """Any output (fp32 at odd and even offsets, strided, fp16, bf16) gets the eager
+    decoder's values."""
     codec = CODECS[name]
     payload = codec.encode(torch.randn(N, generator=torch.Generator().manual_seed(11)))
     eager = _decoded_eagerly(codec, payload)
@@ -200,15 +202,16 @@ def test_a_failing_compiler_falls_back_to_eager_once(monkeypatch, caplog, compil
 
 
 def _natural_codes_of_the_kernel(codec, x, seed):
-    """``(e_top, codes)`` of C_nat with full rounding and the fused path's randomness: the
-    hashed bits of groups of four (value ``4g + k`` takes column ``k`` of group ``g``), then
-    the generator's bits for the last ``numel % 4`` values."""
+    """``(e_top, codes)`` of C_nat with full rounding and the fused path's randomness: tiles
+    of four rows of LANES values, where lane ``j``'s hashed bits (column ``k``) serve row
+    ``k``, then the generator's bits for the values after the last whole tile."""
     gen = torch.Generator().manual_seed(seed)
     key = kernels.draw_key(gen, x.device, streams=2)
     e_top = codec._largest_exponent(x) + 1
-    whole = x.numel() // 4 * 4
-    per_value = [torch.stack(kernels.hashed_bits(key, whole // 4, x.device, stream), 1).view(-1)
-                 for stream in (0, 1)]
+    lanes = bitpack.LANES
+    whole = x.numel() // (4 * lanes) * (4 * lanes)
+    per_value = [torch.stack([c.view(-1, lanes) for c in kernels.hashed_bits(
+        key, whole // 4, x.device, stream)], 1).view(-1) for stream in (0, 1)]
     codes = codec._codes(x[:whole].clone(), e_top, True, lambda stream: per_value[stream])
     tail = codec._codes(x[whole:].clone(), e_top, True,
                         lambda stream: random_bits(x.numel() - whole, x.device, gen))

@@ -35,7 +35,7 @@ from typing import Callable, ClassVar, Dict, Optional
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: codes packed in tiles (bitpack.pack_tiled)
 HEADER_BYTES = 24
 _HEADER_CACHE_SIZE = 256  # (dtype, numel, device) headers kept per codec
 _MAGIC = b"CP"

@@ -57,17 +57,11 @@ def block_norms(magnitudes: torch.Tensor, norm: str) -> torch.Tensor:
     return torch.where(finite, l2.clamp(max=torch.finfo(torch.float32).max), l2)
 
 
-def _store_pairs(columns, words: torch.Tensor, alpha) -> None:
-    """:meth:`Codec._store` of the interleaved fp32 ``columns[0][i], columns[1][i]`` into the
-    int64 view ``words`` of the output, one word per pair: compiled, loads and stores are then
-    contiguous, where interleaving with ``stack`` compiles to a temporary and scalar stores
-    (decoding QSGD-4 into a sum ran 1.8x slower)."""
-    if alpha is not None:
-        old = [(words & 0xFFFFFFFF).to(torch.int32).view(torch.float32),
-               (words >> 32).to(torch.int32).view(torch.float32)]
-        columns = [before + column * alpha for before, column in zip(old, columns)]
-    low = columns[0].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    words.copy_(low | (columns[1].view(torch.int32).to(torch.int64) << 32))
+def _rows_in_order(rows) -> torch.Tensor:
+    """The 1-D tensor of tiles made of ``rows`` (each ``tiles x LANES``), row after row in
+    each tile. 1-D, so that the compiler sees its size tied to the kernel's output; one row is
+    passed through (a one-row stack made it spill to a temporary)."""
+    return rows[0].reshape(-1) if len(rows) == 1 else torch.stack(rows, 1).view(-1)
 
 
 class BucketedLevelCodec(Codec):
@@ -139,13 +133,13 @@ class BucketedLevelCodec(Codec):
                                torch.full_like(scales, math.inf))
         return scales, divisors
 
-    def _codes(self, values, divisors, uniforms):
-        """uint8 codes of ``values``, given each one's divisor (broadcast) and a uniform in
-        [1, 2) per value."""
+    def _codes(self, values, divisors, uniforms, dtype=torch.uint8):
+        """Codes (``dtype``) of ``values``, given each one's divisor (broadcast) and a uniform
+        in [1, 2) per value."""
         scaled = values.float().abs() / divisors
         # NaN and Inf to level 0 (a compare and a select: nan_to_num compiles to a scalar loop)
         scaled = torch.where(scaled < math.inf, scaled, 0.0)
-        return self._round(scaled, uniforms).copysign_(values).add_(self.levels).to(torch.uint8)
+        return self._round(scaled, uniforms).copysign_(values).add_(self.levels).to(dtype)
 
     def _quantize(self, part, uniforms):
         """Scales (one per bucket) and unpacked uint8 codes of a bucket-aligned slice."""
@@ -175,9 +169,18 @@ class BucketedLevelCodec(Codec):
         ratio = magnitudes.div_(safe.unsqueeze(1)).clamp_(0, 1)
         return self._rounding_variance(ratio).sum(1).mul(safe * safe).sum()
 
+    def _kernel_rows(self) -> int:
+        """Code rows of ``LANES`` values per tile of the fused kernels: a packing group's codes,
+        and at least two, as each hash makes two uniforms (:func:`kernels.hashed_uniforms`)."""
+        return max(bitpack.group_shape(self.bits)[0], 2)
+
     def _fused(self):
-        """Whether the fused kernels apply: bucket boundaries fall on whole packed bytes."""
-        return self.bucket_size % bitpack.group_shape(self.bits)[0] == 0
+        """Whether the fused kernels apply: buckets hold whole kernel tiles."""
+        return self.bucket_size % (self._kernel_rows() * bitpack.LANES) == 0
+
+    def _chunk_align(self) -> int:
+        """Eager chunks start at whole buckets and whole tiles of the packed layout."""
+        return math.lcm(self.bucket_size, bitpack.tile_values(self.bits))
 
     def _encode_body(self, flat, generator, out):
         d, bits = self.bucket_size, self.bits
@@ -192,48 +195,66 @@ class BucketedLevelCodec(Codec):
             done = 0
         else:
             scales_out[: done // d] = scales
-        for lo, hi in chunk_ranges(flat.numel(), math.lcm(d, 8), flat.device, first=done):
+        for lo, hi in chunk_ranges(flat.numel(), self._chunk_align(), flat.device, first=done):
             scales, codes = self._quantize(flat[lo:hi], uniform_1_2(hi - lo, flat.device, generator))
             scales_out[lo // d: lo // d + scales.numel()] = scales
             packed_out[lo * bits // 8: lo * bits // 8 + bitpack.packed_bytes(hi - lo, bits)] = \
-                bitpack.pack(codes, bits)
+                bitpack.pack_tiled(codes, bits)
 
     def _fused_encoder(self):
-        """The kernel: codes computed column by column of the packing groups (code ``k`` of
-        every group), so the compiler writes packed bytes straight from the input."""
-        per_group, d = bitpack.group_shape(self.bits)[0], self.bucket_size
+        """The kernel, over tiles of :meth:`_kernel_rows` rows of ``LANES`` values: row ``k``
+        holds code ``k`` of ``LANES`` packing groups (:func:`bitpack.pack_tiled`), so loads
+        and stores are runs of consecutive values and bytes; lane ``j`` of a tile hashes once
+        for the uniforms of its rows."""
+        rows, lanes, d = self._kernel_rows(), bitpack.LANES, self.bucket_size
+        per_group, group_bytes = bitpack.group_shape(self.bits)
 
         def encode(flat, key, packed_out):
             torch._check(packed_out.shape[0] * 8 == flat.shape[0] * self.bits)
             scales, divisors = self._divisors(flat)
-            columns = flat.view(-1, per_group)
-            group = torch.arange(columns.shape[0], dtype=torch.int32, device=flat.device)
-            per_value = divisors[group // (d // per_group)]
-            uniforms = kernels.hashed_uniforms(key, columns.shape[0], per_group, flat.device)
-            codes = [self._codes(columns[:, k], per_value, uniforms[k]) for k in range(per_group)]
-            packed_out.copy_(bitpack.pack_columns(codes, self.bits))
+            tiles = flat.view(-1, rows, lanes)
+            lane = torch.arange(tiles.shape[0] * lanes, dtype=torch.int32, device=flat.device)
+            per_value = divisors[lane // (d // rows)].view(-1, lanes)
+            uniforms = kernels.hashed_uniforms(key, lane.shape[0], rows, flat.device)
+            codes = [self._codes(tiles[:, k, :], per_value, uniforms[k].view(-1, lanes),
+                                 bitpack.word_dtype(self.bits)) for k in range(rows)]
+            if per_group == 1:  # whole bytes: the codes are the body
+                packed_out.copy_(_rows_in_order(codes))
+                return scales
+            word = codes[0]
+            for k in range(1, rows):
+                word = word | (codes[k] << (k * self.bits))
+            planes = [(word >> (8 * b)).to(torch.uint8) for b in range(group_bytes)]
+            packed_out.copy_(_rows_in_order(planes))
             return scales
         return encode
 
-    def _fused_decoder(self, paired):
-        """The kernel; ``paired``: it writes into the int64 view of the output (two codes
-        per packed group). ``alpha`` is an argument, not a constant of the closure: the
+    def _fused_decoder(self):
+        """The kernel, over tiles of :func:`bitpack.pack_tiled` (runs of ``LANES`` bytes in,
+        ``LANES`` values out). ``alpha`` is an argument, not a constant of the closure: the
         kernel is cached per codec, and a cached closure would keep the first call's."""
-        per_group, d = bitpack.group_shape(self.bits)[0], self.bucket_size
+        lanes, d = bitpack.LANES, self.bucket_size
+        per_group, group_bytes = bitpack.group_shape(self.bits)
+        mask = (1 << self.bits) - 1
 
         def decode(scales, packed, out, alpha):
             # tie sizes the compiler would take as unrelated (it then fuses the store)
-            numel = out.shape[0] * (2 if paired else 1)
-            torch._check(numel * self.bits == packed.shape[0] * 8)
-            torch._check(numel == scales.shape[0] * d)
-            codes = bitpack.unpack_columns(packed, self.bits)
-            group = torch.arange(codes[0].numel(), dtype=torch.int32, device=packed.device)
-            scale = scales[group // (d // per_group)]
-            values = [self._fractions(code.float()) * scale for code in codes]
-            if paired:
-                _store_pairs(values, out, alpha)
+            torch._check(out.shape[0] * self.bits == packed.shape[0] * 8)
+            torch._check(out.shape[0] == scales.shape[0] * d)
+            wide = packed.to(bitpack.word_dtype(self.bits))
+            if group_bytes == 1:  # one byte per group: no plane views (they cost a temporary)
+                word = wide
             else:
-                self._store(torch.stack(values, 1).view(-1) if per_group > 1 else values[0], out, alpha)
+                planes = wide.view(-1, group_bytes, lanes)
+                word = planes[:, 0, :]
+                for b in range(1, group_bytes):
+                    word = word | (planes[:, b, :] << (8 * b))
+                word = word.reshape(-1)
+            lane = torch.arange(word.shape[0], dtype=torch.int32, device=packed.device)
+            scale = scales[lane // (d // per_group)]
+            values = [(self._fractions(((word >> (k * self.bits)) & mask).float()) * scale).view(-1, lanes)
+                      for k in range(per_group)]
+            self._store(_rows_in_order(values), out, alpha)
             return out
         return decode
 
@@ -258,17 +279,20 @@ class BucketedLevelCodec(Codec):
         return table
 
     def _lookup(self, packed: torch.Tensor, n: int, out: torch.Tensor) -> None:
-        """``out[:n]`` = the fractions of the first ``n`` codes in ``packed``."""
-        if 8 % self.bits == 0:
-            per_byte = 8 // self.bits
-            rows = out[: packed.numel() * per_byte].view(-1, per_byte) if n % per_byte == 0 else \
-                torch.empty(packed.numel(), per_byte, device=out.device)
-            torch.index_select(self._byte_table(packed.device), 0, packed.to(torch.int32), out=rows)
-            if n % per_byte:
-                out[:n] = rows.view(-1)[:n]
-            return
-        codes = bitpack.unpack(packed, n, self.bits)
-        torch.index_select(self._table(packed.device), 0, codes.to(torch.int32), out=out[:n])
+        """``out[:n]`` = the fractions of the first ``n`` codes in ``packed``
+        (:func:`bitpack.pack_tiled`'s layout)."""
+        per_byte = 8 // self.bits if 8 % self.bits == 0 else 0
+        if per_byte == 1:
+            torch.index_select(self._table(packed.device), 0, packed.to(torch.int32), out=out[:n])
+        elif per_byte:
+            rows = torch.index_select(self._byte_table(packed.device), 0, packed.to(torch.int32))
+            whole = n // (per_byte * bitpack.LANES) * (per_byte * bitpack.LANES)
+            tiles = rows[: whole // per_byte].view(-1, bitpack.LANES, per_byte)
+            out[:whole].view(-1, per_byte, bitpack.LANES).copy_(tiles.transpose(1, 2))
+            out[whole:n] = rows[whole // per_byte:].reshape(-1)[: n - whole]
+        else:
+            codes = bitpack.unpack_tiled(packed, n, self.bits)
+            torch.index_select(self._table(packed.device), 0, codes.to(torch.int32), out=out[:n])
 
     def _decode_body(self, body, out, alpha=None):
         d, bits, numel = self.bucket_size, self.bits, out.numel()
@@ -276,15 +300,11 @@ class BucketedLevelCodec(Codec):
         scales = aligned(body[: 4 * nb], 4).view(torch.float32)
         packed = body[4 * nb:]
         done = numel // d * d
-        paired = (bitpack.group_shape(bits)[0] == 2 and out.dtype == torch.float32
-                  and out.is_contiguous() and out.storage_offset() % 2 == 0)
         if not (self._fused() and kernels.usable(body.device, done) and kernels.run(
-                ("decode", repr(self), body.device.type, alpha is None, paired),
-                lambda: self._fused_decoder(paired), scales[: done // d].clone(),
-                packed[: done * bits // 8],
-                out[:done].view(torch.int64) if paired else out[:done], alpha) is not None):
+                ("decode", repr(self), body.device.type, alpha is None), self._fused_decoder,
+                scales[: done // d].clone(), packed[: done * bits // 8], out[:done], alpha) is not None):
             done = 0
-        for lo, hi in chunk_ranges(numel, math.lcm(d, 8), body.device, first=done):
+        for lo, hi in chunk_ranges(numel, self._chunk_align(), body.device, first=done):
             n, nbytes = hi - lo, bitpack.packed_bytes(hi - lo, bits)
             values = torch.empty(-(-n // d) * d, dtype=torch.float32, device=body.device)
             self._lookup(packed[lo * bits // 8: lo * bits // 8 + nbytes], n, values)
