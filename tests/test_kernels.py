@@ -202,16 +202,15 @@ def test_a_failing_compiler_falls_back_to_eager_once(monkeypatch, caplog, compil
 
 
 def _natural_codes_of_the_kernel(codec, x, seed):
-    """``(e_top, codes)`` of C_nat with full rounding and the fused path's randomness: tiles
-    of four rows of LANES values, where lane ``j``'s hashed bits (column ``k``) serve row
-    ``k``, then the generator's bits for the values after the last whole tile."""
+    """``(e_top, codes)`` of C_nat with full rounding and the fused path's randomness: the
+    hashed bits of groups of four (value ``4g + k`` takes column ``k`` of group ``g``), then
+    the generator's bits for the last ``numel % 4`` values."""
     gen = torch.Generator().manual_seed(seed)
     key = kernels.draw_key(gen, x.device, streams=2)
     e_top = codec._largest_exponent(x) + 1
-    lanes = bitpack.LANES
-    whole = x.numel() // (4 * lanes) * (4 * lanes)
-    per_value = [torch.stack([c.view(-1, lanes) for c in kernels.hashed_bits(
-        key, whole // 4, x.device, stream)], 1).view(-1) for stream in (0, 1)]
+    whole = x.numel() // 4 * 4
+    per_value = [torch.stack(kernels.hashed_bits(key, whole // 4, x.device, stream), 1).view(-1)
+                 for stream in (0, 1)]
     codes = codec._codes(x[:whole].clone(), e_top, True, lambda stream: per_value[stream])
     tail = codec._codes(x[whole:].clone(), e_top, True,
                         lambda stream: random_bits(x.numel() - whole, x.device, gen))

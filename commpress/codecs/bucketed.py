@@ -57,11 +57,16 @@ def block_norms(magnitudes: torch.Tensor, norm: str) -> torch.Tensor:
     return torch.where(finite, l2.clamp(max=torch.finfo(torch.float32).max), l2)
 
 
-def _rows_in_order(rows) -> torch.Tensor:
-    """The 1-D tensor of tiles made of ``rows`` (each ``tiles x LANES``), row after row in
-    each tile. 1-D, so that the compiler sees its size tied to the kernel's output; one row is
-    passed through (a one-row stack made it spill to a temporary)."""
-    return rows[0].reshape(-1) if len(rows) == 1 else torch.stack(rows, 1).view(-1)
+def _bucket_of_tile(tiles: int, per_bucket: int, device: torch.device) -> torch.Tensor:
+    """Each tile's bucket (int32): an index the compiler sees constant over a tile's values
+    (one per value compiled to a scalar gather)."""
+    return torch.arange(tiles, dtype=torch.int32, device=device) // per_bucket
+
+
+def _side_by_side(rows) -> torch.Tensor:
+    """Tiles (one per row of the result) made of ``rows`` (each ``tiles x LANES``), row after
+    row; one row is passed through (a one-row stack made the compiler spill to a temporary)."""
+    return rows[0] if len(rows) == 1 else torch.stack(rows, 1).view(rows[0].shape[0], -1)
 
 
 class BucketedLevelCodec(Codec):
@@ -187,10 +192,13 @@ class BucketedLevelCodec(Codec):
         nb = self._buckets(flat.numel())
         scales_out, packed_out = out[: 4 * nb].view(torch.float32), out[4 * nb:]
         done = flat.numel() // d * d  # whole buckets: one fused kernel, the rest eagerly
-        scales = kernels.run(("encode", repr(self), flat.device.type), self._fused_encoder,
-                             flat[:done], kernels.draw_key(generator, flat.device),
-                             packed_out[: done * bits // 8]) \
-            if self._fused() and kernels.usable(flat.device, done) else None
+        scales = None
+        if self._fused() and kernels.usable(flat.device, done):
+            # tiles as the kernel's first dimension, in and out: sizes tied, so nothing spills
+            rows, lanes = self._kernel_rows(), bitpack.LANES
+            scales = kernels.run(("encode", repr(self), flat.device.type), self._fused_encoder,
+                                 flat[:done].view(-1, rows, lanes), kernels.draw_key(generator, flat.device),
+                                 packed_out[: done * bits // 8].view(-1, rows * lanes * bits // 8))
         if scales is None:
             done = 0
         else:
@@ -209,23 +217,22 @@ class BucketedLevelCodec(Codec):
         rows, lanes, d = self._kernel_rows(), bitpack.LANES, self.bucket_size
         per_group, group_bytes = bitpack.group_shape(self.bits)
 
-        def encode(flat, key, packed_out):
-            torch._check(packed_out.shape[0] * 8 == flat.shape[0] * self.bits)
-            scales, divisors = self._divisors(flat)
-            tiles = flat.view(-1, rows, lanes)
-            lane = torch.arange(tiles.shape[0] * lanes, dtype=torch.int32, device=flat.device)
-            per_value = divisors[lane // (d // rows)].view(-1, lanes)
-            uniforms = kernels.hashed_uniforms(key, lane.shape[0], rows, flat.device)
+        def encode(tiles, key, packed_out):
+            torch._check(packed_out.shape[0] == tiles.shape[0])
+            scales, divisors = self._divisors(tiles.view(-1))
+            per_value = divisors[_bucket_of_tile(tiles.shape[0], d // (rows * lanes), tiles.device)]
+            per_value = per_value.view(-1, 1)
+            uniforms = kernels.hashed_uniforms(key, tiles.shape[0] * lanes, rows, tiles.device)
             codes = [self._codes(tiles[:, k, :], per_value, uniforms[k].view(-1, lanes),
                                  bitpack.word_dtype(self.bits)) for k in range(rows)]
             if per_group == 1:  # whole bytes: the codes are the body
-                packed_out.copy_(_rows_in_order(codes))
-                return scales
-            word = codes[0]
-            for k in range(1, rows):
-                word = word | (codes[k] << (k * self.bits))
-            planes = [(word >> (8 * b)).to(torch.uint8) for b in range(group_bytes)]
-            packed_out.copy_(_rows_in_order(planes))
+                planes = [code.to(torch.uint8) for code in codes]
+            else:
+                word = codes[0]
+                for k in range(1, rows):
+                    word = word | (codes[k] << (k * self.bits))
+                planes = [(word >> (8 * b)).to(torch.uint8) for b in range(group_bytes)]
+            packed_out.copy_(_side_by_side(planes))
             return scales
         return encode
 
@@ -238,23 +245,18 @@ class BucketedLevelCodec(Codec):
         mask = (1 << self.bits) - 1
 
         def decode(scales, packed, out, alpha):
-            # tie sizes the compiler would take as unrelated (it then fuses the store)
-            torch._check(out.shape[0] * self.bits == packed.shape[0] * 8)
-            torch._check(out.shape[0] == scales.shape[0] * d)
+            torch._check(out.shape[0] == packed.shape[0])  # tiles: the compiler sees them tied
             wide = packed.to(bitpack.word_dtype(self.bits))
-            if group_bytes == 1:  # one byte per group: no plane views (they cost a temporary)
-                word = wide
-            else:
-                planes = wide.view(-1, group_bytes, lanes)
-                word = planes[:, 0, :]
-                for b in range(1, group_bytes):
-                    word = word | (planes[:, b, :] << (8 * b))
-                word = word.reshape(-1)
-            lane = torch.arange(word.shape[0], dtype=torch.int32, device=packed.device)
-            scale = scales[lane // (d // per_group)]
-            values = [(self._fractions(((word >> (k * self.bits)) & mask).float()) * scale).view(-1, lanes)
-                      for k in range(per_group)]
-            self._store(_rows_in_order(values), out, alpha)
+            word = wide[:, :lanes]
+            for b in range(1, group_bytes):
+                word = word | (wide[:, b * lanes: (b + 1) * lanes] << (8 * b))
+            scale = scales[_bucket_of_tile(packed.shape[0], d // (per_group * lanes), packed.device)]
+            # one pointwise op over (tiles, codes per group, LANES): row k shifts by k codes (a
+            # stack of per-row results would go through a temporary)
+            shift = torch.arange(per_group, dtype=word.dtype, device=packed.device).view(1, -1, 1)
+            codes = (word.unsqueeze(1) >> (shift * self.bits)) & mask
+            values = self._fractions(codes.float()) * scale.view(-1, 1, 1)
+            self._store(values.view(out.shape), out, alpha)
             return out
         return decode
 
@@ -300,9 +302,11 @@ class BucketedLevelCodec(Codec):
         scales = aligned(body[: 4 * nb], 4).view(torch.float32)
         packed = body[4 * nb:]
         done = numel // d * d
+        tile = bitpack.tile_values(bits)
         if not (self._fused() and kernels.usable(body.device, done) and kernels.run(
                 ("decode", repr(self), body.device.type, alpha is None), self._fused_decoder,
-                scales[: done // d].clone(), packed[: done * bits // 8], out[:done], alpha) is not None):
+                scales[: done // d].clone(), packed[: done * bits // 8].view(-1, tile * bits // 8),
+                out[:done].view(-1, tile), alpha) is not None):
             done = 0
         for lo, hi in chunk_ranges(numel, self._chunk_align(), body.device, first=done):
             n, nbytes = hi - lo, bitpack.packed_bytes(hi - lo, bits)

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
 from . import kernels
-from .bitpack import LANES
 from .base import Codec, chunk_ranges, register_codec
 from .bucketed import BucketedLevelCodec, aligned, random_bits
 
 # C_nat code byte: bit 7 the sign, bits 0-6 an exponent code.
 _ZERO, _INF, _NAN = 0, 127, 0x80
 _SPAN = 126  # exponent codes 1..126 cover e_top-125 .. e_top
-_TILE = 4 * LANES  # values per tile of the fused encoder: four rows, three hashes per column
 
 
 @register_codec("natural", "cnat")
@@ -49,7 +48,10 @@ class NaturalCompression(Codec):
         return torch.where(a > 0, (hi - a) * (a - hi / 2), torch.zeros_like(a)).sum()
 
     def _encode_body(self, flat, generator, out):
-        if kernels.usable(flat.device, flat.numel()):
+        # the kernel writes four codes as one little-endian int32 word: out[4:] must be aligned
+        # and its storage whole words (as `encode` allocates it; the compiler asserts so)
+        if (kernels.usable(flat.device, flat.numel()) and out.storage_offset() % 4 == 0
+                and out.untyped_storage().nbytes() % 4 == 0 and sys.byteorder == "little"):
             key = kernels.draw_key(generator, flat.device, streams=2)
             # The low-range step draws a second hash per value, though it rarely applies (only
             # to values 2^125 below the largest). On the CPU, where reading the kernel's flag
@@ -62,7 +64,7 @@ class NaturalCompression(Codec):
             if fused is not None:
                 e_top = fused[0]
                 out[:4] = e_top.reshape(1).view(torch.uint8)
-                whole = flat.numel() // _TILE * _TILE  # the last values eagerly, from the generator
+                whole = flat.numel() // 4 * 4  # the last 0-3 values eagerly, from the generator
                 tail = flat[whole:].float()
                 if tail.numel():
                     out[4 + whole:] = self._codes(tail, e_top, True, lambda stream: random_bits(
@@ -83,29 +85,28 @@ class NaturalCompression(Codec):
                                               lambda stream: random_bits(n, flat.device, generator))
 
     def _run_fused_encoder(self, flat, key, out, low_range):
-        """``(e_top, needs_low_range)`` from the kernel, which wrote the codes of the values
-        in whole tiles, or None."""
-        codes = out[4: 4 + flat.numel() // _TILE * _TILE].view(-1, _TILE)  # its size in tiles
+        """``(e_top, needs_low_range)`` from the kernel, which wrote the codes of the first
+        ``numel // 4 * 4`` values, or None."""
+        words = out[4: 4 + flat.numel() // 4 * 4].view(torch.int32)
         return kernels.run(("encode", repr(self), flat.device.type, low_range),
-                           lambda: self._fused_encoder(low_range), flat, key, codes)
+                           lambda: self._fused_encoder(low_range), flat, key, words)
 
     def _fused_encoder(self, low_range):
-        """The kernel, over tiles of four rows of ``LANES`` values: lane ``j`` of a tile
-        hashes three times for the four values of its column (:func:`kernels.hashed_bits`),
-        and loads and stores are runs of consecutive values and bytes."""
-        def encode(flat, key, codes_out):
-            tiles = codes_out.shape[0]
-            torch._check(flat.shape[0] - tiles * _TILE >= 0)
-            torch._check(flat.shape[0] - tiles * _TILE < _TILE)
+        """The kernel: the values in columns of four, so that three hashes serve four values
+        (:func:`kernels.hashed_bits`), and their codes stored as one int32 word."""
+        def encode(flat, key, words_out):
+            groups = words_out.shape[0]
+            torch._check(flat.shape[0] - 4 * groups >= 0)
+            torch._check(flat.shape[0] - 4 * groups < 4)
             x = flat.float()
             e_top = self._largest_exponent(x) + 1
-            rows = x[: tiles * _TILE].view(-1, 4, LANES)
-            lanes = tiles * LANES
-            bits = [kernels.hashed_bits(key, lanes, x.device, stream) for stream in range(1 + low_range)]
-            codes = [self._codes(rows[:, k, :], e_top, low_range,
-                                 lambda stream, k=k: bits[stream][k].view(-1, LANES))
-                     for k in range(4)]
-            codes_out.copy_(torch.stack(codes, 1).view(-1, _TILE))
+            columns = x[: 4 * groups].view(-1, 4)
+            bits = [kernels.hashed_bits(key, groups, x.device, stream) for stream in range(1 + low_range)]
+            word = 0
+            for k in range(4):  # little-endian: value 4g + k is byte k of word g
+                code = self._codes(columns[:, k], e_top, low_range, lambda stream, k=k: bits[stream][k])
+                word = word | (code.to(torch.int32) << (8 * k))
+            words_out.copy_(word)
             # a nonzero magnitude below 2^(e_low - 127) may round below the range
             magnitude = x.view(torch.int32) & 0x7FFFFFFF
             e_low = (e_top - (_SPAN - 1)).clamp(min=0)
