@@ -294,3 +294,30 @@ def test_natural_compression_code_bytes_and_values_match_their_definitions():
                 # in fp32: zero below 2^-149, infinite from 2^128
                 expected = torch.tensor(sign * magnitude, dtype=torch.float64).float().item()
                 assert value == expected, (e, code)
+
+
+@pytest.mark.parametrize("name", ["qsgd4", "qsgd3", "qsgd8", "dithering", "natural"])
+@pytest.mark.parametrize("count", [1, 3])
+def test_decode_mean_is_the_ordered_sum_of_decodes(compiled, name, count):
+    """decode_mean (one kernel over every payload where the codec has one) gives the bits of
+    zeroing and adding each decoded payload times 1/count in order, with the chosen rank's
+    payload decoded into ``local``; a payload it cannot take is named by its index."""
+    codec = CODECS.get(name) or cp.NaturalCompression()
+    gen = torch.Generator().manual_seed(13)
+    payloads = [codec.encode(torch.randn(N - 37, generator=gen), gen) for _ in range(count)]
+    gathered = torch.cat([p.data for p in payloads])
+    expected = torch.zeros(N - 37)
+    for p in payloads:
+        codec.decode_into(p, expected, 1 / count)
+    out, local = torch.full((N - 37,), 7.0), torch.empty(N - 37)
+    codec.decode_mean(gathered, count, out, local, count - 1)
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(local, codec.decode(payloads[-1]))
+    kernels.set_enabled(False)
+    eager = codec.decode_mean(gathered, count, torch.empty(N - 37))
+    kernels.set_enabled(True)
+    assert torch.equal(eager.view(torch.int32), expected.view(torch.int32))
+    wrong = gathered.clone()
+    wrong[(count - 1) * payloads[0].nbytes] = 0  # the last payload's magic
+    with pytest.raises(cp.codecs.PayloadError, match=f"payload {count - 1}"):
+        codec.decode_mean(wrong, count, out)

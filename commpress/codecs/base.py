@@ -78,6 +78,15 @@ class Header:
         return cls(codec_id, _CODE_DTYPES[dtype_code], a, b, numel, block)
 
 
+class PayloadError(ValueError):
+    """A payload among several (:meth:`Codec.decode_mean`) that the codec cannot take:
+    ``index`` says which."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"payload {index}: {reason}")
+        self.index, self.reason = index, reason
+
+
 @dataclass
 class Payload:
     """An encoded tensor: ``data`` is the wire bytes, ``shape`` the host-side original shape.
@@ -235,6 +244,44 @@ class Codec:
         if numel:
             self._decode_body(data[HEADER_BYTES:], out, alpha)
         return out
+
+    def decode_mean(self, gathered: torch.Tensor, count: int, out: torch.Tensor,
+                    local: Optional[torch.Tensor] = None, rank: int = -1) -> torch.Tensor:
+        """``out[:] =`` the mean of the ``count`` equal-length payloads laid end to end in
+        ``gathered`` (what an all-gather returns), for a flat fp32 ``out``; with ``local``,
+        payload ``rank`` decoded is also written there. Each is decoded, times ``1 / count``,
+        and added in order to zero, as :meth:`decode_into` with ``alpha`` adds: every path
+        gives every rank the same bits. The bucketed codecs decode all of them in one pass
+        that writes ``out`` once. Raises :class:`PayloadError` naming the first payload this
+        codec cannot take."""
+        if count < 1 or gathered.numel() % count:
+            raise ValueError(f"{gathered.numel()} bytes do not hold {count} equal payloads")
+        size, numel = gathered.numel() // count, out.numel()
+        bodies = []
+        for index in range(count):
+            try:
+                data, _, _ = self._checked(Payload(gathered[index * size:(index + 1) * size]),
+                                           torch.float32, numel)
+            except ValueError as exc:
+                raise PayloadError(index, str(exc)) from None
+            bodies.append(data[HEADER_BYTES:])
+        if numel and self._decode_mean_body(gathered.view(count, size)[:, HEADER_BYTES:], out, local, rank):
+            return out
+        share = 1.0 / count
+        out.zero_()
+        for index, body in enumerate(bodies if numel else []):
+            if index == rank and local is not None:
+                self._decode_body(body, local)
+                self._store(local, out, share)
+            else:
+                self._decode_body(body, out, share)
+        return out
+
+    def _decode_mean_body(self, bodies: torch.Tensor, out: torch.Tensor,
+                          local: Optional[torch.Tensor], rank: int) -> bool:
+        """:meth:`decode_mean` of the checked ``bodies`` (one per row) in one pass, if this
+        codec can (True), else False and nothing written."""
+        return False
 
     def _checked(self, payload: Payload, dtype: Optional[torch.dtype], numel: Optional[int]):
         """``(data, numel, dtype)`` of a payload that passed the checks :meth:`decode` names."""

@@ -240,23 +240,63 @@ class BucketedLevelCodec(Codec):
         """The kernel, over tiles of :func:`bitpack.pack_tiled` (runs of ``LANES`` bytes in,
         ``LANES`` values out). ``alpha`` is an argument, not a constant of the closure: the
         kernel is cached per codec, and a cached closure would keep the first call's."""
-        lanes, d = bitpack.LANES, self.bucket_size
-        per_group, group_bytes = bitpack.group_shape(self.bits)
-        mask = (1 << self.bits) - 1
+        d, tile = self.bucket_size, bitpack.tile_values(self.bits)
 
         def decode(scales, packed, out, alpha):
             torch._check(out.shape[0] == packed.shape[0])  # tiles: the compiler sees them tied
-            wide = packed.to(bitpack.word_dtype(self.bits))
-            word = wide[:, :lanes]
-            for b in range(1, group_bytes):
-                word = word | (wide[:, b * lanes: (b + 1) * lanes] << (8 * b))
-            scale = scales[_bucket_of_tile(packed.shape[0], d // (per_group * lanes), packed.device)]
-            # one pointwise op over (tiles, codes per group, LANES): row k shifts by k codes (a
-            # stack of per-row results would go through a temporary)
-            shift = torch.arange(per_group, dtype=word.dtype, device=packed.device).view(1, -1, 1)
-            codes = (word.unsqueeze(1) >> (shift * self.bits)) & mask
-            values = self._fractions(codes.float()) * scale.view(-1, 1, 1)
-            self._store(values.view(out.shape), out, alpha)
+            scale = scales[_bucket_of_tile(packed.shape[0], d // tile, packed.device)]
+            self._store(self._tile_values(packed, scale), out, alpha)
+            return out
+        return decode
+
+    def _decode_mean_body(self, bodies, out, local, rank):
+        """One kernel over every payload of a piece: each tile of ``out`` is written once,
+        the sum of the ``W`` decoded tiles (no zeroing pass, no read-modify-write per
+        payload)."""
+        w, d, bits, numel = bodies.shape[0], self.bucket_size, self.bits, out.numel()
+        tile, nb = bitpack.tile_values(bits), self._buckets(numel)
+        if not (numel % d == 0 and self._fused() and kernels.usable(out.device, numel)
+                and out.is_contiguous() and (local is None or local.is_contiguous())):
+            return False
+        scales = bodies[:, : 4 * nb].contiguous().view(torch.float32).t().contiguous()  # (nb, W)
+        packed = bodies[:, 4 * nb:].view(w, -1, tile * bits // 8).transpose(0, 1)  # (tiles, W, .)
+        outputs = (out.view(-1, tile),) + (() if local is None else (local.view(-1, tile),))
+        return kernels.run(("decode_mean", repr(self), out.device.type, w, local is None, rank),
+                           lambda: self._fused_mean_decoder(w, rank if local is not None else -1),
+                           scales, packed, *outputs) is not None
+
+    def _tile_values(self, packed, scale):
+        """The fp32 values of tiles (one per row) of :func:`bitpack.pack_tiled` bytes, given
+        each tile's scale (one per row): one pointwise op over (tiles, codes per group,
+        LANES), row ``k`` shifted by ``k`` codes (a stack of per-row results would go
+        through a temporary)."""
+        lanes, bits = bitpack.LANES, self.bits
+        per_group, group_bytes = bitpack.group_shape(bits)
+        wide = packed.to(bitpack.word_dtype(bits))
+        word = wide[:, :lanes]
+        for b in range(1, group_bytes):
+            word = word | (wide[:, b * lanes: (b + 1) * lanes] << (8 * b))
+        shift = torch.arange(per_group, dtype=word.dtype, device=packed.device).view(1, -1, 1)
+        codes = (word.unsqueeze(1) >> (shift * bits)) & ((1 << bits) - 1)
+        return (self._fractions(codes.float()) * scale.view(-1, 1, 1)).view(packed.shape[0], -1)
+
+    def _fused_mean_decoder(self, w, rank):
+        """The kernel of :meth:`_decode_mean_body` for ``w`` payloads: their values times
+        ``1 / w`` added in order to zero (:meth:`Codec._store`'s rounding); payload
+        ``rank`` (unless -1) also written decoded into a second output."""
+        d, share = self.bucket_size, 1.0 / w
+        tile = bitpack.tile_values(self.bits)
+
+        def decode(scales, packed, out, local=None):
+            torch._check(out.shape[0] == packed.shape[0])
+            bucket = _bucket_of_tile(packed.shape[0], d // tile, packed.device)
+            total = 0.0
+            for r in range(w):
+                values = self._tile_values(packed[:, r, :], scales[bucket, r])
+                if r == rank:
+                    local.copy_(values)
+                total = total + values * share
+            out.copy_(total)
             return out
         return decode
 

@@ -35,7 +35,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..codecs import Codec, Payload, contractive_factor
+from ..codecs import Codec, Payload, PayloadError, contractive_factor
 from ..feedback import keep_finite
 from ..stats import CommStats
 from .segments import Segments, destination, window
@@ -152,30 +152,25 @@ def _decode(codec: Codec, data: torch.Tensor, numel: int, peer: int,
             return codec.decode_into(Payload(data), into, alpha)
         return codec.decode(Payload(data), dtype=torch.float32, numel=numel)
     except ValueError as exc:
-        raise ValueError(f"commpress: rank {peer} of the group sent a payload this rank cannot "
-                         f"take ({exc}): the ranks are not reducing the same tensors (different "
-                         f"models, or a different bucket layout)") from None
+        raise _peer_error(peer, exc) from None
 
 
-def _decode_mean(codec: Codec, gathered: torch.Tensor, sizes, stats, mean: torch.Tensor,
+def _peer_error(peer: int, reason) -> ValueError:
+    return ValueError(f"commpress: rank {peer} of the group sent a payload this rank cannot take "
+                      f"({reason}): the ranks are not reducing the same tensors (different "
+                      f"models, or a different bucket layout)")
+
+
+def _decode_mean(codec: Codec, gathered: torch.Tensor, count: int, stats, mean: torch.Tensor,
                  local: Optional[torch.Tensor] = None, rank: int = -1) -> None:
-    """Write into ``mean`` the average of the consecutive payloads of ``sizes`` bytes in
-    ``gathered``, each decoded straight into the sum (no full-size temporary per payload).
-    With ``local``, the payload of ``rank`` is decoded there (error feedback needs it) and
-    added from there the same way, so every rank's sum is bit-identical."""
+    """Write into ``mean`` the average of the ``count`` equal-length payloads in ``gathered``
+    (:meth:`Codec.decode_mean`: straight into the sum, no full-size temporary per payload).
+    With ``local``, the payload of ``rank`` is also decoded there (error feedback needs it)."""
     with _Timer(stats, "decode_seconds"):
-        # each part is scaled before it is added: a sum of W values near the fp32 maximum
-        # would overflow where their mean does not
-        offset, share = 0, 1.0 / len(sizes)
-        mean.zero_()
-        for peer, size in enumerate(sizes):
-            data = gathered[offset: offset + size]
-            if local is not None and peer == rank:
-                _decode(codec, data, mean.numel(), peer, into=local)
-                Codec._store(local, mean, share)
-            else:
-                _decode(codec, data, mean.numel(), peer, into=mean, alpha=share)
-            offset += size
+        try:
+            codec.decode_mean(gathered, count, mean, local, rank)
+        except PayloadError as exc:
+            raise _peer_error(exc.index, exc.reason) from None
 
 
 def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algorithm: str,
@@ -304,8 +299,7 @@ def _allgather_piece(flat, codec, transport, generator, stats, out, local):
         payload = codec.encode(flat, generator)
     pending = transport.all_gather_start(payload.data)
     yield
-    _decode_mean(codec, pending.wait(), [payload.nbytes] * transport.world_size, stats, out,
-                 local, transport.rank)
+    _decode_mean(codec, pending.wait(), transport.world_size, stats, out, local, transport.rank)
 
 
 def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_residual, out, local):
@@ -320,7 +314,7 @@ def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_resid
     lo, hi = bounds[rank]
     chunk_mean = torch.empty(hi - lo, dtype=torch.float32, device=flat.device)
     try:  # this rank's own chunk is decoded into local along with the peers'
-        _decode_mean(codec, pending.wait(), [mine] * w, stats, chunk_mean,
+        _decode_mean(codec, pending.wait(), w, stats, chunk_mean,
                      None if local is None else local[lo:hi], rank)
         failure = None
     except ValueError as exc:  # still take part in the all_gather, or the others would hang
