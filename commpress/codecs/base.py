@@ -265,7 +265,7 @@ class Codec:
             except ValueError as exc:
                 raise PayloadError(index, str(exc)) from None
             bodies.append(data[HEADER_BYTES:])
-        if numel and self._decode_mean_body(gathered.view(count, size)[:, HEADER_BYTES:], out, local, rank):
+        if numel and self._decode_mean_body(gathered.reshape(count, size)[:, HEADER_BYTES:], out, local, rank):
             return out
         share = 1.0 / count
         out.zero_()

@@ -68,6 +68,14 @@ def test_fused_kernels_on_cuda_one_wire_format_and_unbiased(name):
         codec.decode_into(payload, total, alpha=0.25)
         # (the GPU may fuse the multiply-add: one rounding instead of two)
         assert torch.allclose(total.cpu(), torch.full((n,), 0.5) + eager * 0.25, rtol=1e-6, atol=0)
+        # two payloads into their mean (one kernel for the bucketed codecs), as on the CPU
+        gathered = torch.cat([payload.data, codec.encode(x, gen).data])
+        averaged = codec.decode_mean(gathered, 2, torch.empty(n, device="cuda"))
+        kernels.set_enabled(False)
+        expected = codec.decode_mean(gathered.cpu(), 2, torch.empty(n))
+        kernels.set_enabled(True)
+        assert not [key for key in kernels._broken if "cuda" in key], kernels._broken
+        assert torch.allclose(averaged.cpu(), expected, rtol=1e-6, atol=0)
         trials = 100
         mean = sum(codec.decode(codec.encode(x, gen)).double() for _ in range(trials)) / trials
         direction = torch.randn(n, device="cuda", dtype=torch.float64)
