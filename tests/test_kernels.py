@@ -321,3 +321,5 @@ def test_decode_mean_is_the_ordered_sum_of_decodes(compiled, name, count):
     wrong[(count - 1) * payloads[0].nbytes] = 0  # the last payload's magic
     with pytest.raises(cp.codecs.PayloadError, match=f"payload {count - 1}"):
         codec.decode_mean(wrong, count, out)
+    with pytest.raises(ValueError, match=f"rank {count} names none"):
+        codec.decode_mean(gathered, count, out, local, count)

@@ -256,6 +256,8 @@ class Codec:
         codec cannot take."""
         if count < 1 or gathered.numel() % count:
             raise ValueError(f"{gathered.numel()} bytes do not hold {count} equal payloads")
+        if local is not None and not 0 <= rank < count:
+            raise ValueError(f"rank {rank} names none of the {count} payloads to decode into local")
         size, numel = gathered.numel() // count, out.numel()
         bodies = []
         for index in range(count):

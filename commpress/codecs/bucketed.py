@@ -261,9 +261,10 @@ class BucketedLevelCodec(Codec):
         scales = bodies[:, : 4 * nb].contiguous().view(torch.float32).t().contiguous()  # (nb, W)
         packed = bodies[:, 4 * nb:].view(w, -1, tile * bits // 8).transpose(0, 1)  # (tiles, W, .)
         outputs = (out.view(-1, tile),) + (() if local is None else (local.view(-1, tile),))
-        return kernels.run(("decode_mean", repr(self), out.device.type, w, local is None, rank),
-                           lambda: self._fused_mean_decoder(w, rank if local is not None else -1),
-                           scales, packed, *outputs) is not None
+        rank = -1 if local is None else rank
+        return kernels.run(("decode_mean", repr(self), out.device.type, w, rank),
+                           lambda: self._fused_mean_decoder(w, rank), scales, packed,
+                           *outputs) is not None
 
     def _tile_values(self, packed, scale):
         """The fp32 values of tiles (one per row) of :func:`bitpack.pack_tiled` bytes, given
