@@ -35,6 +35,8 @@ from typing import Callable, ClassVar, Dict, Optional
 
 import torch
 
+from . import kernels
+
 FORMAT_VERSION = 2  # 2: codes packed in tiles (bitpack.pack_tiled)
 HEADER_BYTES = 24
 _HEADER_CACHE_SIZE = 256  # (dtype, numel, device) headers kept per codec
@@ -251,8 +253,8 @@ class Codec:
         ``gathered`` (what an all-gather returns), for a flat fp32 ``out``; with ``local``,
         payload ``rank`` decoded is also written there. Each is decoded, times ``1 / count``,
         and added in order to zero, as :meth:`decode_into` with ``alpha`` adds: every path
-        gives every rank the same bits. The bucketed codecs decode all of them in one pass
-        that writes ``out`` once. Raises :class:`PayloadError` naming the first payload this
+        gives every rank the same bits. QSGD, D_nat and C_nat decode all of them in one
+        compiled pass that writes ``out`` once. Raises :class:`PayloadError` naming the first payload this
         codec cannot take."""
         if count < 1 or gathered.numel() % count:
             raise ValueError(f"{gathered.numel()} bytes do not hold {count} equal payloads")
@@ -281,9 +283,50 @@ class Codec:
 
     def _decode_mean_body(self, bodies: torch.Tensor, out: torch.Tensor,
                           local: Optional[torch.Tensor], rank: int) -> bool:
-        """:meth:`decode_mean` of the checked ``bodies`` (one per row) in one pass, if this
-        codec can (True), else False and nothing written."""
-        return False
+        """:meth:`decode_mean` of the checked ``bodies`` (one per row) in one compiled kernel
+        where this codec has one (:meth:`_mean_kernel_inputs`): True, else False and nothing
+        written."""
+        if not (out.is_contiguous() and (local is None or local.is_contiguous())
+                and kernels.usable(out.device, out.numel())):
+            return False
+        prepared = self._mean_kernel_inputs(bodies, out.numel())
+        if prepared is None:
+            return False
+        inputs, rows = prepared
+        count, rank = bodies.shape[0], -1 if local is None else rank
+        outputs = [t.view(rows, -1) for t in (out, local) if t is not None]
+        return kernels.run(("decode_mean", repr(self), out.device.type, count, rank),
+                           lambda: self._mean_kernel(count, rank), *inputs, *outputs) is not None
+
+    def _mean_kernel_inputs(self, bodies: torch.Tensor, numel: int):
+        """``(inputs, rows)``: the one-kernel :meth:`decode_mean`'s tensors, the last with one
+        row per row of the outputs, which it views as ``rows`` rows; None where this codec
+        has no such kernel."""
+        return None
+
+    def _payload_values(self, inputs, index: int) -> torch.Tensor:
+        """Inside that kernel: payload ``index``'s fp32 values, shaped like the outputs."""
+        raise NotImplementedError
+
+    def _mean_kernel(self, count: int, rank: int):
+        """The kernel: every payload's values times ``1 / count`` added in order to zero
+        (:meth:`_store`'s rounding, as the eager path adds them), payload ``rank`` (unless -1)
+        also written into a second output. ``count`` and ``rank`` are constants of the
+        kernel (it is cached per both)."""
+        share = 1.0 / count
+
+        def mean(*args):
+            inputs, outputs = args[:len(args) - 1 - (rank >= 0)], args[len(args) - 1 - (rank >= 0):]
+            torch._check(outputs[0].shape[0] == inputs[-1].shape[0])  # sizes tied: no spill
+            total = 0.0
+            for index in range(count):
+                values = self._payload_values(inputs, index)
+                if index == rank:
+                    outputs[1].copy_(values)
+                total = total + values * share
+            outputs[0].copy_(total)
+            return outputs[0]
+        return mean
 
     def _checked(self, payload: Payload, dtype: Optional[torch.dtype], numel: Optional[int]):
         """``(data, numel, dtype)`` of a payload that passed the checks :meth:`decode` names."""

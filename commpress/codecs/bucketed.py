@@ -249,22 +249,22 @@ class BucketedLevelCodec(Codec):
             return out
         return decode
 
-    def _decode_mean_body(self, bodies, out, local, rank):
-        """One kernel over every payload of a piece: each tile of ``out`` is written once,
-        the sum of the ``W`` decoded tiles (no zeroing pass, no read-modify-write per
-        payload)."""
-        w, d, bits, numel = bodies.shape[0], self.bucket_size, self.bits, out.numel()
+    def _mean_kernel_inputs(self, bodies, numel):
+        """Scales ``(buckets, W)`` and packed tiles ``(tiles, W, tile bytes)``; whole
+        buckets of whole tiles only."""
+        w, d, bits = bodies.shape[0], self.bucket_size, self.bits
+        if numel % d or not self._fused():
+            return None
         tile, nb = bitpack.tile_values(bits), self._buckets(numel)
-        if not (numel % d == 0 and self._fused() and kernels.usable(out.device, numel)
-                and out.is_contiguous() and (local is None or local.is_contiguous())):
-            return False
-        scales = bodies[:, : 4 * nb].contiguous().view(torch.float32).t().contiguous()  # (nb, W)
-        packed = bodies[:, 4 * nb:].view(w, -1, tile * bits // 8).transpose(0, 1)  # (tiles, W, .)
-        outputs = (out.view(-1, tile),) + (() if local is None else (local.view(-1, tile),))
-        rank = -1 if local is None else rank
-        return kernels.run(("decode_mean", repr(self), out.device.type, w, rank),
-                           lambda: self._fused_mean_decoder(w, rank), scales, packed,
-                           *outputs) is not None
+        scales = bodies[:, : 4 * nb].contiguous().view(torch.float32).t().contiguous()
+        packed = bodies[:, 4 * nb:].view(w, -1, tile * bits // 8).transpose(0, 1)
+        return (scales, packed), numel // tile
+
+    def _payload_values(self, inputs, index):
+        scales, packed = inputs
+        bucket = _bucket_of_tile(packed.shape[0], self.bucket_size // bitpack.tile_values(self.bits),
+                                 packed.device)
+        return self._tile_values(packed[:, index, :], scales[bucket, index])
 
     def _tile_values(self, packed, scale):
         """The fp32 values of tiles (one per row) of :func:`bitpack.pack_tiled` bytes, given
@@ -280,26 +280,6 @@ class BucketedLevelCodec(Codec):
         shift = torch.arange(per_group, dtype=word.dtype, device=packed.device).view(1, -1, 1)
         codes = (word.unsqueeze(1) >> (shift * bits)) & ((1 << bits) - 1)
         return (self._fractions(codes.float()) * scale.view(-1, 1, 1)).view(packed.shape[0], -1)
-
-    def _fused_mean_decoder(self, w, rank):
-        """The kernel of :meth:`_decode_mean_body` for ``w`` payloads: their values times
-        ``1 / w`` added in order to zero (:meth:`Codec._store`'s rounding); payload
-        ``rank`` (unless -1) also written decoded into a second output."""
-        d, share = self.bucket_size, 1.0 / w
-        tile = bitpack.tile_values(self.bits)
-
-        def decode(scales, packed, out, local=None):
-            torch._check(out.shape[0] == packed.shape[0])
-            bucket = _bucket_of_tile(packed.shape[0], d // tile, packed.device)
-            total = 0.0
-            for r in range(w):
-                values = self._tile_values(packed[:, r, :], scales[bucket, r])
-                if r == rank:
-                    local.copy_(values)
-                total = total + values * share
-            out.copy_(total)
-            return out
-        return decode
 
     def _table(self, device: torch.device) -> torch.Tensor:
         """:meth:`_fractions` of every code, for lookups."""

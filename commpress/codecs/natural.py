@@ -173,35 +173,14 @@ class NaturalCompression(Codec):
             return out
         return decode
 
-    def _decode_mean_body(self, bodies, out, local, rank):
-        """One kernel over every payload of a piece, as the bucketed codecs have: each value
-        of ``out`` is written once."""
-        w, numel = bodies.shape[0], out.numel()
-        if not (kernels.usable(out.device, numel) and out.is_contiguous()
-                and (local is None or local.is_contiguous())):
-            return False
-        e_tops = bodies[:, :4].contiguous().view(torch.int32).view(1, w)
-        rank = -1 if local is None else rank
-        outputs = (out,) + (() if local is None else (local,))
-        return kernels.run(("decode_mean", repr(self), out.device.type, w, rank),
-                           lambda: self._fused_mean_decoder(w, rank), e_tops,
-                           bodies[:, 4:].t(), *outputs) is not None
+    def _mean_kernel_inputs(self, bodies, numel):
+        """Each payload's ``e_top`` ``(1, W)`` and its codes, one column per payload."""
+        e_tops = bodies[:, :4].contiguous().view(torch.int32).view(1, -1)
+        return (e_tops, bodies[:, 4:].t()), numel
 
-    def _fused_mean_decoder(self, w, rank):
-        """The kernel of :meth:`_decode_mean_body` (codes: one column per payload)."""
-        share = 1.0 / w
-
-        def decode(e_tops, codes, out, local=None):
-            torch._check(out.shape[0] == codes.shape[0])
-            total = 0.0
-            for r in range(w):
-                values = self._values(codes[:, r].to(torch.int32), e_tops[0, r])
-                if r == rank:
-                    local.copy_(values)
-                total = total + values * share
-            out.copy_(total)
-            return out
-        return decode
+    def _payload_values(self, inputs, index):
+        e_tops, codes = inputs
+        return self._values(codes[:, index].to(torch.int32), e_tops[0, index]).view(-1, 1)
 
     def _decode_body(self, body, out, alpha=None):
         e_top = aligned(body[:4], 4).view(torch.int32)
