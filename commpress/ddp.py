@@ -32,6 +32,7 @@ from .config import CompressionConfig
 from .comm.ordered import OrderedExecutor
 from .comm.transport import (HierarchicalTransport, TorchTransport, Transport, destroyable,
                              new_group, node_layout, torch_hierarchical_transport)
+from .comm.collectives import start_mean
 from .comm.pipeline import reduce_gradient
 from .comm.segments import Segments
 from .feedback import KINDS as FEEDBACK_KINDS, ErrorFeedback
@@ -662,7 +663,13 @@ def _reduce_as(state: CompressionState, runtime: _Runtime, buffer, small, big, c
     when the choice is fp32). Error feedback applies to the configured codec only."""
     if choice == FP32:
         small, big = small + big, []
-    if small:
+    small_done = None
+    if small and big and buffer.dtype == torch.float32 and not state.mask:
+        # on the wire while the large ones are encoded: a blocking all-reduce here would hold
+        # back the first compressed piece by a round trip
+        small_done = start_mean(Segments([buffer[o:o + n] for o, n, _ in small]), _FP32,
+                                runtime.transport, stats)
+    elif small:
         _reduce_group(state, buffer, small, _FP32, "allreduce", None, runtime.transport,
                       generator, stats)
     if big:
@@ -671,6 +678,8 @@ def _reduce_as(state: CompressionState, runtime: _Runtime, buffer, small, big, c
                      else runtime.transport)
         _reduce_group(state, buffer, big, codec, choice.collective,
                       feedback if choice.codec == "codec" else None, transport, generator, stats)
+    if small_done is not None:
+        small_done()
 
 
 def _choose(state: CompressionState, runtime: _Runtime, buffer, small, big, last: bool,

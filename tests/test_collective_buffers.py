@@ -9,6 +9,7 @@ import torch
 
 import commpress as cp
 from commpress.comm import LoopbackGroup, collectives, compressed_mean
+from commpress.comm.collectives import pipeline_pieces
 from commpress.comm.loopback import LoopbackTransport
 from commpress.comm.pipeline import reduce_gradient
 from commpress.comm.segments import Segments
@@ -203,3 +204,18 @@ def test_segments_with_error_feedback_match_the_concatenated_reduction(monkeypat
 
     assert all(LoopbackGroup(2).run(rank_fn))
 
+
+@pytest.mark.parametrize("block", [1, 64, 512])
+def test_pipeline_pieces_cover_the_vector_at_the_set_size(monkeypatch, block):
+    """Pieces are aligned to the codec's block, cover the vector end to end and are of the
+    module's PIPELINE_ELEMENTS as it is at the call (the tests above shrink it to put several
+    pieces in flight: a default bound at import left allgather with one piece)."""
+    monkeypatch.setattr(collectives, "PIPELINE_ELEMENTS", 4096)
+    size = max(4096 // block, 1) * block
+    for numel in (0, 1, 4096, 4097, 5003, 3 * 4096 + 17, 100_000):
+        pieces = pipeline_pieces(numel, block)
+        assert pieces[0][0] == 0 and pieces[-1][1] == numel, (numel, pieces)
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:])), (numel, pieces)
+        assert all(lo % block == 0 for lo, _ in pieces)
+        assert [hi - lo for lo, hi in pieces[:-1]] == [size] * (len(pieces) - 1)
+        assert len(pieces) == max(math.ceil(numel / size), 1)

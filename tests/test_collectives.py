@@ -7,6 +7,8 @@ import torch.distributed as dist
 
 import commpress as cp
 from commpress.comm import TorchTransport, chunk_bounds, choose_algorithm, compressed_mean, wire_bytes_per_rank
+from commpress.comm.collectives import start_mean
+from commpress.comm.segments import Segments
 from distributed import run_workers
 
 CODECS = {"qsgd4": cp.QSGD(bits=4, bucket_size=128), "natural": cp.NaturalCompression(),
@@ -96,6 +98,41 @@ def test_wire_bytes_per_rank(world_size):
         assert abs(measured["reduce_scatter"] - ring) <= 0.10 * ring, (r, measured, ring)
         model = wire_bytes_per_rank("reduce_scatter", cp.QSGD(bits=4, bucket_size=512), 400_000, w)
         assert abs(measured["reduce_scatter"] - model) <= 0.01 * model
+
+
+def overlap_worker(rank, world_size):
+    """A small fp32 all-reduce started with start_mean, a pipelined compressed reduction
+    issued while it is in flight (as the DDP hook does with a bucket's biases and weights)."""
+    transport = TorchTransport()
+    gen = torch.Generator().manual_seed(rank)
+    bucket = torch.randn(3_000_000, generator=gen)
+    small = [(0, 700), (1_500_000, 1_500_300)]
+    expected_small, _ = compressed_mean(torch.cat([bucket[a:b] for a, b in small]), cp.Identity(),
+                                        transport, "allreduce")
+    big = bucket[700:1_500_000].clone()
+    expected_big, _ = compressed_mean(big, CODECS["qsgd4"], transport, "allgather",
+                                      torch.Generator().manual_seed(7))
+    before = transport.sent_bytes
+    finish = start_mean(Segments([bucket[a:b] for a, b in small]), cp.Identity(), transport)
+    started = transport.sent_bytes - before
+    mean_big, _ = compressed_mean(bucket[700:1_500_000], CODECS["qsgd4"], transport, "allgather",
+                                  torch.Generator().manual_seed(7), out=bucket[700:1_500_000])
+    finish()
+    with pytest.raises(ValueError, match="float32"):
+        start_mean(torch.zeros(4, dtype=torch.float16), cp.Identity(), transport)
+    return (torch.cat([bucket[a:b] for a, b in small]), expected_small, mean_big, expected_big,
+            started, bucket[1_500_300:].clone())
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_started_mean_overlaps_a_compressed_reduction(world_size):
+    results = run_workers(overlap_worker, world_size)
+    for small, expected_small, big, expected_big, started, _ in results:
+        assert torch.equal(small, expected_small), "the overlapped fp32 mean differs"
+        assert torch.equal(big, expected_big), "the compressed mean differs when overlapped"
+        assert started == 2 * (world_size - 1) * 1000 * 4 // world_size  # counted when started
+    assert all(torch.equal(r[0], results[0][0]) for r in results), "ranks disagree"
+    assert not torch.equal(results[0][5], results[1][5]), "values outside the parts were reduced"
 
 
 def test_chunk_bounds_align_and_cover():

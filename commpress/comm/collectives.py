@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -116,10 +116,11 @@ def chunk_bounds(numel: int, block: int, world_size: int):
     return [(min(r * per_rank, numel), min((r + 1) * per_rank, numel)) for r in range(world_size)]
 
 
-def pipeline_pieces(numel: int, block: int, elements: int = PIPELINE_ELEMENTS):
-    """``(lo, hi)`` pieces of about ``elements``, aligned to ``block``, covering ``numel``
-    (one piece, possibly empty, for small vectors); each is its own payload."""
-    size = max(elements // block, 1) * block
+def pipeline_pieces(numel: int, block: int, elements: Optional[int] = None):
+    """``(lo, hi)`` pieces of about ``elements`` (default: ``PIPELINE_ELEMENTS`` as it is at
+    the call), aligned to ``block``, covering ``numel`` (one piece, possibly empty, for small
+    vectors); each is its own payload."""
+    size = max((elements or PIPELINE_ELEMENTS) // block, 1) * block
     return [(lo, min(lo + size, numel)) for lo in range(0, max(numel, 1), size)]
 
 
@@ -229,7 +230,9 @@ def _run(algorithm, flat, codec, transport, generator, stats, server_residual, o
     if algorithm == "hierarchical":
         return _hierarchical(flat, codec, transport, generator, stats, server_residual, out, local)
     if algorithm == "allreduce":
-        return _allreduce(flat, codec, transport, out, local)
+        for _ in _allreduce(flat, codec, transport, out, local):
+            pass
+        return None
     if algorithm == "allgather":
         def stages(lo, hi):
             into, commit = destination(out, lo, hi)
@@ -251,11 +254,31 @@ def _run(algorithm, flat, codec, transport, generator, stats, server_residual, o
     _pipelined(pieces, stages)
 
 
+def start_mean(flat: torch.Tensor, codec: Codec, transport: Transport,
+               stats: Optional[CommStats] = None) -> Callable[[], None]:
+    """The mean over ranks of ``flat`` (fp32, a tensor or :class:`Segments`) through a
+    summable ``codec``'s all-reduce, written into ``flat`` once the returned function is
+    called. When this returns the all-reduce is on the wire, so a caller can reduce another
+    vector meanwhile: the DDP hook sends a bucket's small fp32 gradients alongside its
+    compressed ones instead of before them. Collectives started after it must be started in
+    the same order on every rank, as always."""
+    if flat.dim() != 1 or flat.dtype != torch.float32:
+        raise ValueError(f"start_mean takes a flat float32 vector, got {flat.dtype} of shape "
+                         f"{tuple(flat.shape)}")
+    before = transport.sent_bytes
+    stages = _allreduce(flat, codec, transport, flat, None)
+    next(stages)
+    if stats is not None:
+        stats.add(wire_bytes=transport.sent_bytes - before)
+    return lambda: next(stages, None)
+
+
 def _allreduce(flat, codec, transport, out, local):
-    # divide and cast in one pass into one buffer: ``out`` itself for fp32 (in place, as
-    # PyTorch's allreduce hook), else one of the wire dtype (or fp32 when ``out`` is Segments:
-    # one collective needs one contiguous buffer); casts and Segments go slice by slice, so
-    # that only a slice-sized temporary is made
+    """A generator (see :func:`_pipelined`): yields once the all-reduce is started. Divide
+    and cast in one pass into one buffer: ``out`` itself for fp32 (in place, as PyTorch's
+    allreduce hook), else one of the wire dtype (or fp32 when ``out`` is Segments: one
+    collective needs one contiguous buffer); casts and Segments go slice by slice, so that
+    only a slice-sized temporary is made."""
     dtype = _wire_dtype(codec)
     segmented = isinstance(out, Segments)
     wire = (out if dtype == out.dtype and not segmented
@@ -265,7 +288,9 @@ def _allreduce(flat, codec, transport, out, local):
         torch.div(flat[lo:lo + step], transport.world_size, out=wire[lo:lo + step])
     if local is not None:
         torch.mul(wire, transport.world_size, out=local)
-    total = transport.all_reduce_sum(wire)
+    pending = transport.all_reduce_sum_start(wire)
+    yield
+    total = pending.wait()
     if total is out:
         return
     for lo in range(0, flat.numel(), step):  # cast back into the parts where they lie

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 
 class Transport:
-    """Interface: ``rank``, ``world_size`` and four blocking operations.
+    """Interface: ``rank``, ``world_size`` and four blocking operations (and ``*_start``
+    forms of three of them, which engines with asynchronous collectives override).
 
     Every operation returns the output tensor and adds to ``sent_bytes`` what this rank sends
     on the wire:
@@ -56,6 +57,10 @@ class Transport:
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def all_reduce_sum_start(self, x: torch.Tensor) -> "Pending":
+        """Start ``all_reduce_sum(x)``, as :meth:`all_gather_start` starts ``all_gather``."""
+        return Pending(self.all_reduce_sum(x))
 
     def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
         raise NotImplementedError
@@ -167,9 +172,11 @@ class TorchTransport(Transport):
             group=self.group, async_op=True))
 
     def all_reduce_sum(self, x):
+        return self.all_reduce_sum_start(x).wait()
+
+    def all_reduce_sum_start(self, x):
         self._count_all_reduce(x)
-        dist.all_reduce(x, group=self.group)
-        return x
+        return Pending(x, dist.all_reduce(x, group=self.group, async_op=True))
 
     def broadcast(self, x, src):
         self._count_broadcast(x, src)
@@ -215,6 +222,9 @@ class HierarchicalTransport(Transport):
 
     def all_reduce_sum(self, x):
         return self.flat.all_reduce_sum(x)
+
+    def all_reduce_sum_start(self, x):
+        return self.flat.all_reduce_sum_start(x)
 
     def broadcast(self, x, src):
         return self.flat.broadcast(x, src)
