@@ -349,15 +349,19 @@ def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_resid
         for r, (payload, (a, b)) in enumerate(zip(payloads, bounds)):
             if r != rank:
                 codec.decode_into(payload, local[a:b])
-    to_send = chunk_mean
-    if server_residual is not None:  # EF at the server, made contractive (see contractive_factor)
+    if server_residual is None:
+        with _Timer(stats, "encode_seconds"):
+            reduced = codec.encode(chunk_mean, generator).data
+    else:  # EF at the server, made contractive (see contractive_factor)
         chunk_mean += server_residual[lo:hi]
         to_send = chunk_mean * contractive_factor(codec, chunk_mean)
-    with _Timer(stats, "encode_seconds"):
-        reduced = codec.encode(to_send, generator).data
-    if server_residual is not None:
-        lost = chunk_mean - codec.decode(Payload(reduced), dtype=torch.float32, numel=hi - lo)
+        with _Timer(stats, "encode_seconds"):
+            reduced = codec.encode(to_send, generator).data
+        # what re-encoding lost, computed in to_send's storage: no chunk-sized temporaries
+        lost = torch.sub(chunk_mean, codec.decode_into(Payload(reduced), to_send), out=to_send)
         keep_finite(lost, server_residual[lo:hi])
+        del to_send, lost
+    del chunk_mean  # not needed while the all_gather is in flight (the next piece's is)
     # all_gather needs equal sizes: every reduced chunk travels in a slot of the largest size,
     # plus a byte saying whether its rank received a payload of the wrong length
     slot = max(sizes)
