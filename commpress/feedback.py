@@ -33,15 +33,21 @@ KINDS = ("ef", "ef21")
 _MEMORIES = {"ef": ("residual",), "ef21": ("worker", "shared")}
 
 
-def _add_by_parts(total: torch.Tensor, flat, sizes) -> torch.Tensor:
-    """``total += flat``, one parameter's part at a time: ``flat`` may be any vector that
+def _with_memories(store: Dict, params: Sequence, flat, sizes, subtract: bool) -> torch.Tensor:
+    """A new fp32 vector: each parameter's part of ``flat`` plus (``subtract``: minus) its
+    memory in ``store`` (none yet: zero), written in one pass. ``flat`` may be any vector that
     slices, such as the DDP hook's bucket :class:`~commpress.comm.segments.Segments`, whose
     slices inside one parameter are views."""
+    out = torch.empty(sum(sizes), dtype=torch.float32, device=flat.device)
     offset = 0
-    for n in sizes:
-        total[offset: offset + n].add_(flat[offset: offset + n])
+    for param, n in zip(params, sizes):
+        part, into, memory = flat[offset: offset + n], out[offset: offset + n], store.get(param)
+        if memory is None:
+            into.copy_(part)
+        else:
+            (torch.sub if subtract else torch.add)(part, memory, out=into)
         offset += n
-    return total
+    return out
 
 
 class ErrorFeedback:
@@ -90,9 +96,9 @@ class ErrorFeedback:
         ``lam = 1 / (1 + omega)`` (:func:`commpress.codecs.contractive_factor`, exact for this
         vector). The estimates still add exactly what was sent, so ``g == mean_i g_i`` holds."""
         sizes = sizes or [p.numel() for p in params]
-        if self.kind == "ef":  # the gathered memory is a fresh copy: add in place
-            return _add_by_parts(self._gather("residual", params, flat, sizes), flat, sizes)
-        diff = _add_by_parts(self._gather("worker", params, flat, sizes).neg_(), flat, sizes)
+        if self.kind == "ef":
+            return _with_memories(self.memories["residual"], params, flat, sizes, subtract=False)
+        diff = _with_memories(self.memories["worker"], params, flat, sizes, subtract=True)
         if codec is not None:
             diff.mul_(contractive_factor(codec, diff))
         return diff

@@ -170,13 +170,24 @@ class Codec:
         small next to the vector."""
         flat = flat.reshape(-1)
         step = max(SQ_ERROR_SLICE // self.block_size, 1) * self.block_size
-        total = None
-        for lo in range(0, max(flat.numel(), 1), step):  # one (empty) slice for an empty flat
+        total, done = None, flat.numel() // self.block_size * self.block_size
+        if self.stochastic and kernels.usable(flat.device, done):  # whole blocks, one loop
+            total = kernels.run(("sq_error", repr(self), flat.device.type), self._sq_error_kernel,
+                                flat[:done])
+        done = done if total is not None else 0
+        for lo in range(done, max(flat.numel(), done + 1), step):  # one slice for an empty flat
             part = self._sq_error(flat[lo:lo + step])
             if part is None:
                 return None
             total = part if total is None else total + part
         return total
+
+    def _sq_error_kernel(self) -> Callable:
+        """:meth:`_sq_error` as a function to compile (the fused path of
+        :meth:`expected_sq_error`)."""
+        def sq_error(flat):
+            return self._sq_error(flat)
+        return sq_error
 
     def _sq_error(self, part: torch.Tensor) -> Optional[torch.Tensor]:
         """:meth:`expected_sq_error` of a block-aligned slice, possibly empty."""
