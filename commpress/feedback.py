@@ -254,7 +254,9 @@ def _finite_update(add: bool):
     def update(new, memory):
         if add:
             new.add_(memory)
-        return memory.copy_(torch.where(torch.isfinite(new), new, memory))  # None: not run
+        # returns the memory: kernels.run reads None as "not run", and the eager path would
+        # then add a second time
+        return memory.copy_(torch.where(torch.isfinite(new), new, memory))
     return update
 
 

@@ -165,17 +165,18 @@ class Codec:
     def expected_sq_error(self, flat: torch.Tensor) -> Optional[torch.Tensor]:
         """``E||decode(encode(flat)) - flat||^2`` (a 0-d fp32 tensor) for stochastic codecs,
         computed from the rounding probabilities; None for deterministic ones. EF21 uses it to
-        make an unbiased codec contractive (see :mod:`commpress.feedback`). Computed in
+        make an unbiased codec contractive (see :mod:`commpress.feedback`). The whole blocks
+        of a large vector go through one compiled pass; the rest (all of it, eagerly) in
         block-aligned slices of about ``SQ_ERROR_SLICE`` elements, so its temporaries stay
         small next to the vector."""
         flat = flat.reshape(-1)
         step = max(SQ_ERROR_SLICE // self.block_size, 1) * self.block_size
-        total, done = None, flat.numel() // self.block_size * self.block_size
-        if self.stochastic and kernels.usable(flat.device, done):  # whole blocks, one loop
+        total, whole = None, flat.numel() // self.block_size * self.block_size
+        if self.stochastic and kernels.usable(flat.device, whole):
             total = kernels.run(("sq_error", repr(self), flat.device.type), self._sq_error_kernel,
-                                flat[:done])
-        done = done if total is not None else 0
-        for lo in range(done, max(flat.numel(), done + 1), step):  # one slice for an empty flat
+                                flat[:whole])
+        start = whole if total is not None else 0
+        for lo in range(start, max(flat.numel(), 1), step):  # one (empty) slice for an empty flat
             part = self._sq_error(flat[lo:lo + step])
             if part is None:
                 return None
