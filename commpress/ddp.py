@@ -95,16 +95,21 @@ def _close_when_collected(box: list) -> None:
     thread of the very group it owns; a group destroyed or freed there joins that thread
     ("Resource deadlock avoided": the process aborts). So off the main thread the runtime
     is moved to a thread of its own, which closes it and drops the last reference to it
-    (this thread keeps none: the box is emptied, the queue hands it over)."""
+    (this thread keeps none: the box is emptied, the queue hands it over). That thread is
+    not a daemon, so the interpreter waits for it before finalizing: a daemon still inside
+    a group's destructor then is killed when it takes the GIL back, unwinding through C++
+    that must not throw ("terminate called without an active exception", SIGABRT at exit).
+    Once the main thread has finished, a new thread would not be waited for: close here."""
     if not box:
         return
-    if threading.current_thread() is threading.main_thread():
+    main = threading.main_thread()
+    if threading.current_thread() is main or not main.is_alive():
         box.pop().close()
         return
     handoff: queue.SimpleQueue = queue.SimpleQueue()
     handoff.put(box.pop())
     threading.Thread(target=_close_handed_off, args=(handoff,), name="commpress-release",
-                     daemon=True).start()
+                     daemon=False).start()
 
 
 def _close_handed_off(handoff: queue.SimpleQueue) -> None:

@@ -39,6 +39,10 @@ def run_workers(fn, world_size, *args, timeout=180, pg_timeout=None):
             if p.is_alive():
                 p.kill()
         errors = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp)) if f.endswith(".err")]
-        if errors or hung:
-            raise AssertionError(f"workers failed (hung ranks: {hung}):\n" + "\n".join(errors))
+        # a rank that saved its result and then died at exit (an abort while the interpreter
+        # finalizes) is a failed job for any launcher, so it fails the test too
+        crashed = {r: p.exitcode for r, p in enumerate(procs) if r not in hung and p.exitcode != 0}
+        if errors or hung or crashed:
+            raise AssertionError(f"workers failed (hung ranks: {hung}, exit codes of the others "
+                                 f"that failed: {crashed}):\n" + "\n".join(errors))
         return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world_size)]

@@ -4,6 +4,8 @@ dropped, pickled and checkpointed states (gloo ranks; in-process where that show
 import gc
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -259,6 +261,32 @@ def test_state_released_on_its_own_groups_thread():
         assert left == 0  # the state's groups are gone
 
 
+def test_state_released_off_the_main_thread_is_closed_before_the_interpreter_exits(tmp_path):
+    """A state collected on another thread (the cyclic collector runs wherever allocation
+    triggers it) is closed on a release thread. As a daemon, a script ending meanwhile
+    finalized the interpreter under it: gloo's groups were then freed mid-finalization and one
+    rank in ~30 aborted at exit ("terminate called without an active exception")."""
+    closed = tmp_path / "closed"
+    script = f"""
+import threading, time
+from pathlib import Path
+from commpress import ddp
+
+class SlowRuntime:  # a runtime whose close (executor, groups) takes a while
+    def close(self):
+        time.sleep(0.5)
+        Path({str(closed)!r}).write_text("closed")
+
+collector = threading.Thread(target=ddp._close_when_collected, args=([SlowRuntime()],))
+collector.start()
+collector.join()
+"""  # ... and the script ends while the release thread is still closing
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert closed.exists() and closed.read_text() == "closed"
+
+
 def memory_worker(rank, world_size):
     """Models with a 16 MB layer and qsgd4+ef, each dropped after 3 steps: their states (with
     their memories) and the last bucket they reduced must be freed."""
@@ -301,6 +329,58 @@ def test_executor_completes_the_future_on_any_failure():
         future.wait()
     assert executor.submit(lambda: torch.ones(1)).wait().item() == 1  # the worker survived
     executor.shutdown()
+
+
+class Held:
+    pass
+
+
+def test_executor_drops_a_job_before_waking_its_waiter():
+    """What a job's closure holds (a state) must be gone by the time its waiter wakes: a
+    script that ends then left the worker the state's last reference, the state died on the
+    worker while the interpreter shut down, and a rank in ~30 aborted at exit."""
+    executor = OrderedExecutor()
+
+    def job_holding(held):
+        return lambda: torch.ones(1) if held else None
+
+    held = Held()
+    ref = weakref.ref(held)
+    future = executor.submit(job_holding(held))
+    del held
+    alive_when_woken = future.then(lambda f: ref() is not None)  # runs as the waiter wakes
+    assert future.wait().item() == 1 and alive_when_woken.wait() is False
+    executor.shutdown()
+
+
+def test_state_dropped_by_the_worker_during_shutdown_is_closed_before_exit(tmp_path):
+    """Once the main thread has finished, a release thread would not be waited for: a state
+    dying on the worker then is closed there, before the executor's exit join returns."""
+    closed = tmp_path / "closed"
+    script = f"""
+import threading, time
+from pathlib import Path
+from commpress import ddp
+from commpress.comm import OrderedExecutor
+
+class SlowRuntime:
+    def close(self):
+        time.sleep(0.5)
+        Path({str(closed)!r}).write_text("closed")
+
+def drop_during_shutdown():
+    while threading.main_thread().is_alive():
+        time.sleep(0.01)
+    ddp._close_when_collected([SlowRuntime()])
+    return None
+
+executor = OrderedExecutor()
+executor.submit(drop_during_shutdown)
+"""  # the script ends at once; the executor is joined at exit
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert closed.exists() and closed.read_text() == "closed"
 
 
 def execution_worker(rank, world_size):

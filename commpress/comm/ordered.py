@@ -66,11 +66,15 @@ class OrderedExecutor:
             if job is None:
                 return
             fn, outcome = job
+            del job
             try:
                 result = (fn(), None)
             except BaseException as exc:  # noqa: B902 - every failure must complete the future
                 result = (None, exc)  # and surfaces in the waiting thread, e.g. DDP's backward
+            # drop the job's closure before its future wakes the waiter: a waiter that then
+            # drops its model (a script ending) would leave this thread the state's last
+            # reference, so the state would die here, maybe as the interpreter shuts down; and
+            # kept until the next job, it would keep the state (and its bucket) alive
+            del fn
             outcome.set_result(result)
-            # drop the job now: a closure kept until the next one would keep its state (and
-            # the bucket it reduced) alive after the model is gone
-            del job, fn, outcome, result
+            del outcome, result
