@@ -187,18 +187,15 @@ class CompressionState:
         self.config = CompressionConfig(codec, collective, error_feedback, server_feedback, seed)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if not isinstance(recalibrate_every, int) or recalibrate_every < 0:
-            raise ValueError(f"recalibrate_every must be a non-negative integer, got "
-                             f"{recalibrate_every!r}")
+        for name, value in (("recalibrate_every", recalibrate_every), ("start_iter", start_iter),
+                            ("min_numel", min_numel), ("log_every", log_every)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         self.policy = policy
         self.recalibrate_every = recalibrate_every
-        if not isinstance(start_iter, int) or start_iter < 0:
-            raise ValueError(f"start_iter must be a non-negative integer, got {start_iter!r}")
         if error_feedback is not None and start_iter < 2:
             raise ValueError("start_iter must be >= 2 with error feedback: DDP rebuilds its "
                              "buckets after the first iteration")
-        if not isinstance(min_numel, int) or min_numel < 0:
-            raise ValueError(f"min_numel must be a non-negative integer, got {min_numel!r}")
         self.process_group = process_group
         self.start_iter = start_iter
         self.min_numel = min_numel
@@ -930,8 +927,9 @@ for _name, _factory in {
 
 
 def register_hook(model: torch.nn.parallel.DistributedDataParallel, state, **kwargs) -> CompressionState:
-    """Register :func:`compress_hook` on ``model`` with ``state`` (a :class:`CompressionState`
-    or a name for :func:`state_from_name`): names parameters for checkpoints, takes the model's
+    """Register :func:`compress_hook` on ``model`` with ``state`` (a :class:`CompressionState`,
+    a name for :func:`state_from_name`, or a :class:`~commpress.Codec`; ``kwargs`` go to the
+    state made from a name or codec): names parameters for checkpoints, takes the model's
     process group, and creates the state's groups and worker thread now, on this thread (every
     rank must call it at the same point, like DDP's constructor). Returns the state.
 
@@ -944,8 +942,14 @@ def register_hook(model: torch.nn.parallel.DistributedDataParallel, state, **kwa
                         f"{type(model).__name__}: wrap it first, DDP(model), then register")
     if isinstance(state, str):
         state = state_from_name(state, **kwargs)
+    elif isinstance(state, Codec):
+        state = CompressionState(state, **kwargs)
+    elif not isinstance(state, CompressionState):
+        raise TypeError(f"register_hook takes a CompressionState, a hook name such as 'qsgd4+ef' "
+                        f"or a Codec, got {type(state).__name__}")
     elif kwargs:
-        raise TypeError("keyword arguments are only accepted with a hook name")
+        raise TypeError("keyword arguments are only accepted with a hook name or a codec; "
+                        "this CompressionState is configured already")
     state.bind(model)
     model.register_comm_hook(state, compress_hook)
     first = next(iter(model.parameters()), None)

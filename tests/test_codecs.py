@@ -240,6 +240,10 @@ def test_bad_arguments_are_named():
         cp.get_codec("topk")
     with pytest.raises(TypeError, match="int64"):
         cp.QSGD().encode(torch.arange(10))
+    with pytest.raises(TypeError, match="dense .strided. tensors, got torch.sparse_coo"):
+        cp.QSGD().encode(torch.randn(10).to_sparse())  # was torch's "reshape is not implemented"
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        cp.QSGD().encode(torch.randn(10), generator=0)
     assert cp.get_codec("qsgd", bits=8) == cp.QSGD(bits=8)
     assert cp.get_codec("cnat") == cp.NaturalCompression()
 

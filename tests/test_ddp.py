@@ -6,6 +6,7 @@ import pickle
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commpress as cp
@@ -191,6 +192,30 @@ def test_state_rejects_unsafe_settings():
         cp.CompressionState("qsgd")
     with pytest.raises(ValueError, match="unknown hook"):
         cp.state_from_name("qsgd9")
+    with pytest.raises(ValueError, match="log_every must be a non-negative integer, got -1"):
+        cp.CompressionState(cp.QSGD(), log_every=-1)
+    with pytest.raises(ValueError, match="start_iter must be a non-negative integer, got True"):
+        cp.CompressionState(cp.QSGD(), start_iter=True)
+    unbuilt = DDP.__new__(DDP)  # passes register_hook's model check, touched no further
+    with pytest.raises(TypeError, match="a CompressionState, a hook name .* or a Codec, got int"):
+        cp.register_hook(unbuilt, 4)  # was "'int' object has no attribute 'bind'"
+    with pytest.raises(TypeError, match="configured already"):
+        cp.register_hook(unbuilt, cp.CompressionState(cp.QSGD()), seed=1)
+
+
+def codec_object_worker(rank, world_size):
+    model = DDP(nn.Linear(64, 64))
+    state = cp.register_hook(model, cp.QSGD(bits=4), policy="fixed", min_numel=0, log_every=0,
+                             start_iter=0)
+    model(torch.randn(8, 64)).square().mean().backward()
+    return state.codec, state.iter, state.stats.network_bytes, state.stats.fp32_bytes
+
+
+def test_register_hook_takes_a_codec_object():
+    """``register_hook(model, QSGD(bits=4))`` used to fail with "'QSGD' object has no attribute
+    'bind'"; a codec (with the state's keyword arguments) now makes the state."""
+    (codec, steps, sent, fp32), _ = run_workers(codec_object_worker, 2)
+    assert codec == cp.QSGD(bits=4) and steps == 1 and 0 < sent < fp32 / 5
 
 
 def test_named_hooks_one_registry_refusing_taken_and_malformed_names(monkeypatch):

@@ -111,6 +111,9 @@ def check_float_tensor(tensor: torch.Tensor) -> None:
     if tensor.dtype not in _DTYPE_CODES:
         raise TypeError(f"commpress codecs encode float32, float16 or bfloat16 tensors, "
                         f"got {tensor.dtype}")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"commpress codecs encode dense (strided) tensors, got {tensor.layout}: "
+                        f"densify it first (tensor.to_dense())")
 
 
 class Codec:
@@ -216,6 +219,9 @@ class Codec:
 
     def encode(self, tensor: torch.Tensor, generator: Optional[torch.Generator] = None) -> Payload:
         check_float_tensor(tensor)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got "
+                            f"{type(generator).__name__}")
         numel = tensor.numel()
         nbytes = self.wire_bytes(numel)
         # storage in whole 8-byte words: a compiled kernel may write the body as wider words
