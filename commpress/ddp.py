@@ -99,11 +99,13 @@ def _close_when_collected(box: list) -> None:
     not a daemon, so the interpreter waits for it before finalizing: a daemon still inside
     a group's destructor then is killed when it takes the GIL back, unwinding through C++
     that must not throw ("terminate called without an active exception", SIGABRT at exit).
-    Once the main thread has finished, a new thread would not be waited for: close here."""
+    Once the main thread has finished, a new thread would not be waited for: a thread of
+    Python's own (the worker) then closes it itself; only a C++ thread still hands it off."""
     if not box:
         return
-    main = threading.main_thread()
-    if threading.current_thread() is main or not main.is_alive():
+    here, main = threading.current_thread(), threading.main_thread()
+    foreign = isinstance(here, threading._DummyThread)  # e.g. gloo's, maybe the group's own
+    if here is main or not (main.is_alive() or foreign):
         box.pop().close()
         return
     handoff: queue.SimpleQueue = queue.SimpleQueue()
