@@ -261,30 +261,37 @@ def test_state_released_on_its_own_groups_thread():
         assert left == 0  # the state's groups are gone
 
 
-def test_state_released_off_the_main_thread_is_closed_before_the_interpreter_exits(tmp_path):
-    """A state collected on another thread (the cyclic collector runs wherever allocation
-    triggers it) is closed on a release thread. As a daemon, a script ending meanwhile
-    finalized the interpreter under it: gloo's groups were then freed mid-finalization and one
-    rank in ~30 aborted at exit ("terminate called without an active exception")."""
+def closed_before_exit(tmp_path, script: str) -> bool:
+    """Run ``script`` (which ends while a state's runtime, ``SlowRuntime()``, is being closed)
+    in a fresh interpreter: whether that close finished before the process exited."""
     closed = tmp_path / "closed"
-    script = f"""
+    prelude = f"""
 import threading, time
 from pathlib import Path
 from commpress import ddp
+from commpress.comm import OrderedExecutor
 
 class SlowRuntime:  # a runtime whose close (executor, groups) takes a while
     def close(self):
         time.sleep(0.5)
         Path({str(closed)!r}).write_text("closed")
+"""
+    proc = subprocess.run([sys.executable, "-c", prelude + script], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return closed.exists() and closed.read_text() == "closed"
 
+
+def test_state_released_off_the_main_thread_is_closed_before_the_interpreter_exits(tmp_path):
+    """A state collected on another thread (the cyclic collector runs wherever allocation
+    triggers it) is closed on a release thread. As a daemon, a script ending meanwhile
+    finalized the interpreter under it: gloo's groups were then freed mid-finalization and one
+    rank in ~30 aborted at exit ("terminate called without an active exception")."""
+    assert closed_before_exit(tmp_path, """
 collector = threading.Thread(target=ddp._close_when_collected, args=([SlowRuntime()],))
 collector.start()
 collector.join()
-"""  # ... and the script ends while the release thread is still closing
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert closed.exists() and closed.read_text() == "closed"
+""")  # ... and the script ends while the release thread is still closing
 
 
 def memory_worker(rank, world_size):
@@ -356,31 +363,15 @@ def test_executor_drops_a_job_before_waking_its_waiter():
 def test_state_dropped_by_the_worker_during_shutdown_is_closed_before_exit(tmp_path):
     """Once the main thread has finished, a release thread would not be waited for: a state
     dying on the worker then is closed there, before the executor's exit join returns."""
-    closed = tmp_path / "closed"
-    script = f"""
-import threading, time
-from pathlib import Path
-from commpress import ddp
-from commpress.comm import OrderedExecutor
-
-class SlowRuntime:
-    def close(self):
-        time.sleep(0.5)
-        Path({str(closed)!r}).write_text("closed")
-
+    assert closed_before_exit(tmp_path, """
 def drop_during_shutdown():
     while threading.main_thread().is_alive():
         time.sleep(0.01)
     ddp._close_when_collected([SlowRuntime()])
-    return None
 
 executor = OrderedExecutor()
 executor.submit(drop_during_shutdown)
-"""  # the script ends at once; the executor is joined at exit
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert closed.exists() and closed.read_text() == "closed"
+""")  # the script ends at once; the executor is joined at exit
 
 
 def execution_worker(rank, world_size):
