@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
-from report import out_argument, pyplot, save, split_failures  # noqa: E402
+from report import out_argument, pyplot, ratio_cell, save, split_failures  # noqa: E402
 
 METHODS = ["fp32", "torch-fp16", "torch-quant", "fp16", "qsgd4", "qsgd8", "natural", "dithering"]
 SIZES = [4 << 10, 256 << 10, 1 << 20, 4 << 20, 25_000_000, 64 << 20]
@@ -157,8 +157,9 @@ def finish(rows, rate_bits):
         r["ideal_s"] = r["link_bytes"] * 8 / rate_bits if rate_bits else None
         r["of_ideal"] = r["ideal_s"] / t if rate_bits else None
     base = {r["size_bytes"]: r["time_s"] for r in rows if r["method"] == "fp32"}
-    for r in rows:
-        r["speedup_vs_fp32"] = base[r["size_bytes"]] / r["time_s"]
+    for r in rows:  # without fp32 among the methods there is nothing to compare with
+        if r["size_bytes"] in base:
+            r["speedup_vs_fp32"] = base[r["size_bytes"]] / r["time_s"]
     return rows + failed
 
 
@@ -173,7 +174,7 @@ def table(results) -> str:
                      f"| {r['size_bytes'] / 1e6:.3g} MB | {1e3 * r['time_s']:.1f} "
                      f"| {r['algbw_GBps']:.3f} | {r['busbw_GBps']:.3f} | {r['wire_bytes'] / 1e6:.3g} MB "
                      f"| {r['link_bytes'] / 1e6:.3g} MB | {r['ratio']:.2f} | {ideal} "
-                     f"| {r['speedup_vs_fp32']:.2f}x | {1e3 * (r['encode_s'] + r['decode_s']):.1f} |")
+                     f"| {ratio_cell(r, 'speedup_vs_fp32')} | {1e3 * (r['encode_s'] + r['decode_s']):.1f} |")
     return "\n".join(lines + failures)
 
 

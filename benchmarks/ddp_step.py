@@ -40,7 +40,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
-from report import out_argument, save, split_failures, step_time_plot  # noqa: E402
+from report import out_argument, ratio_cell, save, split_failures, step_time_plot  # noqa: E402
 
 # torch-quant last: it fails on gloo mid-backward, after which the group's state is unknown
 METHODS = ["local", "fp32", "torch-fp16", "powersgd1", "powersgd4",
@@ -177,8 +177,8 @@ def table(results) -> str:
     for r in results:
         codec = (f"{1e3 * (r['encode_s'] + r['decode_s']):.1f}" if "encode_s" in r else "-")
         lines.append(f"| {r['rate']} | {r['nodes']} x {r['ranks_per_node']} | {r['method']} "
-                     f"| {1e3 * r['step_s']:.1f} | {r.get('speedup_vs_fp32', float('nan')):.2f}x "
-                     f"| {r['link_bytes_per_step'] / 1e6:.3g} | {r.get('bytes_vs_fp32', float('nan')):.3f} "
+                     f"| {1e3 * r['step_s']:.1f} | {ratio_cell(r, 'speedup_vs_fp32')} "
+                     f"| {r['link_bytes_per_step'] / 1e6:.3g} | {ratio_cell(r, 'bytes_vs_fp32', '.3f', '')} "
                      f"| {codec} |")
     return "\n".join(lines + failures + calibration_table(results))
 
@@ -200,7 +200,7 @@ def calibration_table(results) -> list:
         plan = ", ".join(f"{k} x{n}" for k, n in sorted(choices.items()))
         lines.append(f"| {r['rate']} | {r['nodes']} x {r['ranks_per_node']} | {r['method']} "
                      f"| {1e3 * r['step_s']:.1f} | {name} | {1e3 * fastest:.1f} "
-                     f"| {r['step_s'] / fastest:.3f} | {r.get('speedup_vs_fp32', float('nan')):.2f}x "
+                     f"| {r['step_s'] / fastest:.3f} | {ratio_cell(r, 'speedup_vs_fp32')} "
                      f"| {plan} | {r['calibration_step_s']:.2f} "
                      f"| {len(r['plan']['trials']) * TRIAL_STEPS} |")
     return lines

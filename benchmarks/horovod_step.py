@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py, ddp_step.py
 from ddp_step import add_step_arguments, make_model  # noqa: E402
-from report import out_argument, save, step_time_plot  # noqa: E402
+from report import out_argument, ratio_cell, save, step_time_plot  # noqa: E402
 
 METHODS = ["hvd-fp32", "hvd-fp16", "cphvd-fp16", "cphvd-qsgd4", "cphvd-qsgd4-1group",
            "cphvd-qsgd8", "cphvd-natural"]
@@ -139,7 +139,7 @@ def table(results) -> str:
     for r in results:
         codec = f"{1e3 * (r['encode_s'] + r['decode_s']):.1f}" if "encode_s" in r else "-"
         lines.append(f"| {r['rate']} | {r['method']} | {1e3 * r['step_s']:.1f} "
-                     f"| {r['vs_hvd_fp32']:.2f}x | {r['vs_hvd_fp16']:.2f}x "
+                     f"| {ratio_cell(r, 'vs_hvd_fp32')} | {ratio_cell(r, 'vs_hvd_fp16')} "
                      f"| {r['link_bytes_per_step'] / 1e6:.3g} | {codec} |")
     return "\n".join(lines)
 
@@ -173,8 +173,9 @@ def main(argv=None):
             rows = run_rate(args, rate)
             base = {r["method"]: r["step_s"] for r in rows}
             for r in rows:
-                r["vs_hvd_fp32"] = base.get("hvd-fp32", float("nan")) / r["step_s"]
-                r["vs_hvd_fp16"] = base.get("hvd-fp16", float("nan")) / r["step_s"]
+                for baseline in ("hvd-fp32", "hvd-fp16"):  # where it ran
+                    if baseline in base:
+                        r[f"vs_{baseline.replace('-', '_')}"] = base[baseline] / r["step_s"]
             results += rows
     except NetSimError as exc:
         sys.exit(f"horovod_step benchmark: {exc}")

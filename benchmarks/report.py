@@ -47,6 +47,13 @@ def step_time_plot(results: List[dict], path: Path, panel: Callable[[dict], tupl
     fig.savefig(path, dpi=110)
 
 
+def ratio_cell(row: dict, key: str, spec: str = ".2f", suffix: str = "x") -> str:
+    """A table cell for a ratio against a baseline: "-" where the run had no baseline (the
+    baseline method was not among those run), not "nanx"."""
+    value = row.get(key)
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
 def split_failures(results: List[dict]) -> Tuple[List[dict], List[str]]:
     """The rows that ran, and one line per method that did not, saying why."""
     ran = [r for r in results if "failed" not in r]
