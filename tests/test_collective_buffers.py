@@ -205,6 +205,55 @@ def test_segments_with_error_feedback_match_the_concatenated_reduction(monkeypat
     assert all(LoopbackGroup(2).run(rank_fn))
 
 
+@pytest.mark.parametrize("codec, algorithm", [
+    (cp.QSGD(bits=2, bucket_size=64), "allgather"), (cp.QSGD(bits=2, bucket_size=64), "reduce_scatter"),
+    (cp.NaturalCompression(), "reduce_scatter"), (cp.FP16(), "allreduce")])
+def test_ef21_keeps_its_own_contribution_where_it_sent_from(monkeypatch, codec, algorithm):
+    """EF21 no longer needs what it sent once that is encoded, so its own compressed
+    contribution is decoded into that vector (no second full-size buffer: 2.0x -> 1.0x the
+    bucket of transient memory). Means and memories are bit-identical, step after step, to
+    the same reduction with that contribution in a buffer of its own."""
+    from commpress.comm import pipeline
+    monkeypatch.setattr(collectives, "PIPELINE_ELEMENTS", 256)  # several pieces in flight
+    aliased = []
+
+    def spy(*args, local_out=None, **kwargs):
+        aliased.append(local_out is not None and local_out is args[0])
+        return compressed_mean(*args, local_out=local_out, **kwargs)
+
+    def separate(*args, local_out=None, **kwargs):
+        return compressed_mean(*args, **kwargs)
+
+    def rank_fn(transport):
+        keys = [torch.zeros(700), torch.zeros(790)]
+        feedback, gen = ErrorFeedback("ef21"), torch.Generator().manual_seed(transport.rank)
+        means = [reduce_gradient(torch.randn(1490, generator=torch.Generator().manual_seed(
+            10 * step + transport.rank)), keys, codec, transport, algorithm, feedback, gen)
+            for step in range(3)]
+        return means, [[store.get(k) for k in keys] for store in feedback.memories.values()]
+
+    runs = {}
+    for name, reduction in (("in place", spy), ("separate", separate)):
+        monkeypatch.setattr(pipeline, "compressed_mean", reduction)
+        runs[name] = LoopbackGroup(2).run(rank_fn)
+    for (means, memories), (means_ref, memories_ref) in zip(runs["in place"], runs["separate"]):
+        assert all(torch.equal(a, b) for a, b in zip(means, means_ref))
+        assert all(a is b is None or torch.equal(a, b) for store, ref in zip(memories, memories_ref)
+                   for a, b in zip(store, ref))  # the server residual only where requantized
+        assert memories[0][0].abs().sum() > 0  # the worker estimate: not vacuous
+    assert len(aliased) == 6 and all(aliased)  # 2 ranks x 3 steps, each in place
+
+
+def test_local_out_only_where_pieces_are_encoded_before_it_is_written():
+    transport = LoopbackGroup(1)
+    with pytest.raises(ValueError, match="local_out must be float32 of shape"):
+        transport.run(lambda t: compressed_mean(torch.zeros(8), cp.QSGD(bits=4), t, "allgather",
+                                                local_out=torch.zeros(4)))
+    with pytest.raises(ValueError, match="local_out must be a tensor and the algorithm one of"):
+        transport.run(lambda t: compressed_mean(torch.zeros(8), cp.QSGD(bits=4), t, "hierarchical",
+                                                local_out=torch.zeros(8)))
+
+
 @pytest.mark.parametrize("block", [1, 64, 512])
 def test_pipeline_pieces_cover_the_vector_at_the_set_size(monkeypatch, block):
     """Pieces are aligned to the codec's block, cover the vector end to end and are of the

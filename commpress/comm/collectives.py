@@ -178,7 +178,8 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
                     generator: Optional[torch.Generator] = None,
                     stats: Optional[CommStats] = None, keep_local: bool = False,
                     server_residual: Optional[torch.Tensor] = None,
-                    out: Optional[torch.Tensor] = None
+                    out: Optional[torch.Tensor] = None,
+                    local_out: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(mean, local)``: the fp32 mean over ranks of the 1-D ``flat``, and (``keep_local``)
     this rank's compressed contribution, decoded. See the module docstring.
@@ -192,12 +193,18 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
     (every piece is read before its mean is written): the DDP hook averages a bucket in place,
     with no full-size buffer beyond the error-feedback ones. ``out`` may be :class:`Segments`
     (a bucket's large gradients where they lie) for the ``PIECEWISE`` algorithms, and then
-    ``flat`` too, reduced in place (``out=flat``)."""
+    ``flat`` too, reduced in place (``out=flat``).
+
+    ``local_out``: where to write ``local`` (implies ``keep_local``), which may be ``flat``
+    itself under the ``PIECEWISE`` algorithms (each piece is encoded before its part of
+    ``local`` is written): EF21, which no longer needs what it sent once it is encoded, so
+    keeps its own contribution with no full-size buffer of its own."""
     if flat.dim() != 1:
         raise ValueError(f"compressed_mean takes a flat tensor, got shape {tuple(flat.shape)}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown collective {algorithm!r}; choose from {ALGORITHMS}")
-    for name, given in (("server_residual", server_residual), ("out", out)):
+    for name, given in (("server_residual", server_residual), ("out", out),
+                        ("local_out", local_out)):
         if given is not None and (given.shape != flat.shape or given.dtype != torch.float32):
             raise ValueError(f"{name} must be float32 of shape {tuple(flat.shape)}, got "
                              f"{given.dtype} of shape {tuple(given.shape)}")
@@ -205,6 +212,9 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
         raise ValueError("Segments are reduced in place: pass out=flat")
     if isinstance(out, Segments) and algorithm not in PIECEWISE:
         raise ValueError(f"Segments are reduced in place by {PIECEWISE}, not {algorithm!r}")
+    if local_out is not None and (isinstance(local_out, Segments) or algorithm not in PIECEWISE):
+        raise ValueError(f"local_out must be a tensor and the algorithm one of {PIECEWISE}, got "
+                         f"{type(local_out).__name__} and {algorithm!r}")
     if isinstance(server_residual, Segments) and algorithm != "reduce_scatter":
         raise ValueError(f"a server residual in Segments is updated piecewise by reduce_scatter, "
                          f"not {algorithm!r}")
@@ -213,7 +223,8 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
                          f"by node), got {type(transport).__name__}")
     if out is None:
         out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
-    local = torch.empty(out.shape, dtype=torch.float32, device=out.device) if keep_local else None
+    local = local_out if local_out is not None else (
+        torch.empty(out.shape, dtype=torch.float32, device=out.device) if keep_local else None)
     before, intra_before = transport.sent_bytes, transport.intra_node_bytes
     started = time.perf_counter()
     _run(algorithm, flat, codec, transport, generator, stats, server_residual, out, local)

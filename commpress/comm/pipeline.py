@@ -57,9 +57,12 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
     server_compact = server if keep is None or server is None else server.index_select(0, keep)
     out = flat if isinstance(flat, Segments) or (
         in_place and keep is None and flat.dtype == torch.float32) else None
+    # EF21 needs what it sent only until it is encoded: its own contribution takes its place
+    local_out = (compact if feedback is not None and feedback.kind == "ef21" and keep is None
+                 and algorithm in PIECEWISE else None)
     mean, local = compressed_mean(compact, codec, transport, algorithm, generator, stats,
                                   keep_local=feedback is not None, server_residual=server_compact,
-                                  out=out)
+                                  out=out, local_out=local_out)
     if keep is not None:
         mean = torch.zeros_like(flat, dtype=torch.float32).index_copy_(0, keep, mean)
         if local is not None:
