@@ -229,6 +229,7 @@ class CompressionState:
         self._layout_known = False      # direct registration: parameters learnt from buckets
         self._indices_seen: set = set()
         self._process_steps = 0
+        self._failed_step: Optional[int] = None  # a step in which a bucket's reduction failed
         self._agreed_layout: Dict[int, tuple] = {}
         self._generators: Dict[str, torch.Generator] = {}
         self._saved_rng: Dict[str, torch.Tensor] = {}
@@ -728,7 +729,26 @@ def _calibrate_bucket(state: CompressionState, runtime: _Runtime, buffer, small,
 
 def _reduce_bucket(state: CompressionState, runtime: _Runtime, buffer: torch.Tensor, small, big,
                    compress: bool, calibrating: bool, plan: Optional[Plan], index: int,
-                   last: bool, phase: str, fields: Optional[Dict]) -> torch.Tensor:
+                   last: bool, phase: str, fields: Optional[Dict], step: int) -> torch.Tensor:
+    """One bucket's reduction (the worker thread, or inline). Once a bucket of a step has
+    failed, this rank's later buckets of that step fail without communicating: the failure
+    (ranks disagreeing, a peer's bad payload) is symmetric, so every rank stops there, and
+    collectives issued after it would no longer pair up across ranks (a collective left
+    pending in gloo then aborted the process at exit)."""
+    if state._failed_step == step:
+        raise RuntimeError(f"commpress: bucket {index} of step {step} not reduced: an earlier "
+                           f"bucket of this step failed (that error is the one to read)")
+    try:
+        return _reduce_agreed(state, runtime, buffer, small, big, compress, calibrating, plan,
+                              last, phase, fields)
+    except BaseException:
+        state._failed_step = step
+        raise
+
+
+def _reduce_agreed(state: CompressionState, runtime: _Runtime, buffer: torch.Tensor, small, big,
+                   compress: bool, calibrating: bool, plan: Optional[Plan], last: bool,
+                   phase: str, fields: Optional[Dict]) -> torch.Tensor:
     transport = runtime.transport
     if fields is not None:
         agree(runtime.control, fields, runtime.control.device)
@@ -836,7 +856,7 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
 
     def reduce():
         return _reduce_bucket(state, runtime, buffer, small, big, compress, calibrating, plan,
-                              index, last, phase, fields)
+                              index, last, phase, fields, step)
 
     cuda = [device] if device.type == "cuda" else None
     if runtime.inline:  # queued on this stream, in DDP's order; the future is CUDA-aware
