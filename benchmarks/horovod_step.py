@@ -173,9 +173,9 @@ def main(argv=None):
             rows = run_rate(args, rate)
             base = {r["method"]: r["step_s"] for r in rows}
             for r in rows:
-                for baseline in ("hvd-fp32", "hvd-fp16"):  # where it ran
-                    if baseline in base:
-                        r[f"vs_{baseline.replace('-', '_')}"] = base[baseline] / r["step_s"]
+                for baseline, key in (("hvd-fp32", "vs_hvd_fp32"), ("hvd-fp16", "vs_hvd_fp16")):
+                    if baseline in base:  # where it ran
+                        r[key] = base[baseline] / r["step_s"]
             results += rows
     except NetSimError as exc:
         sys.exit(f"horovod_step benchmark: {exc}")
