@@ -14,8 +14,9 @@
 
 The reduction pipeline (:func:`commpress.comm.pipeline.reduce_gradient`) calls
 :meth:`ErrorFeedback.compensate` before sending a flat vector made of whole parameters, and
-:meth:`ErrorFeedback.update` after the mean, with what was sent and its compressed version:
-this module knows nothing of collectives. Memories are fp32 and live
+:meth:`ErrorFeedback.update` after the mean, with what was sent (for ``"ef"``, overwritten by
+the collective with ``p - C(p)`` piece by piece) and, for EF21, its compressed version: this
+module knows nothing of collectives. Memories are fp32 and live
 on the gradient's device. Keys are parameters (their ``numel()`` gives the split) or, for
 front ends without parameters (MPI arrays), names with explicit ``sizes``.
 """
@@ -107,9 +108,11 @@ class ErrorFeedback:
                mean: torch.Tensor, sizes=None) -> torch.Tensor:
         """Update the memories in place; return the vector to use as the averaged gradient.
         ``sent`` (what :meth:`compensate` returned), ``local`` and ``mean`` are consumed: the
-        memories are updated through them with no full-size temporary."""
+        memories are updated through them with no full-size temporary. For ``"ef"``, ``sent``
+        already holds ``p - C(p)`` (the collective wrote it there, see ``residual_out`` of
+        :func:`~commpress.comm.collectives.compressed_mean`) and ``local`` is None."""
         if self.kind == "ef":
-            self._assign("residual", params, sent.sub_(local), sizes)
+            self._assign("residual", params, sent, sizes)
             return mean
         self._assign("worker", params, local, sizes, add=True)
         self._assign("shared", params, mean, sizes, add=True)

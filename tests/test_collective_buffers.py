@@ -87,7 +87,9 @@ def test_feedback_memories_are_updated_in_place(kind):
             local[1] = math.inf  # an overflowing step keeps the old memory entry
         sent = feedback.compensate(params, grad)
         sent_value = sent.clone()
-        result = feedback.update(params, sent, local.clone(), mean.clone())
+        if kind == "ef":  # the collective writes p - C(p) over what was sent
+            sent.sub_(local)
+        result = feedback.update(params, sent, None if kind == "ef" else local.clone(), mean.clone())
         if kind == "ef":
             new = {"residual": sent_value - local}
             assert torch.equal(result, mean)
@@ -242,6 +244,70 @@ def test_ef21_keeps_its_own_contribution_where_it_sent_from(monkeypatch, codec, 
                    for a, b in zip(store, ref))  # the server residual only where requantized
         assert memories[0][0].abs().sum() > 0  # the worker estimate: not vacuous
     assert len(aliased) == 6 and all(aliased)  # 2 ranks x 3 steps, each in place
+
+
+@pytest.mark.parametrize("codec, algorithm, server, masked", [
+    (cp.QSGD(bits=2, bucket_size=64), "allgather", False, False),
+    (cp.QSGD(bits=2, bucket_size=64), "reduce_scatter", True, False),
+    (cp.NaturalCompression(), "reduce_scatter", False, False),
+    (cp.FP16(), "allreduce", False, False),
+    (cp.QSGD(bits=4), "hierarchical", True, False),
+    (cp.QSGD(bits=4), "allgather", False, True)], ids=str)
+def test_ef_writes_its_next_memory_over_what_it_sent(monkeypatch, codec, algorithm, server, masked):
+    """Plain EF keeps ``p - C(p)``: the collective decodes each piece's own payload with weight
+    -1 into ``p`` once the piece is encoded (no buffer for ``C(p)``: 2x -> 1x the bucket of
+    transient memory). Means and memories are bit-identical, step after step, to ``p`` minus
+    the rank's compressed contribution decoded into a buffer of its own; masked (AC/DC),
+    entries outside the mask keep their memory."""
+    from commpress.comm import pipeline
+    monkeypatch.setattr(collectives, "PIPELINE_ELEMENTS", 256)  # several pieces in flight
+    aliased = []
+
+    def spy(flat, *args, residual_out=None, **kwargs):
+        aliased.append(residual_out is flat)
+        return compressed_mean(flat, *args, residual_out=residual_out, **kwargs)
+
+    def separate(flat, *args, residual_out=None, keep_local=False, **kwargs):
+        sent = flat.clone()
+        mean, local = compressed_mean(flat, *args, keep_local=True, **kwargs)
+        torch.sub(sent, local, out=residual_out)
+        return mean, None
+
+    def rank_fn(transport):
+        if algorithm == "hierarchical":
+            transport = hierarchical(transport, *groups)
+        keys = [torch.zeros(700), torch.zeros(790)]
+        feedback, gen = ErrorFeedback("ef", server), torch.Generator().manual_seed(transport.rank)
+        keep = torch.arange(0, 1490, 3) if masked else None
+        means = [reduce_gradient(torch.randn(1490, generator=torch.Generator().manual_seed(
+            10 * step + transport.rank)), keys, codec, transport, algorithm, feedback, gen,
+            keep=keep) for step in range(3)]
+        if masked:  # entries outside the mask: memory g + e summed, nothing sent
+            assert all(float(m[1]) == 0 for m in means)
+        return means, [[store.get(k) for k in keys] for store in feedback.memories.values()]
+
+    runs = {}
+    for name, reduction in (("in place", spy), ("separate", separate)):
+        monkeypatch.setattr(pipeline, "compressed_mean", reduction)
+        if algorithm == "hierarchical":
+            groups = [LoopbackGroup(2), LoopbackGroup(2)], [LoopbackGroup(2), LoopbackGroup(2)]
+        runs[name] = LoopbackGroup(4 if algorithm == "hierarchical" else 2).run(rank_fn)
+    for (means, memories), (means_ref, memories_ref) in zip(runs["in place"], runs["separate"]):
+        assert all(torch.equal(a, b) for a, b in zip(means, means_ref))
+        assert all(a is b is None or torch.equal(a, b) for store, ref in zip(memories, memories_ref)
+                   for a, b in zip(store, ref))
+        assert sum(m.abs().sum() for m in memories[0]) > 0  # the residuals: not vacuous
+    assert aliased and all(aliased)
+
+
+def test_residual_out_replaces_the_local_contribution():
+    transport = LoopbackGroup(1)
+    with pytest.raises(ValueError, match="residual_out must be a tensor, and replaces keep_local"):
+        transport.run(lambda t: compressed_mean(torch.zeros(8), cp.QSGD(bits=4), t, "allgather",
+                                                keep_local=True, residual_out=torch.zeros(8)))
+    with pytest.raises(ValueError, match="residual_out must be float32 of shape"):
+        transport.run(lambda t: compressed_mean(torch.zeros(8), cp.QSGD(bits=4), t, "allgather",
+                                                residual_out=torch.zeros(4, dtype=torch.float64)))
 
 
 def test_local_out_only_where_pieces_are_encoded_before_it_is_written():

@@ -179,7 +179,8 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
                     stats: Optional[CommStats] = None, keep_local: bool = False,
                     server_residual: Optional[torch.Tensor] = None,
                     out: Optional[torch.Tensor] = None,
-                    local_out: Optional[torch.Tensor] = None
+                    local_out: Optional[torch.Tensor] = None,
+                    residual_out: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(mean, local)``: the fp32 mean over ranks of the 1-D ``flat``, and (``keep_local``)
     this rank's compressed contribution, decoded. See the module docstring.
@@ -198,13 +199,19 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
     ``local_out``: where to write ``local`` (implies ``keep_local``), which may be ``flat``
     itself under the ``PIECEWISE`` algorithms (each piece is encoded before its part of
     ``local`` is written): EF21, which no longer needs what it sent once it is encoded, so
-    keeps its own contribution with no full-size buffer of its own."""
+    keeps its own contribution with no full-size buffer of its own.
+
+    ``residual_out``: where to write ``flat`` minus this rank's compressed contribution (plain
+    error feedback's next memory ``p - C(p)``), instead of ``local``; it may be ``flat``
+    itself. Each piece's is written once the piece is encoded, by decoding its payload into
+    it with weight -1 (the same bits as subtracting ``local``), so error feedback needs no
+    full-size buffer for its own contribution."""
     if flat.dim() != 1:
         raise ValueError(f"compressed_mean takes a flat tensor, got shape {tuple(flat.shape)}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown collective {algorithm!r}; choose from {ALGORITHMS}")
     for name, given in (("server_residual", server_residual), ("out", out),
-                        ("local_out", local_out)):
+                        ("local_out", local_out), ("residual_out", residual_out)):
         if given is not None and (given.shape != flat.shape or given.dtype != torch.float32):
             raise ValueError(f"{name} must be float32 of shape {tuple(flat.shape)}, got "
                              f"{given.dtype} of shape {tuple(given.shape)}")
@@ -215,6 +222,10 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
     if local_out is not None and (isinstance(local_out, Segments) or algorithm not in PIECEWISE):
         raise ValueError(f"local_out must be a tensor and the algorithm one of {PIECEWISE}, got "
                          f"{type(local_out).__name__} and {algorithm!r}")
+    if residual_out is not None and (isinstance(residual_out, Segments) or keep_local
+                                     or local_out is not None):
+        raise ValueError("residual_out must be a tensor, and replaces keep_local and local_out "
+                         "(it holds flat minus what they would hold)")
     if isinstance(server_residual, Segments) and algorithm != "reduce_scatter":
         raise ValueError(f"a server residual in Segments is updated piecewise by reduce_scatter, "
                          f"not {algorithm!r}")
@@ -227,7 +238,8 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
         torch.empty(out.shape, dtype=torch.float32, device=out.device) if keep_local else None)
     before, intra_before = transport.sent_bytes, transport.intra_node_bytes
     started = time.perf_counter()
-    _run(algorithm, flat, codec, transport, generator, stats, server_residual, out, local)
+    _run(algorithm, flat, codec, transport, generator, stats, server_residual, out, local,
+         residual_out)
     if stats is not None:
         stats.add(wire_bytes=transport.sent_bytes - before,
                   intra_node_bytes=transport.intra_node_bytes - intra_before,
@@ -235,32 +247,38 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
     return out, local
 
 
-def _run(algorithm, flat, codec, transport, generator, stats, server_residual, out, local):
+def _run(algorithm, flat, codec, transport, generator, stats, server_residual, out, local,
+         residual=None):
     """Write the mean into ``out`` and, given ``local``, this rank's compressed contribution
-    there."""
+    there (given ``residual``, ``flat`` minus it there)."""
     if algorithm == "hierarchical":
-        return _hierarchical(flat, codec, transport, generator, stats, server_residual, out, local)
+        return _hierarchical(flat, codec, transport, generator, stats, server_residual, out, local,
+                             residual)
     if algorithm == "allreduce":
-        for _ in _allreduce(flat, codec, transport, out, local):
+        for _ in _allreduce(flat, codec, transport, out, local, residual):
             pass
         return None
+
+    def piece(vector, lo, hi):
+        return None if vector is None else vector[lo:hi]
     if algorithm == "allgather":
         def stages(lo, hi):
             into, commit = destination(out, lo, hi)
             yield from _allgather_piece(flat[lo:hi], codec, transport, generator, stats, into,
-                                        None if local is None else local[lo:hi])
+                                        piece(local, lo, hi), piece(residual, lo, hi))
             commit()
         pieces = pipeline_pieces(flat.numel(), codec.block_size)
     else:
         def stages(lo, hi):
-            residual, keep_residual = (None, None) if server_residual is None else \
+            server, keep_server = (None, None) if server_residual is None else \
                 window(server_residual, lo, hi)
             into, commit = destination(out, lo, hi)
             yield from _reduce_scatter_piece(flat[lo:hi], codec, transport, generator, stats,
-                                             residual, into, None if local is None else local[lo:hi])
+                                             server, into, piece(local, lo, hi),
+                                             piece(residual, lo, hi))
             commit()
-            if keep_residual is not None:
-                keep_residual()
+            if keep_server is not None:
+                keep_server()
         pieces = pipeline_pieces(flat.numel(), codec.block_size, PIPELINE_ELEMENTS * transport.world_size)
     _pipelined(pieces, stages)
 
@@ -284,7 +302,7 @@ def start_mean(flat: torch.Tensor, codec: Codec, transport: Transport,
     return lambda: next(stages, None)
 
 
-def _allreduce(flat, codec, transport, out, local):
+def _allreduce(flat, codec, transport, out, local, residual=None):
     """A generator (see :func:`_pipelined`): yields once the all-reduce is started. Divide
     and cast in one pass into one buffer: ``out`` itself for fp32 (in place, as PyTorch's
     allreduce hook), else one of the wire dtype (or fp32 when ``out`` is Segments: one
@@ -299,6 +317,10 @@ def _allreduce(flat, codec, transport, out, local):
         torch.div(flat[lo:lo + step], transport.world_size, out=wire[lo:lo + step])
     if local is not None:
         torch.mul(wire, transport.world_size, out=local)
+    if residual is not None:  # slice by slice: a slice-sized temporary
+        for lo in range(0, flat.numel(), CAST_SLICE):
+            hi = lo + CAST_SLICE
+            torch.sub(flat[lo:hi], wire[lo:hi] * transport.world_size, out=residual[lo:hi])
     pending = transport.all_reduce_sum_start(wire)
     yield
     total = pending.wait()
@@ -330,15 +352,26 @@ def _pipelined(pieces, stages) -> None:
         active = [g for g in active if advance(g)]
 
 
-def _allgather_piece(flat, codec, transport, generator, stats, out, local):
+def _subtract_own(codec: Codec, payload: Payload, flat: torch.Tensor, residual: torch.Tensor) -> None:
+    """``residual = flat - decode(payload)``, ``residual`` possibly ``flat`` itself: decoded
+    into it with weight -1, bit for bit ``flat - local``."""
+    if residual.data_ptr() != flat.data_ptr():
+        residual.copy_(flat)
+    codec.decode_into(payload, residual, -1.0)
+
+
+def _allgather_piece(flat, codec, transport, generator, stats, out, local, residual=None):
     with _Timer(stats, "encode_seconds"):
         payload = codec.encode(flat, generator)
     pending = transport.all_gather_start(payload.data)
+    if residual is not None:  # while the payloads are on the wire
+        _subtract_own(codec, payload, flat, residual)
     yield
     _decode_mean(codec, pending.wait(), transport.world_size, stats, out, local, transport.rank)
 
 
-def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_residual, out, local):
+def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_residual, out, local,
+                          residual=None):
     w, rank = transport.world_size, transport.rank
     bounds = chunk_bounds(flat.numel(), codec.block_size, w)
     with _Timer(stats, "encode_seconds"):
@@ -346,6 +379,9 @@ def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_resid
     sizes = [p.nbytes for p in payloads]
     mine = sizes[rank]
     pending = transport.all_to_all_start(torch.cat([p.data for p in payloads]), sizes, [mine] * w)
+    if residual is not None:  # while the chunks are on the wire
+        for payload, (a, b) in zip(payloads, bounds):
+            _subtract_own(codec, payload, flat[a:b], residual[a:b])
     yield
     lo, hi = bounds[rank]
     chunk_mean = torch.empty(hi - lo, dtype=torch.float32, device=flat.device)
@@ -405,7 +441,8 @@ def _raise_if_failed(failure: Optional[Exception], statuses: torch.Tensor) -> No
                          f"models, or a different bucket layout)")
 
 
-def _hierarchical(flat, codec, transport, generator, stats, server_residual, out, local):
+def _hierarchical(flat, codec, transport, generator, stats, server_residual, out, local,
+                  residual=None):
     """See the module docstring. ``local`` (for error feedback) is ``flat`` except on this
     rank's shard, which carries L times what compressing the node's mean of it lost: averaged
     over the node's ranks, the residuals then add up to exactly the node's loss."""
@@ -419,7 +456,7 @@ def _hierarchical(flat, codec, transport, generator, stats, server_residual, out
     inner = choose_algorithm(codec, hi - lo, inter.world_size)
     slot = max(splits)  # and a status, as in _reduce_scatter_piece
     padded = torch.zeros(slot + 1, dtype=torch.float32, device=flat.device)
-    compressed = None if local is None else torch.empty_like(shard)
+    compressed = None if local is None and residual is None else torch.empty_like(shard)
     try:
         _run(inner, shard, codec, inter, generator, stats,
              None if server_residual is None else server_residual[lo:hi], padded[:hi - lo],
@@ -430,6 +467,10 @@ def _hierarchical(flat, codec, transport, generator, stats, server_residual, out
     if local is not None:
         local.copy_(flat)
         local[lo:hi] -= (shard - compressed) * size
+    if residual is not None:  # flat minus that local, computed as it would be from it
+        lost = flat[lo:hi] - (flat[lo:hi] - (shard - compressed) * size)
+        torch.sub(flat, flat, out=residual)  # zero, or NaN where flat is not finite
+        residual[lo:hi] = lost
     padded[slot] = failure is not None
     gathered = intra.all_gather(padded).view(size, slot + 1)
     _raise_if_failed(failure, gathered[:, slot])

@@ -57,16 +57,21 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
     server_compact = server if keep is None or server is None else server.index_select(0, keep)
     out = flat if isinstance(flat, Segments) or (
         in_place and keep is None and flat.dtype == torch.float32) else None
-    # EF21 needs what it sent only until it is encoded: its own contribution takes its place
-    local_out = (compact if feedback is not None and feedback.kind == "ef21" and keep is None
+    # what was sent is needed only until it is encoded: EF's next memory p - C(p), or EF21's
+    # own contribution C(p), takes its place piece by piece
+    plain_ef = feedback is not None and feedback.kind == "ef"
+    local_out = (compact if feedback is not None and not plain_ef and keep is None
                  and algorithm in PIECEWISE else None)
     mean, local = compressed_mean(compact, codec, transport, algorithm, generator, stats,
-                                  keep_local=feedback is not None, server_residual=server_compact,
-                                  out=out, local_out=local_out)
+                                  keep_local=feedback is not None and not plain_ef,
+                                  server_residual=server_compact, out=out, local_out=local_out,
+                                  residual_out=compact if plain_ef else None)
     if keep is not None:
         mean = torch.zeros_like(flat, dtype=torch.float32).index_copy_(0, keep, mean)
         if local is not None:
             local = torch.zeros_like(mean).index_copy_(0, keep, local)
+        if plain_ef:  # outside the mask what was sent (the memory) is what remains
+            sent.index_copy_(0, keep, compact)
         if server is not None:
             server.index_copy_(0, keep, server_compact)
     if feedback:
