@@ -2,7 +2,8 @@
 
 ``compressed_mean(flat, codec, transport, algorithm)`` returns the fp32 mean over ranks of
 ``flat`` (bit-identical on every rank) and, with ``keep_local=True``, what this rank's own
-contribution became after compression (what error feedback needs). It blocks; front ends run
+contribution became after compression (what EF21 needs; plain EF asks for ``flat`` minus it,
+written over ``flat``, with ``residual_out``). It blocks; front ends run
 it on a :class:`~commpress.comm.ordered.OrderedExecutor` to overlap it with computation.
 
 Algorithms (wire bytes per rank for a vector whose payload is ``B`` bytes):
