@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 import commpress as cp
+from commpress.codecs import kernels
 from commpress.comm import TorchTransport, chunk_bounds, choose_algorithm, compressed_mean, wire_bytes_per_rank
 from commpress.comm.collectives import start_mean
 from commpress.comm.segments import Segments
@@ -76,6 +77,9 @@ def test_compressed_means_are_unbiased(world_size):
 
 
 def wire_worker(rank, world_size):
+    # the eager path: payload sizes are the wire format's, the same on both paths (see
+    # test_kernels), and each process would otherwise spend most of this test compiling
+    kernels.set_enabled(False)
     transport = TorchTransport()
     codec = cp.QSGD(bits=4, bucket_size=512)
     x = torch.randn(400_000)
