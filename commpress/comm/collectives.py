@@ -465,13 +465,15 @@ def _hierarchical(flat, codec, transport, generator, stats, server_residual, out
         failure = None
     except ValueError as exc:  # still take part in the node's all_gather (see _reduce_scatter)
         padded[:hi - lo], compressed, failure = float("nan"), shard, exc
-    if local is not None:
-        local.copy_(flat)
-        local[lo:hi] -= (shard - compressed) * size
-    if residual is not None:  # flat minus that local, computed as it would be from it
-        lost = flat[lo:hi] - (flat[lo:hi] - (shard - compressed) * size)
-        torch.sub(flat, flat, out=residual)  # zero, or NaN where flat is not finite
-        residual[lo:hi] = lost
+    if compressed is not None:
+        own = flat[lo:hi] - (shard - compressed) * size  # local on this rank's shard
+        if local is not None:
+            local.copy_(flat)
+            local[lo:hi] = own
+        if residual is not None:  # flat minus local (its shard first: residual may be flat)
+            lost = flat[lo:hi] - own
+            torch.sub(flat, flat, out=residual)  # zero, or NaN where flat is not finite
+            residual[lo:hi] = lost
     padded[slot] = failure is not None
     gathered = intra.all_gather(padded).view(size, slot + 1)
     _raise_if_failed(failure, gathered[:, slot])

@@ -59,11 +59,10 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
         in_place and keep is None and flat.dtype == torch.float32) else None
     # what was sent is needed only until it is encoded: EF's next memory p - C(p), or EF21's
     # own contribution C(p), takes its place piece by piece
-    plain_ef = feedback is not None and feedback.kind == "ef"
-    local_out = (compact if feedback is not None and not plain_ef and keep is None
-                 and algorithm in PIECEWISE else None)
+    plain_ef, ef21 = (feedback is not None and feedback.kind == kind for kind in ("ef", "ef21"))
+    local_out = compact if ef21 and keep is None and algorithm in PIECEWISE else None
     mean, local = compressed_mean(compact, codec, transport, algorithm, generator, stats,
-                                  keep_local=feedback is not None and not plain_ef,
+                                  keep_local=ef21,
                                   server_residual=server_compact, out=out, local_out=local_out,
                                   residual_out=compact if plain_ef else None)
     if keep is not None:
