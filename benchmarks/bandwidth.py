@@ -65,7 +65,8 @@ def worker(args) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, quantization_hooks
 
     from commpress.comm import compressed_mean
-    from commpress.comm.transport import TorchTransport, node_layout, torch_hierarchical_transport
+    from commpress.comm.transport import (TorchTransport, node_layout, release_default_group,
+                                          torch_hierarchical_transport)
     from commpress.ddp import codec_from_name, named_hooks
     from commpress.netsim import join_job, link_tx_bytes
     from commpress.stats import CommStats
@@ -126,7 +127,7 @@ def worker(args) -> None:
                          "decode_s": stats.decode_seconds / args.iters})
     if rank == 0:
         Path(args.worker_out).write_text(json.dumps(rows))
-    dist.destroy_process_group()
+    release_default_group()
 
 
 def _hook_failure(hook, buf):

@@ -148,6 +148,7 @@ def run_method(method, args, rank, ifname):
 def worker(args) -> None:
     import torch.distributed as dist
 
+    from commpress.comm.transport import release_default_group
     from commpress.netsim import join_job
 
     rank = join_job(args)
@@ -167,7 +168,7 @@ def worker(args) -> None:
         Path(args.worker_out).write_text(json.dumps(rows))
     if failure is not None:  # collectives may still be in flight: do not wait for them
         os._exit(0)
-    dist.destroy_process_group()
+    release_default_group()
 
 
 def table(results) -> str:

@@ -91,6 +91,8 @@ def worker(rank: int, args, port: int, queue) -> None:
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from commpress.comm.transport import release_default_group
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
@@ -122,7 +124,8 @@ def worker(rank: int, args, port: int, queue) -> None:
     extra = max(kb for _, kb in records[args.warmup:])
     kept = records[-1][0] - records[start_iter][0]
     queue.put((rank, extra, kept, records[start_iter][1]))
-    dist.destroy_process_group()
+    del model, records
+    release_default_group()
 
 
 def run_method(method: str, args) -> dict:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from .acdc import ACDC, ACDCSchedule
 from .comm.calibration import POLICIES
 from .comm.collectives import ALGORITHMS
+from .comm.transport import release_default_group
 from .ddp import register_hook, state_from_name
 
 logger = logging.getLogger("commpress.train")
@@ -381,7 +382,7 @@ def worker(rank: int, world_size: int, args) -> Optional[List[Dict]]:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"world_size": world_size, "args": vars(args), "results": results}, f, indent=1)
-    dist.destroy_process_group()
+    release_default_group()
     return results
 
 

@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from commpress.comm.transport import release_default_group  # imported before any group exists
+
 
 def _worker(rank, world_size, init_file, out_dir, fn, args, pg_timeout):
     torch.set_num_threads(1)
@@ -15,7 +17,9 @@ def _worker(rank, world_size, init_file, out_dir, fn, args, pg_timeout):
                                 world_size=world_size, timeout=pg_timeout)
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
-        dist.destroy_process_group()
+        del result
+        if dist.is_initialized():  # unless ``fn`` released it itself
+            release_default_group()
     except BaseException:
         with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
             f.write(traceback.format_exc())

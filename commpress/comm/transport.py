@@ -8,13 +8,21 @@ thread (:mod:`commpress.comm.ordered`), not from chaining callbacks.
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import sys
+import time
 import zlib
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+# Imported now, while no process group exists: its functions take ``group=group.WORLD`` as a
+# default argument, so a first import after init_process_group (torch._dynamo's import does it:
+# DDP's constructor, torch.compile) would keep the default group alive for good, and
+# release_default_group could not join gloo's threads before the interpreter finalizes.
+import torch.distributed.nn.functional  # noqa: F401
 
 
 class Transport:
@@ -134,6 +142,29 @@ def destroyable(group: Optional[dist.ProcessGroup]) -> bool:
     :func:`new_group`)."""
     name = dist.distributed_c10d._world.pg_names.get(group, "")
     return isinstance(group, dist.ProcessGroup) and name.isdigit()
+
+
+def release_default_group(timeout: float = 0.25) -> None:
+    """``dist.destroy_process_group()`` that also frees the default group, on this thread,
+    before the interpreter finalizes: its destructor then joins gloo's threads. Call it where
+    a script would destroy the group, after dropping the DDP model (``del model``).
+
+    Destroying only unregisters the group; while anything references it, gloo's threads live
+    on. A thread still finishing the last step's future callbacks (PyTorch's PowerSGD hook,
+    an fp16 all-reduce) when the interpreter finalizes is killed taking the GIL and the
+    process aborts ("terminate called without an active exception", SIGABRT: 10 of 30
+    two-rank PowerSGD runs here); one that drops the group's last reference itself joins
+    itself ("Resource deadlock avoided"). So: collect the DDP models (they live in reference
+    cycles), destroy, and give those threads up to ``timeout`` seconds to drop their
+    references, so that the last one goes here. Where the caller still holds the model the
+    group outlives this call, and the wait only gives in-flight callbacks time to finish."""
+    world = dist.group.WORLD
+    gc.collect()
+    dist.destroy_process_group()
+    deadline = time.monotonic() + timeout
+    # 2: ``world`` and getrefcount's own argument
+    while sys.getrefcount(world) > 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 class TorchTransport(Transport):
