@@ -35,7 +35,7 @@ from .comm.transport import (HierarchicalTransport, TorchTransport, Transport, d
 from .comm.collectives import start_mean
 from .comm.pipeline import reduce_gradient
 from .comm.segments import Segments
-from .feedback import KINDS as FEEDBACK_KINDS, ErrorFeedback
+from .feedback import KINDS as FEEDBACK_KINDS, ErrorFeedback, flat_numel
 from .stats import CommStats
 
 logger = logging.getLogger("commpress")
@@ -428,7 +428,7 @@ class CompressionState:
         Called by :class:`commpress.ACDC` at every prune and restore."""
         self.mask.set(masks)
         if self.feedback is not None and masks:
-            self.feedback.mask_(masks)
+            self.feedback.mask_(self.mask.masks)  # flat, as the memories are
 
     def bind(self, model: torch.nn.Module) -> "CompressionState":
         """Learn the model: its parameters' names (so error-feedback memories can be
@@ -641,9 +641,10 @@ def _segments(state: CompressionState, bucket):
     gradients become ready): this is what makes a resumed run bit-identical."""
     small, big, offset = [], [], 0
     for p in bucket.parameters():
-        compress = p.dim() >= 2 and p.numel() >= state.min_numel
-        (big if compress else small).append((offset, p.numel(), p))
-        offset += p.numel()
+        numel = flat_numel(p)  # a complex parameter's gradient lies in the bucket as reals
+        compress = p.dim() >= 2 and numel >= state.min_numel
+        (big if compress else small).append((offset, numel, p))
+        offset += numel
     if state.param_index:
         big.sort(key=lambda seg: state.param_index.get(seg[2], -1))
     return small, big

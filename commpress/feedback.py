@@ -17,7 +17,7 @@ The reduction pipeline (:func:`commpress.comm.pipeline.reduce_gradient`) calls
 :meth:`ErrorFeedback.update` after the mean, with what was sent (for ``"ef"``, overwritten by
 the collective with ``p - C(p)`` piece by piece) and, for EF21, its compressed version: this
 module knows nothing of collectives. Memories are fp32 and live
-on the gradient's device. Keys are parameters (their ``numel()`` gives the split) or, for
+on the gradient's device. Keys are parameters (:func:`flat_numel` gives the split) or, for
 front ends without parameters (MPI arrays), names with explicit ``sizes``.
 """
 from __future__ import annotations
@@ -32,6 +32,12 @@ from .codecs import Codec, contractive_factor, kernels
 KINDS = ("ef", "ef21")
 # the memories each kind keeps, by name
 _MEMORIES = {"ef": ("residual",), "ef21": ("worker", "shared")}
+
+
+def flat_numel(param: torch.Tensor) -> int:
+    """How many values ``param``'s gradient takes in a flat real vector such as a DDP bucket,
+    which holds a complex value as its two reals (``torch.view_as_real``)."""
+    return param.numel() * (2 if param.is_complex() else 1)
 
 
 def _with_memories(store: Dict, params: Sequence, flat, sizes, subtract: bool) -> torch.Tensor:
@@ -96,7 +102,7 @@ class ErrorFeedback:
         ``omega > 1`` (QSGD-2) made it diverge. So EF21 sends ``lam * (grad - g_i)`` with
         ``lam = 1 / (1 + omega)`` (:func:`commpress.codecs.contractive_factor`, exact for this
         vector). The estimates still add exactly what was sent, so ``g == mean_i g_i`` holds."""
-        sizes = sizes or [p.numel() for p in params]
+        sizes = sizes or [flat_numel(p) for p in params]
         if self.kind == "ef":
             return _with_memories(self.memories["residual"], params, flat, sizes, subtract=False)
         diff = _with_memories(self.memories["worker"], params, flat, sizes, subtract=True)
@@ -132,7 +138,7 @@ class ErrorFeedback:
         """Each parameter's server residual itself (zeros the first time), for a collective
         that updates them in place piece by piece: no concatenated copy, nothing to store."""
         store = self.memories["server"]
-        for param, n in zip(params, sizes or [p.numel() for p in params]):
+        for param, n in zip(params, sizes or [flat_numel(p) for p in params]):
             if param not in store:
                 store[param] = torch.zeros(n, device=like.device)
         return [store[param] for param in params]
@@ -151,14 +157,14 @@ class ErrorFeedback:
     # -- storage --------------------------------------------------------------------------
     def _gather(self, memory: str, params, like: torch.Tensor, sizes=None) -> torch.Tensor:
         store = self.memories[memory]
-        sizes = sizes or [p.numel() for p in params]
+        sizes = sizes or [flat_numel(p) for p in params]
         parts = [store[p] if p in store else torch.zeros(n, device=like.device)
                  for p, n in zip(params, sizes)]
         return torch.cat(parts) if parts else torch.zeros(0, device=like.device)
 
     def _scatter(self, memory: str, params, flat: torch.Tensor, sizes=None) -> None:
         store = self.memories[memory]
-        for param, part in zip(params, flat.split(sizes or [p.numel() for p in params])):
+        for param, part in zip(params, flat.split(sizes or [flat_numel(p) for p in params])):
             store[param] = part
 
     def _assign(self, memory: str, params, new: torch.Tensor, sizes=None, add: bool = False) -> None:
@@ -167,7 +173,7 @@ class ErrorFeedback:
         would not be finite keeps its old value (see :func:`keep_finite`). A new memory is a
         copy: ``new`` may be the caller's buffer."""
         store = self.memories[memory]
-        for param, part in zip(params, new.split(sizes or [p.numel() for p in params])):
+        for param, part in zip(params, new.split(sizes or [flat_numel(p) for p in params])):
             old = store.get(param)
             if old is None:
                 store[param] = torch.nan_to_num(part, nan=0.0, posinf=0.0, neginf=0.0)
@@ -268,6 +274,6 @@ def _check_fits(memory: str, name: str, value: torch.Tensor, by_name: Dict) -> N
     where = f"checkpoint memory {memory}[{name!r}]"
     if name not in by_name:
         raise ValueError(f"{where}: the model has no parameter of that name")
-    if value.numel() != by_name[name].numel():
+    if value.numel() != flat_numel(by_name[name]):
         raise ValueError(f"{where} has {value.numel()} values, the parameter has "
-                         f"{by_name[name].numel()}")
+                         f"{flat_numel(by_name[name])}")

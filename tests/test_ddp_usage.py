@@ -182,6 +182,79 @@ def test_direct_registration_fp64_sparse_pickle_and_two_models():
         assert torch.equal(grad, results[1]["fp64"][name][1]), name
 
 
+class ComplexNet(nn.Module):
+    """A complex layer between real ones, as in spectral and audio models."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out = nn.Linear(32, 64), nn.Linear(128, 4)
+        self.spectral = nn.Linear(64, 64, dtype=torch.complex64)
+
+    def forward(self, x):
+        z = self.spectral(torch.complex(self.inp(x), torch.zeros(x.shape[0], 64)))
+        return self.out(torch.cat([z.real, z.imag], dim=1))
+
+
+def complex_worker(rank, world_size):
+    """Complex parameters (DDP's bucket holds each complex value as two reals) with QSGD-8
+    and EF: the gradients after 4 steps against the exact mean of the same local gradients;
+    then a mask on the complex weight, and the EF checkpoint loaded into a fresh state."""
+    model, local = DDP(ComplexNet(), bucket_cap_mb=1), ComplexNet()
+    state = cp.register_hook(model, "qsgd8+ef", log_every=0, policy="fixed", min_numel=256)
+    for step in range(4):
+        model.zero_grad()
+        local.zero_grad()
+        for net in (model, local):
+            net(data(rank, step)).square().mean().backward()
+    exact = [p.grad.clone() for p in local.parameters()]
+    for g in exact:
+        dist.all_reduce(g)
+        g /= world_size
+    errors = {name: ((p.grad - g).abs().norm() / g.abs().norm()).item()
+              for (name, p), g in zip(model.module.named_parameters(), exact)}
+    grads = torch.cat([torch.view_as_real(p.grad).reshape(-1) if p.is_complex() else p.grad.reshape(-1)
+                       for p in model.parameters()])
+    weight = model.module.spectral.weight
+    mask = torch.rand(weight.shape, generator=torch.Generator().manual_seed(5)) < 0.5
+    state.set_masks({weight: mask})
+    model.zero_grad()
+    model(data(rank, 9)).square().mean().backward()
+    masked_out = weight.grad[~mask].abs().max().item()
+    fresh = cp.state_from_name("qsgd8+ef", log_every=0, policy="fixed", min_numel=256)
+    cp.register_hook(DDP(ComplexNet(), bucket_cap_mb=1), fresh)
+    fresh.load_state_dict(state.state_dict())
+    return errors, grads, masked_out, channels_last_masked(rank)
+
+
+def channels_last_masked(rank):
+    """A channels_last conv weight under an AC/DC mask: the largest masked-out gradient entry
+    and the share of kept entries that got a gradient."""
+    conv = nn.Conv2d(16, 32, 3).to(memory_format=torch.channels_last)
+    model = DDP(nn.Sequential(conv, nn.Flatten()))
+    state = cp.register_hook(model, "qsgd8", log_every=0, policy="fixed", min_numel=256, start_iter=0)
+    mask = torch.rand(conv.weight.shape, generator=torch.Generator().manual_seed(5)) < 0.5
+    state.set_masks({conv.weight: mask})
+    x = torch.randn(8, 16, 8, 8, generator=torch.Generator().manual_seed(rank))
+    model(x.to(memory_format=torch.channels_last)).square().mean().backward()
+    grad = conv.weight.grad
+    return grad[~mask].abs().max().item(), (grad[mask] != 0).float().mean().item()
+
+
+def test_complex_and_channels_last_parameters_are_reduced_where_the_bucket_holds_them():
+    """The hook split buckets by ``numel()``, which counts a complex value once: the complex
+    weight's gradient was mixed with its neighbours' (58% off the exact mean) and the ranks'
+    replicas differed. And AC/DC's mask was laid over the bucket row-major, where DDP holds a
+    channels_last weight's gradient in its memory order: half the kept entries got no
+    gradient and masked-out ones did."""
+    results = run_workers(complex_worker, 2)
+    for errors, grads, masked_out, (cl_masked_out, cl_kept) in results:
+        assert all(e < 0.05 for e in errors.values()), errors  # QSGD-8 noise, not a mix-up
+        assert torch.equal(grads, results[0][1])  # replicas identical
+        assert masked_out == 0.0
+        assert cl_masked_out == 0.0 and cl_kept > 0.99, (cl_masked_out, cl_kept)
+
+
 def resource_counts(expected=None):
     """Threads, file descriptors and process groups; with ``expected``, waits up to 5 s for
     them to get there (a state dropped on its own worker thread finishes releasing after)."""

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from ..codecs import bitpack
 from ..comm.transport import Transport
+from ..feedback import flat_numel
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SCOPES = ("global", "layerwise")
@@ -63,6 +64,18 @@ def broadcast_masks(masks: Dict[str, torch.Tensor], shapes: List[Tuple[str, torc
     return {name: part.view(shape) for (name, shape), part in zip(shapes, flat.split(sizes))}
 
 
+def in_bucket_order(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` (of ``param``'s shape) flattened in the order DDP's bucket holds ``param``'s
+    gradient: a dense parameter's memory order (DDP lays its gradient out with the
+    parameter's strides: a channels_last weight is not row-major), a complex entry as its
+    two reals."""
+    order = sorted(range(param.dim()), key=lambda d: -param.stride(d))
+    if param.permute(order).is_contiguous():
+        mask = mask.permute(order)
+    flat = mask.reshape(-1)
+    return flat.repeat_interleave(2) if param.is_complex() else flat
+
+
 class GradientMask:
     """What the compression hook needs of AC/DC: which gradient entries to send. Holds one
     flat boolean mask per parameter (:meth:`set`, at every prune and restore) and gives, for
@@ -78,7 +91,7 @@ class GradientMask:
 
     def set(self, masks: Dict[torch.Tensor, torch.Tensor]) -> None:
         """``{param: mask}``; ``{}`` sends everything."""
-        self.masks = {p: m.reshape(-1).bool() for p, m in masks.items()}
+        self.masks = {p: in_bucket_order(p, m.bool()) for p, m in masks.items()}
         self._kept = {}
 
     def kept_indices(self, params: List[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
@@ -94,8 +107,8 @@ class GradientMask:
                 for p in params:
                     mask = self.masks.get(p)
                     kept = (mask.to(device).nonzero().view(-1) if mask is not None
-                            else torch.arange(p.numel(), device=device))
+                            else torch.arange(flat_numel(p), device=device))
                     parts.append(kept + offset)
-                    offset += p.numel()
+                    offset += flat_numel(p)
                 self._kept[key] = torch.cat(parts)
         return self._kept[key]
