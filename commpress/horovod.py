@@ -360,6 +360,11 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if any(p.is_complex() for p in params):
+        raise TypeError("commpress.horovod.DistributedOptimizer reduces real gradients; "
+                        f"parameters of shapes {[list(p.shape) for p in params if p.is_complex()]} "
+                        "are complex (their imaginary parts would be lost): use commpress's "
+                        "DDP hook, which reduces them as their real values")
     wrapped._commpress_init(named_parameters, codec, op, _groups(params, groups, num_groups, bucket_cap_mb),
                             sparse_as_dense, error_feedback, collective, backward_passes_per_step,
                             seed)

@@ -134,6 +134,11 @@ def allreduce_gradients(comm, parameters: Iterable[torch.nn.Parameter], codec: C
     """Replace each ``param.grad`` by its mean over ranks: all gradients go through the codec
     as one flat vector (one collective per call); error-feedback memories are per parameter."""
     params = [p for p in parameters if p.grad is not None]
+    if any(p.is_complex() for p in params):
+        raise TypeError("commpress.mpi.allreduce_gradients reduces real gradients; parameters "
+                        f"of shapes {[list(p.shape) for p in params if p.is_complex()]} are "
+                        "complex (their imaginary parts would be lost): reduce "
+                        "torch.view_as_real(param.grad) with allreduce instead")
     transport = _transport(comm)
     _agree(transport, "allreduce_gradients", codec, collective, error_feedback,
            [tuple(p.shape) for p in params], None)

@@ -92,6 +92,12 @@ for label, kwargs in {"custom_compression": {"compression": type("C", (hvd.Compr
         refused[label] = None
     except ValueError as exc:
         refused[label] = str(exc)
+try:  # complex parameters: their gradients were cast to float, the imaginary parts lost
+    cphvd.DistributedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.complex64))],
+                                               lr=0.1), codec=cp.QSGD(bits=4))
+    refused["complex"] = None
+except TypeError as exc:
+    refused["complex"] = str(exc)
 args["refused"] = refused
 
 # sparse_as_dense: an embedding with sparse gradients

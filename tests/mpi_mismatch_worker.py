@@ -1,10 +1,11 @@
 """Run under mpirun by tests/test_mpi.py: ranks passing different codecs, collectives, lengths
-or dtypes to the MPI front end. Every case must fail on every rank with a named difference (it
+or dtypes to the MPI front end, and complex gradients. Every case must fail on every rank with a named difference (it
 used to hang, abort with MPI_ERR_TRUNCATE, or return a wrong mean). Rank 0 writes JSON."""
 import json
 import sys
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
 import commpress as cp
@@ -29,6 +30,14 @@ for name, call in cases.items():
         out[name] = "no error"
     except ConfigurationMismatch as exc:
         out[name] = str(exc)
+# complex gradients were cast to float, their imaginary parts dropped: now refused, by shape
+spectral = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.complex64))
+spectral.grad = torch.ones_like(spectral)
+try:
+    cpmpi.allreduce_gradients(comm, [spectral], cp.QSGD(bits=4))
+    out["complex"] = "no error"
+except TypeError as exc:
+    out["complex"] = str(exc)
 # and the ranks are still in step: a matching call works afterwards
 mean = cpmpi.allreduce(comm, x * (rank + 1), cp.Identity())
 out["after"] = float(mean[0])

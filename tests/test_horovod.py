@@ -56,6 +56,7 @@ def test_horovodrun_training_with_commpress_optimizer(tmp_path):
     assert "codec=" in args["refused"]["custom_compression"]
     assert "Adasum" in args["refused"]["adasum"]
     assert "not both" in args["refused"]["both"]
+    assert "complex" in args["refused"]["complex"] and "[3, 2]" in args["refused"]["complex"]
     assert args["sparse_as_dense"]["row7"] == [1.0] * 8  # both ranks looked up row 7: mean 1
     assert args["sparse_as_dense"]["row0"] == [0.5] * 8  # only rank 0 looked up row 0
     assert args["clip_identical"] and args["clip_steps"] == 3

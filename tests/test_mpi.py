@@ -78,4 +78,5 @@ def test_mpi_ranks_configured_differently_fail_with_named_errors(tmp_path):
     for field in ("codec", "collective", "shape", "dtype"):
         assert "configured differently" in result[field] and f"{field}:" in result[field], result
     assert "codec:" in result["summable"]
+    assert "complex" in result["complex"] and "[3, 2]" in result["complex"], result
     assert result["after"] == 1.5
