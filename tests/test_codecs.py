@@ -230,8 +230,9 @@ def test_bitpack_layout_is_little_endian():
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="bits"):
         cp.QSGD(bits=1)
-    with pytest.raises(ValueError, match="bucket_size"):
-        cp.QSGD(bits=4, bucket_size=0)
+    for bucket_size in (0, True, 2 ** 32, 512.0):  # the too large one used to say "positive"
+        with pytest.raises(ValueError, match=r"bucket_size must be an integer in 1\.\.2\*\*32 - 1"):
+            cp.QSGD(bits=4, bucket_size=bucket_size)
     with pytest.raises(ValueError, match="norm"):
         cp.QSGD(bits=4, norm="l1")
     with pytest.raises(ValueError, match="p=2 or p=inf"):

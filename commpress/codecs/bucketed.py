@@ -75,8 +75,10 @@ class BucketedLevelCodec(Codec):
     stochastic = True
 
     def __init__(self, bits: int, levels: int, bucket_size: int, norm: str):
-        if not isinstance(bucket_size, int) or bucket_size < 1 or bucket_size >= 2 ** 32:
-            raise ValueError(f"bucket_size must be a positive integer, got {bucket_size!r}")
+        if (not isinstance(bucket_size, int) or isinstance(bucket_size, bool) or bucket_size < 1
+                or bucket_size >= 2 ** 32):
+            raise ValueError(f"bucket_size must be an integer in 1..2**32 - 1 (the header "
+                             f"stores it in 32 bits), got {bucket_size!r}")
         if norm not in _NORMS:
             raise ValueError(f"norm must be one of {sorted(_NORMS)}, got {norm!r}")
         if 2 * levels + 1 > 2 ** bits:
