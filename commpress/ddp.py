@@ -836,6 +836,12 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
         >>> state = CompressionState(codec=NaturalCompression())
         >>> ddp_model.register_comm_hook(state, compress_hook)
     """
+    if not isinstance(state, CompressionState):
+        raise TypeError(f"compress_hook's state must be a commpress CompressionState, got "
+                        f"{type(state).__name__} (e.g. commpress.state_from_name('qsgd4'))")
+    if isinstance(bucket, torch.Tensor):
+        raise TypeError("compress_hook is a DDP communication hook and takes a GradBucket; it "
+                        "got a tensor, as FSDP's communication hooks pass: FSDP is not supported")
     buffer, index, last = bucket.buffer(), bucket.index(), bucket.is_last()
     _check_buffer(buffer)
     state._learn(index, bucket.parameters(), last)

@@ -218,6 +218,17 @@ def test_register_hook_takes_a_codec_object():
     assert codec == cp.QSGD(bits=4) and steps == 1 and 0 < sent < fp32 / 5
 
 
+def test_hook_called_wrongly_says_so():
+    """Registered on FSDP (whose hooks pass a gradient tensor) or with a state that is not a
+    CompressionState, the hook failed inside backward with "'Tensor' object has no attribute
+    'buffer'"."""
+    state = cp.state_from_name("qsgd4", log_every=0)
+    with pytest.raises(TypeError, match="takes a GradBucket.*FSDP is not supported"):
+        cp.compress_hook(state, torch.randn(10))
+    with pytest.raises(TypeError, match="state must be a commpress CompressionState, got NoneType"):
+        cp.compress_hook(None, torch.randn(10))
+
+
 def test_named_hooks_one_registry_refusing_taken_and_malformed_names(monkeypatch):
     from commpress import ddp as ddp_module
     monkeypatch.setattr(ddp_module, "_NAMED_HOOKS", dict(ddp_module._NAMED_HOOKS))
