@@ -40,6 +40,12 @@ def flat_numel(param: torch.Tensor) -> int:
     return param.numel() * (2 if param.is_complex() else 1)
 
 
+def _sizes(params: Sequence, sizes) -> list:
+    """How many values of a flat vector belong to each key: ``sizes`` where the caller gives
+    them (names), else each parameter's :func:`flat_numel`."""
+    return list(sizes) if sizes else [flat_numel(p) for p in params]
+
+
 def _with_memories(store: Dict, params: Sequence, flat, sizes, subtract: bool) -> torch.Tensor:
     """A new fp32 vector: each parameter's part of ``flat`` plus (``subtract``: minus) its
     memory in ``store`` (none yet: zero), written in one pass. ``flat`` may be any vector that
@@ -102,7 +108,7 @@ class ErrorFeedback:
         ``omega > 1`` (QSGD-2) made it diverge. So EF21 sends ``lam * (grad - g_i)`` with
         ``lam = 1 / (1 + omega)`` (:func:`commpress.codecs.contractive_factor`, exact for this
         vector). The estimates still add exactly what was sent, so ``g == mean_i g_i`` holds."""
-        sizes = sizes or [flat_numel(p) for p in params]
+        sizes = _sizes(params, sizes)
         if self.kind == "ef":
             return _with_memories(self.memories["residual"], params, flat, sizes, subtract=False)
         diff = _with_memories(self.memories["worker"], params, flat, sizes, subtract=True)
@@ -138,7 +144,7 @@ class ErrorFeedback:
         """Each parameter's server residual itself (zeros the first time), for a collective
         that updates them in place piece by piece: no concatenated copy, nothing to store."""
         store = self.memories["server"]
-        for param, n in zip(params, sizes or [flat_numel(p) for p in params]):
+        for param, n in zip(params, _sizes(params, sizes)):
             if param not in store:
                 store[param] = torch.zeros(n, device=like.device)
         return [store[param] for param in params]
@@ -157,14 +163,14 @@ class ErrorFeedback:
     # -- storage --------------------------------------------------------------------------
     def _gather(self, memory: str, params, like: torch.Tensor, sizes=None) -> torch.Tensor:
         store = self.memories[memory]
-        sizes = sizes or [flat_numel(p) for p in params]
+        sizes = _sizes(params, sizes)
         parts = [store[p] if p in store else torch.zeros(n, device=like.device)
                  for p, n in zip(params, sizes)]
         return torch.cat(parts) if parts else torch.zeros(0, device=like.device)
 
     def _scatter(self, memory: str, params, flat: torch.Tensor, sizes=None) -> None:
         store = self.memories[memory]
-        for param, part in zip(params, flat.split(sizes or [flat_numel(p) for p in params])):
+        for param, part in zip(params, flat.split(_sizes(params, sizes))):
             store[param] = part
 
     def _assign(self, memory: str, params, new: torch.Tensor, sizes=None, add: bool = False) -> None:
@@ -173,7 +179,7 @@ class ErrorFeedback:
         would not be finite keeps its old value (see :func:`keep_finite`). A new memory is a
         copy: ``new`` may be the caller's buffer."""
         store = self.memories[memory]
-        for param, part in zip(params, new.split(sizes or [flat_numel(p) for p in params])):
+        for param, part in zip(params, new.split(_sizes(params, sizes))):
             old = store.get(param)
             if old is None:
                 store[param] = torch.nan_to_num(part, nan=0.0, posinf=0.0, neginf=0.0)
