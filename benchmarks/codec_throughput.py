@@ -31,7 +31,8 @@ from report import out_argument  # noqa: E402
 
 CODECS = {
     "identity": cp.Identity(), "fp16": cp.FP16(), "bf16": cp.BF16(),
-    "qsgd2": cp.QSGD(bits=2, bucket_size=128), "qsgd4": cp.QSGD(bits=4),
+    "qsgd1": cp.QSGD(bits=1, bucket_size=128), "qsgd2": cp.QSGD(bits=2, bucket_size=128),
+    "qsgd4": cp.QSGD(bits=4),
     "qsgd8": cp.QSGD(bits=8), "qsgd4-l2": cp.QSGD(bits=4, norm="l2"),
     "natural": cp.NaturalCompression(), "dithering": cp.NaturalDithering(),
 }

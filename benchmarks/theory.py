@@ -40,6 +40,8 @@ def bound(codec) -> float:
 
     if isinstance(codec, cp.QSGD):
         d, s = codec.bucket_size, codec.levels
+        if s == 0:  # one bit, signs only: scale^2 - x^2 per entry, scale <= ||v||
+            return d - 1
         return min(d / s ** 2, math.sqrt(d) / s)
     if isinstance(codec, cp.NaturalDithering):
         r = min(codec.p, 2)

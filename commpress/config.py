@@ -49,6 +49,10 @@ class CompressionConfig:
         if self.error_feedback is not None and self.error_feedback not in KINDS:
             raise ValueError(f"error_feedback must be None or one of {KINDS}, "
                              f"got {self.error_feedback!r}")
+        if self.error_feedback is not None and not self.codec.feedback_safe:
+            raise ValueError(f"error_feedback={self.error_feedback!r} diverges with {self.codec!r}: "
+                             f"its relative variance is far above 1, so the memories grow "
+                             f"without bound; it is unbiased, use it without error feedback")
         if self.server_feedback and self.error_feedback != "ef":
             raise ValueError("server_feedback=True needs error_feedback='ef'")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -946,10 +946,10 @@ def state_from_name(name: str, **kwargs) -> CompressionState:
 
 for _name, _factory in {
         "fp32": Identity, "fp16": FP16, "bf16": BF16,
-        # qsgd2 ... qsgd8, every width QSGD takes; 2 bits with smaller buckets (fewer levels
-        # need a tighter scale)
-        **{f"qsgd{bits}": functools.partial(QSGD, bits=bits, bucket_size=128 if bits == 2 else 512)
-           for bits in range(2, 9)},
+        # qsgd1 ... qsgd8, every width QSGD takes; 1 and 2 bits with smaller buckets (fewer
+        # levels need a tighter scale)
+        **{f"qsgd{bits}": functools.partial(QSGD, bits=bits, bucket_size=128 if bits <= 2 else 512)
+           for bits in range(1, 9)},
         "natural": NaturalCompression, "cnat": NaturalCompression,
         "dithering": NaturalDithering, "dnat": NaturalDithering}.items():
     register_named_hook(_name, _factory)

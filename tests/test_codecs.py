@@ -11,7 +11,8 @@ import commpress as cp
 from commpress.codecs import HEADER_BYTES, bitpack
 
 ALL_CODECS = [
-    cp.QSGD(bits=2, bucket_size=128), cp.QSGD(bits=3, bucket_size=100), cp.QSGD(bits=4),
+    cp.QSGD(bits=1, bucket_size=128), cp.QSGD(bits=2, bucket_size=128), cp.QSGD(bits=3, bucket_size=100),
+    cp.QSGD(bits=4),
     cp.QSGD(bits=8, norm="l2"), cp.NaturalCompression(), cp.NaturalDithering(),
     cp.NaturalDithering(levels=3, p=2, bucket_size=64), cp.Identity(), cp.FP16(), cp.BF16(),
 ]
@@ -142,6 +143,34 @@ def test_qsgd_variance_bound(bits, norm):
     assert (exact <= bound).all() and (mean <= bound + 5 * se).all()  # and meets the paper's bound
 
 
+@pytest.mark.parametrize("norm", ["max", "l2"])
+def test_one_bit_qsgd_sends_signs_with_the_two_point_variance(norm):
+    """One bit is the sign alone: every entry decodes to -scale or +scale, +scale with
+    probability (1 + x/scale) / 2, so the variance is scale^2 - x^2 per entry, at most
+    (d - 1) ||v||^2 per bucket (scale <= ||v||); and the payload is bits plus one scale."""
+    d = 64
+    codec = cp.QSGD(bits=1, bucket_size=d, norm=norm)
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(d, generator=g), torch.rand(d, generator=g), torch.randn(d // 2, generator=g)])
+    assert codec.wire_bytes(x.numel()) == HEADER_BYTES + 4 * 3 + x.numel() // 8
+    samples = monte_carlo(codec, x, trials=2000).double()
+    blocks = torch.nn.functional.pad(x, (0, (-x.numel()) % d)).view(-1, d)
+    scale = (blocks.abs().amax(1) if norm == "max" else blocks.norm(dim=1)).double()
+    blocks = blocks.double()
+    per_value = scale.repeat_interleave(d)[: x.numel()]
+    assert torch.allclose(samples.abs(), per_value.expand_as(samples), rtol=1e-6, atol=0)  # two points
+    p_up = (samples > 0).double().mean(0)
+    expected = (1 + x.double() / per_value) / 2
+    assert ((p_up - expected).abs() <= 5 * (expected * (1 - expected) / 2000).sqrt() + 1e-9).all()
+    exact = torch.nn.functional.pad(per_value.pow(2) - x.double().pow(2), (0, (-x.numel()) % d))
+    exact = exact.view(-1, d).sum(1)
+    sq_err = torch.nn.functional.pad((samples - x.double()).pow(2), (0, (-x.numel()) % d))
+    sq_err = sq_err.view(2000, -1, d).sum(2)
+    assert ((sq_err.mean(0) - exact).abs() <= 5 * sq_err.std(0) / math.sqrt(2000) + 1e-9).all()
+    assert (exact <= (d - 1) * blocks.pow(2).sum(1) * (1 + 1e-6)).all()  # equal for l2, full buckets
+    assert codec.expected_sq_error(x).item() == pytest.approx(exact.sum().item(), rel=1e-4)
+
+
 @pytest.mark.parametrize("codec", STOCHASTIC + [cp.QSGD(bits=8), cp.QSGD(bits=6)], ids=codec_id)
 def test_values_on_a_level_decode_exactly(codec):
     """Entries equal to the bucket norm never round past the top level, even when the random
@@ -228,8 +257,9 @@ def test_bitpack_layout_is_little_endian():
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="bits"):
-        cp.QSGD(bits=1)
+    for bits in (0, 9, True, 4.0):
+        with pytest.raises(ValueError, match=r"QSGD bits must be an integer in 1\.\.8"):
+            cp.QSGD(bits=bits)
     for bucket_size in (0, True, 2 ** 32, 512.0):  # the too large one used to say "positive"
         with pytest.raises(ValueError, match=r"bucket_size must be an integer in 1\.\.2\*\*32 - 1"):
             cp.QSGD(bits=4, bucket_size=bucket_size)

@@ -13,7 +13,8 @@ from commpress.codecs.bucketed import random_bits
 
 N = kernels.MIN_NUMEL * 2 + 37  # whole buckets through the kernel, a ragged tail eagerly
 CODECS = {"qsgd4": cp.QSGD(bits=4), "qsgd3": cp.QSGD(bits=3), "qsgd8": cp.QSGD(bits=8),
-          "qsgd2-128": cp.QSGD(bits=2, bucket_size=128), "dithering": cp.NaturalDithering()}
+          "qsgd2-128": cp.QSGD(bits=2, bucket_size=128), "qsgd1-128": cp.QSGD(bits=1, bucket_size=128),
+          "dithering": cp.NaturalDithering()}
 
 
 @pytest.fixture

@@ -183,6 +183,9 @@ def test_hook_names_cover_every_qsgd_width_and_need_a_ddp_model():
     import commpress as cp
     for bits in range(2, 9):
         assert cp.state_from_name(f"qsgd{bits}+ef").codec.bits == bits
+    assert cp.state_from_name("qsgd1").codec.bits == 1
+    with pytest.raises(ValueError, match="diverges with QSGD.bits=1"):
+        cp.state_from_name("qsgd1+ef21")
     with pytest.raises(TypeError, match="DistributedDataParallel model, got Linear"):
         cp.register_hook(torch.nn.Linear(2, 2), "qsgd4")
 

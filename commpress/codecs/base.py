@@ -135,6 +135,9 @@ class Codec:
     unbiased: ClassVar[bool] = True
     #: True when ``encode`` draws random numbers
     stochastic: ClassVar[bool] = False
+    #: False when error-feedback memories grow without bound under this codec (its relative
+    #: variance is far above 1): front ends refuse error feedback with it
+    feedback_safe: ClassVar[bool] = True
 
     # -- to implement -------------------------------------------------------------------
     def _params(self) -> tuple:

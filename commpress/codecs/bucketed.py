@@ -174,7 +174,9 @@ class BucketedLevelCodec(Codec):
         magnitudes, scales = self._bucket_magnitudes(flat.reshape(-1))
         safe = torch.where(torch.isfinite(scales) & (scales > 0), scales, torch.ones_like(scales))
         ratio = magnitudes.div_(safe.unsqueeze(1)).clamp_(0, 1)
-        return self._rounding_variance(ratio).sum(1).mul(safe * safe).sum()
+        variance = self._rounding_variance(ratio)
+        variance.view(-1)[flat.numel():] = 0  # the last bucket's padding is not sent
+        return variance.sum(1).mul(safe * safe).sum()
 
     def _kernel_rows(self) -> int:
         """Code rows of ``LANES`` values per tile of the fused kernels: a packing group's codes,
