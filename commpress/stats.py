@@ -31,6 +31,12 @@ class StepCounters:
         return self.wire_bytes - self.intra_node_bytes
 
     @property
+    def dense_bytes(self) -> int:
+        """``fp32_bytes`` under the name of the design's public API (read-only), which users'
+        scripts and tests written against it rely on."""
+        return self.fp32_bytes
+
+    @property
     def ratio(self) -> float:
         """fp32 / network: how many times fewer bytes than an fp32 all-reduce puts on the
         network."""

@@ -65,6 +65,52 @@ def test_bad_schedules_and_settings_raise():
             cp.ACDC(model, opt, sparsity=bad, schedule=cp.ACDCSchedule([(0, 1)], 2))
     with pytest.raises(ValueError, match="scope"):
         cp.ACDC(model, opt, sparsity=0.5, schedule=cp.ACDCSchedule([(0, 1)], 2), scope="row")
+    with pytest.raises(ValueError, match=r"pairs of steps, got 1"):
+        cp.ACDCSchedule([1, 3], 5)
+    with pytest.raises(ValueError, match="steps_per_unit must be a positive integer, got 0"):
+        cp.ACDCSchedule([(1, 3)], 5, steps_per_unit=0)
+    schedule = cp.ACDCSchedule([(0, 1)], 2)
+    # each used to be accepted, or to fail later with an AttributeError
+    other = torch.optim.SGD(torch.nn.Linear(4, 4).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"optimizer does not update the model's weights \['0.weight'\]"):
+        cp.ACDC(model, other, schedule=schedule)
+    with pytest.raises(TypeError, match="optimizer must be the model's torch optimizer, got NoneType"):
+        cp.ACDC(model, None, schedule=schedule)
+    with pytest.raises(TypeError, match="state must be the model's CompressionState or None, got str"):
+        cp.ACDC(model, opt, "qsgd4", schedule=schedule)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        cp.ACDC(model.state_dict(), opt, schedule=schedule)
+
+
+def test_checkpoint_of_another_model_or_malformed_is_refused_by_name():
+    """Masks are multiplied into the weights: a checkpoint's masks of another shape, for other
+    layers, or holding values other than 0/1 used to load silently (then broadcast into the
+    weights, scale them, or fail at the next step with a KeyError)."""
+    def coordinator(*widths):
+        model = torch.nn.Sequential(*[torch.nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
+        return cp.ACDC(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5,
+                       schedule=cp.ACDCSchedule([(1, 3)], 5))
+    acdc = coordinator(8, 8, 2)
+    acdc.step()
+    saved = acdc.state_dict()
+    assert saved["phase"] == "sparse"
+    with pytest.raises(ValueError, match=r"mask '0.weight' is \(8, 8\), the weight \(4, 8\)"):
+        coordinator(8, 4, 2).load_state_dict(saved)
+    with pytest.raises(ValueError, match=r"are not this model's prunable weights"):
+        coordinator(8, 8, 2, 2).load_state_dict(saved)
+    scaled = {**saved, "masks": {k: v.float() * 0.5 for k, v in saved["masks"].items()}}
+    with pytest.raises(ValueError, match="mask '0.weight' holds values other than 0 and 1"):
+        acdc.load_state_dict(scaled)
+    with pytest.raises(ValueError, match="phase must be 'dense' or 'sparse', got 'banana'"):
+        acdc.load_state_dict({**saved, "phase": "banana"})
+    with pytest.raises(ValueError, match="a sparse phase needs a mask per prunable weight"):
+        acdc.load_state_dict({**saved, "masks": {}})
+    with pytest.raises(ValueError, match=r"not an AC/DC checkpoint .* missing \['steps'"):
+        acdc.load_state_dict({"model": 1})
+    as_floats = {**saved, "masks": {k: v.float() for k, v in saved["masks"].items()}}
+    acdc.load_state_dict(as_floats)  # 0/1 in another dtype is a mask
+    assert all(m.dtype == torch.bool for m in acdc.masks.values())
+    assert all(torch.equal(acdc.masks[k], saved["masks"][k]) for k in saved["masks"])
 
 
 def test_masks_prune_only_conv_linear_weights_exactly():

@@ -273,6 +273,8 @@ def test_bad_arguments_are_named():
         cp.QSGD().encode(torch.arange(10))
     with pytest.raises(TypeError, match="dense .strided. tensors, got torch.sparse_coo"):
         cp.QSGD().encode(torch.randn(10).to_sparse())  # was torch's "reshape is not implemented"
+    with pytest.raises(TypeError, match="hold data, got a meta tensor"):
+        cp.NaturalCompression().encode(torch.empty(10, device="meta"))  # was "Cannot copy out"
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         cp.QSGD().encode(torch.randn(10), generator=0)
     assert cp.get_codec("qsgd", bits=8) == cp.QSGD(bits=8)

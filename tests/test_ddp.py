@@ -212,6 +212,8 @@ def codec_object_worker(rank, world_size):
     state = cp.register_hook(model, cp.QSGD(bits=4), policy="fixed", min_numel=0, log_every=0,
                              start_iter=0)
     model(torch.randn(8, 64)).square().mean().backward()
+    # the design's name for the fp32 equivalent, kept for scripts written against it
+    assert state.stats.dense_bytes == state.stats.fp32_bytes
     return state.codec, state.iter, state.stats.network_bytes, state.stats.fp32_bytes
 
 

@@ -51,7 +51,15 @@ class ACDC:
                  state: Optional[CompressionState] = None, sparsity: float = 0.9,
                  schedule: Optional[ACDCSchedule] = None, scope: str = "global",
                  keep_first_last: bool = False):
-        if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module (plain or DDP-wrapped), got {type(model).__name__}")
+        if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "state")):
+            raise TypeError(f"optimizer must be the model's torch optimizer, got {type(optimizer).__name__}")
+        if state is not None and not isinstance(state, CompressionState):
+            raise TypeError(f"state must be the model's CompressionState or None, got "
+                            f"{type(state).__name__} (commpress.register_hook returns it)")
+        if (not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool)
+                or not 0.0 <= sparsity < 1.0):
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -63,6 +71,11 @@ class ACDC:
         self.weights = prunable_weights(self.module, keep_first_last)
         if not self.weights:
             raise ValueError("the model has no Conv/Linear weights to prune")
+        updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missed = [name for name, w in self.weights if w.requires_grad and id(w) not in updated]
+        if missed:  # its momentum would not be masked, nor the weights it trains pruned
+            raise ValueError(f"the optimizer does not update the model's weights {missed[:3]}"
+                             f"{' ...' if len(missed) > 3 else ''}: pass the optimizer of this model")
         self.steps = 0
         self.phase = "dense"
         self.masks: Dict[str, torch.Tensor] = {}
@@ -155,14 +168,43 @@ class ACDC:
                 "dense_snapshot": self.dense_snapshot, "sparse_snapshot": self.sparse_snapshot}
 
     def load_state_dict(self, state: Dict) -> None:
+        self._validate_state_dict(state)
         if (state["sparsity"], state["scope"]) != (self.sparsity, self.scope):
             raise ValueError(f"checkpoint is AC/DC at sparsity {state['sparsity']} ({state['scope']}), "
                              f"this coordinator at {self.sparsity} ({self.scope})")
         self.steps, self.phase = state["steps"], state["phase"]
         device = self.weights[0][1].device
         self.masks = {}
-        self._set_masks({k: v.to(device) for k, v in state["masks"].items()})
+        self._set_masks({k: v.to(device, torch.bool) for k, v in state["masks"].items()})
         self.dense_snapshot = state["dense_snapshot"]
         self.sparse_snapshot = state.get("sparse_snapshot")  # absent in older checkpoints
         if self.state is not None:
             self.state.phase = self.phase
+
+    def _validate_state_dict(self, state) -> None:
+        """Refuse, naming the problem, a checkpoint that is not this coordinator's: masks are
+        multiplied into the weights, so one of another shape or with values other than 0/1
+        would corrupt them silently."""
+        required = ("steps", "phase", "sparsity", "scope", "masks", "dense_snapshot")
+        if not isinstance(state, dict) or any(k not in state for k in required):
+            missing = [k for k in required if not isinstance(state, dict) or k not in state]
+            raise ValueError(f"not an AC/DC checkpoint (ACDC.state_dict()): missing {missing}")
+        steps, phase, masks = state["steps"], state["phase"], state["masks"]
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"AC/DC checkpoint: steps must be a non-negative integer, got {steps!r}")
+        if phase not in ("dense", "sparse"):
+            raise ValueError(f"AC/DC checkpoint: phase must be 'dense' or 'sparse', got {phase!r}")
+        shapes = {name: w.shape for name, w in self.weights}
+        if not isinstance(masks, dict) or (phase == "sparse") != bool(masks):
+            raise ValueError(f"AC/DC checkpoint: a {phase} phase needs "
+                             f"{'a mask per prunable weight' if phase == 'sparse' else 'no masks'}")
+        if masks and set(masks) != set(shapes):
+            raise ValueError(f"AC/DC checkpoint masks {sorted(masks)} are not this model's "
+                             f"prunable weights {sorted(shapes)}")
+        for name, mask in masks.items():
+            if not isinstance(mask, torch.Tensor) or mask.shape != shapes[name]:
+                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"AC/DC checkpoint mask {name!r} is {got}, the weight "
+                                 f"{tuple(shapes[name])}")
+            if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"AC/DC checkpoint mask {name!r} holds values other than 0 and 1")

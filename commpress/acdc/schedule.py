@@ -27,11 +27,17 @@ class ACDCSchedule:
     steps_per_unit: int = field(default=1, compare=False)
 
     def __post_init__(self):
-        if not isinstance(self.total, int) or self.total <= 0:
+        if not isinstance(self.total, int) or isinstance(self.total, bool) or self.total <= 0:
             raise ValueError(f"schedule total must be a positive number of steps, got {self.total!r}")
+        if (not isinstance(self.steps_per_unit, int) or isinstance(self.steps_per_unit, bool)
+                or self.steps_per_unit <= 0):
+            raise ValueError(f"steps_per_unit must be a positive integer, got {self.steps_per_unit!r}")
         previous = 0
-        for start, stop in self.sparse:
-            if not (isinstance(start, int) and isinstance(stop, int)):
+        for phase in self.sparse:
+            if not (isinstance(phase, (tuple, list)) and len(phase) == 2):
+                raise ValueError(f"sparse phases are (start, stop) pairs of steps, got {phase!r}")
+            start, stop = phase
+            if not all(isinstance(b, int) and not isinstance(b, bool) for b in (start, stop)):
                 raise ValueError(f"sparse phase ({start}, {stop}) must have integer bounds")
             if stop <= start:
                 raise ValueError(f"sparse phase ({start}, {stop}) has a non-positive length")

@@ -114,6 +114,9 @@ def check_float_tensor(tensor: torch.Tensor) -> None:
     if tensor.layout != torch.strided:
         raise TypeError(f"commpress codecs encode dense (strided) tensors, got {tensor.layout}: "
                         f"densify it first (tensor.to_dense())")
+    if tensor.is_meta:
+        raise TypeError("commpress codecs encode tensors that hold data, got a meta tensor "
+                        "(materialize the model first, e.g. model.to_empty(device=...))")
 
 
 class Codec:
