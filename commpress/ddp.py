@@ -193,6 +193,9 @@ class CompressionState:
                             ("min_numel", min_numel), ("log_every", log_every)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None (the "
+                            f"DDP model's group), got {type(process_group).__name__}")
         self.policy = policy
         self.recalibrate_every = recalibrate_every
         if error_feedback is not None and start_iter < 2:

@@ -194,6 +194,8 @@ def test_state_rejects_unsafe_settings():
             cp.CompressionState(cp.QSGD(bits=1), error_feedback=kind)
     with pytest.raises(TypeError, match="Codec"):
         cp.CompressionState("qsgd")
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup or None"):
+        cp.CompressionState(cp.QSGD(), process_group="world")  # failed at the first step before
     with pytest.raises(ValueError, match="unknown hook"):
         cp.state_from_name("qsgd9")
     with pytest.raises(ValueError, match="log_every must be a non-negative integer, got -1"):
