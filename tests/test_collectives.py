@@ -12,7 +12,8 @@ from commpress.comm.collectives import start_mean
 from commpress.comm.segments import Segments
 from distributed import run_workers
 
-CODECS = {"qsgd4": cp.QSGD(bits=4, bucket_size=128), "natural": cp.NaturalCompression(),
+CODECS = {"qsgd4": cp.QSGD(bits=4, bucket_size=128), "qsgd1": cp.QSGD(bits=1, bucket_size=128),
+          "natural": cp.NaturalCompression(),
           "dithering": cp.NaturalDithering(bucket_size=128)}
 
 
