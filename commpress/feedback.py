@@ -40,6 +40,34 @@ def flat_numel(param: torch.Tensor) -> int:
     return param.numel() * (2 if param.is_complex() else 1)
 
 
+def memory_order(param: torch.Tensor) -> list:
+    """``param``'s dimensions, outermost in memory first: DDP lays a dense parameter's gradient
+    out in the bucket with the parameter's strides (a channels_last weight is not row-major)."""
+    order = sorted(range(param.dim()), key=lambda d: -param.stride(d))
+    return order if param.permute(order).is_contiguous() else list(range(param.dim()))
+
+
+def _real_layout(param: torch.Tensor):
+    """``(shape, order)`` of ``param``'s values as reals (a complex value is its two reals,
+    adjacent): the logical shape and the bucket's order of its dimensions."""
+    extra = [2] if param.is_complex() else []
+    return list(param.shape) + extra, memory_order(param) + ([param.dim()] if extra else [])
+
+
+def to_bucket_order(param: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``flat`` (``param``'s values, row-major) in the order the bucket holds them."""
+    shape, order = _real_layout(param)
+    return flat.reshape(shape).permute(order).reshape(-1)
+
+
+def to_row_major(param: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_bucket_order`: checkpoints hold memories row-major, so that
+    one saved from a channels_last model resumes into a contiguous one (or back)."""
+    shape, order = _real_layout(param)
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return flat.reshape([shape[d] for d in order]).permute(inverse).reshape(-1)
+
+
 def _sizes(params: Sequence, sizes) -> list:
     """How many values of a flat vector belong to each key: ``sizes`` where the caller gives
     them (names), else each parameter's :func:`flat_numel`."""
@@ -86,7 +114,7 @@ class ErrorFeedback:
                 _check_fits(memory, key, store[key], by_name)
             for key in loaded:
                 param = by_name[key]
-                store[param] = store.pop(key).to(param.device, torch.float32).reshape(-1)
+                store[param] = to_bucket_order(param, store.pop(key).to(param.device, torch.float32))
 
     def adopt_other_rank(self) -> None:
         """After loading another rank's memories: drop those that belong to one rank (the EF
@@ -194,7 +222,8 @@ class ErrorFeedback:
                 raise RuntimeError("error-feedback memories cannot be saved without parameter "
                                    "names: register the hook with commpress.register_hook(model, "
                                    "state) or call state.bind(model) first")
-            out[memory] = {names[k]: v.detach().cpu().clone() for k, v in store.items()}
+            out[memory] = {names[k]: (v if isinstance(k, str) else to_row_major(k, v)).detach().cpu().clone()
+                           for k, v in store.items()}
         return out
 
     def validate_state_dict(self, state) -> None:

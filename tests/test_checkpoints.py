@@ -112,3 +112,39 @@ def test_rank0_checkpoint_loaded_everywhere_rederives_per_rank_state():
     assert torch.equal(rng0, saved0) and not logs0           # rank 0 resumes exactly
     assert not torch.equal(rng1, saved0)                      # rank 1 re-derives its own
     assert any("checkpoint of rank 0" in m for m in logs1) and consistent1
+
+
+def test_memories_resume_into_another_memory_format():
+    """Memories live in bucket order (a channels_last weight's gradient is not row-major
+    there; a complex value is two reals); checkpoints hold them row-major, so a residual saved
+    from a channels_last model lands on the same entries of a contiguous one, and back. They
+    used to be saved in bucket order and loaded as it, permuted."""
+    from commpress.feedback import ErrorFeedback, to_bucket_order
+
+    def conv(channels_last, dtype=torch.float32):
+        model = nn.Conv2d(3, 4, 2, dtype=dtype)
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    for dtype in (torch.float32, torch.complex64):
+        logical = torch.randn(4, 3, 2, 2, 2) if dtype.is_complex else torch.randn(4, 3, 2, 2)
+        for saved_cl, loaded_cl in ((True, False), (False, True), (True, True)):
+            source, target = conv(saved_cl, dtype), conv(loaded_cl, dtype)
+            if dtype == torch.float32:
+                assert source.weight.is_contiguous() != saved_cl  # the layouts really differ
+            grad = torch.view_as_real(source.weight) if dtype.is_complex else source.weight
+            # the bucket holds a gradient in memory order: DDP copies it there with its strides
+            bucket = torch.empty_like(grad).copy_(logical)
+            bucket_order = bucket.as_strided((bucket.numel(),), (1,))
+            feedback = ErrorFeedback("ef")
+            feedback.bind(source.named_parameters())
+            feedback.memories["residual"][source.weight] = bucket_order.clone()
+            saved = feedback.state_dict()
+            assert torch.equal(saved["residual"]["weight"], logical.reshape(-1))  # row-major
+            restored = ErrorFeedback("ef")
+            restored.load_state_dict(saved)
+            restored.bind(target.named_parameters())
+            memory = restored.memories["residual"][target.weight]
+            assert torch.equal(memory, to_bucket_order(target.weight, logical.reshape(-1)))
+            target_grad = torch.view_as_real(target.weight) if dtype.is_complex else target.weight
+            laid_out = torch.empty_like(target_grad).copy_(logical)
+            assert torch.equal(memory, laid_out.as_strided((laid_out.numel(),), (1,)))
