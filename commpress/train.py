@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -321,9 +322,10 @@ def report(results: List[Dict], args, world_size: int) -> str:
     for r in results:
         name = r["method"] + (f" sparse {100 * (1 - r['final_density']):.0f}%"
                               if "final_density" in r else "")
+        saving = f"{r['ratio']:.2f}x" if r["wire_bytes"] else "-"  # one worker sends nothing
         lines.append(
             f"{name:<26}{100 * r['accuracy']:>8.2f}%{100 * (r['accuracy'] - base['accuracy']):>+8.2f}p"
-            f"{r['test_loss']:>10.4f}{r['wire_bytes'] / 1e6:>14.3f}{r['ratio']:>7.2f}x"
+            f"{r['test_loss']:>10.4f}{r['wire_bytes'] / 1e6:>14.3f}{saving:>8}"
             f"{r['seconds']:>8.1f}  {'identical' if r['replicas_identical'] else 'DIVERGED'}")
         if "dense_member_accuracy" in r:
             acc = r["dense_member_accuracy"]
@@ -467,10 +469,21 @@ def run(args) -> None:
             raise SystemExit(f"commpress train: {exc}") from None
     if args.workers < 1:
         raise SystemExit("commpress train: --workers must be >= 1")
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise SystemExit(f"commpress train: {flag} must be >= 1, got {value}")
+    if not args.lr > 0 or not math.isfinite(args.lr):
+        raise SystemExit(f"commpress train: --lr must be a positive number, got {args.lr}")
     if args.eval_every is not None and args.eval_every < 1:
         raise SystemExit(f"commpress train: --eval-every must be >= 1, got {args.eval_every}")
     device_and_backend(args)  # fail on a bad combination before starting workers
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    world_size = int(os.environ["WORLD_SIZE"]) if torchrun else args.workers
+    examples = len(load_data(args.data, args.seed)[1])
+    if examples // world_size // args.batch_size < 1:  # not one step per epoch
+        raise SystemExit(f"commpress train: {args.data} has {examples} training examples, fewer "
+                         f"than --batch-size {args.batch_size} x {world_size} workers")
+    if torchrun:
         worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
         return
     torch.multiprocessing.start_processes(_spawned, args=(args.workers, _free_port(), args),

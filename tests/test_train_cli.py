@@ -32,8 +32,14 @@ def test_commpress_train_reports(tmp_path):
         assert [p["steps"] for p in r["curve"]] == [r["steps"] // 2, r["steps"]]
 
 
-@pytest.mark.parametrize("args, message", [(["qsgd9"], "unknown hook 'qsgd9'"),
-                                           (["--eval-every", "0"], "--eval-every must be >= 1")])
+@pytest.mark.parametrize("args, message", [
+    (["qsgd9"], "unknown hook 'qsgd9'"), (["--eval-every", "0"], "--eval-every must be >= 1"),
+    # these three used to fail inside the workers: UnboundLocalError, ZeroDivisionError, torch's
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--batch-size", "1000"], "digits has 1438 training examples, fewer than --batch-size 1000 x 2"),
+    (["qsgd1+ef"], "error_feedback='ef' diverges with QSGD(bits=1")])
 def test_commpress_train_rejects_bad_arguments(args, message):
     proc = subprocess.run([sys.executable, "-m", "commpress.cli", "train", *args],
                           capture_output=True, text=True, timeout=120)
