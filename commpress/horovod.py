@@ -268,17 +268,26 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def synchronize(self):
         """Finish reducing every gradient over ranks (the ones whose reduction has not
         started yet are started now, in order; missing gradients count as zeros) and write
-        the results into ``.grad``."""
+        the results into ``.grad``. A group whose reduction failed fails the call, after every
+        group has finished (each rank's later groups still ran their collectives) and the
+        step's bookkeeping is reset, so the next backward starts a fresh step."""
         self._cp_start_ready(every=True)
         started, self._cp_started = self._cp_started, []
+        failure = None
         for group, future in started:
-            result = future.wait()
+            try:
+                result = future.wait()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, once all have ended
+                failure = failure or exc
+                continue
             for p, part in zip(group, result.split([p.numel() for p in group])):
                 if p.grad is None or p.grad.layout != torch.strided:
                     p.grad = part.view_as(p).to(p.dtype)
                 else:
                     p.grad.copy_(part.view_as(p.grad))
         self._cp_reset()
+        if failure is not None:
+            raise failure
         self._cp_synchronized = True
         self.comm_stats.end_step()
 

@@ -123,6 +123,39 @@ for step in range(3):
 flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 args["clip_identical"] = len({t.numpy().tobytes() for t in hvd.allgather_object(flat)}) == 1
 args["clip_steps"] = opt.comm_stats.steps
+
+# a group's reduction failing (on every rank): step() raises it once every group has ended,
+# and the next backward, without zero_grad(), is a fresh step (it used to report "gradients
+# were computed more than backward_passes_per_step times")
+class FailingOnce(cp.Identity):  # fp32 payloads through the allgather: exact means
+    armed = True
+
+    def encode(self, tensor, generator=None):
+        if FailingOnce.armed:
+            FailingOnce.armed = False
+            raise RuntimeError("injected encode failure")
+        return super().encode(tensor, generator)
+
+
+model = net()
+hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+opt = cphvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), codec=FailingOnce(),
+                                 collective="allgather", num_groups=2)
+x = torch.randn(16, 32, generator=torch.Generator().manual_seed(rank))
+model(x).square().mean().backward()
+try:
+    opt.step()
+    args["failed_step"] = None
+except RuntimeError as exc:
+    args["failed_step"] = str(exc)
+for p in model.parameters():
+    p.grad = None
+model(x).square().mean().backward()
+local = [p.grad.clone() for p in model.parameters()]
+opt.step()
+exact = [hvd.allreduce(g) for g in local]
+args["after_failure_err"] = max(((p.grad - e).norm() / e.norm()).item()
+                                for p, e in zip(model.parameters(), exact))
 out["horovod_args"] = args
 
 if rank == 0:

@@ -60,3 +60,5 @@ def test_horovodrun_training_with_commpress_optimizer(tmp_path):
     assert args["sparse_as_dense"]["row7"] == [1.0] * 8  # both ranks looked up row 7: mean 1
     assert args["sparse_as_dense"]["row0"] == [0.5] * 8  # only rank 0 looked up row 0
     assert args["clip_identical"] and args["clip_steps"] == 3
+    assert "injected encode failure" in args["failed_step"]
+    assert args["after_failure_err"] < 1e-6, args["after_failure_err"]  # reduced again, exactly
