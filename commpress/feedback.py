@@ -40,7 +40,7 @@ def flat_numel(param: torch.Tensor) -> int:
     return param.numel() * (2 if param.is_complex() else 1)
 
 
-def memory_order(param: torch.Tensor) -> list:
+def _memory_order(param: torch.Tensor) -> list:
     """``param``'s dimensions, outermost in memory first: DDP lays a dense parameter's gradient
     out in the bucket with the parameter's strides (a channels_last weight is not row-major)."""
     order = sorted(range(param.dim()), key=lambda d: -param.stride(d))
@@ -51,7 +51,7 @@ def _real_layout(param: torch.Tensor):
     """``(shape, order)`` of ``param``'s values as reals (a complex value is its two reals,
     adjacent): the logical shape and the bucket's order of its dimensions."""
     extra = [2] if param.is_complex() else []
-    return list(param.shape) + extra, memory_order(param) + ([param.dim()] if extra else [])
+    return list(param.shape) + extra, _memory_order(param) + ([param.dim()] if extra else [])
 
 
 def to_bucket_order(param: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

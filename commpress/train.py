@@ -484,7 +484,7 @@ def run(args) -> None:
         raise SystemExit(f"commpress train: {args.data} has {examples} training examples, fewer "
                          f"than --batch-size {args.batch_size} x {world_size} workers")
     if torchrun:
-        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
+        worker(int(os.environ["RANK"]), world_size, args)
         return
     torch.multiprocessing.start_processes(_spawned, args=(args.workers, _free_port(), args),
                                           nprocs=args.workers, start_method="spawn")

@@ -186,8 +186,8 @@ class ACDC:
         multiplied into the weights, so one of another shape or with values other than 0/1
         would corrupt them silently."""
         required = ("steps", "phase", "sparsity", "scope", "masks", "dense_snapshot")
-        if not isinstance(state, dict) or any(k not in state for k in required):
-            missing = [k for k in required if not isinstance(state, dict) or k not in state]
+        missing = [k for k in required if not isinstance(state, dict) or k not in state]
+        if missing:
             raise ValueError(f"not an AC/DC checkpoint (ACDC.state_dict()): missing {missing}")
         steps, phase, masks = state["steps"], state["phase"], state["masks"]
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:

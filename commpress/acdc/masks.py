@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ..codecs import bitpack
 from ..comm.transport import Transport
-from ..feedback import flat_numel, memory_order
+from ..feedback import flat_numel, to_bucket_order
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SCOPES = ("global", "layerwise")
@@ -69,8 +69,8 @@ def in_bucket_order(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     gradient: a dense parameter's memory order (DDP lays its gradient out with the
     parameter's strides: a channels_last weight is not row-major), a complex entry as its
     two reals."""
-    flat = mask.permute(memory_order(param)).reshape(-1)
-    return flat.repeat_interleave(2) if param.is_complex() else flat
+    values = torch.stack([mask, mask], -1) if param.is_complex() else mask
+    return to_bucket_order(param, values.reshape(-1))
 
 
 class GradientMask:
