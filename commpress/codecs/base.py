@@ -293,40 +293,52 @@ class Codec:
             except ValueError as exc:
                 raise PayloadError(index, str(exc)) from None
             bodies.append(data[HEADER_BYTES:])
-        if numel and self._decode_mean_body(gathered.reshape(count, size)[:, HEADER_BYTES:], out, local, rank):
+        done = self._decode_mean_body(gathered.reshape(count, size)[:, HEADER_BYTES:], out, local,
+                                      rank) if numel else 0
+        if done == numel:
             return out
         share = 1.0 / count
-        out.zero_()
-        for index, body in enumerate(bodies if numel else []):
+        out[done:].zero_()
+        for index, body in enumerate(bodies):
             if index == rank and local is not None:
-                self._decode_body(body, local)
-                self._store(local, out, share)
+                self._decode_from(body, local, done)
+                self._store(local[done:], out[done:], share)
             else:
-                self._decode_body(body, out, share)
+                self._decode_from(body, out, done, share)
         return out
 
     def _decode_mean_body(self, bodies: torch.Tensor, out: torch.Tensor,
-                          local: Optional[torch.Tensor], rank: int) -> bool:
+                          local: Optional[torch.Tensor], rank: int) -> int:
         """:meth:`decode_mean` of the checked ``bodies`` (one per row) in one compiled kernel
-        where this codec has one (:meth:`_mean_kernel_inputs`): True, else False and nothing
-        written."""
+        where this codec has one (:meth:`_mean_kernel_inputs`), over a leading part of the
+        outputs: how many values it wrote (0: none)."""
         if not (out.is_contiguous() and (local is None or local.is_contiguous())
                 and kernels.usable(out.device, out.numel())):
-            return False
+            return 0
         prepared = self._mean_kernel_inputs(bodies, out.numel())
         if prepared is None:
-            return False
-        inputs, rows = prepared
+            return 0
+        inputs, rows, done = prepared
         count, rank = bodies.shape[0], -1 if local is None else rank
-        outputs = [t.view(rows, -1) for t in (out, local) if t is not None]
-        return kernels.run(("decode_mean", repr(self), out.device.type, count, rank),
-                           lambda: self._mean_kernel(count, rank), *inputs, *outputs) is not None
+        outputs = [t[:done].view(rows, -1) for t in (out, local) if t is not None]
+        ran = kernels.run(("decode_mean", repr(self), out.device.type, count, rank),
+                          lambda: self._mean_kernel(count, rank), *inputs, *outputs) is not None
+        return done if ran else 0
 
     def _mean_kernel_inputs(self, bodies: torch.Tensor, numel: int):
-        """``(inputs, rows)``: the one-kernel :meth:`decode_mean`'s tensors, the last with one
-        row per row of the outputs, which it views as ``rows`` rows; None where this codec
-        has no such kernel."""
+        """``(inputs, rows, done)``: the one-kernel :meth:`decode_mean`'s tensors for the first
+        ``done`` values (a codec's kernel may cover whole blocks only), the last with one row
+        per row of the outputs' first ``done`` values, which it views as ``rows`` rows; None
+        where this codec has no such kernel."""
         return None
+
+    def _decode_from(self, body: torch.Tensor, out: torch.Tensor, first: int,
+                     alpha: Optional[float] = None) -> None:
+        """:meth:`_decode_body` of the values from ``first`` on only (those before it are
+        written already); codecs whose mean kernel covers a leading part override it."""
+        if first:
+            raise NotImplementedError(f"{type(self).__name__} decodes whole payloads only")
+        self._decode_body(body, out, alpha)
 
     def _payload_values(self, inputs, index: int) -> torch.Tensor:
         """Inside that kernel: payload ``index``'s fp32 values, shaped like the outputs."""

@@ -254,15 +254,16 @@ class BucketedLevelCodec(Codec):
         return decode
 
     def _mean_kernel_inputs(self, bodies, numel):
-        """Scales ``(buckets, W)`` and packed tiles ``(tiles, W, tile bytes)``; whole
-        buckets of whole tiles only."""
+        """Scales ``(buckets, W)`` and packed tiles ``(tiles, W, tile bytes)`` of the whole
+        buckets (made of whole tiles); a last partial bucket is left to :meth:`_decode_from`."""
         w, d, bits = bodies.shape[0], self.bucket_size, self.bits
-        if numel % d or not self._fused():
+        done = numel // d * d
+        if not done or not self._fused():
             return None
         tile, nb = bitpack.tile_values(bits), self._buckets(numel)
-        scales = bodies[:, : 4 * nb].contiguous().view(torch.float32).t().contiguous()
-        packed = bodies[:, 4 * nb:].view(w, -1, tile * bits // 8).transpose(0, 1)
-        return (scales, packed), numel // tile
+        scales = bodies[:, : 4 * nb].contiguous().view(torch.float32)[:, : done // d].t().contiguous()
+        packed = bodies[:, 4 * nb: 4 * nb + done * bits // 8].view(w, -1, tile * bits // 8).transpose(0, 1)
+        return (scales, packed), done // tile, done
 
     def _payload_values(self, inputs, index):
         scales, packed = inputs
@@ -333,7 +334,15 @@ class BucketedLevelCodec(Codec):
                 scales[: done // d].clone(), packed[: done * bits // 8].view(-1, tile * bits // 8),
                 out[:done].view(-1, tile), alpha) is not None):
             done = 0
-        for lo, hi in chunk_ranges(numel, self._chunk_align(), body.device, first=done):
+        self._decode_from(body, out, done, alpha)
+
+    def _decode_from(self, body, out, first, alpha=None):
+        """The eager decoder, from value ``first`` (a multiple of the bucket size) on."""
+        d, bits, numel = self.bucket_size, self.bits, out.numel()
+        nb = self._buckets(numel)
+        scales = aligned(body[: 4 * nb], 4).view(torch.float32)
+        packed = body[4 * nb:]
+        for lo, hi in chunk_ranges(numel, self._chunk_align(), body.device, first=first):
             n, nbytes = hi - lo, bitpack.packed_bytes(hi - lo, bits)
             values = torch.empty(-(-n // d) * d, dtype=torch.float32, device=body.device)
             self._lookup(packed[lo * bits // 8: lo * bits // 8 + nbytes], n, values)

@@ -177,7 +177,7 @@ class NaturalCompression(Codec):
     def _mean_kernel_inputs(self, bodies, numel):
         """Each payload's ``e_top`` ``(1, W)`` and its codes, one column per payload."""
         e_tops = bodies[:, :4].contiguous().view(torch.int32).view(1, -1)
-        return (e_tops, bodies[:, 4:].t()), numel
+        return (e_tops, bodies[:, 4:].t()), numel, numel
 
     def _payload_values(self, inputs, index):
         e_tops, codes = inputs

@@ -118,11 +118,16 @@ def chunk_bounds(numel: int, block: int, world_size: int):
 
 
 def pipeline_pieces(numel: int, block: int, elements: Optional[int] = None):
-    """``(lo, hi)`` pieces of about ``elements`` (default: ``PIPELINE_ELEMENTS`` as it is at
-    the call), aligned to ``block``, covering ``numel`` (one piece, possibly empty, for small
-    vectors); each is its own payload."""
+    """``(lo, hi)`` pieces covering ``numel``, aligned to ``block``, each its own payload: as
+    many as pieces of ``elements`` (default: ``PIPELINE_ELEMENTS`` as it is at the call) need,
+    of equal sizes (to a block), so that no short last piece is left: one under the fused
+    kernels' threshold ran the eager codec (25 MB: a 250K-value tail took 3.9 ms of a 20 ms
+    all-gather at 10 Gbit/s). One piece, possibly empty, for small vectors."""
     size = max((elements or PIPELINE_ELEMENTS) // block, 1) * block
-    return [(lo, min(lo + size, numel)) for lo in range(0, max(numel, 1), size)]
+    count = max(math.ceil(numel / size), 1)
+    blocks = math.ceil(numel / block)
+    bounds = [min(blocks * k // count * block, numel) for k in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _wire_dtype(codec: Codec) -> torch.dtype:
