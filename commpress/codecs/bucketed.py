@@ -322,11 +322,14 @@ class BucketedLevelCodec(Codec):
             codes = bitpack.unpack_tiled(packed, n, self.bits)
             torch.index_select(self._table(packed.device), 0, codes.to(torch.int32), out=out[:n])
 
+    def _body_parts(self, body, numel):
+        """``(scales, packed)`` of a body of ``numel`` values: one fp32 per bucket, then codes."""
+        nb = self._buckets(numel)
+        return aligned(body[: 4 * nb], 4).view(torch.float32), body[4 * nb:]
+
     def _decode_body(self, body, out, alpha=None):
         d, bits, numel = self.bucket_size, self.bits, out.numel()
-        nb = self._buckets(numel)
-        scales = aligned(body[: 4 * nb], 4).view(torch.float32)
-        packed = body[4 * nb:]
+        scales, packed = self._body_parts(body, numel)
         done = numel // d * d
         tile = bitpack.tile_values(bits)
         if not (self._fused() and kernels.usable(body.device, done) and kernels.run(
@@ -339,9 +342,7 @@ class BucketedLevelCodec(Codec):
     def _decode_from(self, body, out, first, alpha=None):
         """The eager decoder, from value ``first`` (a multiple of the bucket size) on."""
         d, bits, numel = self.bucket_size, self.bits, out.numel()
-        nb = self._buckets(numel)
-        scales = aligned(body[: 4 * nb], 4).view(torch.float32)
-        packed = body[4 * nb:]
+        scales, packed = self._body_parts(body, numel)
         for lo, hi in chunk_ranges(numel, self._chunk_align(), body.device, first=first):
             n, nbytes = hi - lo, bitpack.packed_bytes(hi - lo, bits)
             values = torch.empty(-(-n // d) * d, dtype=torch.float32, device=body.device)
