@@ -349,3 +349,52 @@ def test_fused_expected_squared_error_matches_the_eager_sum(compiled, name):
     assert torch.allclose(fused, eager, rtol=1e-5, atol=0), (fused, eager)
     assert any(k[0] == "sq_error" and k[1] == repr(codec) for k in kernels._kernels), \
         "the compiled pass did not run"
+
+
+@pytest.mark.parametrize("codec", [cp.QSGD(bits=4, bucket_size=2048), cp.NaturalCompression()],
+                         ids=["qsgd4-2048", "natural"])
+def test_pieces_of_a_large_vector_take_the_kernels(compiled, monkeypatch, codec):
+    """A piece under MIN_NUMEL runs the eager code (a first compile costs seconds, which a
+    small model would not repay), unless it is a piece of a vector being reduced that is at
+    least MIN_NUMEL (reduce-scatter chunks: a piece over the world size); then down to
+    PIECE_MIN_NUMEL it takes the kernels, decoding to the eager code's bits. The choice
+    depends on sizes only, not on what the process compiled before (resumes draw alike)."""
+    ran, real = [], kernels.run
+    monkeypatch.setattr(kernels, "run", lambda key, *args: ran.append(key[0]) or real(key, *args))
+    gen = torch.Generator().manual_seed(3)
+    small = torch.randn(kernels.PIECE_MIN_NUMEL * 2, generator=gen)
+    codec.decode(codec.encode(torch.randn(kernels.MIN_NUMEL, generator=gen), gen))  # compiled
+    ran.clear()
+    payload = codec.encode(small, gen)
+    codec.decode(payload)
+    assert ran == []
+    with kernels.reducing(kernels.MIN_NUMEL):
+        fused = codec.decode(payload)
+        codec.encode(small, gen)
+        assert "encode" in ran and "decode" in ran, ran
+        ran.clear()
+        codec.decode(codec.encode(small[: kernels.PIECE_MIN_NUMEL // 2], gen))
+        assert ran == []
+        with kernels.reducing(kernels.MIN_NUMEL - 1):  # nested: the inner vector's size
+            codec.decode(payload)
+            assert ran == []
+        codec.decode(payload)
+        assert ran == ["decode"]
+    assert torch.equal(fused, codec.decode(payload))
+
+
+def test_compressed_mean_reduces_its_pieces_with_the_kernels(compiled, monkeypatch):
+    """The collectives mark the vector they reduce: reduce_scatter's chunks of a 512K-value
+    vector over 4 ranks (128K values each) take the kernels."""
+    from commpress.comm import compressed_mean
+    from commpress.comm.loopback import LoopbackGroup
+    ran, real = [], kernels.run
+    monkeypatch.setattr(kernels, "run", lambda key, *args: ran.append(key[0]) or real(key, *args))
+    codec = cp.QSGD(bits=4)
+    xs = [torch.randn(kernels.MIN_NUMEL * 2, generator=torch.Generator().manual_seed(r)) for r in range(4)]
+    means = LoopbackGroup(4).run(lambda t: compressed_mean(xs[t.rank].clone(), codec, t,
+                                                           "reduce_scatter")[0])
+    assert ran.count("encode") >= 8 and "decode_mean" in ran, ran
+    assert all(torch.equal(m, means[0]) for m in means)
+    exact = torch.stack(xs).mean(0)
+    assert (means[0] - exact).norm() < 0.5 * exact.norm()  # QSGD-4 twice: about 0.3

@@ -36,7 +36,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..codecs import Codec, Payload, PayloadError, contractive_factor
+from ..codecs import Codec, Payload, PayloadError, contractive_factor, kernels
 from ..feedback import keep_finite
 from ..stats import CommStats
 from .segments import Segments, destination, window
@@ -244,8 +244,9 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
         torch.empty(out.shape, dtype=torch.float32, device=out.device) if keep_local else None)
     before, intra_before = transport.sent_bytes, transport.intra_node_bytes
     started = time.perf_counter()
-    _run(algorithm, flat, codec, transport, generator, stats, server_residual, out, local,
-         residual_out)
+    with kernels.reducing(flat.numel()):  # its pieces and chunks take the compiled kernels
+        _run(algorithm, flat, codec, transport, generator, stats, server_residual, out, local,
+             residual_out)
     if stats is not None:
         stats.add(wire_bytes=transport.sent_bytes - before,
                   intra_node_bytes=transport.intra_node_bytes - intra_before,
