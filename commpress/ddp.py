@@ -808,7 +808,8 @@ def _reduce_direct(state: CompressionState, runtime: _Runtime, buffer: torch.Ten
     timer = state._step_timer
     work = dist.all_reduce(send, group=runtime.transport.group, async_op=True)
 
-    def finish(_):
+    def finish(reduced: torch.futures.Future) -> torch.Tensor:
+        reduced.value()  # raises the all-reduce's failure (a dead or hung peer) into DDP's wait
         if send is not buffer:
             buffer.copy_(send)
         if drift is not None and timer is not None:  # on the GPU: after the all-reduce's work

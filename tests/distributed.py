@@ -1,6 +1,7 @@
 """Run a function on W real processes joined by a gloo process group."""
 import os
 import tempfile
+import time
 import traceback
 
 import torch
@@ -26,9 +27,11 @@ def _worker(rank, world_size, init_file, out_dir, fn, args, pg_timeout):
         raise
 
 
-def run_workers(fn, world_size, *args, timeout=180, pg_timeout=None):
+def run_workers(fn, world_size, *args, timeout=180, pg_timeout=None, survivors=None):
     """``[fn(rank, world_size, *args) for each rank]``, each in its own process
-    (``pg_timeout``: the process group's timeout, a timedelta)."""
+    (``pg_timeout``: the process group's timeout, a timedelta). ``survivors``: the ranks that
+    must finish (fault tests: the others die or hang on purpose; they are killed once the
+    survivors are done and their results are None)."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         ctx = mp.get_context("spawn")
@@ -36,17 +39,22 @@ def run_workers(fn, world_size, *args, timeout=180, pg_timeout=None):
                  for r in range(world_size)]
         for p in procs:
             p.start()
-        for p in procs:
-            p.join(timeout)
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        watched = range(world_size) if survivors is None else survivors
+        deadline = time.monotonic() + timeout
+        for r in watched:
+            procs[r].join(max(deadline - time.monotonic(), 0))
+        hung = [r for r in watched if procs[r].is_alive()]
         for p in procs:
             if p.is_alive():
                 p.kill()
-        errors = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp)) if f.endswith(".err")]
+                p.join()
+        errors = [open(os.path.join(tmp, f"{r}.err")).read() for r in watched
+                  if os.path.exists(os.path.join(tmp, f"{r}.err"))]
         # a rank that saved its result and then died at exit (an abort while the interpreter
         # finalizes) is a failed job for any launcher, so it fails the test too
-        crashed = {r: p.exitcode for r, p in enumerate(procs) if r not in hung and p.exitcode != 0}
+        crashed = {r: procs[r].exitcode for r in watched if r not in hung and procs[r].exitcode != 0}
         if errors or hung or crashed:
             raise AssertionError(f"workers failed (hung ranks: {hung}, exit codes of the others "
                                  f"that failed: {crashed}):\n" + "\n".join(errors))
-        return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world_size)]
+        return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) if r in watched else None
+                for r in range(world_size)]

@@ -1,0 +1,54 @@
+"""A dead or hung peer fails the survivors, under every policy and on every path the hook takes
+(the calibration step, the trial steps, an adopted plan of plain all-reduces, the worker
+thread's compressed reductions), within the group's timeout rather than never."""
+import datetime
+import os
+import signal
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commpress as cp
+from distributed import run_workers
+
+GROUP_TIMEOUT = datetime.timedelta(seconds=8)
+
+
+def faulty_peer_worker(rank, world_size, policy, fault, at_step):
+    """Rank 1 exits or stops itself at ``at_step``; the others train until their step fails
+    and return where and how it failed."""
+    torch.manual_seed(0)
+    model = DDP(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)))
+    state = cp.register_hook(model, "qsgd4+ef", log_every=0, policy=policy)
+    for step in range(at_step + 10):
+        if rank == 1 and step == at_step:
+            if fault == "exit":
+                os._exit(3)
+            os.kill(os.getpid(), signal.SIGSTOP if fault == "stop" else signal.SIGKILL)
+        started = time.monotonic()
+        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(100 * rank + step))
+        try:
+            model(x).square().mean().backward()
+        except RuntimeError as exc:
+            return {"step": step, "seconds": time.monotonic() - started, "error": str(exc),
+                    "plan": state.stats.plan}
+    return {"step": None, "plan": state.stats.plan}
+
+
+@pytest.mark.parametrize("policy,fault,at_step", [
+    ("calibrated", "exit", 1),    # the calibration step
+    ("calibrated", "exit", 4),    # a trial step
+    ("calibrated", "exit", 30),   # the adopted plan (on loopback: all-reduces, no worker)
+    ("calibrated", "kill", 30),
+    ("calibrated", "stop", 30),   # hung, not dead: only the timeout tells
+    ("fixed", "exit", 4),
+    ("fixed", "stop", 4),
+])
+def test_survivor_raises_when_a_peer_dies_or_hangs(policy, fault, at_step):
+    survivor = run_workers(faulty_peer_worker, 2, policy, fault, at_step, timeout=120,
+                           pg_timeout=GROUP_TIMEOUT, survivors=[0])[0]
+    assert survivor["step"] == at_step, f"rank 0 trained on alone: {survivor}"
+    assert survivor["seconds"] < GROUP_TIMEOUT.total_seconds() + 10, survivor
