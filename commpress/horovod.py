@@ -22,7 +22,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .codecs import FP16, Codec, Identity
+from .codecs import FP16, Codec, Identity, saturating_cast
 from .comm.agreement import agree
 from .comm.ordered import OrderedExecutor
 from .comm.pipeline import reduce_gradient
@@ -115,7 +115,7 @@ def allreduce(tensor: torch.Tensor, codec: Codec, collective: str = "auto",
                       "shape": list(tensor.shape), "dtype": str(tensor.dtype)})
     mean = reduce_gradient(tensor.detach().reshape(-1), [None], codec, transport, collective,
                            None, generator, stats)
-    return mean.to(tensor.dtype).view(tensor.shape)
+    return saturating_cast(mean, tensor.dtype).view(tensor.shape)
 
 
 def _codec_for(codec: Optional[Codec], compression) -> Codec:
@@ -282,9 +282,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 continue
             for p, part in zip(group, result.split([p.numel() for p in group])):
                 if p.grad is None or p.grad.layout != torch.strided:
-                    p.grad = part.view_as(p).to(p.dtype)
+                    p.grad = saturating_cast(part, p.dtype).view_as(p)
                 else:
-                    p.grad.copy_(part.view_as(p.grad))
+                    p.grad.copy_(saturating_cast(part, p.grad.dtype).view_as(p.grad))
         self._cp_reset()
         if failure is not None:
             raise failure

@@ -17,7 +17,7 @@ from typing import Iterable, Optional, Union
 import numpy as np
 import torch
 
-from .codecs import Codec
+from .codecs import Codec, saturating_cast
 from .comm.agreement import agree
 from .comm.pipeline import reduce_gradient
 from .comm.segments import Segments
@@ -123,7 +123,7 @@ def allreduce(comm, x: Union[np.ndarray, torch.Tensor], codec: Codec, collective
     flat = tensor.detach().reshape(-1)
     mean = reduce_gradient(flat, [name], codec, transport, collective, error_feedback,
                        generator, stats, sizes=[flat.numel()])
-    out = mean.to(tensor.dtype).view(tensor.shape)
+    out = saturating_cast(mean, tensor.dtype).view(tensor.shape)
     return out.numpy() if is_numpy else out
 
 
@@ -154,4 +154,4 @@ def allreduce_gradients(comm, parameters: Iterable[torch.nn.Parameter], codec: C
     mean = reduce_gradient(flat, params, codec, transport, collective, error_feedback,
                            generator, stats)
     for p, part in zip(params, mean.split([p.numel() for p in params])):
-        p.grad.copy_(part.view_as(p.grad))
+        p.grad.copy_(saturating_cast(part, p.grad.dtype).view_as(p.grad))

@@ -74,3 +74,48 @@ def test_strided_payload_view_decodes(codec):
     strided = spread[::2]
     assert not strided.is_contiguous()
     assert torch.equal(codec.decode(cp.Payload(strided)), codec.decode(cp.Payload(data)))
+
+
+FP16_NEAR_MAX_CODECS = {"qsgd4": cp.QSGD(bits=4), "qsgd4-l2": cp.QSGD(bits=4, norm="l2"),
+                        "qsgd8-l2": cp.QSGD(bits=8, norm="l2"), "natural": cp.NaturalCompression(),
+                        "dnat": cp.NaturalDithering(), "dnat-l2": cp.NaturalDithering(p=2)}
+
+
+def fp16_near_max():
+    x = torch.full((20480,), 40000.0, dtype=torch.float16)
+    x[::3] = 60000.0
+    x[1::7] = -65504.0
+    return x
+
+
+@pytest.mark.parametrize("name", sorted(FP16_NEAR_MAX_CODECS))
+def test_fp16_near_its_maximum_decodes_finite(name):
+    """Rounded one level up, values near 65504 passed fp16's range and decoded to inf."""
+    codec, x = FP16_NEAR_MAX_CODECS[name], fp16_near_max()
+    out = codec.decode(codec.encode(x, generator=torch.Generator().manual_seed(0)))
+    assert out.dtype == torch.float16 and torch.isfinite(out).all(), name
+
+
+@pytest.mark.parametrize("name", sorted(FP16_NEAR_MAX_CODECS))
+def test_fp16_gradients_near_their_maximum_reduce_finite(name):
+    """The mean written back into fp16 gradients (a DDP bucket, MPI and Horovod arrays) through
+    Segments saturates where the fp32 mean passed the range."""
+    from commpress.comm import reduce_gradient
+    from commpress.comm.segments import Segments
+    codec = FP16_NEAR_MAX_CODECS[name]
+
+    def rank_fn(transport):
+        grads = [fp16_near_max()[:8192].clone(), fp16_near_max()[8192:].clone()]
+        gen = torch.Generator().manual_seed(transport.rank)
+        reduce_gradient(Segments(grads), [0, 1], codec, transport, "allgather", None, gen)
+        return torch.cat(grads)
+
+    for mean in LoopbackGroup(2).run(rank_fn):
+        assert mean.dtype == torch.float16 and torch.isfinite(mean).all(), name
+
+
+def test_saturating_cast_keeps_infinities_and_nans():
+    values = torch.tensor([1e6, -1e6, float("inf"), float("-inf"), float("nan"), 1.5])
+    out = cp.codecs.saturating_cast(values, torch.float16)
+    assert out[:2].tolist() == [65504.0, -65504.0]
+    assert out[2] == float("inf") and out[3] == float("-inf") and out[4].isnan() and out[5] == 1.5

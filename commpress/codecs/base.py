@@ -119,6 +119,18 @@ def check_float_tensor(tensor: torch.Tensor) -> None:
                         "(materialize the model first, e.g. model.to_empty(device=...))")
 
 
+def saturating_cast(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` in ``dtype``, finite values beyond its range clamped to its largest finite
+    ones (infinities and NaNs kept). A mean that is finite in fp32 stays finite in fp16: an
+    unbiased codec may round a value near fp16's maximum one level up, past it."""
+    if values.dtype == dtype:
+        return values
+    if not values.dtype.is_floating_point or torch.finfo(dtype).max >= torch.finfo(values.dtype).max:
+        return values.to(dtype)
+    big = torch.finfo(dtype).max
+    return torch.where(values.isfinite(), values.clamp(-big, big), values).to(dtype)
+
+
 class Codec:
     """Turns a float tensor into a :class:`Payload` and back.
 
@@ -251,9 +263,12 @@ class Codec:
         data, numel, dtype = self._checked(payload, dtype, numel)
         if payload.shape is not None and math.prod(payload.shape) != numel:
             raise ValueError(f"payload holds {numel} elements but its shape is {tuple(payload.shape)}")
-        flat = torch.empty(numel, dtype=dtype, device=data.device)
+        # narrower dtypes decode through fp32, so a value rounded past their range saturates
+        wide = dtype if torch.finfo(dtype).max >= torch.finfo(torch.float32).max else torch.float32
+        flat = torch.empty(numel, dtype=wide, device=data.device)
         if numel:
             self._decode_body(data[HEADER_BYTES:], flat)
+        flat = saturating_cast(flat, dtype)
         return flat.view(payload.shape if payload.shape is not None else (numel,))
 
     def decode_into(self, payload: Payload, out: torch.Tensor, alpha: Optional[float] = None) -> torch.Tensor:

@@ -13,6 +13,8 @@ from typing import Callable, List, Sequence, Tuple
 
 import torch
 
+from ..codecs import saturating_cast
+
 
 def _nothing() -> None:
     pass
@@ -90,7 +92,9 @@ class Segments:
         return values, lambda: self._copy_in(spans, values)
 
     def _copy_in(self, spans, values: torch.Tensor) -> None:
-        """Write consecutive ``values`` into the parts' slices ``spans``."""
+        """Write consecutive ``values`` into the parts' slices ``spans`` (saturating into a
+        narrower dtype, see :func:`~commpress.codecs.saturating_cast`)."""
+        values = saturating_cast(values, self.dtype)
         offset = 0
         for i, a, b in spans:
             self.parts[i][a:b].copy_(values[offset: offset + b - a])
