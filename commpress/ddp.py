@@ -12,7 +12,9 @@ overlaps the rest of the backward pass.
 """
 
 import functools
+import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -159,9 +161,16 @@ class CompressionState:
         recalibrate_every: with ``"calibrated"``, every this many steps after a plan, ranks
             agree whether the reduction time per step moved by more than 2x (a congested or a
             freed link) and, if any saw it, calibrate again (0: never).
+        plan: with ``"calibrated"``, pin the plan instead of measuring one: a previous run's
+            ``state.plan.state_dict()`` (or its whole :meth:`state_dict`), or the path of a
+            JSON file holding either (see :meth:`save_plan`). The policy then never times
+            anything, so a run's numerics do not depend on timings (reproducible runs, tests).
 
     The plan (:attr:`plan`) is the same on every rank, in :meth:`state_dict` (a resumed run
-    reduces as the original did), in :attr:`stats`' summary and, on rank 0, in the log.
+    reduces as the original did; a checkpoint saved during the trial steps holds their
+    progress, so the resumed run goes on with the same trial plans), in :attr:`stats`'
+    summary (which says when error feedback is idle because no bucket uses the codec) and, on
+    rank 0, in the log.
 
     Its process groups and worker thread are created on the caller's thread by
     :func:`register_hook` (or at the first hook call), after one check that every rank has the
@@ -185,7 +194,7 @@ class CompressionState:
                  collective: str = "auto", error_feedback: Optional[str] = None,
                  server_feedback: bool = False, start_iter: int = 2, min_numel: int = 1024,
                  seed: int = 0, log_every: int = 100, policy: str = CALIBRATED,
-                 recalibrate_every: int = 1000):
+                 recalibrate_every: int = 1000, plan=None):
         self.config = CompressionConfig(codec, collective, error_feedback, server_feedback, seed)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -213,11 +222,18 @@ class CompressionState:
         self.feedback = ErrorFeedback(error_feedback, server_feedback) if error_feedback else None
         #: the calibrated policy's choice per bucket size (None until calibrated)
         self.plan: Optional[Plan] = None
+        self._pinned = plan is not None  # never calibrated: the plan was given
+        if plan is not None:
+            if policy != CALIBRATED:
+                raise ValueError(f"plan= pins the calibrated policy's choices; policy={policy!r} "
+                                 "has none (leave plan=None, or use policy='calibrated')")
+            self.plan = _given_plan(plan, self._all_candidates())
+            self._describe_plan()
         self._pending_plan: Optional[Plan] = None  # filled during a calibration step
         self._trials: Optional[Trials] = None       # finalist plans taking turns over steps
         self._calibrating = False                   # this step measures (set by the hook)
         self._step_plan: Optional[Plan] = None      # the plan this step runs
-        self._step_started = 0.0
+        self._step_started = (-1, 0.0)              # (step, perf_counter) of its first bucket
         self._step_timer: Optional[CudaTimer] = None
         self._drift = DriftMonitor()
         # this process's runtime and bookkeeping (not pickled, not in state_dict)
@@ -371,6 +387,8 @@ class CompressionState:
         1), in the last fp32 warm-up step when there is one; buckets are reduced in fp32 until
         it exists. Later: at every ``recalibrate_every``-th step after the plan's, if any rank
         saw the reduction time drift (one small all-gather, at a step every rank knows)."""
+        if self._pinned:
+            return False
         if self.plan is None:
             return step >= max(self.start_iter - 1, 1)
         if (not compress or not self.recalibrate_every or step <= self.plan.step
@@ -393,8 +411,9 @@ class CompressionState:
         now = time.perf_counter()
         trials = self._trials
         if trials is not None:
-            if trials.covers(step - 1):
-                trials.record(step - 1, now - self._step_started)
+            started_step, started_at = self._step_started
+            if trials.covers(step - 1) and started_step == step - 1:  # timed in this process
+                trials.record(step - 1, now - started_at)
             if step > trials.last:
                 self._trials = None
                 self._adopt(trials.decide(runtime.control, self.codec), runtime)
@@ -403,7 +422,7 @@ class CompressionState:
             self._pending_plan = Plan(step)
         in_trial = self._trials is not None and self._trials.covers(step)
         self._step_plan = self._trials.plan_for(step) if in_trial else self.plan
-        self._step_started = now
+        self._step_started = (step, now)
         # an adopted plan's all-reduces issued inline on a GPU are timed by events
         self._step_timer = (CudaTimer() if cuda and runtime.inline and self._step_plan is not None
                             and self._step_plan is self.plan else None)
@@ -421,9 +440,32 @@ class CompressionState:
     def _adopt(self, plan: Plan, runtime: _Runtime) -> None:
         self.plan = plan
         self._drift.reset()
-        self.stats.plan = self.plan.summary(self.codec)
+        idle_feedback = self._describe_plan()
         if runtime.transport.rank == 0:
             logger.info("commpress calibrated %s", self.stats.plan)
+            if idle_feedback:
+                logger.warning("commpress: %s", idle_feedback)
+
+    def _describe_plan(self) -> str:
+        """Put the plan in words into :attr:`stats`; returns the note on idle error feedback
+        ("" when feedback runs or was not asked for)."""
+        if self.plan is None:
+            self.stats.plan = ""
+            return ""
+        idle = ""
+        if self.feedback is not None and all(e.choice.codec != "codec" for e in self.plan.entries.values()):
+            idle = (f"error feedback ({self.error_feedback}) idle: the plan sends no bucket "
+                    f"through {self.codec.name} (feedback corrects that codec's error only)")
+        self.stats.plan = self.plan.summary(self.codec) + (f"; {idle}" if idle else "")
+        return idle
+
+    def save_plan(self, path) -> None:
+        """Write :attr:`plan` as JSON, for ``CompressionState(..., plan=path)`` in later runs."""
+        if self.plan is None:
+            raise RuntimeError("commpress: no plan yet (the calibrated policy adopts one after "
+                               "its trial steps; policy='fixed' has none)")
+        with open(path, "w") as f:
+            json.dump(self.plan.state_dict(), f, indent=1)
 
     def set_masks(self, masks: Dict[torch.Tensor, torch.Tensor]) -> None:
         """Send only the gradient entries where ``masks[param]`` is true (zeros elsewhere);
@@ -518,7 +560,8 @@ class CompressionState:
                 "phase_stats": {k: v.state_dict() for k, v in self.phase_stats.items()},
                 "rank": origin[0] if origin else None,
                 "world_size": origin[1] if origin else None,
-                "plan": self.plan.state_dict() if self.plan else None}
+                "plan": self.plan.state_dict() if self.plan else None,
+                "calibration": self._trials.state_dict() if self._trials else None}
 
     def load_state_dict(self, state: Dict) -> None:
         """Restore :meth:`state_dict`, after checking every entry (a wrong one is refused with
@@ -528,16 +571,18 @@ class CompressionState:
         and the per-rank memories are reset consistently (see
         :meth:`ErrorFeedback.adopt_other_rank`)."""
         _validate_state(state, self._config(), self.feedback)
-        plan = state.get("plan")
-        self.plan = Plan.from_state_dict(plan, self._all_candidates()) if plan else None
-        self._trials = self._pending_plan = None  # a calibration under way starts again
+        plan, trials = state.get("plan"), state.get("calibration")
+        if plan or not self._pinned:  # a pinned plan stays unless the checkpoint holds one
+            self.plan = Plan.from_state_dict(plan, self._all_candidates()) if plan else None
+        self._trials = Trials.from_state_dict(trials, self._all_candidates()) if trials else None
+        self._pending_plan = None
         self._drift.reset()
-        self.stats.plan = self.plan.summary(self.codec) if self.plan else ""
         self.iter = state["iter"]
         self._generators, self._saved_rng = {}, dict(state["rng"])
         if self.feedback is not None:
             self.feedback.load_state_dict(state["feedback"])
         self.stats.load_state_dict(state["stats"])
+        self._describe_plan()
         self.phase = state["phase"]
         for phase, saved in state["phase_stats"].items():
             self.phase_stats[phase].load_state_dict(saved)
@@ -567,7 +612,8 @@ class CompressionState:
                     error_feedback=self.error_feedback, server_feedback=self.server_feedback,
                     start_iter=self.start_iter, min_numel=self.min_numel, seed=self.seed,
                     log_every=self.log_every, policy=self.policy,
-                    recalibrate_every=self.recalibrate_every)
+                    recalibrate_every=self.recalibrate_every,
+                    plan=self.plan.state_dict() if self._pinned else None)
         try:
             saved = self.state_dict()
         except RuntimeError as exc:  # memories of parameters that were never named
@@ -585,6 +631,31 @@ class CompressionState:
                        "reset to the default group")
 
 
+def _given_plan(plan, allowed) -> Plan:
+    """The plan of ``CompressionState(plan=...)``: a :class:`Plan`, its state dict, a whole
+    state dict holding one, or the path of a JSON file of either."""
+    source = "plan"
+    if isinstance(plan, (str, os.PathLike)):
+        source = f"plan file {os.fspath(plan)!r}"
+        with open(plan) as f:
+            try:
+                plan = json.load(f)
+            except ValueError as exc:
+                raise ValueError(f"commpress: {source} is not JSON ({exc})") from None
+    if isinstance(plan, Plan):
+        plan = plan.state_dict()
+    if isinstance(plan, dict) and "entries" not in plan and "plan" in plan:  # a whole state dict
+        plan = plan["plan"]
+    if not isinstance(plan, dict) or not plan.get("entries"):
+        raise ValueError(f"commpress: {source} holds no plan (expected state.plan.state_dict(), "
+                         f"a state_dict() with a plan, or a file written by save_plan); a run "
+                         f"adopts its plan after the trial steps")
+    try:
+        return Plan.from_state_dict(plan, allowed)
+    except ValueError as exc:
+        raise ValueError(f"commpress: {source} does not fit this configuration: {exc}") from None
+
+
 def _validate_state(state: Dict, config: Dict, feedback: Optional[ErrorFeedback]) -> None:
     """Refuse a state dict with a missing, unknown or malformed entry, naming it."""
     if not isinstance(state, dict):
@@ -593,7 +664,7 @@ def _validate_state(state: Dict, config: Dict, feedback: Optional[ErrorFeedback]
     missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"checkpoint misses entries {missing}")
-    unknown = sorted(set(state) - set(required) - {"rank", "world_size", "plan"})
+    unknown = sorted(set(state) - set(required) - {"rank", "world_size", "plan", "calibration"})
     if unknown:
         raise ValueError(f"checkpoint has unknown entries {unknown}")
     saved = state["config"]
@@ -804,12 +875,15 @@ def _reduce_direct(state: CompressionState, runtime: _Runtime, buffer: torch.Ten
     # the callback runs on the engine's thread and must not hold the state: if it held the
     # last reference, the state's finalizer would destroy the group from that group's own
     # thread ("Resource deadlock avoided", and the process aborts)
-    started, drift = state._step_started, state._drift if last and plan is state.plan else None
-    timer = state._step_timer
+    started, drift = state._step_started[1], state._drift if last and plan is state.plan else None
+    timer, stats = state._step_timer, state.stats
+    issued = time.perf_counter()
     work = dist.all_reduce(send, group=runtime.transport.group, async_op=True)
 
     def finish(reduced: torch.futures.Future) -> torch.Tensor:
         reduced.value()  # raises the all-reduce's failure (a dead or hung peer) into DDP's wait
+        if not buffer.is_cuda:  # the host clock is the all-reduce's (on a GPU: its launch only)
+            stats.add(comm_seconds=time.perf_counter() - issued)
         if send is not buffer:
             buffer.copy_(send)
         if drift is not None and timer is not None:  # on the GPU: after the all-reduce's work

@@ -295,3 +295,95 @@ def test_trial_steps_take_turns_then_every_rank_adopts_one_plan():
     trial = wire[2:2 + 3 * TRIAL_STEPS]  # steps 2..10: fp32, fp16, the codec, in turn
     assert all(w == 1 for w in trial[0::3]) and all(0.45 < w < 0.55 for w in trial[1::3])
     assert all(w < 0.2 for w in trial[2::3])
+
+
+def trial_resume_worker(rank, world_size):
+    """A checkpoint saved during the trial steps: the resumed run goes on with the same trial
+    plans at the same steps (it used to calibrate again, in fp32, and drift from the
+    uninterrupted run by rounding)."""
+    commpress.ddp.measure = fake_timings
+    fake_timings.seconds = [0.10, 0.09, 0.08]  # three finalists: trials over steps 2..16
+    model, data = model_and_data(rank)
+    ddp = DDP(model, bucket_cap_mb=25)
+    state = cp.register_hook(ddp, "qsgd4+ef", log_every=0, min_numel=256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    train(ddp, 5, data, opt)  # fp32, the calibration step, 3 trial steps
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "state": state.state_dict(), "data": data.get_state()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    train(ddp, 6, data, opt)  # still trial steps
+
+    model2, data2 = model_and_data(rank)
+    model2.load_state_dict(saved["model"])
+    ddp2 = DDP(model2, bucket_cap_mb=25)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.01, momentum=0.9)
+    opt2.load_state_dict(saved["opt"])
+    state2 = cp.register_hook(ddp2, "qsgd4+ef", log_every=0, min_numel=256)
+    state2.load_state_dict(saved["state"])
+    data2.set_state(saved["data"])
+    calls = fake_timings.calls
+    train(ddp2, 6, data2, opt2)
+    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    return saved["state"]["calibration"] is not None, fake_timings.calls - calls, same
+
+
+def test_checkpoint_saved_during_the_trial_steps_resumes_them():
+    for has_progress, calibrations_after_resume, same in run_workers(trial_resume_worker, 2):
+        assert has_progress and calibrations_after_resume == 0 and same
+
+
+def pinned_plan_worker(rank, world_size, plan_file):
+    """A plan saved by one run and pinned in two more: those never time anything and train
+    bit-identically; a plan of fp16 all-reduces says that "+ef" is idle under it, and counts
+    the all-reduces' time."""
+    commpress.ddp.measure = fake_timings  # the codec wins the calibration of the first run
+    model, data = model_and_data(rank)
+    ddp = DDP(model, bucket_cap_mb=0.1)
+    state = cp.register_hook(ddp, "qsgd4+ef", log_every=0, min_numel=256)
+    train(ddp, 3, data, torch.optim.SGD(model.parameters(), lr=0.01))
+    if rank == 0:
+        state.save_plan(plan_file)
+    torch.distributed.barrier()
+    calls, params = fake_timings.calls, []
+    for _ in range(2):
+        model, data = model_and_data(rank)
+        ddp = DDP(model, bucket_cap_mb=0.1)
+        pinned = cp.register_hook(ddp, "qsgd4+ef", log_every=0, min_numel=256, plan=plan_file)
+        train(ddp, 6, data, torch.optim.SGD(model.parameters(), lr=0.01))
+        params.append([p.detach().clone() for p in model.parameters()])
+    same = all(torch.equal(a, b) for a, b in zip(*params))
+    fp16_plan = Plan(0, {1000: PlanEntry(1000, FP16, {})})
+    model, data = model_and_data(rank)
+    ddp = DDP(model, bucket_cap_mb=0.1)
+    fp16 = cp.register_hook(ddp, "qsgd4+ef", log_every=0, plan=fp16_plan.state_dict())
+    train(ddp, 6, data, torch.optim.SGD(model.parameters(), lr=0.01))
+    return (state.plan.state_dict(), pinned.plan.state_dict(), fake_timings.calls - calls, same,
+            fp16.stats.summary(), fp16.stats.comm_seconds, pinned.stats.last_step.ratio)
+
+
+def test_a_pinned_plan_is_never_measured_and_runs_are_bit_identical(tmp_path):
+    for adopted, pinned, calls, same, summary, comm, ratio in run_workers(
+            pinned_plan_worker, 2, str(tmp_path / "plan.json")):
+        assert adopted["entries"] and pinned["entries"] == adopted["entries"]
+        assert calls == 0 and same
+        assert ratio > 3  # the pinned plan is the codec's
+        assert "error feedback (ef) idle" in summary and comm > 0, summary
+
+
+def test_pinned_plans_are_checked_when_the_state_is_made(tmp_path):
+    with pytest.raises(ValueError, match="policy='fixed' has none"):
+        cp.CompressionState(cp.QSGD(), policy="fixed", plan=Plan(0, {1: PlanEntry(1, FP32, {})}))
+    bad = tmp_path / "plan.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="plan.json.*is not JSON"):
+        cp.CompressionState(cp.QSGD(), plan=bad)
+    with pytest.raises(ValueError, match="holds no plan"):
+        cp.CompressionState(cp.QSGD(), plan={"config": {}, "plan": None})
+    scatter = Plan(0, {1: PlanEntry(1, SCATTER, {})})
+    with pytest.raises(ValueError, match="does not fit this configuration"):
+        cp.CompressionState(cp.QSGD(), collective="allgather", plan=scatter)
+    state = cp.CompressionState(cp.QSGD(), plan=scatter)  # a whole state dict holds one too
+    again = cp.CompressionState(cp.QSGD(), plan={"config": {}, "plan": scatter.state_dict()})
+    assert again.plan.state_dict() == state.plan.state_dict() == scatter.state_dict()

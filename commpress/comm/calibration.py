@@ -245,10 +245,30 @@ class Trials:
     def record(self, step: int, seconds: float) -> None:
         self.seconds[(step - self.first) % len(self.plans)].append(seconds)
 
+    def state_dict(self) -> Dict:
+        return {"first": self.first, "plans": [p.state_dict() for p in self.plans],
+                "seconds": [list(s) for s in self.seconds]}
+
+    @classmethod
+    def from_state_dict(cls, state: Dict, allowed: Sequence[Candidate]) -> "Trials":
+        """Trials from :meth:`state_dict` (a checkpoint saved between trial steps), refusing a
+        malformed one with its name, as :meth:`Plan.from_state_dict` does."""
+        try:
+            trials = cls([Plan.from_state_dict(p, allowed) for p in state["plans"]], int(state["first"]))
+            seconds = [[float(x) for x in s] for s in state["seconds"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint entry 'calibration' is malformed ({exc})") from None
+        if not trials.plans or len(seconds) != len(trials.plans):
+            raise ValueError("checkpoint entry 'calibration' is malformed (one list of step "
+                             "times per trial plan expected)")
+        trials.seconds = seconds
+        return trials
+
     def decide(self, control: Transport, codec: Codec) -> Plan:
         """The adopted plan, the same on every rank: the medians of each finalist's steps,
         each the slowest rank's, given to :func:`decide` (a collective on ``control``)."""
-        mine = torch.tensor([statistics.median(s) for s in self.seconds], dtype=torch.float64,
+        mine = torch.tensor([statistics.median(s) if s else math.inf for s in self.seconds],
+                            dtype=torch.float64,
                             device=getattr(control, "device", None))
         medians = control.all_gather(mine).view(control.world_size, -1).max(dim=0).values.tolist()
         chosen = decide(self.plans, medians)
