@@ -857,7 +857,8 @@ def _reduce_direct(state: CompressionState, runtime: _Runtime, buffer: torch.Ten
                    plan: Plan, last: bool) -> torch.futures.Future:
     """A bucket under a plan whose every choice is an all-reduce (fp32 or fp16: the codec paid
     nowhere): one asynchronous all-reduce issued here, as DDP's own default, with no worker
-    thread and no per-step agreement, so that such a plan costs what plain DDP costs. Safe
+    thread, so that such a plan costs what plain DDP costs and one small all-gather a step
+    (the agreement, issued by the hook at the step's first bucket). Safe
     because no step of such a plan uses the worker (a calibration step uses only the worker,
     and DDP waits for every bucket of a step before the next begins); ranks hold the same
     plan, so they take this path at the same buckets."""
@@ -931,6 +932,9 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
     calibrating, plan = state._calibrating, state._step_plan
     # a plan of all-reduces only skips the worker; an AC/DC mask's compact vectors need it
     if compress and not calibrating and plan is not None and plan.all_reduce and not state.mask:
+        if index == 0:  # as every path does: a rank a step or a phase apart fails, named
+            agree(runtime.control, {"step": step, "phase": state.phase, "path": "all-reduce plan"},
+                  runtime.control.device)
         return _reduce_direct(state, runtime, buffer, plan, last)
     small, big = _segments(state, bucket)
     phase = state.phase

@@ -1,4 +1,5 @@
 """AC/DC: schedules, masks and the sparse-phase hook, on real gloo process groups."""
+import datetime
 import io
 
 import pytest
@@ -251,11 +252,15 @@ def test_resume_mid_sparse_phase(spec):
         assert members_match and abs(sparse_zeros - 0.9) < 1e-3
 
 
-def schedule_mismatch_worker(rank, world_size):
+def schedule_mismatch_worker(rank, world_size, policy):
     """Rank 1's sparse phase starts one step after rank 0's."""
     schedule = cp.ACDCSchedule([(4 + rank, 8)], 10)
     ddp = DDP(big_model())
-    state = cp.register_hook(ddp, "qsgd4", log_every=0, policy="fixed")
+    # "pinned": the calibrated policy held on a plan of fp32 all-reduces (the hook's direct path)
+    pinned = {"step": 0, "entries": [{"numel": 1, "codec": "fp32", "collective": "allreduce",
+                                      "seconds": {}}]}
+    state = cp.register_hook(ddp, "qsgd4", log_every=0, **(
+        dict(plan=pinned) if policy == "pinned" else dict(policy=policy)))
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     acdc = cp.ACDC(ddp, opt, state, sparsity=0.9, schedule=schedule)
     try:
@@ -266,7 +271,10 @@ def schedule_mismatch_worker(rank, world_size):
     return "no error"
 
 
-def test_sparse_phase_starting_a_step_apart_fails_with_a_named_error():
-    """Used to end only at the group timeout (30 minutes by default)."""
-    for message in run_workers(schedule_mismatch_worker, 2, timeout=120):
+@pytest.mark.parametrize("policy", ["fixed", "calibrated", "pinned"])
+def test_sparse_phase_starting_a_step_apart_fails_with_a_named_error(policy):
+    """Used to end only at the group timeout (30 minutes by default); under the calibrated
+    default, whose plans of plain all-reduces skipped the per-step agreement, it still did."""
+    for message in run_workers(schedule_mismatch_worker, 2, policy, timeout=120,
+                               pg_timeout=datetime.timedelta(seconds=20)):
         assert "configured differently" in message and "acdc_phase" in message, message
