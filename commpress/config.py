@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from .codecs import Codec
+from .codecs.base import FORMAT_VERSION
 from .comm.collectives import ALGORITHMS
 from .feedback import KINDS
 
@@ -66,5 +67,7 @@ class CompressionConfig:
 
     def shared(self) -> Dict:
         """What every rank must have alike: :meth:`describe` without the seed, which may differ
-        per rank by design."""
-        return {k: v for k, v in self.describe().items() if k != "seed"}
+        per rank by design, and the payload format version (decoders on an accelerator trust
+        the agreement instead of reading each header)."""
+        return {**{k: v for k, v in self.describe().items() if k != "seed"},
+                "wire_format": FORMAT_VERSION}

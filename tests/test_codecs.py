@@ -367,3 +367,29 @@ def test_wrong_codec_errors_name_the_codec():
     payload = cp.QSGD(bits=4).encode(torch.randn(16))
     with pytest.raises(ValueError, match=r"encoded by qsgd \(codec id 4\), not by natural"):
         cp.NaturalCompression().decode(payload)
+
+
+@pytest.mark.parametrize("codec", [cp.QSGD(bits=4), cp.NaturalCompression(), cp.FP16()],
+                         ids=lambda c: c.name)
+def test_unknown_format_version_and_meta_payloads_are_refused_by_name(codec):
+    import struct
+    import zlib
+    from commpress.codecs.base import FORMAT_VERSION, Payload
+    payload = codec.encode(torch.randn(1000), generator=torch.Generator().manual_seed(0))
+    data = payload.data.clone()
+    data[2] = FORMAT_VERSION + 1  # a later release's payload, with a valid CRC
+    crc = struct.pack("<I", zlib.crc32(bytes(data[:20].numpy())))
+    data[20:24] = torch.frombuffer(bytearray(crc), dtype=torch.uint8)
+    for decode in (lambda p: codec.decode(p), lambda p: codec.decode(p, torch.float32, 1000),
+                   lambda p: codec.decode_into(p, torch.zeros(1000))):
+        with pytest.raises(ValueError, match=f"format version {FORMAT_VERSION + 1}"):
+            decode(Payload(data, payload.shape))
+    with pytest.raises(TypeError, match="meta device holds no bytes"):  # was NotImplementedError
+        codec.decode(Payload(payload.data.to("meta"), payload.shape))
+
+
+def test_ranks_agree_on_the_payload_format():
+    """Decoders on an accelerator trust the agreement instead of each header: the format is in it."""
+    from commpress.codecs.base import FORMAT_VERSION
+    from commpress.config import CompressionConfig
+    assert CompressionConfig(cp.QSGD()).shared()["wire_format"] == FORMAT_VERSION

@@ -382,6 +382,9 @@ class Codec:
     def _checked(self, payload: Payload, dtype: Optional[torch.dtype], numel: Optional[int]):
         """``(data, numel, dtype)`` of a payload that passed the checks :meth:`decode` names."""
         data = payload.data
+        if isinstance(data, torch.Tensor) and data.is_meta:
+            raise TypeError("a payload on the meta device holds no bytes to decode (move it to "
+                            "the CPU or the GPU it was encoded on)")
         if isinstance(data, torch.Tensor) and not data.is_contiguous():  # e.g. a strided view
             data = data.contiguous()
         if numel is not None and dtype is not None and data.device.type != "cpu":
