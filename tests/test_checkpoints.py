@@ -57,6 +57,13 @@ def corrupt(sd, what):
         sd["phase"] = "half"
     elif what == "unknown entry":
         sd["surprise"] = 1
+    elif what == "empty plan":  # a plan with no choice failed at the first step (LookupError)
+        sd["plan"] = {"step": 1, "entries": []}
+    elif what == "plan bucket size":
+        sd["plan"] = {"step": 1, "entries": [{"numel": "many", "codec": "fp32",
+                                              "collective": "allreduce", "seconds": {}}]}
+    elif what == "trial progress":
+        sd["calibration"] = {"first": 2, "plans": [], "seconds": []}
     return sd
 
 
@@ -64,7 +71,8 @@ def corrupt(sd, what):
     ("unknown name", "no.such.layer"), ("wrong length", "0.weight"), ("non-finite", "0.weight"),
     ("integer memory", "0.weight"), ("unknown memory", "momentum"), ("garbage rng", "rng"),
     ("rng not a tensor", "rng"), ("negative iter", "iter"), ("bad phase", "phase"),
-    ("unknown entry", "surprise")])
+    ("unknown entry", "surprise"), ("empty plan", "'plan'"), ("plan bucket size", "'plan'"),
+    ("trial progress", "'calibration'")])
 def test_bad_entries_are_refused_with_their_name(what, named):
     """These used to load and fail later inside the hook, or silently train to NaN."""
     state, _ = bound_state()

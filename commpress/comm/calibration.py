@@ -203,10 +203,14 @@ class Plan:
                 choice = Candidate(str(e["codec"]), str(e["collective"]))
                 if choice not in allowed:
                     raise ValueError(f"choice {choice} is not a candidate of this configuration")
+                if int(e["numel"]) < 1:
+                    raise ValueError(f"a bucket of {e['numel']} elements")
                 plan.add(PlanEntry(int(e["numel"]), choice,
                                    {str(k): float(v) for k, v in e["seconds"].items()}))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"checkpoint entry 'plan' is malformed ({exc!r})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"checkpoint entry 'plan' is malformed ({exc})") from None
+        if not plan.entries:
+            raise ValueError("checkpoint entry 'plan' is malformed (no bucket has a choice)")
         return plan
 
 
