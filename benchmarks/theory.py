@@ -10,7 +10,7 @@ report gives, relative to ``||g||^2``:
 
 - the measured variance ``mean ||C(g) - g||^2`` and its standard error, next to the exact
   expectation (the codec's closed form, :meth:`commpress.Codec.expected_sq_error`) and the
-  bound of ``../shared/ALGORITHMS.md``: ``min(d/s^2, sqrt(d)/s)`` for QSGD with ``d``-element
+  bound given in README (What the codecs compute): ``min(d/s^2, sqrt(d)/s)`` for QSGD with ``d``-element
   buckets and ``s`` levels (a bound for the L2 scale; commpress's default max scale is
   tighter), ``1/8`` for C_nat (``E[C(t)^2] <= 9/8 t^2``, so the second moment
   ``||C(g)||^2 / ||g||^2`` is also reported against 9/8), and
@@ -35,7 +35,7 @@ CODECS = ["qsgd2", "qsgd4", "qsgd8", "natural", "dithering"]
 
 
 def bound(codec) -> float:
-    """ALGORITHMS.md's bound on ``E||C(g) - g||^2 / ||g||^2``."""
+    """The paper's bound (README, What the codecs compute) on ``E||C(g) - g||^2 / ||g||^2``."""
     import commpress as cp
 
     if isinstance(codec, cp.QSGD):

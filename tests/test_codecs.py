@@ -25,7 +25,7 @@ def codec_id(codec):
 
 
 def expected_wire_bytes(codec, n):
-    """The bits-per-entry formulas of ALGORITHMS.md, written independently of the codecs."""
+    """The bits-per-entry formulas of README (What the codecs compute), written independently of the codecs."""
     if isinstance(codec, (cp.QSGD, cp.NaturalDithering)):
         return HEADER_BYTES + 4 * math.ceil(n / codec.bucket_size) + math.ceil(n * codec.bits / 8)
     if isinstance(codec, cp.NaturalCompression):

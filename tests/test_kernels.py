@@ -85,7 +85,7 @@ def test_fused_path_is_unbiased_with_the_expected_variance(compiled, name):
 
 
 def test_qsgd_l2_variance_bound_on_the_fused_path(compiled):
-    codec = cp.QSGD(bits=4, norm="l2")  # min(d/s^2, sqrt(d)/s) ||v||^2 per bucket (ALGORITHMS.md)
+    codec = cp.QSGD(bits=4, norm="l2")  # min(d/s^2, sqrt(d)/s) ||v||^2 per bucket (README, 'What the codecs compute')
     d, s = codec.bucket_size, codec.levels
     x = torch.randn(N, generator=torch.Generator().manual_seed(5))
     gen = torch.Generator().manual_seed(6)
