@@ -732,7 +732,7 @@ def _reduce_group(state: CompressionState, buffer, segments, codec, collective,
     params = [p for _, _, p in segments]
     reduce_gradient(Segments([buffer[o:o + n] for o, n, _ in segments]), params, codec, transport,
                     collective, feedback, generator, stats,
-                    keep=state.mask.kept_indices(params, buffer.device))
+                    keep=state.mask.kept_indices(params, buffer.device), agreed=True)
 
 
 def _reduce_as(state: CompressionState, runtime: _Runtime, buffer, small, big, choice: Candidate,

@@ -114,7 +114,7 @@ def allreduce(tensor: torch.Tensor, codec: Codec, collective: str = "auto",
     agree(transport, {"call": "allreduce", **CompressionConfig(codec, collective).shared(),
                       "shape": list(tensor.shape), "dtype": str(tensor.dtype)})
     mean = reduce_gradient(tensor.detach().reshape(-1), [None], codec, transport, collective,
-                           None, generator, stats)
+                           None, generator, stats, agreed=True)
     return saturating_cast(mean, tensor.dtype).view(tensor.shape)
 
 
@@ -262,7 +262,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self.comm_stats.add(fp32_bytes=2 * (w - 1) * 4 * flat.numel() // w)
         mean = reduce_gradient(flat, group, self._cp_codec, transport, self._cp_collective,
                                self._cp_feedback, self._cp_generator, self.comm_stats,
-                               in_place=True)
+                               in_place=True, agreed=True)
         return mean.mul_(w) if self._cp_op == hvd.Sum else mean
 
     def synchronize(self):

@@ -122,7 +122,7 @@ def allreduce(comm, x: Union[np.ndarray, torch.Tensor], codec: Codec, collective
     _agree(transport, "allreduce", codec, collective, error_feedback, tensor, name)
     flat = tensor.detach().reshape(-1)
     mean = reduce_gradient(flat, [name], codec, transport, collective, error_feedback,
-                       generator, stats, sizes=[flat.numel()])
+                       generator, stats, sizes=[flat.numel()], agreed=True)
     out = saturating_cast(mean, tensor.dtype).view(tensor.shape)
     return out.numpy() if is_numpy else out
 
@@ -148,10 +148,10 @@ def allreduce_gradients(comm, parameters: Iterable[torch.nn.Parameter], codec: C
     if all(g.dtype == torch.float32 and g.is_contiguous() for g in grads):
         # reduced where they lie, without a concatenated copy (see comm.segments)
         reduce_gradient(Segments([g.view(-1) for g in grads]), params, codec, transport,
-                        collective, error_feedback, generator, stats)
+                        collective, error_feedback, generator, stats, agreed=True)
         return
     flat = torch.cat([g.reshape(-1).float() for g in grads])
     mean = reduce_gradient(flat, params, codec, transport, collective, error_feedback,
-                           generator, stats)
+                           generator, stats, agreed=True)
     for p, part in zip(params, mean.split([p.numel() for p in params])):
         p.grad.copy_(saturating_cast(part, p.grad.dtype).view_as(p.grad))

@@ -37,8 +37,10 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ..codecs import Codec, Payload, PayloadError, contractive_factor, kernels
+from ..codecs.base import FORMAT_VERSION
 from ..feedback import keep_finite
 from ..stats import CommStats
+from .agreement import agree
 from .segments import Segments, destination, window
 from .transport import HierarchicalTransport, Transport
 
@@ -186,10 +188,15 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
                     server_residual: Optional[torch.Tensor] = None,
                     out: Optional[torch.Tensor] = None,
                     local_out: Optional[torch.Tensor] = None,
-                    residual_out: Optional[torch.Tensor] = None
+                    residual_out: Optional[torch.Tensor] = None, agreed: bool = False
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(mean, local)``: the fp32 mean over ranks of the 1-D ``flat``, and (``keep_local``)
     this rank's compressed contribution, decoded. See the module docstring.
+
+    ``agreed``: the caller has checked that every rank reduces alike (the front ends do, once
+    per step or call). Otherwise ranks first agree on length, codec and algorithm (one 8-byte
+    all-gather): vectors of different lengths would make collectives of different sizes,
+    which gloo answers by aborting the process.
 
     ``server_residual``: an fp32 vector like ``flat``, the error feedback of the second
     quantization in ``reduce_scatter`` (DeepSpeed's "server error"): this rank adds its chunk
@@ -238,6 +245,10 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
     if algorithm == "hierarchical" and not isinstance(transport, HierarchicalTransport):
         raise ValueError("collective 'hierarchical' needs a HierarchicalTransport (ranks grouped "
                          f"by node), got {type(transport).__name__}")
+    if not agreed:
+        agree(transport, {"call": "compressed_mean", "numel": flat.numel(), "codec": repr(codec),
+                          "algorithm": algorithm, "wire_format": FORMAT_VERSION},
+              getattr(transport, "device", torch.device("cpu")))
     if out is None:
         out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
     local = local_out if local_out is not None else (

@@ -21,7 +21,8 @@ from .transport import Transport
 def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport: Transport,
                 collective: str = "auto", feedback: Optional[ErrorFeedback] = None,
                 generator: Optional[torch.Generator] = None, stats: Optional[CommStats] = None,
-                keep: Optional[torch.Tensor] = None, sizes=None, in_place: bool = False) -> torch.Tensor:
+                keep: Optional[torch.Tensor] = None, sizes=None, in_place: bool = False,
+                agreed: bool = False) -> torch.Tensor:
     """The fp32 mean over ranks of ``flat`` (the gradients of ``keys``, concatenated), with
     error feedback and, given ``keep`` (indices of the entries under an AC/DC mask), sending
     only those entries: the result is zero elsewhere. Every front end reduces through here.
@@ -32,13 +33,15 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
     ``flat`` may be :class:`~commpress.comm.segments.Segments` (views of a buffer, e.g. a DDP
     bucket's large gradients, one part per key): the mean is then written into them and they
     are returned. Unmasked, in fp32, under a piecewise algorithm, they are reduced where they
-    lie (error feedback included); otherwise through one concatenated copy."""
+    lie (error feedback included); otherwise through one concatenated copy. ``agreed``: as
+    :func:`~commpress.comm.collectives.compressed_mean`'s (front ends agree once per step)."""
     if isinstance(flat, Segments):
         algorithm = (choose_algorithm(codec, flat.numel(), transport.world_size, transport.local_size)
                      if collective == "auto" else collective)
         if keep is not None or flat.dtype != torch.float32 or algorithm not in PIECEWISE:
             flat.assign(reduce_gradient(flat.concatenated(), keys, codec, transport, collective,
-                                        feedback, generator, stats, keep, sizes, in_place=True))
+                                        feedback, generator, stats, keep, sizes, in_place=True,
+                                        agreed=agreed))
             return flat
     if flat.dtype == torch.float64:  # codecs take fp32/fp16/bf16: float64 is reduced in fp32
         flat = flat.float()
@@ -64,7 +67,7 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
     mean, local = compressed_mean(compact, codec, transport, algorithm, generator, stats,
                                   keep_local=ef21,
                                   server_residual=server_compact, out=out, local_out=local_out,
-                                  residual_out=compact if plain_ef else None)
+                                  residual_out=compact if plain_ef else None, agreed=agreed)
     if keep is not None:
         mean = torch.zeros_like(flat, dtype=torch.float32).index_copy_(0, keep, mean)
         if local is not None:

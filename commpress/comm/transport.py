@@ -232,6 +232,11 @@ class HierarchicalTransport(Transport):
         self.local_size, self.nodes = intra.world_size, inter.world_size
 
     @property
+    def device(self) -> torch.device:
+        """Where the flat transport wants its own small tensors."""
+        return getattr(self.flat, "device", torch.device("cpu"))
+
+    @property
     def sent_bytes(self) -> int:
         return self.flat.sent_bytes + self.intra.sent_bytes + self.inter.sent_bytes
 
