@@ -37,7 +37,12 @@ def _bench(args, rest):
         sys.exit(f"commpress bench: no benchmark {args.name!r} (expected {script}; benchmarks "
                  "ship with a source checkout, not with an installed wheel)")
     sys.argv = [str(script)] + rest
-    runpy.run_path(str(script), run_name="__main__")
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("matplotlib", "sklearn"):
+            raise
+        sys.exit(f"commpress bench: the benchmarks need {exc.name}: pip install -e '.[bench]'")
 
 
 def _docs(args, rest):

@@ -230,7 +230,7 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
                         schedule=ACDCSchedule.paper(args.epochs * steps_per_epoch,
                                                     last_dense=args.acdc_last_dense))
     bar = tqdm(total=args.epochs * steps_per_epoch, desc=f"{method:>16}", leave=True,
-               disable=rank != 0 or args.quiet, file=sys.stdout, mininterval=1.0)
+               disable=rank != 0 or args.quiet, mininterval=1.0)  # stderr, as tqdm does
     gen = torch.Generator().manual_seed(args.seed + rank)
     dense_per_step = 2 * (world_size - 1) / world_size * 4 * sum(p.numel() for p in model.parameters())
     powersgd_per_step = powersgd_bytes_per_step(model.module, powersgd, world_size) if powersgd else 0
@@ -418,7 +418,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--acdc", type=float, metavar="SPARSITY",
                         help="(default: off) also run AC/DC at this sparsity (paper schedule scaled to the run), "
                              "with the fp32 hook and with qsgd4: methods acdcNN and acdcNN:qsgd4")
-    parser.add_argument("--acdc-last-dense", type=float, default=0.10, metavar="FRACTION",
+    parser.add_argument("--acdc-last-dense", type=float, metavar="FRACTION",
                         help="AC/DC: at least this fraction of the run is dense before the final "
                              "sparse phase, where the dense member is taken (default 0.10, the "
                              "paper's)")
@@ -452,6 +452,10 @@ def run(args) -> None:
     optimizer, lr = DEFAULTS[args.data]
     args.optimizer = args.optimizer or optimizer
     args.lr = lr if args.lr is None else args.lr
+    if args.acdc is None and args.acdc_last_dense is not None:
+        raise SystemExit("commpress train: --acdc-last-dense shapes the AC/DC schedule: it needs "
+                         "--acdc SPARSITY")
+    args.acdc_last_dense = 0.10 if args.acdc_last_dense is None else args.acdc_last_dense
     if args.acdc is not None:
         if not 0 <= args.acdc < 1:
             raise SystemExit(f"commpress train: --acdc must be in [0, 1), got {args.acdc}")
@@ -461,12 +465,14 @@ def run(args) -> None:
             raise SystemExit(f"commpress train: --acdc-last-dense: {exc}") from None
         level = round(100 * args.acdc)
         args.methods = list(args.methods) + [f"acdc{level}", f"acdc{level}:qsgd4"]
+    args.methods = [m.lower() for m in args.methods]  # hook names are case-insensitive
     for method in args.methods:  # fail on a bad name here, not in W workers
         try:
             if not powersgd_rank(method):
                 state_from_name(parse_method(method)[0], collective=args.collective)
         except ValueError as exc:
-            raise SystemExit(f"commpress train: {exc}") from None
+            raise SystemExit(f"commpress train: {exc}; or powersgdR (PyTorch's PowerSGD hook at "
+                             f"rank R, e.g. powersgd1, powersgd4)") from None
     if args.workers < 1:
         raise SystemExit("commpress train: --workers must be >= 1")
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):

@@ -278,3 +278,49 @@ def test_sparse_phase_starting_a_step_apart_fails_with_a_named_error(policy):
     for message in run_workers(schedule_mismatch_worker, 2, policy, timeout=120,
                                pg_timeout=datetime.timedelta(seconds=20)):
         assert "configured differently" in message and "acdc_phase" in message, message
+
+
+def train_alone(optimizer_name, sparsity, schedule, steps=30):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if optimizer_name == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=0.01))
+    acdc = cp.ACDC(model, opt, None, sparsity=sparsity, schedule=schedule) if schedule else None
+    data = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(8, 16, generator=data)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), x[:, :4]).backward()
+        opt.step()
+        if acdc is not None:
+            acdc.step()
+    return model, opt, acdc
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_sparsity_zero_trains_exactly_like_no_acdc(optimizer_name):
+    """Phase changes used to clear the whole optimizer state: with 3-step phases at sparsity 0,
+    commpress train lost 17 points on digits (76.9% against fp32's 93.6%)."""
+    schedule = cp.ACDCSchedule([(3, 6), (9, 12), (15, 18), (21, 24)], 30)
+    plain, _, _ = train_alone(optimizer_name, 0.0, None)
+    phased, _, _ = train_alone(optimizer_name, 0.0, schedule)
+    for a, b in zip(plain.parameters(), phased.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_restore_zeroes_only_the_pruned_entries_optimizer_state(optimizer_name):
+    model, opt, acdc = train_alone(optimizer_name, 0.5, cp.ACDCSchedule([(10, 20)], 40), steps=19)
+    masks = {name: acdc.masks[name].clone() for name, _ in acdc.weights}
+    for name, w in acdc.weights:  # held at zero through the sparse phase
+        for value in opt.state[w].values():
+            assert value.shape != w.shape or value[~masks[name]].abs().max() == 0
+    opt.step()   # step 20 (the last gradients again), then the restore
+    acdc.step()
+    assert acdc.phase == "dense"
+    for name, w in acdc.weights:
+        for key, value in opt.state[w].items():
+            if value.shape != w.shape:
+                continue
+            assert value[~masks[name]].abs().max() == 0, (name, key)  # restarts from zero
+            assert value[masks[name]].abs().max() > 0, (name, key)    # goes on, not reset

@@ -39,7 +39,9 @@ def test_commpress_train_reports(tmp_path):
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
     (["--batch-size", "1000"], "digits has 1438 training examples, fewer than --batch-size 1000 x 2"),
-    (["qsgd1+ef"], "error_feedback='ef' diverges with QSGD(bits=1")])
+    (["qsgd1+ef"], "error_feedback='ef' diverges with QSGD(bits=1"),
+    (["--acdc-last-dense", "0.2"], "--acdc-last-dense shapes the AC/DC schedule: it needs --acdc"),
+    (["powersgd0"], "or powersgdR (PyTorch's PowerSGD hook at rank R, e.g. powersgd1, powersgd4)")])
 def test_commpress_train_rejects_bad_arguments(args, message):
     proc = subprocess.run([sys.executable, "-m", "commpress.cli", "train", *args],
                           capture_output=True, text=True, timeout=120)
