@@ -5,7 +5,8 @@ Usage: python benchmarks/codec_throughput.py [--quick] [--paths fused eager] [--
 For each codec, size and path (the fused, compiled kernels or the eager reference): the
 median over timed repeats (after one untimed first call, whose time, compilation included, is
 reported) of encode and of decode, with a persistent generator as in training, next to a plain
-copy of the input into a buffer (the memory-bandwidth floor). Decoding writes into a buffer
+copy of the input into a buffer (the memory-bandwidth floor: on a GPU, what the device's memory
+allows). Each timed sample repeats a short call until it lasts 20 ms. Decoding writes into a buffer
 allocated once, as the collectives do (``Codec.decode_into``): a fresh 100 MB output per call
 would measure page faults. All run side by side in one process, so ratios
 between them are meaningful even where absolute times on a shared machine are not.
@@ -38,18 +39,26 @@ CODECS = {
 }
 
 
+#: each timed sample runs the call often enough to last this long: a 1M-value copy takes tens
+#: of microseconds, under the clock's and the synchronization's own overhead
+SAMPLE_SECONDS = 0.02
+
+
 def timed(fn, repeats):
-    fn()  # warm-up: first-touch page faults, table caches
-    times = []
-    for _ in range(repeats):
+    """Seconds per call of ``fn``: the median of ``repeats`` samples, each timing as many calls
+    as fill :data:`SAMPLE_SECONDS` (after one warm-up call: first-touch page faults, caches)."""
+    def sample(calls):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return (time.perf_counter() - start) / calls
+    once = sample(1)
+    calls = max(1, min(1000, int(SAMPLE_SECONDS / max(once, 1e-7))))
+    return statistics.median(sample(calls) for _ in range(repeats))
 
 
 def run(sizes, repeats, device, paths):

@@ -19,7 +19,10 @@ compiler's one-time footprint is in neither figure).
 
 Methods: ``fp32`` and ``torch-fp16`` (PyTorch's ``allreduce_hook`` and
 ``fp16_compress_hook``) and commpress hook names, with ``@collective`` to force one
-(``qsgd4+ef@reduce_scatter``). Results: ``--out``
+(``qsgd4+ef@reduce_scatter``), under the fixed policy (the codec's footprint on every
+bucket); ``calibration:NAME`` runs NAME under the calibrated default, whose "first step" is
+its calibration step (every candidate timed). Each row also gives the hook's seconds in that
+first step and in the steady steps (the largest per step, over both ranks). Results: ``--out``
 (default ``benchmarks/results/local/memory.json``, untracked), ``.md``, ``.png``.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
@@ -36,7 +40,8 @@ from report import out_argument, pyplot, save  # noqa: E402
 METHODS = ["fp32", "torch-fp16", "fp16", "qsgd4", "qsgd4@reduce_scatter", "qsgd4+ef",
            "qsgd4+ef@reduce_scatter", "qsgd4+ef21", "qsgd4+ef21@reduce_scatter", "qsgd8",
            "qsgd2+ef21", "natural", "natural+ef", "dithering"]
-QUICK_METHODS = ["fp32", "torch-fp16", "qsgd4", "qsgd4+ef", "qsgd4+ef21@reduce_scatter"]
+QUICK_METHODS = ["fp32", "torch-fp16", "qsgd4", "qsgd4+ef", "qsgd4+ef21@reduce_scatter",
+                 "calibration:qsgd4+ef21"]
 
 
 def _status_kb(field: str) -> int:
@@ -48,14 +53,16 @@ def _status_kb(field: str) -> int:
 
 
 def measured(hook, records):
-    """``hook``, run to completion inside DDP's call, appending ``(entry_kb, extra_kb)``."""
+    """``hook``, run to completion inside DDP's call, appending ``(entry_kb, extra_kb,
+    seconds)``."""
     def wrapper(state, bucket):
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # resets VmHWM to the current resident size
         entry = _status_kb("VmRSS")
+        started = time.perf_counter()
         future = hook(state, bucket)
         future.wait()
-        records.append((entry, _status_kb("VmHWM") - entry))
+        records.append((entry, _status_kb("VmHWM") - entry, time.perf_counter() - started))
         return future
     return wrapper
 
@@ -73,16 +80,18 @@ def attach(method: str, model):
         hook = default_hooks.allreduce_hook if method == "fp32" else default_hooks.fp16_compress_hook
         model.register_comm_hook(None, measured(hook, records))
         return records, 0
-    name, _, collective = method.partition("@")
+    calibrated = method.startswith("calibration:")
+    name, _, collective = method.removeprefix("calibration:").partition("@")
     state = cp.state_from_name(name, collective=collective or "auto", log_every=0,
-                               policy="fixed")  # the codec's footprint, on every bucket
+                               policy="calibrated" if calibrated else "fixed")
     state.bind(model)
     model.register_comm_hook(state, measured(cp.compress_hook, records))
     # load the codec's compiled kernels now: the compiler's own one-time footprint (about
     # 100 MB) is not the hook's, and would otherwise count as kept
     probe = torch.randn(kernels.MIN_NUMEL)
     state.codec.decode(state.codec.encode(probe))
-    return records, state.start_iter
+    # the calibrated policy's first compressed step is its calibration step
+    return records, max(state.start_iter - 1, 1) if calibrated else state.start_iter
 
 
 def worker(rank: int, args, port: int, queue) -> None:
@@ -121,9 +130,11 @@ def worker(rank: int, args, port: int, queue) -> None:
     for _ in range(args.warmup + args.steps):
         model(torch.tensor(1.0)).backward()
         model.zero_grad(set_to_none=True)
-    extra = max(kb for _, kb in records[args.warmup:])
+    steady = records[max(args.warmup, start_iter + 1):]
+    extra = max(kb for _, kb, _ in steady)
     kept = records[-1][0] - records[start_iter][0]
-    queue.put((rank, extra, kept, records[start_iter][1]))
+    queue.put((rank, extra, kept, records[start_iter][1], records[start_iter][2],
+               max(seconds for _, _, seconds in steady)))
     del model, records
     release_default_group()
 
@@ -153,18 +164,22 @@ def run_method(method: str, args) -> dict:
     return {"method": method, "numel": args.numel, "layers": args.layers,
             "peak_extra_x_bucket": max(g[1] for g in got) / bucket_kb,
             "kept_x_bucket": max(g[2] for g in got) / bucket_kb,
-            "first_step_peak_extra_x_bucket": max(g[3] for g in got) / bucket_kb}
+            "first_step_peak_extra_x_bucket": max(g[3] for g in got) / bucket_kb,
+            "first_step_seconds": max(g[4] for g in got),
+            "steady_step_seconds": max(g[5] for g in got)}
 
 
 def table(results) -> str:
     lines = ["| method | peak extra during the hook, steady (x bucket) | first compressed step "
-             "| kept between steps |", "|---|---:|---:|---:|"]
+             "| kept between steps | hook s, first step | hook s, steady |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in results:
         if "failed" in r:
-            lines.append(f"| {r['method']} | failed: {r['failed']} | | |")
+            lines.append(f"| {r['method']} | failed: {r['failed']} | | | | |")
         else:
             lines.append(f"| {r['method']} | {r['peak_extra_x_bucket']:.2f} "
-                         f"| {r['first_step_peak_extra_x_bucket']:.2f} | {r['kept_x_bucket']:.2f} |")
+                         f"| {r['first_step_peak_extra_x_bucket']:.2f} | {r['kept_x_bucket']:.2f} "
+                         f"| {r['first_step_seconds']:.2f} | {r['steady_step_seconds']:.2f} |")
     return "\n".join(lines)
 
 

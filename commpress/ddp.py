@@ -29,7 +29,8 @@ from .codecs import FP16, BF16, QSGD, Codec, Identity, NaturalCompression, Natur
 from .acdc.masks import GradientMask
 from .comm.agreement import agree
 from .comm.calibration import (CALIBRATED, FP32, POLICIES, Candidate, CudaTimer, DriftMonitor,
-                               Plan, PlanEntry, Trials, candidates, decide, finalists, measure)
+                               SAMPLE_NUMEL, Plan, PlanEntry, Trials, candidates, decide,
+                               finalists, measure)
 from .config import CompressionConfig
 from .comm.ordered import OrderedExecutor
 from .comm.transport import (HierarchicalTransport, TorchTransport, Transport, destroyable,
@@ -785,7 +786,8 @@ def _calibrate_bucket(state: CompressionState, runtime: _Runtime, buffer, small,
     untouched) and feed back into a scratch memory (so error feedback's cost is counted)."""
     options = state._candidates(runtime)
     if len(options) > 1:
-        scratch = torch.empty_like(buffer)
+        sample, small, big = _calibration_sample(buffer, small, big)
+        scratch = torch.empty_like(sample)
         generator = torch.Generator(device=buffer.device) if state.codec.stochastic else None
         if generator is not None:
             generator.manual_seed(state.seed * 1_000_003 + runtime.transport.rank)
@@ -795,11 +797,32 @@ def _calibrate_bucket(state: CompressionState, runtime: _Runtime, buffer, small,
             return lambda: _reduce_as(state, runtime, scratch, small, big, choice, generator,
                                       None, feedback)
         seconds = measure([run(c) for c in options], runtime.control, buffer.device,
-                          prepare=lambda: scratch.copy_(buffer))
+                          prepare=lambda: scratch.copy_(sample))
+        seconds = [s * buffer.numel() / sample.numel() for s in seconds]
         timed = {c.label(state.codec): s for c, s in zip(options, seconds)}
         state._pending_plan.add(PlanEntry(buffer.numel(), decide(options, seconds), timed))
     else:  # nothing to compare (an fp32 "codec")
         state._pending_plan.add(PlanEntry(buffer.numel(), options[0], {}))
+
+
+def _calibration_sample(buffer: torch.Tensor, small, big):
+    """``(sample, small, big)``: the bucket itself, or for one of more than
+    :data:`~commpress.comm.calibration.SAMPLE_NUMEL` values its first ones, with the
+    segments cut to them (a cut parameter stands in as a shape-only tensor, so the scratch
+    error-feedback memory has the sample's size)."""
+    cap = SAMPLE_NUMEL
+    if buffer.numel() <= cap:
+        return buffer, small, big
+
+    def cut(segments):
+        kept = []
+        for offset, numel, param in segments:
+            if offset + numel <= cap:
+                kept.append((offset, numel, param))
+            elif offset < cap:
+                kept.append((offset, cap - offset, torch.empty(cap - offset, device="meta")))
+        return kept
+    return buffer[:cap], cut(small), cut(big)
 
 
 def _reduce_bucket(state: CompressionState, runtime: _Runtime, buffer: torch.Tensor, small, big,

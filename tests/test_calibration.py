@@ -387,3 +387,32 @@ def test_pinned_plans_are_checked_when_the_state_is_made(tmp_path):
     state = cp.CompressionState(cp.QSGD(), plan=scatter)  # a whole state dict holds one too
     again = cp.CompressionState(cp.QSGD(), plan={"config": {}, "plan": scatter.state_dict()})
     assert again.plan.state_dict() == state.plan.state_dict() == scatter.state_dict()
+
+
+def sampled_calibration_worker(rank, world_size, spec):
+    """Buckets over SAMPLE_NUMEL values are timed on a sample (lowered here to 3000 of a
+    bucket of 8580, cutting a parameter): every candidate reduces the sample
+    only, with error feedback on a scratch memory of the sample's size."""
+    commpress.ddp.SAMPLE_NUMEL = 3000
+    reduced = []
+    reduce_as = commpress.ddp._reduce_as
+    commpress.ddp._reduce_as = lambda state, runtime, buffer, *a: (
+        reduced.append(buffer.numel()), reduce_as(state, runtime, buffer, *a))[1]
+    model, data = model_and_data(rank, width=64)
+    ddp = DDP(model, bucket_cap_mb=25)
+    state = cp.register_hook(ddp, spec, log_every=0, min_numel=256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    train(ddp, 2, data, opt, width=64)  # fp32, then the calibration step
+    bucket = sum(p.numel() for p in model.parameters())
+    plan = state._trials.plans[-1] if state._trials else state.plan  # the per-bucket decision
+    return bucket, reduced, plan
+
+
+@pytest.mark.parametrize("spec", ["qsgd4+ef", "qsgd4+ef21"])
+def test_a_large_bucket_is_calibrated_on_a_sample(spec):
+    for bucket, reduced, plan in run_workers(sampled_calibration_worker, 2, spec):
+        assert bucket > 2 * 3000
+        calibration_runs = reduced[1:-1]  # between the two steps' own reductions (fp32)
+        assert calibration_runs and set(calibration_runs) == {3000}, reduced
+        assert reduced[0] == reduced[-1] == bucket
+        assert plan is not None and all(e.seconds for e in plan.entries.values())

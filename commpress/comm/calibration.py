@@ -9,7 +9,8 @@ real group, once (during a warm-up step) and again when the step's communication
   then the configured codec under each collective that applies.
 - :func:`measure`: every candidate run :data:`RUNS` times, each run started together on every
   rank (a one-element all-gather); a candidate's time is its fastest run on its slowest rank,
-  so every rank holds the same numbers (one all-gather of the timings).
+  so every rank holds the same numbers (one all-gather of the timings). Front ends time a
+  bucket larger than :data:`SAMPLE_NUMEL` on a sample of that size and scale.
 - :func:`decide`: the most exact candidate within :data:`MARGIN` of the fastest. fp32 thus wins
   every near tie, and the choice is never slower than fp32 by more than the timing noise.
 - :class:`Trials`: timing a reduction alone misses what it costs next to the backward pass
@@ -49,6 +50,11 @@ POLICIES = (CALIBRATED, FIXED)
 MARGIN = 0.05
 #: timed runs per candidate: the first may pay allocations and kernel compilation
 RUNS = 3
+#: buckets larger than this many elements are timed on their first ``SAMPLE_NUMEL`` values,
+#: each candidate's time scaled by the size ratio: every candidate is pipelined in pieces of
+#: 1M elements or less, so by 4M its time grows linearly, and the calibration step of a
+#: 100M-element bucket then costs about what one step does, in time and in memory
+SAMPLE_NUMEL = 1 << 22
 #: a plan is stale when the step's reduction time changed by this factor (either way)
 DRIFT = 2.0
 #: steps whose reduction times make the reference, and the window compared with it
