@@ -42,11 +42,11 @@ echo "mode: $mode (results in $out)"
   command -v nvidia-smi >/dev/null && nvidia-smi
 } > "$out/env.txt" 2>&1
 
-step tests_gpu 240 python -m pytest -q -rs tests/gpu --junitxml "$out/tests_gpu.xml"
+step tests_gpu 210 python -m pytest -q -rs tests/gpu --junitxml "$out/tests_gpu.xml"
 if [ "$mode" = gpu ]; then
   step codec_throughput 150 python benchmarks/codec_throughput.py --device cuda \
-    --sizes 1048576 25000000 --repeats 5 --out "$out/codec_throughput.json"
-  step train 120 commpress train qsgd4 qsgd4+ef --policy fixed -n 1 --device cuda --backend nccl \
+    --sizes 25000000 --repeats 3 --out "$out/codec_throughput.json"
+  step train 100 commpress train qsgd4 qsgd4+ef --policy fixed -n 1 --device cuda --backend nccl \
     --epochs 3 --quiet --json "$out/train.json"
 else
   step codec_throughput 150 python benchmarks/codec_throughput.py --device cpu --quick \
