@@ -6,7 +6,7 @@
 # 1. env.txt: the device, torch, CUDA and NCCL versions (nvidia-smi where present)
 # 2. tests_gpu.log / .xml: the tests/gpu suite (codecs on CUDA tensors, Triton kernels, the
 #    DDP hook under NCCL at world size 1 on every collective path, non-default streams)
-# 3. codec_throughput.json: every codec's encode/decode GB/s on the device beside a plain copy
+# 3. codec_throughput.json: every codec's encode/decode GB/s on 25M values on the device, beside a plain copy
 #    (the device's memory bandwidth), fused (Triton) and eager
 # 4. train.json / train.log: `commpress train` on one GPU over NCCL (world size 1), fp32 and
 #    QSGD-4 with and without error feedback
