@@ -12,6 +12,8 @@ For training, :func:`allreduce_gradients` averages all gradients of a model in o
 """
 from __future__ import annotations
 
+import os
+import time
 from typing import Iterable, Optional, Union
 
 import numpy as np
@@ -33,15 +35,50 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
                       "(and an MPI library such as Open MPI)") from exc
 
 
+#: seconds an MPI operation may take before the front end raises (a stopped or hung peer:
+#: MPI itself waits forever); ``COMMPRESS_MPI_TIMEOUT`` overrides it, 0 waits forever
+TIMEOUT_S = 1800.0
+
+
+def _timeout() -> Optional[float]:
+    seconds = float(os.environ.get("COMMPRESS_MPI_TIMEOUT", TIMEOUT_S))
+    return seconds if seconds > 0 else None
+
+
 class MPITransport(Transport):
     """The transport operations on an mpi4py communicator (CPU tensors only). Half-precision
     sums travel as float32: Open MPI 4.1 rejects float16 reductions (MPI_ERR_TYPE) and has no
-    bfloat16 type, so FP16/BF16 save nothing over MPI (the byte count says so)."""
+    bfloat16 type, so FP16/BF16 save nothing over MPI (the byte count says so).
 
-    def __init__(self, comm=None):
+    Operations are started non-blocking and waited for with a deadline (``timeout``
+    seconds, default :data:`TIMEOUT_S`): a peer that stopped answering raises
+    :class:`TimeoutError` instead of hanging the job. A dead peer ends the job through
+    ``mpirun``. MPI cannot cancel a collective, so after a timeout the communicator is
+    unusable: end the job."""
+
+    def __init__(self, comm=None, timeout: Optional[float] = None):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
         self.sent_bytes = 0
+        self.timeout = timeout if timeout is not None else _timeout()
+
+    def _wait(self, request, what: str) -> None:
+        """Wait for ``request``: spinning for the first millisecond (short collectives),
+        then polling with growing sleeps (up to 1 ms) until the deadline."""
+        if self.timeout is None:
+            request.Wait()
+            return
+        start = time.monotonic()
+        deadline, pause = start + self.timeout, 0.0
+        while not request.Test():
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(f"commpress.mpi: {what} on rank {self.rank} did not complete in "
+                                   f"{self.timeout:g} s: a peer stopped answering (hung, stopped "
+                                   f"or dead). MPI cannot cancel it: end the job")
+            if now - start > 1e-3:
+                time.sleep(pause)
+                pause = min(max(2 * pause, 1e-5), 1e-3)
 
     @staticmethod
     def _buffer(x: torch.Tensor):
@@ -53,7 +90,7 @@ class MPITransport(Transport):
     def all_gather(self, x):
         self._count_all_gather(x)
         out = torch.empty(self.world_size * x.numel(), dtype=x.dtype)
-        self.comm.Allgather(self._buffer(x.contiguous()), self._buffer(out))
+        self._wait(self.comm.Iallgather(self._buffer(x.contiguous()), self._buffer(out)), "allgather")
         return out
 
     def all_to_all(self, x, in_splits, out_splits):
@@ -62,20 +99,21 @@ class MPITransport(Transport):
         displs = lambda counts: np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
         send, stype = self._buffer(x.contiguous())
         recv, rtype = self._buffer(out)
-        self.comm.Alltoallv([send, (list(in_splits), displs(in_splits)), stype],
-                            [recv, (list(out_splits), displs(out_splits)), rtype])
+        self._wait(self.comm.Ialltoallv([send, (list(in_splits), displs(in_splits)), stype],
+                                        [recv, (list(out_splits), displs(out_splits)), rtype]),
+                   "alltoallv")
         return out
 
     def all_reduce_sum(self, x):
         if x.dtype in (torch.float16, torch.bfloat16):
             return x.copy_(self.all_reduce_sum(x.float()))
         self._count_all_reduce(x)
-        self.comm.Allreduce(MPI.IN_PLACE, self._buffer(x), op=MPI.SUM)
+        self._wait(self.comm.Iallreduce(MPI.IN_PLACE, self._buffer(x), op=MPI.SUM), "allreduce")
         return x
 
     def broadcast(self, x, src):
         self._count_broadcast(x, src)
-        self.comm.Bcast(self._buffer(x), root=src)
+        self._wait(self.comm.Ibcast(self._buffer(x), root=src), "broadcast")
         return x
 
 

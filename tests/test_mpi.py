@@ -80,3 +80,16 @@ def test_mpi_ranks_configured_differently_fail_with_named_errors(tmp_path):
     assert "codec:" in result["summable"]
     assert "complex" in result["complex"] and "[3, 2]" in result["complex"], result
     assert result["after"] == 1.5
+
+
+@pytest.mark.skipif(REASON is not None, reason=REASON or "")
+def test_a_stopped_mpi_peer_raises_within_the_timeout(tmp_path):
+    """MPI waits forever on a silent peer; the front end's transport raises TimeoutError."""
+    out = tmp_path / "fault.json"
+    env = {**os.environ, "COMMPRESS_MPI_TIMEOUT": "5"}
+    subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                    sys.executable, str(WORKER.with_name("mpi_fault_worker.py")), str(out)],
+                   capture_output=True, text=True, timeout=120, env=env)
+    result = json.loads(out.read_text())  # mpirun's own exit status reflects the killed peer
+    assert result["steps"] == 2 and "did not complete in 5 s" in result["error"], result
+    assert 5 <= result["seconds"] < 20, result
