@@ -67,7 +67,7 @@ def worker(args) -> None:
     from commpress.comm import compressed_mean
     from commpress.comm.transport import (TorchTransport, node_layout, release_default_group,
                                           torch_hierarchical_transport)
-    from commpress.ddp import codec_from_name, named_hooks
+    from commpress.names import codec_from_name, named_hooks
     from commpress.netsim import join_job, link_tx_bytes
     from commpress.stats import CommStats
 

@@ -145,7 +145,7 @@ def main(argv=None):
 
     import torch
 
-    from commpress.ddp import codec_from_name
+    from commpress.names import codec_from_name
 
     torch.set_num_threads(1)
     rows = []

@@ -3,8 +3,8 @@ from .codecs import (BF16, FP16, QSGD, Codec, Identity, NaturalCompression, Natu
                      Payload, codec_names, get_codec)
 from .acdc import ACDC, ACDCSchedule
 from .config import CompressionConfig
-from .ddp import (CompressionState, codec_from_name, compress_hook, named_hooks, register_hook,
-                  register_named_hook, state_from_name)
+from .ddp import CompressionState, compress_hook, register_hook, state_from_name
+from .names import codec_from_name, named_hooks, register_named_hook
 from .stats import CommStats
 
 __version__ = "0.1.0"

@@ -11,34 +11,32 @@ thread per state, in bucket order (see :mod:`commpress.comm.ordered`), so commun
 overlaps the rest of the backward pass.
 """
 
-import functools
 import json
 import logging
-import os
-import queue
-import threading
 import time
 import warnings
 import weakref
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from .codecs import FP16, BF16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering
+from .codecs import FP16, Codec, Identity
 from .acdc.masks import GradientMask
 from .comm.agreement import agree
-from .comm.calibration import (CALIBRATED, FP32, POLICIES, Candidate, CudaTimer, DriftMonitor,
-                               SAMPLE_NUMEL, Plan, PlanEntry, Trials, candidates, decide,
-                               finalists, measure)
+from .comm.calibration import (CALIBRATED, FP32, POLICIES, SAMPLE_NUMEL, Candidate, CudaTimer, Plan,
+                               candidates)
 from .config import CompressionConfig
 from .comm.ordered import OrderedExecutor
-from .comm.transport import (HierarchicalTransport, TorchTransport, Transport, destroyable,
+from .engine.policy import make_policy
+from .engine.runtime import Runtime, close_when_collected
+from .comm.transport import (HierarchicalTransport, TorchTransport, Transport,
                              new_group, node_layout, torch_hierarchical_transport)
 from .comm.collectives import start_mean
 from .comm.pipeline import reduce_gradient
 from .comm.segments import Segments
-from .feedback import KINDS as FEEDBACK_KINDS, ErrorFeedback, flat_numel
+from .feedback import ErrorFeedback, flat_numel
+from .names import split_name
 from .stats import CommStats
 
 logger = logging.getLogger("commpress")
@@ -49,76 +47,6 @@ _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 #: every bucket's layout is checked across ranks in this many first steps of a process (DDP
 #: rebuilds its buckets after the first; later checks happen whenever a bucket changes)
 _LAYOUT_CHECK_STEPS = 3
-
-
-#: backends whose buckets are reduced inline, in the hook, on the caller's current stream:
-#: NCCL's collectives are asynchronous on the GPU already, and issuing them from the backward
-#: thread keeps them in the same order as DDP's own on every rank (two communicators used from
-#: two threads could interleave differently per rank and deadlock)
-_INLINE_BACKENDS = ("nccl",)
-
-
-class _Runtime:
-    """What a state needs to communicate: a transport over a private copy of its group (and
-    the node groups of the hierarchical collective), its ordered worker thread (backends that
-    block, such as gloo) and one side stream per CUDA device for that thread. Holds no
-    reference to the state, so a dropped state is collected and :meth:`close` releases all."""
-
-    def __init__(self, transport: TorchTransport, control: Optional[TorchTransport] = None):
-        self.transport = transport
-        #: where ranks agree on what they reduce: a gloo group on the CPU, so that the check
-        #: costs no device->host copy (``transport`` itself when it is gloo)
-        self.control = control or transport
-        self.compressed_transport: Transport = transport
-        self.groups = [transport.group] + ([control.group] if control is not None else [])
-        self.inline = dist.get_backend(transport.group) in _INLINE_BACKENDS
-        self.executor = OrderedExecutor()
-        self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
-
-    def side_stream(self, device: torch.device) -> "torch.cuda.Stream":
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return self._streams[device]
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        for group in self.groups:
-            if dist.is_available() and dist.is_initialized() and destroyable(group):
-                try:
-                    dist.destroy_process_group(group)
-                except (RuntimeError, ValueError, KeyError):  # already gone with the world
-                    pass
-        self.groups = []
-
-
-def _close_when_collected(box: list) -> None:
-    """A dropped state's finalizer, given the one-element list that holds its runtime.
-
-    The cyclic collector, or a callback holding the last reference, may run it on a gloo
-    thread of the very group it owns; a group destroyed or freed there joins that thread
-    ("Resource deadlock avoided": the process aborts). So off the main thread the runtime
-    is moved to a thread of its own, which closes it and drops the last reference to it
-    (this thread keeps none: the box is emptied, the queue hands it over). That thread is
-    not a daemon, so the interpreter waits for it before finalizing: a daemon still inside
-    a group's destructor then is killed when it takes the GIL back, unwinding through C++
-    that must not throw ("terminate called without an active exception", SIGABRT at exit).
-    Once the main thread has finished, a new thread would not be waited for: a thread of
-    Python's own (the worker) then closes it itself; only a C++ thread still hands it off."""
-    if not box:
-        return
-    here, main = threading.current_thread(), threading.main_thread()
-    foreign = isinstance(here, threading._DummyThread)  # e.g. gloo's, maybe the group's own
-    if here is main or not (main.is_alive() or foreign):
-        box.pop().close()
-        return
-    handoff: queue.SimpleQueue = queue.SimpleQueue()
-    handoff.put(box.pop())
-    threading.Thread(target=_close_handed_off, args=(handoff,), name="commpress-release",
-                     daemon=False).start()
-
-
-def _close_handed_off(handoff: queue.SimpleQueue) -> None:
-    handoff.get().close()
 
 
 def _two_models_error() -> RuntimeError:
@@ -221,28 +149,15 @@ class CompressionState:
         self.phase = "dense"
         self.phase_stats = {"dense": CommStats(), "sparse": CommStats()}
         self.feedback = ErrorFeedback(error_feedback, server_feedback) if error_feedback else None
-        #: the calibrated policy's choice per bucket size (None until calibrated)
-        self.plan: Optional[Plan] = None
-        self._pinned = plan is not None  # never calibrated: the plan was given
-        if plan is not None:
-            if policy != CALIBRATED:
-                raise ValueError(f"plan= pins the calibrated policy's choices; policy={policy!r} "
-                                 "has none (leave plan=None, or use policy='calibrated')")
-            self.plan = _given_plan(plan, self._all_candidates())
-            self._describe_plan()
-        self._pending_plan: Optional[Plan] = None  # filled during a calibration step
-        self._trials: Optional[Trials] = None       # finalist plans taking turns over steps
-        self._calibrating = False                   # this step measures (set by the hook)
-        self._step_plan: Optional[Plan] = None      # the plan this step runs
-        self._step_started = (-1, 0.0)              # (step, perf_counter) of its first bucket
-        self._step_timer: Optional[CudaTimer] = None
-        self._drift = DriftMonitor()
+        #: how each bucket of a step is reduced (see :mod:`commpress.engine.policy`)
+        self._policy = make_policy(policy, codec, collective, start_iter, recalibrate_every, plan)
+        self._describe_plan()
         # this process's runtime and bookkeeping (not pickled, not in state_dict)
         self.param_index: Dict[torch.Tensor, int] = {}
         self.mask = GradientMask()      # the AC/DC policy: which entries to send
         # the runtime, once created: its only strong reference, so that the finalizer
-        # decides on which thread it dies (see _close_when_collected)
-        self._runtime_box: List[_Runtime] = []
+        # decides on which thread it dies (see engine.runtime.close_when_collected)
+        self._runtime_box: List[Runtime] = []
         self._release = None
         self._closed = False
         self._model = None              # weak reference to the model bound by register_hook
@@ -265,10 +180,10 @@ class CompressionState:
 
     # -- runtime: created eagerly on the caller's thread ------------------------------------
     @property
-    def _runtime(self) -> Optional[_Runtime]:
+    def _runtime(self) -> Optional[Runtime]:
         return self._runtime_box[0] if self._runtime_box else None
 
-    def _ensure_runtime(self, device: Optional[torch.device] = None) -> _Runtime:
+    def _ensure_runtime(self, device: Optional[torch.device] = None) -> Runtime:
         """Create the private group (and node groups), check that every rank is configured
         alike, start the worker thread. Collective over the group's ranks: every rank reaches
         it at the same point (registration, or its first hook call). ``device``: the model's
@@ -292,7 +207,7 @@ class CompressionState:
         if dist.get_backend(group) != "gloo":
             control = TorchTransport(new_group(ranks, group, every_rank_calls=len(ranks) ==
                                                dist.get_world_size(), backend="gloo"))
-        runtime = _Runtime(TorchTransport(private, device), control)
+        runtime = Runtime(TorchTransport(private, device), control)
         try:
             transport = runtime.transport
             agree(runtime.control, self._agreement_fields(), runtime.control.device)
@@ -317,7 +232,7 @@ class CompressionState:
             runtime.close()
             raise
         self._runtime_box.append(runtime)
-        self._release = weakref.finalize(self, _close_when_collected, self._runtime_box)
+        self._release = weakref.finalize(self, close_when_collected, self._runtime_box)
         self._check_loaded_rank()
         return runtime
 
@@ -373,74 +288,33 @@ class CompressionState:
             self._generators[key] = gen
         return self._generators[key]
 
-    # -- the calibrated policy -------------------------------------------------------------
-    def _candidates(self, runtime: _Runtime):
+    # -- the policy -----------------------------------------------------------------------
+    @property
+    def plan(self) -> Optional[Plan]:
+        """The calibrated policy's choice per bucket size (None until calibrated, and under
+        ``policy="fixed"``)."""
+        return self._policy.plan
+
+    def _candidates(self, runtime: Runtime):
         return candidates(self.codec, self.collective, runtime.transport.world_size,
                           isinstance(runtime.compressed_transport, HierarchicalTransport))
 
-    def _all_candidates(self):
-        """Every choice this configuration could make, on any world (to check a checkpoint)."""
-        return candidates(self.codec, self.collective, 3, True)
+    def _begin_step(self, step: int, compress: bool, runtime: Runtime, device: torch.device) -> None:
+        """The policy at a step's first bucket, on the hook's thread while nothing of the step
+        is in flight (see :meth:`CalibratedPolicy.begin_step`)."""
+        before = self._policy.plan
+        self._policy.begin_step(step, compress, runtime.control, device, runtime.inline)
+        if self._policy.plan is not before:
+            self._announce_plan(runtime)
 
-    def _calibration_due(self, step: int, compress: bool, runtime: _Runtime) -> bool:
-        """Whether this step calibrates (asked by the hook at a step's first bucket, before
-        anything of the step is in flight). The first plan: after DDP's bucket rebuild (step
-        1), in the last fp32 warm-up step when there is one; buckets are reduced in fp32 until
-        it exists. Later: at every ``recalibrate_every``-th step after the plan's, if any rank
-        saw the reduction time drift (one small all-gather, at a step every rank knows)."""
-        if self._pinned:
-            return False
-        if self.plan is None:
-            return step >= max(self.start_iter - 1, 1)
-        if (not compress or not self.recalibrate_every or step <= self.plan.step
-                or (step - self.plan.step) % self.recalibrate_every):
-            return False
-        control = runtime.control
-        votes = control.all_gather(torch.tensor([self._drift.drifted()], dtype=torch.uint8,
-                                                device=control.device))
-        return bool(votes.any())
+    def _calibration_done(self, runtime: Runtime) -> None:
+        """After a calibration step (worker thread, its last bucket)."""
+        before = self._policy.plan
+        self._policy.calibration_done(self._candidates(runtime))
+        if self._policy.plan is not before:
+            self._announce_plan(runtime)
 
-    def _begin_step(self, step: int, compress: bool, runtime: _Runtime, device: torch.device) -> None:
-        """The calibrated policy at a step's first bucket, on the hook's thread while nothing
-        of the step is in flight: time the previous trial step (first bucket to first bucket:
-        its whole iteration), adopt a plan when the trials are over, decide whether this step
-        calibrates, and which plan it runs."""
-        cuda = device.type == "cuda"
-        if cuda and self._trials is not None:
-            # trial steps are timed on the host clock, which on a GPU runs ahead of the work
-            torch.cuda.synchronize(device)
-        now = time.perf_counter()
-        trials = self._trials
-        if trials is not None:
-            started_step, started_at = self._step_started
-            if trials.covers(step - 1) and started_step == step - 1:  # timed in this process
-                trials.record(step - 1, now - started_at)
-            if step > trials.last:
-                self._trials = None
-                self._adopt(trials.decide(runtime.control, self.codec), runtime)
-        self._calibrating = self._trials is None and self._calibration_due(step, compress, runtime)
-        if self._calibrating:
-            self._pending_plan = Plan(step)
-        in_trial = self._trials is not None and self._trials.covers(step)
-        self._step_plan = self._trials.plan_for(step) if in_trial else self.plan
-        self._step_started = (step, now)
-        # an adopted plan's all-reduces issued inline on a GPU are timed by events
-        self._step_timer = (CudaTimer() if cuda and runtime.inline and self._step_plan is not None
-                            and self._step_plan is self.plan else None)
-
-    def _isolated_done(self, runtime: _Runtime) -> None:
-        """After a calibration step (worker thread, its last bucket): adopt the per-bucket plan
-        at once if no other plan comes near it, else start the trial steps."""
-        isolated, self._pending_plan = self._pending_plan, None
-        plans = finalists(isolated, self._candidates(runtime), self.codec)
-        if len(plans) == 1:
-            self._adopt(plans[0], runtime)
-        else:
-            self._trials = Trials(plans, isolated.step + 1)
-
-    def _adopt(self, plan: Plan, runtime: _Runtime) -> None:
-        self.plan = plan
-        self._drift.reset()
+    def _announce_plan(self, runtime: Runtime) -> None:
         idle_feedback = self._describe_plan()
         if runtime.transport.rank == 0:
             logger.info("commpress calibrated %s", self.stats.plan)
@@ -561,8 +435,7 @@ class CompressionState:
                 "phase_stats": {k: v.state_dict() for k, v in self.phase_stats.items()},
                 "rank": origin[0] if origin else None,
                 "world_size": origin[1] if origin else None,
-                "plan": self.plan.state_dict() if self.plan else None,
-                "calibration": self._trials.state_dict() if self._trials else None}
+                **self._policy.state_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
         """Restore :meth:`state_dict`, after checking every entry (a wrong one is refused with
@@ -572,12 +445,7 @@ class CompressionState:
         and the per-rank memories are reset consistently (see
         :meth:`ErrorFeedback.adopt_other_rank`)."""
         _validate_state(state, self._config(), self.feedback)
-        plan, trials = state.get("plan"), state.get("calibration")
-        if plan or not self._pinned:  # a pinned plan stays unless the checkpoint holds one
-            self.plan = Plan.from_state_dict(plan, self._all_candidates()) if plan else None
-        self._trials = Trials.from_state_dict(trials, self._all_candidates()) if trials else None
-        self._pending_plan = None
-        self._drift.reset()
+        self._policy.load_state_dict(state.get("plan"), state.get("calibration"))
         self.iter = state["iter"]
         self._generators, self._saved_rng = {}, dict(state["rng"])
         if self.feedback is not None:
@@ -614,7 +482,7 @@ class CompressionState:
                     start_iter=self.start_iter, min_numel=self.min_numel, seed=self.seed,
                     log_every=self.log_every, policy=self.policy,
                     recalibrate_every=self.recalibrate_every,
-                    plan=self.plan.state_dict() if self._pinned else None)
+                    plan=self.plan.state_dict() if self._policy.pinned else None)
         try:
             saved = self.state_dict()
         except RuntimeError as exc:  # memories of parameters that were never named
@@ -630,31 +498,6 @@ class CompressionState:
         self.load_state_dict(pickled["state"])
         logger.warning("CompressionState unpickled: process_group is not serializable and was "
                        "reset to the default group")
-
-
-def _given_plan(plan, allowed) -> Plan:
-    """The plan of ``CompressionState(plan=...)``: a :class:`Plan`, its state dict, a whole
-    state dict holding one, or the path of a JSON file of either."""
-    source = "plan"
-    if isinstance(plan, (str, os.PathLike)):
-        source = f"plan file {os.fspath(plan)!r}"
-        with open(plan) as f:
-            try:
-                plan = json.load(f)
-            except ValueError as exc:
-                raise ValueError(f"commpress: {source} is not JSON ({exc})") from None
-    if isinstance(plan, Plan):
-        plan = plan.state_dict()
-    if isinstance(plan, dict) and "entries" not in plan and "plan" in plan:  # a whole state dict
-        plan = plan["plan"]
-    if not isinstance(plan, dict) or not plan.get("entries"):
-        raise ValueError(f"commpress: {source} holds no plan (expected state.plan.state_dict(), "
-                         f"a state_dict() with a plan, or a file written by save_plan); a run "
-                         f"adopts its plan after the trial steps")
-    try:
-        return Plan.from_state_dict(plan, allowed)
-    except ValueError as exc:
-        raise ValueError(f"commpress: {source} does not fit this configuration: {exc}") from None
 
 
 def _validate_state(state: Dict, config: Dict, feedback: Optional[ErrorFeedback]) -> None:
@@ -736,7 +579,7 @@ def _reduce_group(state: CompressionState, buffer, segments, codec, collective,
                     keep=state.mask.kept_indices(params, buffer.device), agreed=True)
 
 
-def _reduce_as(state: CompressionState, runtime: _Runtime, buffer, small, big, choice: Candidate,
+def _reduce_as(state: CompressionState, runtime: Runtime, buffer, small, big, choice: Candidate,
                generator: Optional[torch.Generator], stats: Optional[CommStats],
                feedback: Optional[ErrorFeedback]) -> None:
     """Average ``buffer`` over ranks in place as ``choice`` says: the small layers in fp32, the
@@ -763,46 +606,36 @@ def _reduce_as(state: CompressionState, runtime: _Runtime, buffer, small, big, c
         small_done()
 
 
-def _choose(state: CompressionState, runtime: _Runtime, buffer, small, big, last: bool,
+def _choose(state: CompressionState, runtime: Runtime, buffer, small, big, last: bool,
             compress: bool, calibrating: bool, plan: Optional[Plan]) -> Candidate:
     """How this bucket is reduced this step (worker thread, in bucket order). A calibration
-    step (decided by the hook, see :meth:`CompressionState._calibration_due`) measures every
+    step (decided at the step's first bucket, see :class:`CalibratedPolicy`) measures every
     candidate on each bucket and reduces it in fp32."""
-    if state.policy != CALIBRATED:
-        return Candidate("codec", state.collective) if compress else FP32
-    if calibrating:
-        _calibrate_bucket(state, runtime, buffer, small, big)
-        if last:
-            state._isolated_done(runtime)
-        return FP32
-    if not compress or plan is None:
-        return FP32
-    return plan.entry_for(buffer.numel()).choice
+    if not calibrating:
+        return state._policy.choose(buffer.numel(), compress, plan)
+    _calibrate_bucket(state, runtime, buffer, small, big)
+    if last:
+        state._calibration_done(runtime)
+    return FP32
 
 
-def _calibrate_bucket(state: CompressionState, runtime: _Runtime, buffer, small, big) -> None:
-    """Time every candidate on a copy of ``buffer`` and add the decision to the pending plan.
-    Candidates draw rounding noise from a generator of their own (the training's stream is
-    untouched) and feed back into a scratch memory (so error feedback's cost is counted)."""
-    options = state._candidates(runtime)
-    if len(options) > 1:
-        sample, small, big = _calibration_sample(buffer, small, big)
-        scratch = torch.empty_like(sample)
-        generator = torch.Generator(device=buffer.device) if state.codec.stochastic else None
-        if generator is not None:
-            generator.manual_seed(state.seed * 1_000_003 + runtime.transport.rank)
-        feedback = ErrorFeedback(state.error_feedback, state.server_feedback) if state.feedback else None
+def _calibrate_bucket(state: CompressionState, runtime: Runtime, buffer, small, big) -> None:
+    """Time every candidate on a copy of ``buffer`` (or of a sample of it) for the pending
+    plan. Candidates draw rounding noise from a generator of their own (the training's stream
+    is untouched) and feed back into a scratch memory (so error feedback's cost is counted)."""
+    sample, small, big = _calibration_sample(buffer, small, big)
+    scratch = torch.empty_like(sample)
+    generator = torch.Generator(device=buffer.device) if state.codec.stochastic else None
+    if generator is not None:
+        generator.manual_seed(state.seed * 1_000_003 + runtime.transport.rank)
+    feedback = ErrorFeedback(state.error_feedback, state.server_feedback) if state.feedback else None
 
-        def run(choice):
-            return lambda: _reduce_as(state, runtime, scratch, small, big, choice, generator,
-                                      None, feedback)
-        seconds = measure([run(c) for c in options], runtime.control, buffer.device,
-                          prepare=lambda: scratch.copy_(sample))
-        seconds = [s * buffer.numel() / sample.numel() for s in seconds]
-        timed = {c.label(state.codec): s for c, s in zip(options, seconds)}
-        state._pending_plan.add(PlanEntry(buffer.numel(), decide(options, seconds), timed))
-    else:  # nothing to compare (an fp32 "codec")
-        state._pending_plan.add(PlanEntry(buffer.numel(), options[0], {}))
+    def run(choice):
+        return lambda: _reduce_as(state, runtime, scratch, small, big, choice, generator, None,
+                                  feedback)
+    state._policy.calibrate(buffer.numel(), state._candidates(runtime), run, runtime.control,
+                            buffer.device, prepare=lambda: scratch.copy_(sample),
+                            scale=buffer.numel() / sample.numel())
 
 
 def _calibration_sample(buffer: torch.Tensor, small, big):
@@ -825,7 +658,7 @@ def _calibration_sample(buffer: torch.Tensor, small, big):
     return buffer[:cap], cut(small), cut(big)
 
 
-def _reduce_bucket(state: CompressionState, runtime: _Runtime, buffer: torch.Tensor, small, big,
+def _reduce_bucket(state: CompressionState, runtime: Runtime, buffer: torch.Tensor, small, big,
                    compress: bool, calibrating: bool, plan: Optional[Plan], index: int,
                    last: bool, phase: str, fields: Optional[Dict], step: int) -> torch.Tensor:
     """One bucket's reduction (the worker thread, or inline). Once a bucket of a step has
@@ -844,7 +677,7 @@ def _reduce_bucket(state: CompressionState, runtime: _Runtime, buffer: torch.Ten
         raise
 
 
-def _reduce_agreed(state: CompressionState, runtime: _Runtime, buffer: torch.Tensor, small, big,
+def _reduce_agreed(state: CompressionState, runtime: Runtime, buffer: torch.Tensor, small, big,
                    compress: bool, calibrating: bool, plan: Optional[Plan], last: bool,
                    phase: str, fields: Optional[Dict]) -> torch.Tensor:
     transport = runtime.transport
@@ -854,6 +687,7 @@ def _reduce_agreed(state: CompressionState, runtime: _Runtime, buffer: torch.Ten
     state.stats.add(fp32_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
     choice = _choose(state, runtime, buffer, small, big, last, compress, calibrating, plan)
     adopted = plan is not None and plan is state.plan  # not on trial: watched for drift
+    drift = state._policy.drift if adopted else None
     # inline on a GPU the host only queues the work: time it by events (a worker thread
     # synchronizes its side stream, so its clock is the work's)
     timer = CudaTimer() if adopted and runtime.inline and buffer.is_cuda else None
@@ -861,9 +695,9 @@ def _reduce_agreed(state: CompressionState, runtime: _Runtime, buffer: torch.Ten
     _reduce_as(state, runtime, buffer, small, big, choice, state.generator(buffer.device),
                state.stats, state.feedback)
     if timer is not None:
-        state._drift.add_timer(timer.stop(), last)
-    elif adopted:
-        state._drift.add(time.perf_counter() - start, last)
+        drift.add_timer(timer.stop(), last)
+    elif drift is not None:
+        drift.add(time.perf_counter() - start, last)
     if last:
         _end_step(state, phase, transport.rank)
     return buffer
@@ -876,7 +710,7 @@ def _end_step(state: CompressionState, phase: str, rank: int) -> None:
         logger.info("commpress %s", state.stats.summary())
 
 
-def _reduce_direct(state: CompressionState, runtime: _Runtime, buffer: torch.Tensor,
+def _reduce_direct(state: CompressionState, runtime: Runtime, buffer: torch.Tensor,
                    plan: Plan, last: bool) -> torch.futures.Future:
     """A bucket under a plan whose every choice is an all-reduce (fp32 or fp16: the codec paid
     nowhere): one asynchronous all-reduce issued here, as DDP's own default, with no worker
@@ -899,8 +733,9 @@ def _reduce_direct(state: CompressionState, runtime: _Runtime, buffer: torch.Ten
     # the callback runs on the engine's thread and must not hold the state: if it held the
     # last reference, the state's finalizer would destroy the group from that group's own
     # thread ("Resource deadlock avoided", and the process aborts)
-    started, drift = state._step_started[1], state._drift if last and plan is state.plan else None
-    timer, stats = state._step_timer, state.stats
+    policy = state._policy
+    started, drift = policy.step_started[1], policy.drift if last and plan is state.plan else None
+    timer, stats = policy.step_timer, state.stats
     issued = time.perf_counter()
     work = dist.all_reduce(send, group=runtime.transport.group, async_op=True)
 
@@ -950,9 +785,9 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
     device = buffer.device  # from the bucket, never from another thread's current device
     runtime = state._ensure_runtime(device)  # on this (the backward's) thread, never the worker
     step, compress = state.iter, state.iter >= state.start_iter
-    if state.policy == CALIBRATED and index == 0:  # nothing of this step is in flight yet
+    if index == 0:  # nothing of this step is in flight yet
         state._begin_step(step, compress, runtime, device)
-    calibrating, plan = state._calibrating, state._step_plan
+    calibrating, plan = state._policy.calibrating, state._policy.step_plan
     # a plan of all-reduces only skips the worker; an AC/DC mask's compact vectors need it
     if compress and not calibrating and plan is not None and plan.all_reduce and not state.mask:
         if index == 0:  # as every path does: a rank a step or a phase apart fails, named
@@ -995,69 +830,13 @@ def _on_side_stream(reduce, stream: "torch.cuda.Stream", device: torch.device):
     return run
 
 
-# -- named hooks, for command lines and configuration files ----------------------------------
-#: hook name -> factory of its codec; one table behind every place a hook is named
-#: (register_hook, state_from_name, ``commpress train``, the Lightning strategy, benchmarks)
-_NAMED_HOOKS: Dict[str, Callable[[], Codec]] = {}
-
-
-def register_named_hook(name: str, codec_factory: Callable[[], Codec]) -> None:
-    """Make ``name`` (and ``name+ef``, ``name+ef21``) a hook name, e.g. for a codec of your
-    own. A taken name is refused, as codec names and wire ids are (see
-    :func:`commpress.codecs.register_codec`): a plugin cannot silently replace a built-in.
-
-    Example::
-
-        >>> commpress.register_named_hook("qsgd4-l2", lambda: QSGD(bits=4, norm="l2"))
-        >>> state = commpress.register_hook(ddp_model, "qsgd4-l2+ef")
-    """
-    key = name.lower() if isinstance(name, str) else name
-    if not isinstance(key, str) or not key or "+" in key or not key.isprintable() or " " in key:
-        raise ValueError(f"a hook name is a non-empty word without '+' or spaces, got {name!r}")
-    if not callable(codec_factory):
-        raise TypeError(f"codec_factory must be callable (returning a Codec), got {codec_factory!r}")
-    if key in _NAMED_HOOKS:
-        raise ValueError(f"hook name {name!r} is already registered")
-    _NAMED_HOOKS[key] = codec_factory
-
-
-def named_hooks() -> List[str]:
-    """The registered hook names (each also takes ``+ef`` or ``+ef21``)."""
-    return sorted(_NAMED_HOOKS)
-
-
-def _split_name(name: str):
-    """``(codec factory, error_feedback or None)`` of a hook name such as ``"qsgd4+ef"``."""
-    base, plus, feedback = name.lower().partition("+") if isinstance(name, str) else (name, "", "")
-    if base not in _NAMED_HOOKS or (plus and feedback not in FEEDBACK_KINDS):
-        raise ValueError(f"unknown hook {name!r}; known: {', '.join(named_hooks())} "
-                         "(optionally with +ef or +ef21)")
-    return _NAMED_HOOKS[base], feedback or None
-
-
-def codec_from_name(name: str) -> Codec:
-    """A fresh codec of hook ``name`` (without its feedback suffix)."""
-    return _split_name(name)[0]()
-
-
 def state_from_name(name: str, **kwargs) -> CompressionState:
     """``"qsgd4"``, ``"natural"``, ... (see :func:`named_hooks`) with an optional ``+ef`` or
     ``+ef21`` suffix, e.g. ``"qsgd4+ef"``; keyword arguments go to :class:`CompressionState`."""
-    factory, feedback = _split_name(name)
+    factory, feedback = split_name(name)
     if feedback:
         kwargs["error_feedback"] = feedback
     return CompressionState(codec=factory(), **kwargs)
-
-
-for _name, _factory in {
-        "fp32": Identity, "fp16": FP16, "bf16": BF16,
-        # qsgd1 ... qsgd8, every width QSGD takes; 1 and 2 bits with smaller buckets (fewer
-        # levels need a tighter scale)
-        **{f"qsgd{bits}": functools.partial(QSGD, bits=bits, bucket_size=128 if bits <= 2 else 512)
-           for bits in range(1, 9)},
-        "natural": NaturalCompression, "cnat": NaturalCompression,
-        "dithering": NaturalDithering, "dnat": NaturalDithering}.items():
-    register_named_hook(_name, _factory)
 
 
 def register_hook(model: torch.nn.parallel.DistributedDataParallel, state, **kwargs) -> CompressionState:

@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commpress as cp
 import commpress.ddp
+import commpress.engine.policy
 from commpress.comm import LoopbackGroup
 from commpress.comm.calibration import (FP32, MAX_UNREAD, TRIAL_STEPS, WINDOW, Candidate,
                                         DriftMonitor, Plan, PlanEntry, Trials, candidates, decide,
@@ -201,7 +202,7 @@ def test_codec_that_does_not_pay_falls_back_to_fp32():
 
 
 def resume_worker(rank, world_size):
-    commpress.ddp.measure = fake_timings  # the codec wins: its random stream must resume too
+    commpress.engine.policy.measure = fake_timings  # the codec wins: its random stream must resume too
     model, data = model_and_data(rank)
     ddp = DDP(model, bucket_cap_mb=25)
     state = cp.register_hook(ddp, "qsgd4+ef", log_every=0, min_numel=256)
@@ -238,12 +239,12 @@ def test_plan_survives_a_checkpoint_and_resume_is_bit_identical():
 
 
 def drift_worker(rank, world_size):
-    commpress.ddp.measure = fake_timings
+    commpress.engine.policy.measure = fake_timings
     model, data = model_and_data(rank)
     ddp = DDP(model, bucket_cap_mb=25)
     state = cp.register_hook(ddp, "qsgd4", log_every=0, recalibrate_every=3)
     if rank == 1:  # only this rank sees its link slow down
-        state._drift.drifted = lambda: True
+        state._policy.drift.drifted = lambda: True
     plan_steps = []
     for _ in range(9):
         train(ddp, 1, data, torch.optim.SGD(model.parameters(), lr=0.01))
@@ -274,7 +275,7 @@ def test_finalists_are_the_plans_near_the_fastest_without_duplicates():
 
 
 def trials_worker(rank, world_size):
-    commpress.ddp.measure = fake_timings
+    commpress.engine.policy.measure = fake_timings
     fake_timings.seconds = [0.10, 0.09, 0.08]  # three finalists
     model, data = model_and_data(rank)
     ddp = DDP(model, bucket_cap_mb=25)
@@ -301,7 +302,7 @@ def trial_resume_worker(rank, world_size):
     """A checkpoint saved during the trial steps: the resumed run goes on with the same trial
     plans at the same steps (it used to calibrate again, in fp32, and drift from the
     uninterrupted run by rounding)."""
-    commpress.ddp.measure = fake_timings
+    commpress.engine.policy.measure = fake_timings
     fake_timings.seconds = [0.10, 0.09, 0.08]  # three finalists: trials over steps 2..16
     model, data = model_and_data(rank)
     ddp = DDP(model, bucket_cap_mb=25)
@@ -338,7 +339,7 @@ def pinned_plan_worker(rank, world_size, plan_file):
     """A plan saved by one run and pinned in two more: those never time anything and train
     bit-identically; a plan of fp16 all-reduces says that "+ef" is idle under it, and counts
     the all-reduces' time."""
-    commpress.ddp.measure = fake_timings  # the codec wins the calibration of the first run
+    commpress.engine.policy.measure = fake_timings  # the codec wins the calibration of the first run
     model, data = model_and_data(rank)
     ddp = DDP(model, bucket_cap_mb=0.1)
     state = cp.register_hook(ddp, "qsgd4+ef", log_every=0, min_numel=256)
@@ -404,7 +405,7 @@ def sampled_calibration_worker(rank, world_size, spec):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     train(ddp, 2, data, opt, width=64)  # fp32, then the calibration step
     bucket = sum(p.numel() for p in model.parameters())
-    plan = state._trials.plans[-1] if state._trials else state.plan  # the per-bucket decision
+    plan = state._policy.trials.plans[-1] if state._policy.trials else state.plan  # the per-bucket decision
     return bucket, reduced, plan
 
 

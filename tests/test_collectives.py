@@ -87,7 +87,8 @@ def wire_worker(rank, world_size):
     out = {}
     for algorithm in ("allgather", "reduce_scatter"):
         before = transport.sent_bytes
-        compressed_mean(x, codec, transport, algorithm, torch.Generator().manual_seed(rank))
+        compressed_mean(x, codec, transport, algorithm, torch.Generator().manual_seed(rank),
+                        agreed=True)  # the collective's bytes, without the 8-byte agreement
         out[algorithm] = transport.sent_bytes - before
     return out
 

@@ -238,8 +238,8 @@ def test_hook_called_wrongly_says_so():
 
 
 def test_named_hooks_one_registry_refusing_taken_and_malformed_names(monkeypatch):
-    from commpress import ddp as ddp_module
-    monkeypatch.setattr(ddp_module, "_NAMED_HOOKS", dict(ddp_module._NAMED_HOOKS))
+    from commpress import names
+    monkeypatch.setattr(names, "_NAMED_HOOKS", dict(names._NAMED_HOOKS))
     assert {"fp32", "fp16", "qsgd2", "qsgd8", "natural", "dithering"} <= set(cp.named_hooks())
     assert cp.state_from_name("QSGD4+EF", policy="fixed").error_feedback == "ef"
     assert cp.codec_from_name("qsgd2+ef21") == cp.QSGD(bits=2, bucket_size=128)

@@ -375,7 +375,7 @@ def closed_before_exit(tmp_path, script: str) -> bool:
     prelude = f"""
 import threading, time
 from pathlib import Path
-from commpress import ddp
+from commpress.engine import runtime
 from commpress.comm import OrderedExecutor
 
 class SlowRuntime:  # a runtime whose close (executor, groups) takes a while
@@ -395,7 +395,7 @@ def test_state_released_off_the_main_thread_is_closed_before_the_interpreter_exi
     finalized the interpreter under it: gloo's groups were then freed mid-finalization and one
     rank in ~30 aborted at exit ("terminate called without an active exception")."""
     assert closed_before_exit(tmp_path, """
-collector = threading.Thread(target=ddp._close_when_collected, args=([SlowRuntime()],))
+collector = threading.Thread(target=runtime.close_when_collected, args=([SlowRuntime()],))
 collector.start()
 collector.join()
 """)  # ... and the script ends while the release thread is still closing
@@ -474,7 +474,7 @@ def test_state_dropped_by_the_worker_during_shutdown_is_closed_before_exit(tmp_p
 def drop_during_shutdown():
     while threading.main_thread().is_alive():
         time.sleep(0.01)
-    ddp._close_when_collected([SlowRuntime()])
+    runtime.close_when_collected([SlowRuntime()])
 
 executor = OrderedExecutor()
 executor.submit(drop_during_shutdown)
@@ -484,10 +484,10 @@ executor.submit(drop_during_shutdown)
 def execution_worker(rank, world_size):
     """The same training with reductions on the worker thread (gloo's way) and inline in the
     hook (NCCL's way): identical weights, bit for bit."""
-    import commpress.ddp as cpddp
+    import commpress.engine.runtime as cpruntime
     out = {}
     for inline in (False, True):
-        cpddp._INLINE_BACKENDS = ("nccl", "gloo") if inline else ("nccl",)
+        cpruntime.INLINE_BACKENDS = ("nccl", "gloo") if inline else ("nccl",)
         model = DDP(mlp(width=256), bucket_cap_mb=0.01)
         state = cp.register_hook(model, "qsgd4+ef", log_every=0, policy="fixed", min_numel=256,
                                  collective="reduce_scatter")

@@ -1,0 +1,87 @@
+"""What a front end needs to communicate, created eagerly and released once: private process
+groups, the ordered worker thread, CUDA side streams.
+
+A front end keeps its :class:`Runtime` in a one-element list that only it references, and
+registers :func:`close_when_collected` on that list with ``weakref.finalize``: a dropped state
+then releases its groups and thread on a thread where that is safe.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..comm.ordered import OrderedExecutor
+from ..comm.transport import TorchTransport, Transport, destroyable
+
+#: backends whose buckets are reduced inline, in the hook, on the caller's current stream:
+#: NCCL's collectives are asynchronous on the GPU already, and issuing them from the backward
+#: thread keeps them in the same order as DDP's own on every rank (two communicators used from
+#: two threads could interleave differently per rank and deadlock)
+INLINE_BACKENDS = ("nccl",)
+
+
+class Runtime:
+    """What a state needs to communicate: a transport over a private copy of its group (and
+    the node groups of the hierarchical collective), its ordered worker thread (backends that
+    block, such as gloo) and one side stream per CUDA device for that thread. Holds no
+    reference to the state, so a dropped state is collected and :meth:`close` releases all."""
+
+    def __init__(self, transport: TorchTransport, control: Optional[TorchTransport] = None):
+        self.transport = transport
+        #: where ranks agree on what they reduce: a gloo group on the CPU, so that the check
+        #: costs no device->host copy (``transport`` itself when it is gloo)
+        self.control = control or transport
+        self.compressed_transport: Transport = transport
+        self.groups = [transport.group] + ([control.group] if control is not None else [])
+        self.inline = dist.get_backend(transport.group) in INLINE_BACKENDS
+        self.executor = OrderedExecutor()
+        self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
+
+    def side_stream(self, device: torch.device) -> "torch.cuda.Stream":
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        for group in self.groups:
+            if dist.is_available() and dist.is_initialized() and destroyable(group):
+                try:
+                    dist.destroy_process_group(group)
+                except (RuntimeError, ValueError, KeyError):  # already gone with the world
+                    pass
+        self.groups = []
+
+
+def close_when_collected(box: list) -> None:
+    """A dropped state's finalizer, given the one-element list that holds its runtime.
+
+    The cyclic collector, or a callback holding the last reference, may run it on a gloo
+    thread of the very group it owns; a group destroyed or freed there joins that thread
+    ("Resource deadlock avoided": the process aborts). So off the main thread the runtime
+    is moved to a thread of its own, which closes it and drops the last reference to it
+    (this thread keeps none: the box is emptied, the queue hands it over). That thread is
+    not a daemon, so the interpreter waits for it before finalizing: a daemon still inside
+    a group's destructor then is killed when it takes the GIL back, unwinding through C++
+    that must not throw ("terminate called without an active exception", SIGABRT at exit).
+    Once the main thread has finished, a new thread would not be waited for: a thread of
+    Python's own (the worker) then closes it itself; only a C++ thread still hands it off."""
+    if not box:
+        return
+    here, main = threading.current_thread(), threading.main_thread()
+    foreign = isinstance(here, threading._DummyThread)  # e.g. gloo's, maybe the group's own
+    if here is main or not (main.is_alive() or foreign):
+        box.pop().close()
+        return
+    handoff: queue.SimpleQueue = queue.SimpleQueue()
+    handoff.put(box.pop())
+    threading.Thread(target=_close_handed_off, args=(handoff,), name="commpress-release",
+                     daemon=False).start()
+
+
+def _close_handed_off(handoff: queue.SimpleQueue) -> None:
+    handoff.get().close()

@@ -1,0 +1,64 @@
+"""The one registry of hook names (``"qsgd4"``, ``"natural+ef"``, ...): every place a hook is
+named (``register_hook``, ``state_from_name``, ``commpress train``, the Lightning strategy,
+the benchmarks) looks names up here."""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, List
+
+from .codecs import BF16, FP16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering
+from .feedback import KINDS as FEEDBACK_KINDS
+
+#: hook name -> factory of its codec; one table behind every place a hook is named
+#: (register_hook, state_from_name, ``commpress train``, the Lightning strategy, benchmarks)
+_NAMED_HOOKS: Dict[str, Callable[[], Codec]] = {}
+
+
+def register_named_hook(name: str, codec_factory: Callable[[], Codec]) -> None:
+    """Make ``name`` (and ``name+ef``, ``name+ef21``) a hook name, e.g. for a codec of your
+    own. A taken name is refused, as codec names and wire ids are (see
+    :func:`commpress.codecs.register_codec`): a plugin cannot silently replace a built-in.
+
+    Example::
+
+        >>> commpress.register_named_hook("qsgd4-l2", lambda: QSGD(bits=4, norm="l2"))
+        >>> state = commpress.register_hook(ddp_model, "qsgd4-l2+ef")
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if not isinstance(key, str) or not key or "+" in key or not key.isprintable() or " " in key:
+        raise ValueError(f"a hook name is a non-empty word without '+' or spaces, got {name!r}")
+    if not callable(codec_factory):
+        raise TypeError(f"codec_factory must be callable (returning a Codec), got {codec_factory!r}")
+    if key in _NAMED_HOOKS:
+        raise ValueError(f"hook name {name!r} is already registered")
+    _NAMED_HOOKS[key] = codec_factory
+
+
+def named_hooks() -> List[str]:
+    """The registered hook names (each also takes ``+ef`` or ``+ef21``)."""
+    return sorted(_NAMED_HOOKS)
+
+
+def split_name(name: str):
+    """``(codec factory, error_feedback or None)`` of a hook name such as ``"qsgd4+ef"``."""
+    base, plus, feedback = name.lower().partition("+") if isinstance(name, str) else (name, "", "")
+    if base not in _NAMED_HOOKS or (plus and feedback not in FEEDBACK_KINDS):
+        raise ValueError(f"unknown hook {name!r}; known: {', '.join(named_hooks())} "
+                         "(optionally with +ef or +ef21)")
+    return _NAMED_HOOKS[base], feedback or None
+
+
+def codec_from_name(name: str) -> Codec:
+    """A fresh codec of hook ``name`` (without its feedback suffix)."""
+    return split_name(name)[0]()
+
+
+for _name, _factory in {
+        "fp32": Identity, "fp16": FP16, "bf16": BF16,
+        # qsgd1 ... qsgd8, every width QSGD takes; 1 and 2 bits with smaller buckets (fewer
+        # levels need a tighter scale)
+        **{f"qsgd{bits}": functools.partial(QSGD, bits=bits, bucket_size=128 if bits <= 2 else 512)
+           for bits in range(1, 9)},
+        "natural": NaturalCompression, "cnat": NaturalCompression,
+        "dithering": NaturalDithering, "dnat": NaturalDithering}.items():
+    register_named_hook(_name, _factory)
