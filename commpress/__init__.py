@@ -6,10 +6,11 @@ from .config import CompressionConfig
 from .ddp import CompressionState, compress_hook, register_hook, state_from_name
 from .names import codec_from_name, named_hooks, register_named_hook
 from .stats import CommStats
+from . import fsdp
 
 __version__ = "0.1.0"
 __all__ = ["Codec", "Payload", "get_codec", "codec_names", "QSGD", "NaturalCompression",
            "NaturalDithering", "Identity", "FP16", "BF16", "CompressionConfig", "CompressionState",
            "compress_hook", "register_hook", "register_named_hook", "named_hooks",
            "codec_from_name", "state_from_name", "CommStats", "ACDC",
-           "ACDCSchedule"]
+           "ACDCSchedule", "fsdp"]

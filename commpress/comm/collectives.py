@@ -443,6 +443,63 @@ def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_resid
             _decode(codec, gathered[r * slot: r * slot + sizes[r]], b - a, r, into=out[a:b])
 
 
+def compressed_reduce_scatter(flat: torch.Tensor, codec: Codec, transport: Transport,
+                              generator: Optional[torch.Generator] = None,
+                              stats: Optional[CommStats] = None,
+                              out: Optional[torch.Tensor] = None,
+                              residual_out: Optional[torch.Tensor] = None,
+                              agreed: bool = False) -> torch.Tensor:
+    """This rank's chunk of the fp32 mean over ranks of ``flat``, which holds W equal chunks
+    end to end, chunk ``r`` for rank ``r`` (FSDP's reduce-scatter input). Each rank encodes
+    its W chunks, one all-to-all moves them, and each decodes the W payloads of its own chunk
+    in rank order into ``out`` (fp32, ``numel / W`` values), so every rank's chunk has the same
+    bits whatever the order payloads arrived in. One quantization per value. Pipelined in
+    pieces along the chunk, as the other collectives are.
+
+    ``residual_out``: where to write ``flat`` minus what this rank's payloads decode to (plain
+    error feedback's next memory); it may be ``flat`` itself. ``agreed``: as
+    :func:`compressed_mean`'s."""
+    w = transport.world_size
+    if flat.dim() != 1 or flat.numel() % w:
+        raise ValueError(f"compressed_reduce_scatter takes a flat tensor of W={w} equal chunks, "
+                         f"got shape {tuple(flat.shape)}")
+    n = flat.numel() // w
+    for name, given, numel in (("out", out, n), ("residual_out", residual_out, flat.numel())):
+        if given is not None and (given.shape != (numel,) or given.dtype != torch.float32):
+            raise ValueError(f"{name} must be float32 of shape ({numel},), got {given.dtype} of "
+                             f"shape {tuple(given.shape)}")
+    if not agreed:
+        agree(transport, {"call": "compressed_reduce_scatter", "numel": flat.numel(),
+                          "codec": repr(codec), "wire_format": FORMAT_VERSION},
+              getattr(transport, "device", torch.device("cpu")))
+    if out is None:
+        out = torch.empty(n, dtype=torch.float32, device=flat.device)
+    chunks = flat.view(w, n)
+    residual = None if residual_out is None else residual_out.view(w, n)
+    before, intra_before = transport.sent_bytes, transport.intra_node_bytes
+    started = time.perf_counter()
+
+    def stages(lo, hi):
+        with _Timer(stats, "encode_seconds"):
+            payloads = [codec.encode(chunks[r, lo:hi], generator) for r in range(w)]
+        size = payloads[0].nbytes
+        pending = transport.all_to_all_start(torch.cat([p.data for p in payloads]), [size] * w,
+                                             [size] * w)
+        if residual is not None:  # while the chunks are on the wire
+            for r, payload in enumerate(payloads):
+                _subtract_own(codec, payload, chunks[r, lo:hi], residual[r, lo:hi])
+        yield
+        _decode_mean(codec, pending.wait(), w, stats, out[lo:hi])
+
+    with kernels.reducing(flat.numel()):
+        _pipelined(pipeline_pieces(n, codec.block_size), stages)
+    if stats is not None:
+        stats.add(wire_bytes=transport.sent_bytes - before,
+                  intra_node_bytes=transport.intra_node_bytes - intra_before,
+                  comm_seconds=time.perf_counter() - started)
+    return out
+
+
 def _raise_if_failed(failure: Optional[Exception], statuses: torch.Tensor) -> None:
     """Every rank fails when any did: ``statuses`` are the ranks' failure flags. On an
     accelerator they are not read (a device->host copy would stall the hook on every bucket):

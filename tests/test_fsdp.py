@@ -1,0 +1,142 @@
+"""The FSDP front end on real gloo ranks: FSDP2 (fully_shard) modules reduce-scatter their
+gradients through commpress."""
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import commpress as cp
+from distributed import run_workers
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+fully_shard, MixedPrecisionPolicy = fsdp.fully_shard, fsdp.MixedPrecisionPolicy
+
+
+def sharded_model(seed=0, reduce_dtype=None):
+    """Two Linear blocks of uneven sizes (FSDP pads their shards), each its own FSDP module."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(33, 300), nn.ReLU(), nn.Linear(300, 7))
+    kwargs = {"mp_policy": MixedPrecisionPolicy(reduce_dtype=reduce_dtype)} if reduce_dtype else {}
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def train(model, rank, steps, accumulate=1):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for step in range(steps):
+        for micro in range(accumulate):
+            model.set_requires_gradient_sync(micro == accumulate - 1)
+            g = torch.Generator().manual_seed(1000 * rank + 10 * step + micro)
+            x = torch.randn(16, 33, generator=g)
+            loss = nn.functional.mse_loss(model(x), x[:, :7])
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return [p.full_tensor().detach().clone() for p in model.parameters()], losses
+
+
+def comparison_worker(rank, world_size, spec, steps, reduce_dtype, accumulate):
+    plain, plain_losses = train(sharded_model(reduce_dtype=reduce_dtype), rank, steps, accumulate)
+    model = sharded_model(reduce_dtype=reduce_dtype)
+    state = cp.fsdp.compress(model, spec)
+    compressed, losses = train(model, rank, steps, accumulate)
+    return {"plain": plain, "compressed": compressed, "plain_losses": plain_losses,
+            "losses": losses, "iter": state.iter, "steps": state.stats.steps,
+            "wire": state.stats.network_bytes, "fp32": state.stats.fp32_bytes}
+
+
+def relative(a, b):
+    return max(((x - y).norm() / y.norm()).item() for x, y in zip(a, b))
+
+
+def test_identity_is_fsdps_own_reduce_scatter_bit_for_bit_on_two_ranks():
+    for r in run_workers(comparison_worker, 2, "fp32", 4, None, 1):
+        for a, b in zip(r["compressed"], r["plain"]):
+            assert torch.equal(a, b)
+        assert r["iter"] == r["steps"] == 4
+        assert r["wire"] - r["fp32"] == 4 * 2 * 24  # fp32 bytes and a header per module and step
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_qsgd8_stays_within_its_noise_of_fsdp_and_sends_a_quarter(world_size):
+    results = run_workers(comparison_worker, world_size, "qsgd8", 5, None, 1)
+    for r in results:
+        assert relative(r["compressed"], r["plain"]) < 0.02
+        assert 3.5 < r["fp32"] / r["wire"] < 4.1   # 8 bits + scales and headers
+    for a, b in zip(results[0]["compressed"], results[-1]["compressed"]):
+        assert torch.equal(a, b)   # every rank holds the same parameters
+
+
+def test_identity_on_four_ranks_matches_fsdp_to_rounding():
+    for r in run_workers(comparison_worker, 4, "fp32", 3, None, 1):
+        assert relative(r["compressed"], r["plain"]) < 1e-6
+
+
+def test_qsgd4_with_error_feedback_trains_like_fsdp():
+    for r in run_workers(comparison_worker, 2, "qsgd4+ef", 30, None, 1):
+        assert sum(r["losses"][-5:]) < 1.1 * sum(r["plain_losses"][-5:]), (r["losses"], r["plain_losses"])
+
+
+def test_bf16_reduce_dtype_and_gradient_accumulation():
+    """FSDP's reduce dtype bf16 reaches the codec as bf16, the shard comes back in bf16; with
+    set_requires_gradient_sync(False) on the first of two micro-batches only the second
+    reduce-scatters, and a step is one backward that did."""
+    for r in run_workers(comparison_worker, 2, "qsgd8", 3, torch.bfloat16, 2):
+        assert relative(r["compressed"], r["plain"]) < 0.03
+        assert r["iter"] == r["steps"] == 3
+
+
+def divide_factor_worker(rank, world_size):
+    """set_gradient_divide_factor(f): FSDP asks for PREMUL_SUM(1/f), which gloo refuses; the
+    compressed reduce-scatter gives sum / f."""
+    grads = []
+    for factor in (None, 1.0):
+        model = sharded_model()
+        cp.fsdp.compress(model, "fp32")
+        if factor is not None:
+            for m in model.modules():
+                if isinstance(m, fsdp.FSDPModule):
+                    m.set_gradient_divide_factor(factor)
+        x = torch.randn(8, 33, generator=torch.Generator().manual_seed(rank))
+        model(x).square().mean().backward()
+        grads.append([p.grad.full_tensor() for p in model.parameters()])
+    return grads
+
+
+def test_gradient_divide_factor_is_honoured():
+    for mean, summed in run_workers(divide_factor_worker, 2):
+        for m, s in zip(mean, summed):
+            assert torch.allclose(s, 2 * m, rtol=1e-6, atol=1e-7)
+
+
+def bad_input_worker(rank, world_size):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    errors = {}
+    cases = {
+        "ddp": lambda: cp.fsdp.compress(DDP(nn.Linear(4, 4)), "qsgd4"),
+        "plain": lambda: cp.fsdp.compress(nn.Linear(4, 4), "qsgd4"),
+        "calibrated": lambda: cp.fsdp.compress(sharded_model(), "qsgd4", policy="calibrated"),
+        "ef21": lambda: cp.fsdp.compress(sharded_model(), "qsgd4+ef21"),
+        "name": lambda: cp.fsdp.compress(sharded_model(), "qsgd9"),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+            errors[name] = "no error"
+        except (TypeError, ValueError) as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    return errors
+
+
+def test_bad_input_is_refused_at_setup_by_name():
+    errors = run_workers(bad_input_worker, 2)[0]
+    assert "DistributedDataParallel model: use commpress.register_hook" in errors["ddp"]
+    assert "found no FSDP module" in errors["plain"]
+    assert "policy='fixed' only" in errors["calibrated"]
+    assert "EF21" in errors["ef21"]
+    assert "unknown hook 'qsgd9'" in errors["name"]
