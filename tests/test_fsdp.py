@@ -2,7 +2,6 @@
 gradients through commpress."""
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import commpress as cp
