@@ -130,18 +130,27 @@ def run_method(method, args, rank, ifname):
         loss.item()
         (times if ready else warmup).append(time.perf_counter() - start)
     dist.barrier()
-    row = {"method": method, "step_s": statistics.median(times),
-           "link_bytes_per_step": (link_tx_bytes(ifname) - link_before) / args.steps,
-           "params": sum(p.numel() for p in model.parameters()), "final_loss": loss.item()}
+    row = step_row(method, times, (link_tx_bytes(ifname) - link_before) / args.steps, model, loss,
+                   state)
     if state is not None:
-        last = state.stats.last_step
-        row.update(wire_bytes_per_step=last.wire_bytes, intra_node_bytes_per_step=last.intra_node_bytes,
-                   encode_s=last.encode_seconds, decode_s=last.decode_seconds)
         if state.plan is not None:  # its step 1 timed every candidate, then trial steps
             row.update(plan=state.plan.state_dict(), plan_text=state.stats.plan,
                        calibration_step_s=warmup[1], warmup_steps=len(warmup))
     if acdc is not None:
         row["density"] = acdc.density
+    return row
+
+
+def step_row(method: str, times, link_bytes_per_step: float, model, loss, state) -> dict:
+    """A method's result: the median step time, what left the node per step, and (a
+    commpress state's) the last step's counters."""
+    row = {"method": method, "step_s": statistics.median(times),
+           "link_bytes_per_step": link_bytes_per_step,
+           "params": sum(p.numel() for p in model.parameters()), "final_loss": loss.item()}
+    if state is not None:
+        last = state.stats.last_step
+        row.update(wire_bytes_per_step=last.wire_bytes, intra_node_bytes_per_step=last.intra_node_bytes,
+                   encode_s=last.encode_seconds, decode_s=last.decode_seconds)
     return row
 
 
@@ -245,6 +254,13 @@ def main(argv=None):
     if args.quick:
         args.width, args.rates, args.steps, args.methods = 256, ["1gbit"], 2, QUICK_METHODS
 
+    results = run_rates(Path(__file__), args, "ddp_step")
+    save(args.out, "ddp_step.py", argv, results, plot, table(results))
+
+
+def run_rates(script: Path, args, name: str) -> list:
+    """Every rate of ``args.rates``: ``script``'s workers on ``args.nodes`` netsim nodes, rows
+    tagged with the rate and compared with the ``fp32`` row of the same run."""
     from tqdm import tqdm
 
     from commpress.netsim import NetSimError, check_environment, run_job
@@ -255,7 +271,7 @@ def main(argv=None):
             worker_args = ["--width", str(args.width), "--steps", str(args.steps),
                            "--warmup", str(args.warmup), "--methods", *args.methods]
             rows = [{**r, "rate": rate} for r in
-                    run_job(Path(__file__), worker_args, args.nodes, rate, args.ranks_per_node)]
+                    run_job(script, worker_args, args.nodes, rate, args.ranks_per_node)]
             base = next((r for r in rows if r["method"] == "fp32" and "failed" not in r), None)
             for r in rows:
                 if "failed" not in r and base is not None:
@@ -269,8 +285,9 @@ def main(argv=None):
                     r["fastest_fixed"] = [fastest["method"], fastest["step_s"]]
             results += rows
     except NetSimError as exc:
-        sys.exit(f"ddp_step benchmark: {exc}")
-    save(args.out, "ddp_step.py", argv, results, plot, table(results))
+        sys.exit(f"{name} benchmark: {exc}")
+    return results
+
 
 if __name__ == "__main__":
     main()

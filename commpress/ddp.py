@@ -36,7 +36,7 @@ from .comm.collectives import start_mean
 from .comm.pipeline import reduce_gradient
 from .comm.segments import Segments
 from .feedback import ErrorFeedback, flat_numel
-from .names import split_name
+from .names import split_name, state_of
 from .stats import CommStats
 
 logger = logging.getLogger("commpress")
@@ -833,7 +833,7 @@ def _on_side_stream(reduce, stream: "torch.cuda.Stream", device: torch.device):
 def state_from_name(name: str, **kwargs) -> CompressionState:
     """``"qsgd4"``, ``"natural"``, ... (see :func:`named_hooks`) with an optional ``+ef`` or
     ``+ef21`` suffix, e.g. ``"qsgd4+ef"``; keyword arguments go to :class:`CompressionState`."""
-    factory, feedback = split_name(name)
+    factory, feedback = split_name(name)  # refuses a non-name with the known names
     if feedback:
         kwargs["error_feedback"] = feedback
     return CompressionState(codec=factory(), **kwargs)
@@ -853,16 +853,7 @@ def register_hook(model: torch.nn.parallel.DistributedDataParallel, state, **kwa
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         raise TypeError(f"register_hook takes a DistributedDataParallel model, got "
                         f"{type(model).__name__}: wrap it first, DDP(model), then register")
-    if isinstance(state, str):
-        state = state_from_name(state, **kwargs)
-    elif isinstance(state, Codec):
-        state = CompressionState(state, **kwargs)
-    elif not isinstance(state, CompressionState):
-        raise TypeError(f"register_hook takes a CompressionState, a hook name such as 'qsgd4+ef' "
-                        f"or a Codec, got {type(state).__name__}")
-    elif kwargs:
-        raise TypeError("keyword arguments are only accepted with a hook name or a codec; "
-                        "this CompressionState is configured already")
+    state = state_of(state, CompressionState, CompressionState, "register_hook", **kwargs)
     state.bind(model)
     model.register_comm_hook(state, compress_hook)
     first = next(iter(model.parameters()), None)

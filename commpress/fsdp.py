@@ -27,7 +27,7 @@ from .comm.collectives import compressed_reduce_scatter
 from .comm.transport import TorchTransport
 from .config import CompressionConfig
 from .feedback import ErrorFeedback
-from .names import split_name
+from .names import state_of
 from .stats import CommStats
 
 try:
@@ -221,16 +221,7 @@ def compress(model: torch.nn.Module, state: Union[FSDPCompressionState, str, Cod
                         "a DistributedDataParallel model: use commpress.register_hook for DDP")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"commpress.fsdp.compress takes an nn.Module, got {type(model).__name__}")
-    if isinstance(state, str):
-        factory, feedback = split_name(state)
-        state = FSDPCompressionState(factory(), error_feedback=feedback, **kwargs)
-    elif isinstance(state, Codec):
-        state = FSDPCompressionState(state, **kwargs)
-    elif not isinstance(state, FSDPCompressionState):
-        raise TypeError(f"compress takes an FSDPCompressionState, a hook name such as 'qsgd4' or "
-                        f"a Codec, got {type(state).__name__}")
-    elif kwargs:
-        raise TypeError("keyword arguments are only accepted with a hook name or a codec")
+    state = state_of(state, FSDPCompressionState, FSDPCompressionState, "compress", **kwargs)
     modules = [(name, m) for name, m in model.named_modules() if isinstance(m, FSDPModule)]
     if not modules:
         raise TypeError("commpress.fsdp.compress found no FSDP module in the model: apply "

@@ -62,3 +62,24 @@ for _name, _factory in {
         "natural": NaturalCompression, "cnat": NaturalCompression,
         "dithering": NaturalDithering, "dnat": NaturalDithering}.items():
     register_named_hook(_name, _factory)
+
+
+def state_of(spec, state_type: type, from_codec: Callable, caller: str, **kwargs):
+    """A front end's state from what its user passed: a ``state_type`` itself (no
+    ``kwargs``), a hook name such as ``"qsgd4+ef"`` or a :class:`~commpress.Codec`, the last
+    two made with ``from_codec(codec, **kwargs)`` (a name's ``+ef``/``+ef21`` as
+    ``error_feedback``)."""
+    if isinstance(spec, str):
+        factory, feedback = split_name(spec)
+        if feedback:
+            kwargs["error_feedback"] = feedback
+        return from_codec(factory(), **kwargs)
+    if isinstance(spec, Codec):
+        return from_codec(spec, **kwargs)
+    if not isinstance(spec, state_type):
+        raise TypeError(f"{caller} takes a {state_type.__name__}, a hook name such as 'qsgd4+ef' "
+                        f"or a Codec, got {type(spec).__name__}")
+    if kwargs:
+        raise TypeError("keyword arguments are only accepted with a hook name or a codec; this "
+                        f"{state_type.__name__} is configured already")
+    return spec

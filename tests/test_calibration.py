@@ -201,6 +201,29 @@ def test_codec_that_does_not_pay_falls_back_to_fp32():
     assert worker_calls == 0  # plain all-reduces from the hook, as DDP's own
 
 
+def checkpoint(model, opt, state, data):
+    """As a user checkpoints: torch.save, then a weights-only load."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "state": state.state_dict(), "data": data.get_state()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def resumed(saved, rank):
+    """A fresh process's model, DDP wrapper, optimizer, ``qsgd4+ef`` state and data stream,
+    resumed from :func:`checkpoint`'s ``saved``."""
+    model, data = model_and_data(rank)
+    model.load_state_dict(saved["model"])
+    ddp = DDP(model, bucket_cap_mb=25)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt.load_state_dict(saved["opt"])
+    state = cp.register_hook(ddp, "qsgd4+ef", log_every=0, min_numel=256)
+    state.load_state_dict(saved["state"])
+    data.set_state(saved["data"])
+    return model, ddp, opt, state, data
+
+
 def resume_worker(rank, world_size):
     commpress.engine.policy.measure = fake_timings  # the codec wins: its random stream must resume too
     model, data = model_and_data(rank)
@@ -208,23 +231,11 @@ def resume_worker(rank, world_size):
     state = cp.register_hook(ddp, "qsgd4+ef", log_every=0, min_numel=256)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     train(ddp, 4, data, opt)
-    buffer = io.BytesIO()  # as a user checkpoints: torch.save, then a weights-only load
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                "state": state.state_dict(), "data": data.get_state()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = checkpoint(model, opt, state, data)
     train(ddp, 3, data, opt)
     ratio = state.stats.last_step.fp32_bytes / state.stats.last_step.wire_bytes
     calls_before = fake_timings.calls
-
-    model2, data2 = model_and_data(rank)
-    model2.load_state_dict(saved["model"])
-    ddp2 = DDP(model2, bucket_cap_mb=25)
-    opt2 = torch.optim.SGD(model2.parameters(), lr=0.01, momentum=0.9)
-    opt2.load_state_dict(saved["opt"])
-    state2 = cp.register_hook(ddp2, "qsgd4+ef", log_every=0, min_numel=256)
-    state2.load_state_dict(saved["state"])
-    data2.set_state(saved["data"])
+    model2, ddp2, opt2, state2, data2 = resumed(saved, rank)
     train(ddp2, 3, data2, opt2)
     same = all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
     return (saved["state"]["plan"], state2.state_dict()["plan"], ratio,
@@ -309,21 +320,9 @@ def trial_resume_worker(rank, world_size):
     state = cp.register_hook(ddp, "qsgd4+ef", log_every=0, min_numel=256)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     train(ddp, 5, data, opt)  # fp32, the calibration step, 3 trial steps
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                "state": state.state_dict(), "data": data.get_state()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = checkpoint(model, opt, state, data)
     train(ddp, 6, data, opt)  # still trial steps
-
-    model2, data2 = model_and_data(rank)
-    model2.load_state_dict(saved["model"])
-    ddp2 = DDP(model2, bucket_cap_mb=25)
-    opt2 = torch.optim.SGD(model2.parameters(), lr=0.01, momentum=0.9)
-    opt2.load_state_dict(saved["opt"])
-    state2 = cp.register_hook(ddp2, "qsgd4+ef", log_every=0, min_numel=256)
-    state2.load_state_dict(saved["state"])
-    data2.set_state(saved["data"])
+    model2, ddp2, opt2, state2, data2 = resumed(saved, rank)
     calls = fake_timings.calls
     train(ddp2, 6, data2, opt2)
     same = all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))

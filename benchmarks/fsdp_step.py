@@ -1,0 +1,128 @@
+"""FSDP training step time on a communication-bound model over a rate-limited network.
+
+Usage (root, iproute2): python benchmarks/fsdp_step.py [--quick] [--rates 1gbit 10gbit]
+    [--nodes 2] [--width 1536] [--methods ...]
+
+The model and data are ``ddp_step.py``'s (a stack of ``width x width`` Linear layers, 28 MB of
+fp32 gradients at the default 1536, batch 32 per rank, SGD with momentum), each Linear layer
+its own FSDP2 module (``fully_shard``), the stack the root; every rank on its own ``commpress
+netsim`` node. Per method: the median wall time of ``--steps`` timed steps (forward, backward
+with the reduce-scatters, optimizer step, each started by a barrier) after ``--warmup``, the
+bytes that left node 0 per step (its interface counter), and the reduce-scatters' own seconds
+per step (commpress methods). Methods:
+
+- ``fp32``: FSDP's own reduce-scatter in fp32; ``bf16``: FSDP's own with
+  ``MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)``, what FSDP users switch on to halve
+  the bytes;
+- commpress hook names (``qsgd4``, ``qsgd8``, ``natural``, ``qsgd4+ef`` ...) through
+  :func:`commpress.fsdp.compress`, in fp32; ``NAME/bf16``: the same with a bf16 reduce dtype.
+
+Results: ``--out`` (default ``benchmarks/results/local/fsdp_step.json``, untracked) and
+``.png``, ``.md`` next to it; the table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py, ddp_step.py
+from ddp_step import add_step_arguments, make_model, plot, run_rates, step_row, table  # noqa: E402
+from report import out_argument, save  # noqa: E402
+
+METHODS = ["fp32", "bf16", "qsgd4", "qsgd8", "natural", "qsgd4+ef", "qsgd4/bf16"]
+QUICK_METHODS = ["fp32", "bf16", "qsgd4", "qsgd4+ef"]
+
+
+def sharded(width: int, method: str):
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    import commpress as cp
+
+    torch.manual_seed(0)
+    model = make_model(width)
+    name, _, dtype = method.partition("/")
+    bf16 = method == "bf16" or dtype == "bf16"
+    options = {"mp_policy": MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)} if bf16 else {}
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, **options)
+    fully_shard(model, **options)
+    state = None if name in ("fp32", "bf16") else cp.fsdp.compress(model, name)
+    return model, state
+
+
+def run_method(method, args, rank, ifname):
+    import torch
+    import torch.distributed as dist
+
+    from commpress.netsim import link_tx_bytes
+
+    model, state = sharded(args.width, method)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(rank)
+    times = []
+    for step in range(args.warmup + args.steps):
+        x, y = torch.randn(32, args.width, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+        if step == args.warmup:
+            dist.barrier()
+            link_before = link_tx_bytes(ifname)
+            comm_before = state.stats.comm_seconds if state is not None else 0.0
+        dist.barrier()
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss.item()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    dist.barrier()
+    row = step_row(method, times, (link_tx_bytes(ifname) - link_before) / args.steps, model, loss,
+                   state)
+    if state is not None:
+        row["reduce_scatter_s"] = (state.stats.comm_seconds - comm_before) / args.steps
+    return row
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+
+    from commpress.comm.transport import release_default_group
+    from commpress.netsim import join_job
+
+    rank = join_job(args)
+    rows = []
+    for method in args.methods:
+        row = run_method(method, args, rank, os.environ["NETSIM_IFNAME"])
+        rows.append({**row, "world_size": dist.get_world_size(), "nodes": args.nnodes,
+                     "ranks_per_node": args.ranks_per_node, "width": args.width})
+    if rank == 0:
+        Path(args.worker_out).write_text(json.dumps(rows))
+    release_default_group()
+
+
+def main(argv=None):
+    from commpress.netsim import add_job_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--rates", nargs="+", default=["1gbit", "10gbit"])
+    add_step_arguments(parser, METHODS, QUICK_METHODS, "width 256, 1gbit, 2 timed steps")
+    out_argument(parser, "fsdp_step")
+    add_job_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if args.quick:
+        args.width, args.rates, args.steps, args.methods = 256, ["1gbit"], 2, QUICK_METHODS
+    results = run_rates(Path(__file__), args, "fsdp_step")
+    save(args.out, "fsdp_step.py", argv, results, plot, table(results))
+
+
+if __name__ == "__main__":
+    main()
