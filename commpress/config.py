@@ -13,8 +13,11 @@ from typing import Dict, Optional
 
 from .codecs import Codec
 from .codecs.base import FORMAT_VERSION
-from .comm.collectives import ALGORITHMS
-from .feedback import KINDS
+
+#: the compressed collectives (see :mod:`commpress.comm.collectives`)
+ALGORITHMS = ("allgather", "reduce_scatter", "allreduce", "hierarchical")
+#: the error-feedback kinds (see :mod:`commpress.feedback`)
+FEEDBACK_KINDS = ("ef", "ef21")
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,8 @@ class CompressionConfig:
         if self.collective == "allreduce" and not self.codec.summable:
             raise ValueError(f"collective 'allreduce' needs a summable codec (identity, fp16, "
                              f"bf16); {self.codec!r} payloads cannot be added")
-        if self.error_feedback is not None and self.error_feedback not in KINDS:
-            raise ValueError(f"error_feedback must be None or one of {KINDS}, "
+        if self.error_feedback is not None and self.error_feedback not in FEEDBACK_KINDS:
+            raise ValueError(f"error_feedback must be None or one of {FEEDBACK_KINDS}, "
                              f"got {self.error_feedback!r}")
         if self.error_feedback is not None and not self.codec.feedback_safe:
             raise ValueError(f"error_feedback={self.error_feedback!r} diverges with {self.codec!r}: "

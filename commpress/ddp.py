@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .codecs import FP16, Codec, Identity
-from .acdc.masks import GradientMask
+from .comm.masks import GradientMask
 from .comm.agreement import agree
 from .comm.calibration import (CALIBRATED, FP32, POLICIES, SAMPLE_NUMEL, Candidate, CudaTimer, Plan,
                                candidates)

@@ -27,9 +27,8 @@ from typing import Dict, Iterable, Optional, Sequence
 import torch
 
 from .codecs import Codec, contractive_factor, kernels
+from .config import FEEDBACK_KINDS
 
-
-KINDS = ("ef", "ef21")
 # the memories each kind keeps, by name
 _MEMORIES = {"ef": ("residual",), "ef21": ("worker", "shared")}
 
@@ -93,8 +92,8 @@ def _with_memories(store: Dict, params: Sequence, flat, sizes, subtract: bool) -
 
 class ErrorFeedback:
     def __init__(self, kind: str, server: bool = False):
-        if kind not in KINDS:
-            raise ValueError(f"error_feedback must be None or one of {KINDS}, got {kind!r}")
+        if kind not in FEEDBACK_KINDS:
+            raise ValueError(f"error_feedback must be None or one of {FEEDBACK_KINDS}, got {kind!r}")
         if server and kind != "ef":
             raise ValueError("server-side error feedback needs error_feedback='ef'")
         self.kind, self.server = kind, server or kind == "ef21"

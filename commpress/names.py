@@ -7,7 +7,7 @@ import functools
 from typing import Callable, Dict, List
 
 from .codecs import BF16, FP16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering
-from .feedback import KINDS as FEEDBACK_KINDS
+from .config import FEEDBACK_KINDS
 
 #: hook name -> factory of its codec; one table behind every place a hook is named
 #: (register_hook, state_from_name, ``commpress train``, the Lightning strategy, benchmarks)

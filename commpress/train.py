@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .acdc import ACDC, ACDCSchedule
 from .comm.calibration import POLICIES
-from .comm.collectives import ALGORITHMS
+from .config import ALGORITHMS
 from .comm.transport import release_default_group
 from .ddp import register_hook, state_from_name
 

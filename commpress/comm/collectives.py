@@ -38,13 +38,13 @@ import torch
 
 from ..codecs import Codec, Payload, PayloadError, contractive_factor, kernels
 from ..codecs.base import FORMAT_VERSION
+from ..config import ALGORITHMS
 from ..feedback import keep_finite
 from ..stats import CommStats
 from .agreement import agree
 from .segments import Segments, destination, window
 from .transport import HierarchicalTransport, Transport
 
-ALGORITHMS = ("allgather", "reduce_scatter", "allreduce", "hierarchical")
 #: the algorithms that read and write a vector only piece by piece, so that it may be
 #: :class:`Segments` (allreduce casts slice by slice into and out of its one wire buffer)
 PIECEWISE = ("allgather", "reduce_scatter", "allreduce")
