@@ -15,7 +15,11 @@ per step (commpress methods). Methods:
   ``MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)``, what FSDP users switch on to halve
   the bytes;
 - commpress hook names (``qsgd4``, ``qsgd8``, ``natural``, ``qsgd4+ef`` ...) through
-  :func:`commpress.fsdp.compress`, in fp32; ``NAME/bf16``: the same with a bf16 reduce dtype.
+  :func:`commpress.fsdp.compress` with the fixed policy (the codec on every module), in fp32;
+  ``NAME/bf16``: the same with a bf16 reduce dtype;
+- ``calibrated:NAME``: the same hook under the default policy, which times FSDP's own
+  reduce-scatter, the same in bf16, and the codec per module, then runs trial steps; it warms
+  up until it has adopted its plan (in the results).
 
 Results: ``--out`` (default ``benchmarks/results/local/fsdp_step.json``, untracked) and
 ``.png``, ``.md`` next to it; the table is printed.
@@ -33,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
 from ddp_step import add_step_arguments, make_model, plot, run_rates, step_row, table  # noqa: E402
 from report import out_argument, save  # noqa: E402
 
-METHODS = ["fp32", "bf16", "qsgd4", "qsgd8", "natural", "qsgd4+ef", "qsgd4/bf16"]
-QUICK_METHODS = ["fp32", "bf16", "qsgd4", "qsgd4+ef"]
+METHODS = ["fp32", "bf16", "qsgd4", "qsgd8", "natural", "qsgd4+ef", "qsgd4/bf16",
+           "calibrated:qsgd4"]
+QUICK_METHODS = ["fp32", "bf16", "qsgd4", "qsgd4+ef", "calibrated:qsgd4"]
 
 
 def sharded(width: int, method: str):
@@ -45,14 +50,15 @@ def sharded(width: int, method: str):
 
     torch.manual_seed(0)
     model = make_model(width)
-    name, _, dtype = method.partition("/")
+    policy = "calibrated" if method.startswith("calibrated:") else "fixed"
+    name, _, dtype = method.removeprefix("calibrated:").partition("/")
     bf16 = method == "bf16" or dtype == "bf16"
     options = {"mp_policy": MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)} if bf16 else {}
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, **options)
     fully_shard(model, **options)
-    state = None if name in ("fp32", "bf16") else cp.fsdp.compress(model, name)
+    state = None if name in ("fp32", "bf16") else cp.fsdp.compress(model, name, policy=policy)
     return model, state
 
 
@@ -65,10 +71,13 @@ def run_method(method, args, rank, ifname):
     model, state = sharded(args.width, method)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(rank)
-    times = []
-    for step in range(args.warmup + args.steps):
+    warmup, times = [], []
+    while len(times) < args.steps:
+        # a calibrated state warms up until it has adopted its plan (the same step everywhere)
+        ready = len(warmup) >= args.warmup and (state is None or state.policy != "calibrated"
+                                           or state.plan is not None)
         x, y = torch.randn(32, args.width, generator=gen), torch.randint(0, 10, (32,), generator=gen)
-        if step == args.warmup:
+        if ready and not times:
             dist.barrier()
             link_before = link_tx_bytes(ifname)
             comm_before = state.stats.comm_seconds if state is not None else 0.0
@@ -79,13 +88,16 @@ def run_method(method, args, rank, ifname):
         loss.backward()
         opt.step()
         loss.item()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+        (times if ready else warmup).append(time.perf_counter() - start)
     dist.barrier()
     row = step_row(method, times, (link_tx_bytes(ifname) - link_before) / args.steps, model, loss,
                    state)
     if state is not None:
         row["reduce_scatter_s"] = (state.stats.comm_seconds - comm_before) / args.steps
+        if state.plan is not None:
+            # its step 1 timed every candidate, then trial steps
+            row.update(plan=state.plan.state_dict(), plan_text=state.stats.plan,
+                       calibration_step_s=warmup[1], warmup_steps=len(warmup))
     return row
 
 

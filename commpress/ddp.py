@@ -28,7 +28,7 @@ from .comm.calibration import (CALIBRATED, FP32, POLICIES, SAMPLE_NUMEL, Candida
                                candidates)
 from .config import CompressionConfig
 from .comm.ordered import OrderedExecutor
-from .engine.policy import make_policy
+from .engine.policy import describe, make_policy
 from .engine.runtime import Runtime, close_when_collected
 from .comm.transport import (HierarchicalTransport, TorchTransport, Transport,
                              new_group, node_layout, torch_hierarchical_transport)
@@ -324,14 +324,7 @@ class CompressionState:
     def _describe_plan(self) -> str:
         """Put the plan in words into :attr:`stats`; returns the note on idle error feedback
         ("" when feedback runs or was not asked for)."""
-        if self.plan is None:
-            self.stats.plan = ""
-            return ""
-        idle = ""
-        if self.feedback is not None and all(e.choice.codec != "codec" for e in self.plan.entries.values()):
-            idle = (f"error feedback ({self.error_feedback}) idle: the plan sends no bucket "
-                    f"through {self.codec.name} (feedback corrects that codec's error only)")
-        self.stats.plan = self.plan.summary(self.codec) + (f"; {idle}" if idle else "")
+        self.stats.plan, idle = describe(self.plan, self.codec, self.error_feedback)
         return idle
 
     def save_plan(self, path) -> None:

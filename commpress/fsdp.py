@@ -14,21 +14,31 @@ order, in fp32, into FSDP's output (:func:`commpress.comm.collectives.compressed
 One quantization per value, ``(W-1)/W`` of the compressed gradient on the wire per rank. The
 reduction runs where FSDP runs its own (on its reduce-scatter stream on a GPU), in FSDP's
 order, over FSDP's group.
+
+By default the calibrated policy (:mod:`commpress.engine.policy`) decides per module: FSDP's
+own reduce-scatter, the same in bf16, or the codec, whichever measures fastest (the most exact
+within 5%), first timed alone in the second backward, then over real steps.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+import logging
+import time
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from .codecs import Codec, saturating_cast
+from .comm.calibration import CALIBRATED, FP32, POLICIES, SAMPLE_NUMEL, Candidate
 from .comm.collectives import compressed_reduce_scatter
 from .comm.transport import TorchTransport
 from .config import CompressionConfig
+from .engine.policy import describe, make_policy
 from .feedback import ErrorFeedback
 from .names import state_of
 from .stats import CommStats
+
+logger = logging.getLogger("commpress")
 
 try:
     from torch.distributed.fsdp import FSDPModule
@@ -38,6 +48,15 @@ except ImportError:  # pragma: no cover - depends on the torch version
 
 #: gradient dtypes the codecs take (FSDP's reduce dtype)
 _REDUCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: what the calibrated policy chooses between, most exact first: FSDP's own reduce-scatter
+#: (uncompressed, in its reduce dtype), the same in bf16, and the codec
+OWN = Candidate("fsdp", "reduce_scatter")
+IN_BF16 = Candidate("bf16", "reduce_scatter")
+CODEC = Candidate("codec", "reduce_scatter")
+
+
+def _candidates(world_size: int, hierarchical: bool) -> List[Candidate]:
+    return [OWN, IN_BF16, CODEC]
 
 
 class FSDPCompressionState:
@@ -52,28 +71,38 @@ class FSDPCompressionState:
             shard: the memory FSDP's sharding saves on gradients. ``"ef21"`` is refused (its
             shared estimate needs the full mean, which a reduce-scatter does not produce).
         seed: stochastic rounding on rank ``r`` uses a generator seeded from ``(seed, r)``.
-        policy: ``"fixed"``, the codec on every reduce-scatter. (The DDP hook's calibrated
-            policy, which times fp32, bf16 and the codec first, is not available here yet:
-            ``"calibrated"`` is refused rather than silently run as ``"fixed"``.)
+        policy: ``"calibrated"`` (default): per module, FSDP's own reduce-scatter, the same in
+            bf16, or the codec, as measured (see the module docstring); the plan is in
+            :attr:`stats`' summary and the state dict. ``"fixed"``: the codec on every
+            reduce-scatter from the first step.
+        recalibrate_every, plan: as the DDP hook's (:class:`commpress.CompressionState`).
     """
 
     def __init__(self, codec: Codec, error_feedback: Optional[str] = None, seed: int = 0,
-                 policy: str = "fixed"):
+                 policy: str = CALIBRATED, recalibrate_every: int = 1000, plan=None):
         self.config = CompressionConfig(codec, "reduce_scatter", error_feedback, False, seed)
-        if policy != "fixed":
-            raise ValueError(f"commpress.fsdp runs policy='fixed' only (the codec on every "
-                             f"reduce-scatter); got {policy!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if error_feedback == "ef21":
             raise ValueError("commpress.fsdp takes error_feedback=None or 'ef': EF21's shared "
                              "estimate needs the full mean, which a reduce-scatter does not "
                              "give any rank")
         self.policy = policy
+        self._policy = make_policy(policy, codec, "reduce_scatter", 0, recalibrate_every, plan,
+                                   options=_candidates)
         self.stats = CommStats()
         self.feedback = ErrorFeedback(error_feedback) if error_feedback else None
         self.iter = 0
         self._step_open = False
         self._generators: Dict[str, torch.Generator] = {}
         self._transports: Dict[dist.ProcessGroup, TorchTransport] = {}
+        self.stats.plan, _ = describe(self.plan, codec, error_feedback)
+
+    @property
+    def plan(self):
+        """The calibrated policy's choice per module size (None until adopted, and under
+        ``policy="fixed"``)."""
+        return self._policy.plan
 
     codec = property(lambda self: self.config.codec)
     error_feedback = property(lambda self: self.config.error_feedback)
@@ -92,27 +121,49 @@ class FSDPCompressionState:
                 self.config.seed * 1_000_003 + rank)
         return self._generators[key]
 
-    def _step_started(self) -> None:
-        """At a backward's first reduce-scatter: close the step when that backward ends."""
+    def _begin(self, transport: TorchTransport, device: torch.device) -> bool:
+        """At every reduce-scatter: at a backward's first, let the policy begin the step and
+        have the step closed when that backward ends. Returns whether the call must close
+        the step itself (outside a backward: a direct call is a step of its own)."""
         if self._step_open:
-            return
+            return False
+        before = self._policy.plan
+        self._policy.begin_step(self.iter, True, transport, device, inline=False)
+        self._announce(before, transport)
         self._step_open = True
         try:
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_step)
-        except RuntimeError:  # not inside a backward (a direct call): the call is the step
-            self._step_open = False
-            self.iter += 1
-            self.stats.end_step()
+            torch.autograd.Variable._execution_engine.queue_callback(
+                lambda: self._end_step(transport))
+            return False
+        except RuntimeError:
+            return True
 
-    def _end_step(self) -> None:
+    def _end_step(self, transport: TorchTransport) -> None:
+        policy = self._policy
+        if policy.calibrating:
+            before = policy.plan
+            policy.calibration_done(_candidates(transport.world_size, False))
+            self._announce(before, transport)
+        elif policy.step_plan is not None and policy.step_plan is policy.plan:
+            policy.drift.add(0.0, step_done=True)
         self._step_open = False
         self.iter += 1
         self.stats.end_step()
 
+    def _announce(self, before, transport: TorchTransport) -> None:
+        if self._policy.plan is before:
+            return
+        self.stats.plan, idle = describe(self.plan, self.codec, self.error_feedback)
+        if transport.rank == 0:
+            logger.info("commpress.fsdp calibrated %s", self.stats.plan)
+            if idle:
+                logger.warning("commpress.fsdp: %s", idle)
+
     def state_dict(self) -> Dict:
         return {"iter": self.iter, "stats": self.stats.state_dict(),
                 "rng": {key: gen.get_state() for key, gen in self._generators.items()},
-                "feedback": self.feedback.state_dict() if self.feedback else None}
+                "feedback": self.feedback.state_dict() if self.feedback else None,
+                **self._policy.state_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
         """Restore :meth:`state_dict` (this rank's: memories and generators are per rank)."""
@@ -121,9 +172,11 @@ class FSDPCompressionState:
             raise ValueError(f"not a commpress.fsdp state dict: missing {missing}")
         if (state["feedback"] is None) != (self.feedback is None):
             raise ValueError("checkpoint and state differ in error feedback")
+        self._policy.load_state_dict(state.get("plan"), state.get("calibration"))
         if self.feedback is not None:
             self.feedback.load_state_dict(state["feedback"])
         self.iter = state["iter"]
+        self.stats.plan, _ = describe(self.plan, self.codec, self.error_feedback)
         self.stats.load_state_dict(state["stats"])
         self._generators = {}
         for key, rng in state["rng"].items():
@@ -147,29 +200,87 @@ class CompressedReduceScatter(ReduceScatter):
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
                  group: dist.ProcessGroup, op, async_op: bool = False):
-        state = self.state
+        state, policy = self.state, self.state._policy
         scale = _scale_of(op, group.size())
         if input_tensor.dtype not in _REDUCE_DTYPES:
             raise TypeError(f"commpress.fsdp: reduce dtype {input_tensor.dtype} is not one the "
                             f"codecs take (float32, bfloat16, float16): set "
                             f"MixedPrecisionPolicy(reduce_dtype=...) to one of them")
-        state._step_started()
         device = input_tensor.device
         transport = state.transport(group, device)
-        w = transport.world_size
-        state.stats.add(fp32_bytes=(w - 1) * 4 * input_tensor.numel() // w)
-        flat = input_tensor.reshape(-1)
-        feedback, key = state.feedback, [self.name]
-        sent = feedback.compensate(key, flat, [flat.numel()]) if feedback else flat
-        mean = compressed_reduce_scatter(sent, state.codec, transport,
-                                         state.generator(device, transport.rank), state.stats,
-                                         residual_out=sent if feedback else None)
+        closes_step = state._begin(transport, device)
+        w, flat, out = transport.world_size, input_tensor.reshape(-1), output_tensor.reshape(-1)
+        state.stats.add(fp32_bytes=(w - 1) * 4 * flat.numel() // w)
+        if policy.calibrating:
+            self._calibrate(flat, out, group, op, transport)
+            choice = OWN
+        else:
+            choice = policy.choose(flat.numel(), True, policy.step_plan)
+        adopted = policy.step_plan is not None and policy.step_plan is policy.plan
+        started = time.perf_counter()
+        self._reduce(choice, flat, out, group, op, scale, transport, state.feedback, state.stats)
+        if adopted:  # watched for drift (the step's total is closed at its end)
+            policy.drift.add(time.perf_counter() - started, step_done=False)
+        if closes_step:
+            state._end_step(transport)
+        return _Completed() if async_op else None
+
+    def _reduce(self, choice: Candidate, flat, out, group, op, scale: float,
+                transport: TorchTransport, feedback: Optional[ErrorFeedback],
+                stats: Optional[CommStats]) -> None:
+        """``out`` = this rank's shard of the reduction of ``flat`` as ``choice`` says."""
+        if choice in (OWN, FP32, IN_BF16):
+            wire = torch.bfloat16 if choice == IN_BF16 else flat.dtype
+            started = time.perf_counter()
+            _own_reduce_scatter(flat.to(wire), out, group, op)
+            if stats is not None:
+                w = transport.world_size
+                stats.add(wire_bytes=(w - 1) * flat.numel() * wire.itemsize // w,
+                          comm_seconds=time.perf_counter() - started)
+            return
+        sent = feedback.compensate([self.name], flat, [flat.numel()]) if feedback else flat
+        mean = compressed_reduce_scatter(sent, self.state.codec, transport,
+                                         self.state.generator(flat.device, transport.rank),
+                                         stats, residual_out=sent if feedback else None)
         if feedback:
-            feedback.update(key, sent, None, mean, [flat.numel()])
+            feedback.update([self.name], sent, None, mean, [flat.numel()])
         if scale != 1.0:
             mean.mul_(scale)
-        output_tensor.reshape(-1).copy_(saturating_cast(mean, output_tensor.dtype))
-        return _Completed() if async_op else None
+        out.copy_(saturating_cast(mean, out.dtype))
+
+    def _calibrate(self, flat, out, group, op, transport: TorchTransport) -> None:
+        """Time every candidate on this module's reduce-scatter (on a sample of each shard
+        past :data:`~commpress.comm.calibration.SAMPLE_NUMEL` values in all), with error
+        feedback on a scratch memory so that its cost counts."""
+        w = transport.world_size
+        n = flat.numel() // w
+        k = max(1, min(n, SAMPLE_NUMEL // w))
+        sample = flat.view(w, n)[:, :k].reshape(-1)
+        scratch, shard = torch.empty_like(sample), torch.empty(k, dtype=out.dtype, device=out.device)
+        feedback = ErrorFeedback(self.state.error_feedback) if self.state.feedback else None
+        scale = _scale_of(op, w)
+
+        def run(choice):
+            return lambda: self._reduce(choice, scratch, shard, group, op, scale, transport,
+                                        feedback, None)
+        self.state._policy.calibrate(flat.numel(), _candidates(w, False), run, transport,
+                                     flat.device, prepare=lambda: scratch.copy_(sample),
+                                     scale=n / k)
+
+
+def _own_reduce_scatter(flat: torch.Tensor, out: torch.Tensor, group, op) -> None:
+    """FSDP's own reduce-scatter of ``flat`` into ``out`` (cast back to its dtype), with
+    ``PREMUL_SUM(f)`` as a sum times ``f`` (gloo has no PREMUL_SUM)."""
+    factor = None
+    if getattr(op, "op", op) == dist.ReduceOp.PREMUL_SUM:
+        op, factor = dist.ReduceOp.SUM, float(op.factor)
+    shard = out if out.dtype == flat.dtype else torch.empty(out.shape, dtype=flat.dtype,
+                                                          device=out.device)
+    dist.reduce_scatter_tensor(shard, flat, op=op, group=group)
+    if factor is not None:
+        shard.mul_(factor)
+    if shard is not out:
+        out.copy_(shard)
 
 
 class _Completed:

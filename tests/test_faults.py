@@ -52,3 +52,36 @@ def test_survivor_raises_when_a_peer_dies_or_hangs(policy, fault, at_step):
                            pg_timeout=GROUP_TIMEOUT, survivors=[0])[0]
     assert survivor["step"] == at_step, f"rank 0 trained on alone: {survivor}"
     assert survivor["seconds"] < GROUP_TIMEOUT.total_seconds() + 10, survivor
+
+
+def fsdp_faulty_peer_worker(rank, world_size, policy, fault, at_step):
+    """As faulty_peer_worker, with the model sharded by FSDP2 and commpress.fsdp."""
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    cp.fsdp.compress(model, "qsgd4+ef", policy=policy)
+    for step in range(at_step + 10):
+        if rank == 1 and step == at_step:
+            if fault == "exit":
+                os._exit(3)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        started = time.monotonic()
+        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(100 * rank + step))
+        try:
+            model(x).square().mean().backward()
+        except RuntimeError as exc:
+            return {"step": step, "seconds": time.monotonic() - started, "error": str(exc)}
+    return {"step": None}
+
+
+@pytest.mark.parametrize("policy,fault,at_step", [
+    ("calibrated", "exit", 1), ("calibrated", "exit", 25), ("calibrated", "stop", 25),
+    ("fixed", "exit", 3)])
+def test_fsdp_survivor_raises_when_a_peer_dies_or_hangs(policy, fault, at_step):
+    survivor = run_workers(fsdp_faulty_peer_worker, 2, policy, fault, at_step, timeout=120,
+                           pg_timeout=GROUP_TIMEOUT, survivors=[0])[0]
+    assert survivor["step"] == at_step, f"rank 0 trained on alone: {survivor}"
+    assert survivor["seconds"] < GROUP_TIMEOUT.total_seconds() + 10, survivor

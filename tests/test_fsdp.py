@@ -39,14 +39,18 @@ def train(model, rank, steps, accumulate=1):
     return [p.full_tensor().detach().clone() for p in model.parameters()], losses
 
 
-def comparison_worker(rank, world_size, spec, steps, reduce_dtype, accumulate):
+def comparison_worker(rank, world_size, spec, steps, reduce_dtype, accumulate, options=None):
+    """FSDP's own training against the same with ``spec`` (the fixed policy unless
+    ``options`` say otherwise: the codec on every reduce-scatter)."""
     plain, plain_losses = train(sharded_model(reduce_dtype=reduce_dtype), rank, steps, accumulate)
     model = sharded_model(reduce_dtype=reduce_dtype)
-    state = cp.fsdp.compress(model, spec)
+    state = cp.fsdp.compress(model, spec, **{"policy": "fixed", **(options or {})})
     compressed, losses = train(model, rank, steps, accumulate)
     return {"plain": plain, "compressed": compressed, "plain_losses": plain_losses,
             "losses": losses, "iter": state.iter, "steps": state.stats.steps,
-            "wire": state.stats.network_bytes, "fp32": state.stats.fp32_bytes}
+            "wire": state.stats.network_bytes, "fp32": state.stats.fp32_bytes,
+            "plan": state.state_dict()["plan"], "summary": state.stats.summary(),
+            "last_ratio": state.stats.last_step.ratio}
 
 
 def relative(a, b):
@@ -96,7 +100,7 @@ def divide_factor_worker(rank, world_size):
     grads = []
     for factor in (None, 1.0):
         model = sharded_model()
-        cp.fsdp.compress(model, "fp32")
+        cp.fsdp.compress(model, "fp32", policy="fixed")
         if factor is not None:
             for m in model.modules():
                 if isinstance(m, fsdp.FSDPModule):
@@ -119,7 +123,7 @@ def bad_input_worker(rank, world_size):
     cases = {
         "ddp": lambda: cp.fsdp.compress(DDP(nn.Linear(4, 4)), "qsgd4"),
         "plain": lambda: cp.fsdp.compress(nn.Linear(4, 4), "qsgd4"),
-        "calibrated": lambda: cp.fsdp.compress(sharded_model(), "qsgd4", policy="calibrated"),
+        "policy": lambda: cp.fsdp.compress(sharded_model(), "qsgd4", policy="fastest"),
         "ef21": lambda: cp.fsdp.compress(sharded_model(), "qsgd4+ef21"),
         "name": lambda: cp.fsdp.compress(sharded_model(), "qsgd9"),
     }
@@ -136,6 +140,61 @@ def test_bad_input_is_refused_at_setup_by_name():
     errors = run_workers(bad_input_worker, 2)[0]
     assert "DistributedDataParallel model: use commpress.register_hook" in errors["ddp"]
     assert "found no FSDP module" in errors["plain"]
-    assert "policy='fixed' only" in errors["calibrated"]
+    assert "policy must be one of" in errors["policy"]
     assert "EF21" in errors["ef21"]
     assert "unknown hook 'qsgd9'" in errors["name"]
+
+
+# -- the default (calibrated) policy --------------------------------------------------------
+OWN_PLAN = {"step": 0, "entries": [{"numel": 1, "codec": "fsdp", "collective": "reduce_scatter",
+                                    "seconds": {}}]}
+CODEC_PLAN = {"step": 0, "entries": [{"numel": 1, "codec": "codec",
+                                      "collective": "reduce_scatter", "seconds": {}}]}
+
+
+def test_a_pinned_plan_of_fsdps_own_reduce_scatter_is_fsdp_bit_for_bit():
+    for r in run_workers(comparison_worker, 2, "qsgd4", 4, None, 1,
+                         {"policy": "calibrated", "plan": OWN_PLAN}):
+        for a, b in zip(r["compressed"], r["plain"]):
+            assert torch.equal(a, b)
+        assert r["wire"] == r["fp32"] and "fsdp/reduce_scatter" in r["summary"]
+
+
+def test_a_pinned_codec_plan_compresses_from_the_first_step():
+    for r in run_workers(comparison_worker, 2, "qsgd8", 4, None, 1,
+                         {"policy": "calibrated", "plan": CODEC_PLAN}):
+        assert relative(r["compressed"], r["plain"]) < 0.02 and r["last_ratio"] > 3.5
+
+
+def fake_timings(runs, control, device=None, prepare=None):
+    """Every candidate runs (they communicate, as in a real calibration); the codec wins."""
+    for run in runs:
+        prepare()
+        run()
+    return [1.0, 0.6, 0.1][:len(runs)]
+
+
+def calibrated_worker(rank, world_size, faked):
+    import commpress.engine.policy
+    if faked:
+        commpress.engine.policy.measure = fake_timings
+    return comparison_worker(rank, world_size, "qsgd4", 20, None, 1, {"policy": "calibrated"})
+
+
+@pytest.mark.parametrize("faked", [True, False])
+def test_the_default_policy_adopts_one_plan_on_every_rank(faked):
+    """With timings that make the codec win it compresses from its adoption on; with the real
+    ones (on loopback usually FSDP's own) every rank still adopts the same plan, trains, and
+    its summary names it."""
+    results = run_workers(calibrated_worker, 2, faked)
+    plan = results[0]["plan"]
+    assert plan is not None and plan == results[1]["plan"]
+    assert {e["codec"] for e in plan["entries"]} <= {"fsdp", "bf16", "codec"}
+    assert len(plan["entries"]) == 2  # one choice per FSDP module size
+    for r in results:
+        assert "plan of step" in r["summary"] and r["iter"] == 20
+        assert sum(r["losses"][-3:]) < sum(r["losses"][:3])
+        if faked:
+            assert r["last_ratio"] > 5  # QSGD-4 on both modules
+    for a, b in zip(results[0]["compressed"], results[1]["compressed"]):
+        assert torch.equal(a, b)

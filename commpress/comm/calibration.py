@@ -221,10 +221,12 @@ class Plan:
 
 
 def finalists(isolated: Plan, options: Sequence[Candidate], codec: Codec) -> List[Plan]:
-    """The plans worth trial steps, most exact first: one all-reduce plan per all-reduce
-    candidate (fp32, fp16) and ``isolated`` (the per-bucket decision), each only if its
-    isolated time is within :data:`TRIAL_FACTOR` of the fastest, without duplicates."""
-    plans = [isolated.uniform(c) for c in options if c.collective == "allreduce"] + [isolated]
+    """The plans worth trial steps, most exact first: one uniform plan per uncompressed
+    candidate (all-reduces in fp32 or fp16, or a front end's own reduction in full or half
+    precision) and ``isolated`` (the per-bucket decision), each only if its isolated time is
+    within :data:`TRIAL_FACTOR` of the fastest, without duplicates."""
+    plans = [isolated.uniform(c) for c in options
+             if c.collective == "allreduce" or c.codec != "codec"] + [isolated]
     fastest = min(p.isolated_seconds(codec) for p in plans)
     out: List[Plan] = []
     for plan in plans:

@@ -66,8 +66,13 @@ class CalibratedPolicy:
     name = CALIBRATED
 
     def __init__(self, codec: Codec, collective: str, start_iter: int, recalibrate_every: int,
-                 plan: Optional[Plan] = None):
+                 plan: Optional[Plan] = None,
+                 options: Optional[Callable[[int, bool], List[Candidate]]] = None):
         self.codec, self.collective = codec, collective
+        #: the candidates on a world of (size, several nodes of several ranks): the DDP
+        #: hook's all-reduces and collectives by default, another front end's own
+        self.options = options or (lambda world, hierarchical: candidates(codec, collective, world,
+                                                                          hierarchical))
         self.start_iter, self.recalibrate_every = start_iter, recalibrate_every
         self.plan = plan
         self.pinned = plan is not None
@@ -81,11 +86,11 @@ class CalibratedPolicy:
         self.drift = DriftMonitor()
 
     def candidates(self, world_size: int, hierarchical: bool) -> List[Candidate]:
-        return candidates(self.codec, self.collective, world_size, hierarchical)
+        return self.options(world_size, hierarchical)
 
     def all_candidates(self) -> List[Candidate]:
         """Every choice this configuration could make, on any world (to check a plan)."""
-        return candidates(self.codec, self.collective, 3, True)
+        return self.options(3, True)
 
     # -- a step -----------------------------------------------------------------------------
     def begin_step(self, step: int, compress: bool, control: Transport, device: torch.device,
@@ -182,14 +187,15 @@ class CalibratedPolicy:
 
 
 def make_policy(name: str, codec: Codec, collective: str, start_iter: int,
-                recalibrate_every: int, plan=None):
-    """The policy object ``name`` configures (``plan``: pinned, see :func:`given_plan`)."""
+                recalibrate_every: int, plan=None, options=None):
+    """The policy object ``name`` configures (``plan``: pinned, see :func:`given_plan`;
+    ``options``: the front end's candidates, see :class:`CalibratedPolicy`)."""
     if name == FIXED:
         if plan is not None:
             raise ValueError(f"plan= pins the calibrated policy's choices; policy={name!r} "
                              "has none (leave plan=None, or use policy='calibrated')")
         return FixedPolicy(collective)
-    policy = CalibratedPolicy(codec, collective, start_iter, recalibrate_every)
+    policy = CalibratedPolicy(codec, collective, start_iter, recalibrate_every, options=options)
     if plan is not None:
         policy.plan, policy.pinned = given_plan(plan, policy.all_candidates()), True
     return policy
@@ -218,3 +224,15 @@ def given_plan(plan, allowed: Sequence[Candidate]) -> Plan:
         return Plan.from_state_dict(plan, allowed)
     except ValueError as exc:
         raise ValueError(f"commpress: {source} does not fit this configuration: {exc}") from None
+
+
+def describe(plan: Optional[Plan], codec: Codec, error_feedback: Optional[str]):
+    """``(words, idle)``: the plan in words for a summary, and the note that error feedback
+    is idle because no group goes through the codec ("" when it runs or was not asked for)."""
+    if plan is None:
+        return "", ""
+    idle = ""
+    if error_feedback and all(e.choice.codec != "codec" for e in plan.entries.values()):
+        idle = (f"error feedback ({error_feedback}) idle: the plan sends no group through "
+                f"{codec.name} (feedback corrects that codec's error only)")
+    return plan.summary(codec) + (f"; {idle}" if idle else ""), idle
