@@ -657,8 +657,8 @@ def _reduce_bucket(state: CompressionState, runtime: Runtime, buffer: torch.Tens
     """One bucket's reduction (the worker thread, or inline). Once a bucket of a step has
     failed, this rank's later buckets of that step fail without communicating: the failure
     (ranks disagreeing, a peer's bad payload) is symmetric, so every rank stops there, and
-    collectives issued after it would no longer pair up across ranks (a collective left
-    pending in gloo then aborted the process at exit)."""
+    collectives issued after it would no longer pair up across ranks (and one left pending
+    in gloo aborts the process at exit)."""
     if state._failed_step == step:
         raise RuntimeError(f"commpress: bucket {index} of step {step} not reduced: an earlier "
                            f"bucket of this step failed (that error is the one to read)")

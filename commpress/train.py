@@ -205,7 +205,7 @@ def train_one(method: str, args, data, rank: int, world_size: int) -> Dict:
     device = x_train.device
     powersgd = powersgd_rank(method)
     # PowerSGD gets one bucket: with two, its callbacks (which issue further collectives)
-    # deadlocked gloo's worker threads (PyTorch tests PowerSGD on NCCL only)
+    # deadlock gloo's worker threads (PyTorch tests PowerSGD on NCCL only)
     model = DDP(make_model(args.seed, args.data).to(device),
                 device_ids=[device] if device.type == "cuda" else None,
                 bucket_cap_mb=1024 if powersgd else None)
