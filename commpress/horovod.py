@@ -26,7 +26,7 @@ from .codecs import FP16, Codec, Identity, saturating_cast
 from .comm.agreement import agree
 from .comm.ordered import OrderedExecutor
 from .comm.pipeline import reduce_gradient
-from .comm.transport import Pending, Transport
+from .comm.transport import Pending, Transport, operation_timeout, wait_until
 from .config import CompressionConfig
 from .feedback import ErrorFeedback
 from .stats import CommStats
@@ -39,13 +39,17 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
 
 
 class _HorovodPending(Pending):
-    """A started Horovod operation: ``wait()`` synchronizes its handle."""
+    """A started Horovod operation: ``wait()`` synchronizes its handle once it is done, or
+    raises :class:`TimeoutError` past :func:`~commpress.comm.transport.operation_timeout`
+    (Horovod waits forever on a peer that stopped answering)."""
 
-    def __init__(self, handle):
+    def __init__(self, handle, what: str):
         super().__init__(None, handle)
+        self.what = what
 
     def wait(self) -> torch.Tensor:
         if self.output is None:
+            wait_until(lambda: hvd.poll(self.work), operation_timeout(), f"Horovod {self.what}")
             out = hvd.synchronize(self.work)
             self.output = out[0] if isinstance(out, tuple) else out  # alltoall: (output, splits)
         return self.output
@@ -71,25 +75,29 @@ class HorovodTransport(Transport):
 
     def all_gather_start(self, x):
         self._count_all_gather(x)
-        return _HorovodPending(hvd.allgather_async(x, name=self._name("allgather")))
+        name = self._name("allgather")
+        return _HorovodPending(hvd.allgather_async(x, name=name), name)
 
     def all_to_all(self, x, in_splits, out_splits):
         return self.all_to_all_start(x, in_splits, out_splits).wait()
 
     def all_to_all_start(self, x, in_splits, out_splits):
         self._count_all_to_all(x, in_splits)
+        name = self._name("alltoall")
         return _HorovodPending(hvd.alltoall_async(x, splits=torch.tensor(in_splits, dtype=torch.int32),
-                                                  name=self._name("alltoall")))
+                                                  name=name), name)
 
     def all_reduce_sum(self, x):
         if x.dtype == torch.bfloat16:
             return x.copy_(self.all_reduce_sum(x.float()))
         self._count_all_reduce(x)
-        return x.copy_(hvd.allreduce(x, op=hvd.Sum, name=self._name("allreduce")))
+        name = self._name("allreduce")
+        return x.copy_(_HorovodPending(hvd.allreduce_async(x, op=hvd.Sum, name=name), name).wait())
 
     def broadcast(self, x, src):
         self._count_broadcast(x, src)
-        return x.copy_(hvd.broadcast(x, root_rank=src, name=self._name("broadcast")))
+        name = self._name("broadcast")
+        return x.copy_(_HorovodPending(hvd.broadcast_async(x, root_rank=src, name=name), name).wait())
 
 
 _TRANSPORT: Optional[HorovodTransport] = None

@@ -12,8 +12,6 @@ For training, :func:`allreduce_gradients` averages all gradients of a model in o
 """
 from __future__ import annotations
 
-import os
-import time
 from typing import Iterable, Optional, Union
 
 import numpy as np
@@ -23,7 +21,7 @@ from .codecs import Codec, saturating_cast
 from .comm.agreement import agree
 from .comm.pipeline import reduce_gradient
 from .comm.segments import Segments
-from .comm.transport import Transport
+from .comm.transport import Transport, operation_timeout, wait_until
 from .config import CompressionConfig
 from .feedback import ErrorFeedback
 from .stats import CommStats
@@ -35,50 +33,28 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
                       "(and an MPI library such as Open MPI)") from exc
 
 
-#: seconds an MPI operation may take before the front end raises (a stopped or hung peer:
-#: MPI itself waits forever); ``COMMPRESS_MPI_TIMEOUT`` overrides it, 0 waits forever
-TIMEOUT_S = 1800.0
-
-
-def _timeout() -> Optional[float]:
-    seconds = float(os.environ.get("COMMPRESS_MPI_TIMEOUT", TIMEOUT_S))
-    return seconds if seconds > 0 else None
-
-
 class MPITransport(Transport):
     """The transport operations on an mpi4py communicator (CPU tensors only). Half-precision
     sums travel as float32: Open MPI 4.1 rejects float16 reductions (MPI_ERR_TYPE) and has no
     bfloat16 type, so FP16/BF16 save nothing over MPI (the byte count says so).
 
     Operations are started non-blocking and waited for with a deadline (``timeout``
-    seconds, default :data:`TIMEOUT_S`): a peer that stopped answering raises
-    :class:`TimeoutError` instead of hanging the job. A dead peer ends the job through
-    ``mpirun``. MPI cannot cancel a collective, so after a timeout the communicator is
-    unusable: end the job."""
+    seconds, default :func:`~commpress.comm.transport.operation_timeout`): a peer that
+    stopped answering raises :class:`TimeoutError` instead of hanging the job. A dead peer
+    ends the job through ``mpirun``. MPI cannot cancel a collective, so after a timeout the
+    communicator is unusable: end the job."""
 
     def __init__(self, comm=None, timeout: Optional[float] = None):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
         self.sent_bytes = 0
-        self.timeout = timeout if timeout is not None else _timeout()
+        self.timeout = timeout if timeout is not None else operation_timeout()
 
     def _wait(self, request, what: str) -> None:
-        """Wait for ``request``: spinning for the first millisecond (short collectives),
-        then polling with growing sleeps (up to 1 ms) until the deadline."""
         if self.timeout is None:
             request.Wait()
-            return
-        start = time.monotonic()
-        deadline, pause = start + self.timeout, 0.0
-        while not request.Test():
-            now = time.monotonic()
-            if now > deadline:
-                raise TimeoutError(f"commpress.mpi: {what} on rank {self.rank} did not complete in "
-                                   f"{self.timeout:g} s: a peer stopped answering (hung, stopped "
-                                   f"or dead). MPI cannot cancel it: end the job")
-            if now - start > 1e-3:
-                time.sleep(pause)
-                pause = min(max(2 * pause, 1e-5), 1e-3)
+        else:
+            wait_until(request.Test, self.timeout, f"MPI {what} on rank {self.rank}")
 
     @staticmethod
     def _buffer(x: torch.Tensor):

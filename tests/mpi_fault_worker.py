@@ -1,4 +1,4 @@
-"""Run under mpirun by tests/test_mpi.py with COMMPRESS_MPI_TIMEOUT set: rank 1 stops itself
+"""Run under mpirun by tests/test_mpi.py with COMMPRESS_TIMEOUT set: rank 1 stops itself
 (SIGSTOP, alive but silent) before the third reduction; rank 0 must raise within the
 timeout instead of waiting forever, and writes what it got (JSON) before killing rank 1."""
 import json

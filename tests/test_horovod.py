@@ -62,3 +62,18 @@ def test_horovodrun_training_with_commpress_optimizer(tmp_path):
     assert args["clip_identical"] and args["clip_steps"] == 3
     assert "injected encode failure" in args["failed_step"]
     assert args["after_failure_err"] < 1e-6, args["after_failure_err"]  # reduced again, exactly
+
+
+@pytest.mark.skipif(REASON is not None, reason=REASON or "")
+def test_a_stopped_horovod_peer_raises_within_the_timeout(tmp_path):
+    """Horovod waits forever on a silent peer (its stall check only warns); the front end's
+    operations raise TimeoutError after COMMPRESS_TIMEOUT seconds."""
+    import os
+    out = tmp_path / "fault.json"
+    subprocess.run(["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
+                    str(WORKER.with_name("horovod_fault_worker.py")), str(out)],
+                   capture_output=True, text=True, timeout=180,
+                   env={**os.environ, "COMMPRESS_TIMEOUT": "5"})
+    result = json.loads(out.read_text())  # horovodrun's own status reflects the killed peer
+    assert result["steps"] == 2 and "did not complete in 5 s" in result["error"], result
+    assert 5 <= result["seconds"] < 30, result

@@ -86,7 +86,7 @@ def test_mpi_ranks_configured_differently_fail_with_named_errors(tmp_path):
 def test_a_stopped_mpi_peer_raises_within_the_timeout(tmp_path):
     """MPI waits forever on a silent peer; the front end's transport raises TimeoutError."""
     out = tmp_path / "fault.json"
-    env = {**os.environ, "COMMPRESS_MPI_TIMEOUT": "5"}
+    env = {**os.environ, "COMMPRESS_TIMEOUT": "5"}
     subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
                     sys.executable, str(WORKER.with_name("mpi_fault_worker.py")), str(out)],
                    capture_output=True, text=True, timeout=120, env=env)

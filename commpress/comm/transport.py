@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 import zlib
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -88,6 +88,36 @@ class Transport:
     def _count_broadcast(self, x, src):
         if self.rank == src and self.world_size > 1:
             self.sent_bytes += x.nbytes
+
+
+#: seconds an operation of a front end without a group timeout of its own (MPI, Horovod) may
+#: take before it raises: they wait forever on a peer that stopped answering
+#: (``COMMPRESS_TIMEOUT`` overrides it; 0 waits forever)
+TIMEOUT_S = 1800.0
+
+
+def operation_timeout() -> Optional[float]:
+    """:data:`TIMEOUT_S`, or ``COMMPRESS_TIMEOUT`` seconds; None for no limit."""
+    seconds = float(os.environ.get("COMMPRESS_TIMEOUT", TIMEOUT_S))
+    return seconds if seconds > 0 else None
+
+
+def wait_until(done: Callable[[], bool], timeout: Optional[float], what: str) -> None:
+    """Poll ``done()`` until it is true: spinning for the first millisecond (short
+    collectives), then with growing sleeps of up to 1 ms. Past ``timeout`` seconds raise
+    :class:`TimeoutError` naming ``what``: a peer stopped answering (hung, stopped or dead),
+    and the library cannot cancel the operation, so the job must end."""
+    start = time.monotonic()
+    pause = 0.0
+    while not done():
+        now = time.monotonic()
+        if timeout is not None and now - start > timeout:
+            raise TimeoutError(f"commpress: {what} did not complete in {timeout:g} s: a peer "
+                               f"stopped answering (hung, stopped or dead). It cannot be "
+                               f"cancelled: end the job (COMMPRESS_TIMEOUT sets the limit)")
+        if now - start > 1e-3:
+            time.sleep(pause)
+            pause = min(max(2 * pause, 1e-5), 1e-3)
 
 
 class Pending:
