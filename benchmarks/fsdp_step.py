@@ -9,7 +9,7 @@ its own FSDP2 module (``fully_shard``), the stack the root; every rank on its ow
 netsim`` node. Per method: the median wall time of ``--steps`` timed steps (forward, backward
 with the reduce-scatters, optimizer step, each started by a barrier) after ``--warmup``, the
 bytes that left node 0 per step (its interface counter), and the reduce-scatters' own seconds
-per step (commpress methods). Methods:
+per step (FSDP's own timed around the call its default makes). Methods:
 
 - ``fp32``: FSDP's own reduce-scatter in fp32; ``bf16``: FSDP's own with
   ``MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)``, what FSDP users switch on to halve
@@ -42,9 +42,28 @@ METHODS = ["fp32", "bf16", "qsgd4", "qsgd8", "natural", "qsgd4+ef", "qsgd4/bf16"
 QUICK_METHODS = ["fp32", "bf16", "qsgd4", "qsgd4+ef", "calibrated:qsgd4"]
 
 
+class TimedReduceScatter:
+    """FSDP's own reduce-scatter (the call its default makes), timed: the seconds it took,
+    added up (on the CPU FSDP issues it synchronously)."""
+
+    seconds = 0.0
+
+    def allocate(self, size, *, dtype, device):
+        import torch
+        return torch.empty(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        import torch.distributed as dist
+        start = time.perf_counter()
+        work = dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group,
+                                          async_op=async_op)
+        TimedReduceScatter.seconds += time.perf_counter() - start
+        return work
+
+
 def sharded(width: int, method: str):
     import torch
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     import commpress as cp
 
@@ -58,8 +77,12 @@ def sharded(width: int, method: str):
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, **options)
     fully_shard(model, **options)
-    state = None if name in ("fp32", "bf16") else cp.fsdp.compress(model, name, policy=policy)
-    return model, state
+    if name in ("fp32", "bf16"):
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_custom_reduce_scatter(TimedReduceScatter())
+        return model, None
+    return model, cp.fsdp.compress(model, name, policy=policy)
 
 
 def run_method(method, args, rank, ifname):
@@ -80,7 +103,8 @@ def run_method(method, args, rank, ifname):
         if ready and not times:
             dist.barrier()
             link_before = link_tx_bytes(ifname)
-            comm_before = state.stats.comm_seconds if state is not None else 0.0
+            comm_before = (state.stats.comm_seconds if state is not None
+                           else TimedReduceScatter.seconds)
         dist.barrier()
         start = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -92,8 +116,9 @@ def run_method(method, args, rank, ifname):
     dist.barrier()
     row = step_row(method, times, (link_tx_bytes(ifname) - link_before) / args.steps, model, loss,
                    state)
+    comm_after = state.stats.comm_seconds if state is not None else TimedReduceScatter.seconds
+    row["reduce_scatter_s"] = (comm_after - comm_before) / args.steps
     if state is not None:
-        row["reduce_scatter_s"] = (state.stats.comm_seconds - comm_before) / args.steps
         if state.plan is not None:
             # its step 1 timed every candidate, then trial steps
             row.update(plan=state.plan.state_dict(), plan_text=state.stats.plan,
@@ -118,6 +143,20 @@ def worker(args) -> None:
     release_default_group()
 
 
+def reduce_scatter_table(results) -> str:
+    """The reduce-scatters' own time per step, against FSDP's bf16 one of the same run."""
+    lines = ["", "| rate | nodes x ranks | method | reduce-scatter ms/step | vs bf16's |",
+             "|---|---|---|---:|---:|"]
+    rows = [r for r in results if "reduce_scatter_s" in r]
+    for r in rows:
+        bf16 = next((b for b in rows if b["method"] == "bf16" and b["rate"] == r["rate"]
+                     and b["nodes"] == r["nodes"]), None)
+        ratio = f"{bf16['reduce_scatter_s'] / r['reduce_scatter_s']:.2f}x" if bf16 else "-"
+        lines.append(f"| {r['rate']} | {r['nodes']} x {r['ranks_per_node']} | {r['method']} "
+                     f"| {1e3 * r['reduce_scatter_s']:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     from commpress.netsim import add_job_arguments
 
@@ -133,7 +172,8 @@ def main(argv=None):
     if args.quick:
         args.width, args.rates, args.steps, args.methods = 256, ["1gbit"], 2, QUICK_METHODS
     results = run_rates(Path(__file__), args, "fsdp_step")
-    save(args.out, "fsdp_step.py", argv, results, plot, table(results))
+    save(args.out, "fsdp_step.py", argv, results, plot,
+         table(results) + "\n" + reduce_scatter_table(results))
 
 
 if __name__ == "__main__":

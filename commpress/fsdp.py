@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from .codecs import Codec, saturating_cast
 from .comm.calibration import CALIBRATED, FP32, POLICIES, SAMPLE_NUMEL, Candidate
-from .comm.collectives import compressed_reduce_scatter
+from .comm.collectives import choose_algorithm, compressed_mean, compressed_reduce_scatter
 from .comm.transport import TorchTransport
 from .config import CompressionConfig
 from .engine.policy import describe, make_policy
@@ -283,6 +283,40 @@ def _own_reduce_scatter(flat: torch.Tensor, out: torch.Tensor, group, op) -> Non
         out.copy_(shard)
 
 
+class CompressedAllReduce:
+    """FSDP's all-reduce hook (``module.set_all_reduce_hook``) averaging a module's
+    reduce-scatter output over ``group`` (the ranks holding the same shard on the other nodes)
+    through the state's codec, in place: the cross-node hop of hybrid sharding, compressed.
+    ``name`` keys the module's error-feedback memory (this shard's)."""
+
+    def __init__(self, state: FSDPCompressionState, name: str, group: dist.ProcessGroup):
+        self.state, self.name, self.group = state, name, group
+
+    def __call__(self, reduce_output: torch.Tensor) -> None:
+        state = self.state
+        if reduce_output.dtype not in _REDUCE_DTYPES:
+            raise TypeError(f"commpress.fsdp: reduce dtype {reduce_output.dtype} is not one the "
+                            f"codecs take (float32, bfloat16, float16)")
+        device = reduce_output.device
+        transport = state.transport(self.group, device)
+        closes_step = state._begin(transport, device)
+        flat = reduce_output.reshape(-1)
+        w = transport.world_size
+        state.stats.add(fp32_bytes=2 * (w - 1) * 4 * flat.numel() // w)
+        feedback = state.feedback
+        sent = (feedback.compensate([self.name], flat, [flat.numel()]) if feedback
+                else flat.float())
+        mean, _ = compressed_mean(sent, state.codec, transport,
+                                  choose_algorithm(state.codec, flat.numel(), w),
+                                  state.generator(device, transport.rank), state.stats,
+                                  residual_out=sent if feedback else None)
+        if feedback:
+            feedback.update([self.name], sent, None, mean, [flat.numel()])
+        flat.copy_(saturating_cast(mean, flat.dtype))
+        if closes_step:
+            state._end_step(transport)
+
+
 class _Completed:
     """The work of a reduction that finished before it was returned (``async_op=True``)."""
 
@@ -311,12 +345,20 @@ def _scale_of(op, world_size: int) -> float:
 
 
 def compress(model: torch.nn.Module, state: Union[FSDPCompressionState, str, Codec] = "qsgd4",
+             replicate_group: Optional[dist.ProcessGroup] = None,
              **kwargs) -> FSDPCompressionState:
     """Make every FSDP module of ``model`` (``fully_shard`` applied to it or its submodules)
     reduce-scatter its gradients through ``state``: a :class:`FSDPCompressionState`, a hook
     name such as ``"qsgd4"`` or ``"qsgd8+ef"``, or a :class:`~commpress.Codec` (``kwargs`` go
     to the state made from a name or codec). Call it on every rank, after ``fully_shard``.
     Returns the state.
+
+    ``replicate_group``: hybrid sharding across nodes. Shard each module inside a node
+    (``fully_shard(module, mesh=<the node's ranks>)``) and pass the group of the ranks that
+    hold the same shard on the other nodes: FSDP's own reduce-scatter then runs inside the
+    node, on its fast links, and commpress averages each shard across nodes, compressed,
+    through FSDP's all-reduce hook (:class:`CompressedAllReduce`). This mode runs the codec on
+    every cross-node all-reduce: it needs ``policy="fixed"``.
 
     Example::
 
@@ -337,9 +379,21 @@ def compress(model: torch.nn.Module, state: Union[FSDPCompressionState, str, Cod
     if not modules:
         raise TypeError("commpress.fsdp.compress found no FSDP module in the model: apply "
                         "torch.distributed.fsdp.fully_shard to it (and its blocks) first")
+    if replicate_group is not None:
+        if not isinstance(replicate_group, dist.ProcessGroup):
+            raise TypeError(f"replicate_group must be a ProcessGroup (e.g. "
+                            f"mesh['replicate'].get_group()), got {type(replicate_group).__name__}")
+        if state.policy != "fixed":
+            raise ValueError("commpress.fsdp with replicate_group= runs the codec on every "
+                             "cross-node all-reduce: pass policy='fixed' (the calibrated policy "
+                             "decides reduce-scatters only)")
     for name, module in modules:
         try:
-            module.set_custom_reduce_scatter(CompressedReduceScatter(state, name or "<root>"))
+            if replicate_group is None:
+                module.set_custom_reduce_scatter(CompressedReduceScatter(state, name or "<root>"))
+            else:
+                module.set_all_reduce_hook(CompressedAllReduce(state, name or "<root>",
+                                                               replicate_group))
         except ValueError as exc:  # several parameter groups (per-parameter meshes)
             raise ValueError(f"commpress.fsdp: module {name or '<root>'!r}: {exc} Shard it with "
                              f"one mesh (no shard_placement_fn giving several)") from None

@@ -198,3 +198,46 @@ def test_the_default_policy_adopts_one_plan_on_every_rank(faked):
             assert r["last_ratio"] > 5  # QSGD-4 on both modules
     for a, b in zip(results[0]["compressed"], results[1]["compressed"]):
         assert torch.equal(a, b)
+
+
+# -- hybrid sharding: FSDP inside a node, commpress across nodes ------------------------------
+def hybrid_worker(rank, world_size, spec):
+    """2 "nodes" of 2 ranks: each module sharded over its node's ranks, the cross-node
+    all-reduce of each shard through commpress; against FSDP over all 4 ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    plain, _ = train(sharded_model(), rank, 4)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(33, 300), nn.ReLU(), nn.Linear(300, 7))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh["shard"])
+    fully_shard(model, mesh=mesh["shard"])
+    state = cp.fsdp.compress(model, spec, replicate_group=mesh["replicate"].get_group(),
+                             policy="fixed")
+    hybrid, losses = train(model, rank, 4)
+    return plain, hybrid, state.stats.last_step.ratio, state.iter
+
+
+@pytest.mark.parametrize("spec,tolerance", [("fp32", 1e-6), ("qsgd8", 0.02)])
+def test_hybrid_sharding_compresses_the_cross_node_all_reduce(spec, tolerance):
+    results = run_workers(hybrid_worker, 4, spec)
+    for plain, hybrid, ratio, steps in results:
+        assert relative(hybrid, plain) < tolerance, spec
+        assert steps == 4
+        assert ratio > (3.5 if spec == "qsgd8" else 0.9)
+    for a, b in zip(results[0][1], results[3][1]):
+        assert torch.equal(a, b)  # every rank holds the same parameters
+
+
+def hybrid_policy_worker(rank, world_size):
+    import torch.distributed as dist
+    try:
+        cp.fsdp.compress(sharded_model(), "qsgd4", replicate_group=dist.group.WORLD)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_hybrid_sharding_needs_the_fixed_policy():
+    assert "pass policy='fixed'" in run_workers(hybrid_policy_worker, 2)[0]
