@@ -97,10 +97,7 @@ def run_method(method, args, rank, ifname):
     import contextlib
 
     import torch
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from commpress.netsim import link_tx_bytes
 
     torch.manual_seed(0)
     # PowerSGD gets one bucket: with several, its callbacks (which wait on further collectives)
@@ -108,18 +105,8 @@ def run_method(method, args, rank, ifname):
     model = DDP(make_model(args.width), bucket_cap_mb=100 if method.startswith("powersgd") else 25)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     state, acdc = attach(method, model, opt, args.warmup + args.steps)
-    gen = torch.Generator().manual_seed(rank)
-    warmup, times = [], []
-    while len(times) < args.steps:
-        # a calibrated hook warms up until it has adopted its plan (the same step on every rank)
-        ready = len(warmup) >= args.warmup and (state is None or state.policy != "calibrated"
-                                                or state.plan is not None)
-        x, y = torch.randn(32, args.width, generator=gen), torch.randint(0, 10, (32,), generator=gen)
-        if ready and not times:  # every rank of the node is between two barriers
-            dist.barrier()
-            link_before = link_tx_bytes(ifname)
-        dist.barrier()
-        start = time.perf_counter()
+
+    def train_step(x, y):
         with model.no_sync() if method == "local" else contextlib.nullcontext():
             loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
@@ -127,17 +114,46 @@ def run_method(method, args, rank, ifname):
         opt.step()
         if acdc is not None:
             acdc.step()
+        return loss
+    row = timed_steps(method, args, rank, ifname, model, state, train_step)
+    if acdc is not None:
+        row["density"] = acdc.density
+    return row
+
+
+def timed_steps(method: str, args, rank: int, ifname: str, model, state, train_step,
+                on_timing=None) -> dict:
+    """``train_step(x, y)`` (returning the loss) in ``--warmup`` steps, more while a calibrated
+    ``state`` has not adopted its plan (the same step on every rank), then ``--steps`` timed
+    ones, each started by a barrier; the method's :func:`step_row`, with the plan and the
+    calibration step's time. ``on_timing()`` runs once, just before the timed steps."""
+    import torch
+    import torch.distributed as dist
+
+    from commpress.netsim import link_tx_bytes
+
+    gen = torch.Generator().manual_seed(rank)
+    warmup, times = [], []
+    while len(times) < args.steps:
+        ready = len(warmup) >= args.warmup and (state is None or state.policy != "calibrated"
+                                                or state.plan is not None)
+        x, y = torch.randn(32, args.width, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+        if ready and not times:  # every rank of the node is between two barriers
+            dist.barrier()
+            link_before = link_tx_bytes(ifname)
+            if on_timing is not None:
+                on_timing()
+        dist.barrier()
+        start = time.perf_counter()
+        loss = train_step(x, y)
         loss.item()
         (times if ready else warmup).append(time.perf_counter() - start)
     dist.barrier()
     row = step_row(method, times, (link_tx_bytes(ifname) - link_before) / args.steps, model, loss,
                    state)
-    if state is not None:
-        if state.plan is not None:  # its step 1 timed every candidate, then trial steps
-            row.update(plan=state.plan.state_dict(), plan_text=state.stats.plan,
-                       calibration_step_s=warmup[1], warmup_steps=len(warmup))
-    if acdc is not None:
-        row["density"] = acdc.density
+    if state is not None and state.plan is not None:  # its step 1 timed every candidate
+        row.update(plan=state.plan.state_dict(), plan_text=state.stats.plan,
+                   calibration_step_s=warmup[1], warmup_steps=len(warmup))
     return row
 
 

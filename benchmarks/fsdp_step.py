@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py, ddp_step.py
-from ddp_step import add_step_arguments, make_model, plot, run_rates, step_row, table  # noqa: E402
+from ddp_step import add_step_arguments, make_model, plot, run_rates, table, timed_steps  # noqa: E402
 from report import out_argument, save  # noqa: E402
 
 METHODS = ["fp32", "bf16", "qsgd4", "qsgd8", "natural", "qsgd4+ef", "qsgd4/bf16",
@@ -87,42 +87,23 @@ def sharded(width: int, method: str):
 
 def run_method(method, args, rank, ifname):
     import torch
-    import torch.distributed as dist
-
-    from commpress.netsim import link_tx_bytes
 
     model, state = sharded(args.width, method)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    gen = torch.Generator().manual_seed(rank)
-    warmup, times = [], []
-    while len(times) < args.steps:
-        # a calibrated state warms up until it has adopted its plan (the same step everywhere)
-        ready = len(warmup) >= args.warmup and (state is None or state.policy != "calibrated"
-                                           or state.plan is not None)
-        x, y = torch.randn(32, args.width, generator=gen), torch.randint(0, 10, (32,), generator=gen)
-        if ready and not times:
-            dist.barrier()
-            link_before = link_tx_bytes(ifname)
-            comm_before = (state.stats.comm_seconds if state is not None
-                           else TimedReduceScatter.seconds)
-        dist.barrier()
-        start = time.perf_counter()
+    comm = {}
+
+    def reduce_scatter_seconds():
+        return state.stats.comm_seconds if state is not None else TimedReduceScatter.seconds
+
+    def train_step(x, y):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        loss.item()
-        (times if ready else warmup).append(time.perf_counter() - start)
-    dist.barrier()
-    row = step_row(method, times, (link_tx_bytes(ifname) - link_before) / args.steps, model, loss,
-                   state)
-    comm_after = state.stats.comm_seconds if state is not None else TimedReduceScatter.seconds
-    row["reduce_scatter_s"] = (comm_after - comm_before) / args.steps
-    if state is not None:
-        if state.plan is not None:
-            # its step 1 timed every candidate, then trial steps
-            row.update(plan=state.plan.state_dict(), plan_text=state.stats.plan,
-                       calibration_step_s=warmup[1], warmup_steps=len(warmup))
+        return loss
+    row = timed_steps(method, args, rank, ifname, model, state, train_step,
+                      on_timing=lambda: comm.update(before=reduce_scatter_seconds()))
+    row["reduce_scatter_s"] = (reduce_scatter_seconds() - comm["before"]) / args.steps
     return row
 
 

@@ -58,3 +58,28 @@ def run_workers(fn, world_size, *args, timeout=180, pg_timeout=None, survivors=N
                                  f"that failed: {crashed}):\n" + "\n".join(errors))
         return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) if r in watched else None
                 for r in range(world_size)]
+
+
+def run_until_a_peer_stops(rank: int, pids, step, out_path: str, stop_at: int = 2) -> None:
+    """For fault workers under mpirun or horovodrun: rank 1 stops itself (SIGSTOP: alive but
+    silent) before step ``stop_at``; every rank calls ``step()`` until it raises. Rank 0 writes
+    ``{"steps", "error", "seconds"}`` as JSON to ``out_path``, kills the stopped peer (``pids``:
+    every rank's process id) and exits, which ends the job."""
+    import json
+    import signal
+    result = {"steps": 0}
+    for index in range(stop_at + 1):
+        if rank == 1 and index == stop_at:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        started = time.monotonic()
+        try:
+            step()
+            result["steps"] += 1
+        except Exception as exc:  # noqa: BLE001 - what the survivor got, whatever its type
+            result.update(error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - started)
+            break
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+        os.kill(pids[1], signal.SIGKILL)
+        os._exit(0)
