@@ -68,6 +68,11 @@ class CompressionConfig:
                 "error_feedback": self.error_feedback, "server_feedback": self.server_feedback,
                 "seed": self.seed}
 
+    def rank_seed(self, rank: int) -> int:
+        """The seed of rank ``rank``'s rounding generator: independent noise across ranks,
+        reproducible runs."""
+        return self.seed * 1_000_003 + rank
+
     def shared(self) -> Dict:
         """What every rank must have alike: :meth:`describe` without the seed, which may differ
         per rank by design, and the payload format version (decoders on an accelerator trust

@@ -28,7 +28,7 @@ from .comm.calibration import (CALIBRATED, FP32, POLICIES, SAMPLE_NUMEL, Candida
                                candidates)
 from .config import CompressionConfig
 from .comm.ordered import OrderedExecutor
-from .engine.policy import describe, make_policy
+from .engine.policy import make_policy, report_plan
 from .engine.runtime import Runtime, close_when_collected
 from .comm.transport import (HierarchicalTransport, TorchTransport, Transport,
                              new_group, node_layout, torch_hierarchical_transport)
@@ -281,7 +281,7 @@ class CompressionState:
             if key in self._saved_rng:
                 gen.set_state(self._saved_rng.pop(key))
             else:
-                seed = self.seed * 1_000_003 + self.transport.rank
+                seed = self.config.rank_seed(self.transport.rank)
                 if self._reseed_at is not None:  # re-derived after a checkpoint of another rank
                     seed = (seed * 1_000_033 + self._reseed_at) % (1 << 62)
                 gen.manual_seed(seed)
@@ -315,17 +315,10 @@ class CompressionState:
             self._announce_plan(runtime)
 
     def _announce_plan(self, runtime: Runtime) -> None:
-        idle_feedback = self._describe_plan()
-        if runtime.transport.rank == 0:
-            logger.info("commpress calibrated %s", self.stats.plan)
-            if idle_feedback:
-                logger.warning("commpress: %s", idle_feedback)
+        report_plan(self.stats, self.plan, self.codec, self.error_feedback, runtime.transport.rank)
 
-    def _describe_plan(self) -> str:
-        """Put the plan in words into :attr:`stats`; returns the note on idle error feedback
-        ("" when feedback runs or was not asked for)."""
-        self.stats.plan, idle = describe(self.plan, self.codec, self.error_feedback)
-        return idle
+    def _describe_plan(self) -> None:
+        report_plan(self.stats, self.plan, self.codec, self.error_feedback)
 
     def save_plan(self, path) -> None:
         """Write :attr:`plan` as JSON, for ``CompressionState(..., plan=path)`` in later runs."""
@@ -620,7 +613,7 @@ def _calibrate_bucket(state: CompressionState, runtime: Runtime, buffer, small, 
     scratch = torch.empty_like(sample)
     generator = torch.Generator(device=buffer.device) if state.codec.stochastic else None
     if generator is not None:
-        generator.manual_seed(state.seed * 1_000_003 + runtime.transport.rank)
+        generator.manual_seed(state.config.rank_seed(runtime.transport.rank))
     feedback = ErrorFeedback(state.error_feedback, state.server_feedback) if state.feedback else None
 
     def run(choice):

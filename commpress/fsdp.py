@@ -21,7 +21,6 @@ within 5%), first timed alone in the second backward, then over real steps.
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Dict, List, Optional, Union
 
@@ -33,12 +32,10 @@ from .comm.calibration import CALIBRATED, FP32, POLICIES, SAMPLE_NUMEL, Candidat
 from .comm.collectives import choose_algorithm, compressed_mean, compressed_reduce_scatter
 from .comm.transport import TorchTransport
 from .config import CompressionConfig
-from .engine.policy import describe, make_policy
+from .engine.policy import make_policy, report_plan
 from .feedback import ErrorFeedback
 from .names import state_of
 from .stats import CommStats
-
-logger = logging.getLogger("commpress")
 
 try:
     from torch.distributed.fsdp import FSDPModule
@@ -96,7 +93,7 @@ class FSDPCompressionState:
         self._step_open = False
         self._generators: Dict[str, torch.Generator] = {}
         self._transports: Dict[dist.ProcessGroup, TorchTransport] = {}
-        self.stats.plan, _ = describe(self.plan, codec, error_feedback)
+        report_plan(self.stats, self.plan, codec, error_feedback)
 
     @property
     def plan(self):
@@ -118,7 +115,7 @@ class FSDPCompressionState:
         key = str(device)
         if key not in self._generators:
             self._generators[key] = torch.Generator(device=device).manual_seed(
-                self.config.seed * 1_000_003 + rank)
+                self.config.rank_seed(rank))
         return self._generators[key]
 
     def _begin(self, transport: TorchTransport, device: torch.device) -> bool:
@@ -151,13 +148,8 @@ class FSDPCompressionState:
         self.stats.end_step()
 
     def _announce(self, before, transport: TorchTransport) -> None:
-        if self._policy.plan is before:
-            return
-        self.stats.plan, idle = describe(self.plan, self.codec, self.error_feedback)
-        if transport.rank == 0:
-            logger.info("commpress.fsdp calibrated %s", self.stats.plan)
-            if idle:
-                logger.warning("commpress.fsdp: %s", idle)
+        if self._policy.plan is not before:
+            report_plan(self.stats, self.plan, self.codec, self.error_feedback, transport.rank)
 
     def state_dict(self) -> Dict:
         return {"iter": self.iter, "stats": self.stats.state_dict(),
@@ -176,7 +168,7 @@ class FSDPCompressionState:
         if self.feedback is not None:
             self.feedback.load_state_dict(state["feedback"])
         self.iter = state["iter"]
-        self.stats.plan, _ = describe(self.plan, self.codec, self.error_feedback)
+        report_plan(self.stats, self.plan, self.codec, self.error_feedback)
         self.stats.load_state_dict(state["stats"])
         self._generators = {}
         for key, rng in state["rng"].items():

@@ -210,7 +210,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if self._cp_feedback is not None:
             self._cp_feedback.bind([(names.get(p, f"param.{i}"), p) for i, p in enumerate(params)])
         self._cp_passes = backward_passes_per_step
-        self._cp_generator = torch.Generator().manual_seed(seed * 1_000_003 + hvd.rank())
+        self._cp_generator = torch.Generator().manual_seed(self._cp_config.rank_seed(hvd.rank()))
         self._cp_transport = HorovodTransport(f"commpress.opt{next(_OPTIMIZERS)}")
         self._cp_executor = OrderedExecutor("commpress-horovod")
         self._cp_agreed = False

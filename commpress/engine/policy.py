@@ -9,6 +9,7 @@ of :mod:`commpress.comm.calibration` and codecs, never a framework.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -19,6 +20,9 @@ from ..codecs import Codec
 from ..comm.calibration import (CALIBRATED, FIXED, FP32, Candidate, CudaTimer, DriftMonitor, Plan,
                                 PlanEntry, Trials, candidates, decide, finalists, measure)
 from ..comm.transport import Transport
+from ..stats import CommStats
+
+logger = logging.getLogger("commpress")
 
 
 class FixedPolicy:
@@ -226,13 +230,18 @@ def given_plan(plan, allowed: Sequence[Candidate]) -> Plan:
         raise ValueError(f"commpress: {source} does not fit this configuration: {exc}") from None
 
 
-def describe(plan: Optional[Plan], codec: Codec, error_feedback: Optional[str]):
-    """``(words, idle)``: the plan in words for a summary, and the note that error feedback
-    is idle because no group goes through the codec ("" when it runs or was not asked for)."""
-    if plan is None:
-        return "", ""
+
+def report_plan(stats: CommStats, plan: Optional[Plan], codec: Codec,
+                error_feedback: Optional[str], rank: Optional[int] = None) -> None:
+    """Put ``plan`` in words into ``stats.plan``, with a note when error feedback is idle
+    because no group goes through the codec. ``rank`` 0 (a plan just adopted): also log them."""
     idle = ""
-    if error_feedback and all(e.choice.codec != "codec" for e in plan.entries.values()):
+    if plan is not None and error_feedback and all(e.choice.codec != "codec"
+                                                   for e in plan.entries.values()):
         idle = (f"error feedback ({error_feedback}) idle: the plan sends no group through "
                 f"{codec.name} (feedback corrects that codec's error only)")
-    return plan.summary(codec) + (f"; {idle}" if idle else ""), idle
+    stats.plan = "" if plan is None else plan.summary(codec) + (f"; {idle}" if idle else "")
+    if rank == 0:
+        logger.info("commpress calibrated %s", stats.plan)
+        if idle:
+            logger.warning("commpress: %s", idle)
