@@ -15,9 +15,12 @@ rank. Methods:
 - ``hvd-fp32``, ``hvd-fp16``: ``hvd.DistributedOptimizer`` with ``hvd.Compression.none`` /
   ``.fp16``: Horovod's own, overlapping backward;
 - ``cphvd-NAME`` (``cphvd-qsgd4``, ``cphvd-fp16``, ``cphvd-natural+ef``, ...):
-  ``commpress.horovod.DistributedOptimizer`` with that hook name's codec, which overlaps
-  backward too; ``cphvd-NAME-1group``: the same in one group, reduced after backward (no
-  overlap, as commpress's optimizer worked before).
+  ``commpress.horovod.DistributedOptimizer`` with that hook name's codec on every group
+  (``policy="fixed"``), which overlaps backward too; ``cphvd-NAME-1group``: the same in one
+  group, reduced after backward (no overlap);
+- ``cphvd-calibrated``: the optimizer's default, the calibrated policy with QSGD-4 as its
+  codec: per group Horovod's fp32 or fp16 all-reduce or QSGD-4, as measured (its warm-up
+  must cover the calibration and trial steps: at least 20 steps; the plan is in the row).
 
 Results: ``--out`` (default ``benchmarks/results/local/horovod_step.json``) and ``.png``,
 ``.md`` next to it; the table is printed.
@@ -36,8 +39,10 @@ from ddp_step import add_step_arguments, make_model  # noqa: E402
 from report import out_argument, ratio_cell, save, step_time_plot  # noqa: E402
 
 METHODS = ["hvd-fp32", "hvd-fp16", "cphvd-fp16", "cphvd-qsgd4", "cphvd-qsgd4-1group",
-           "cphvd-qsgd8", "cphvd-natural"]
-QUICK_METHODS = ["hvd-fp32", "hvd-fp16", "cphvd-qsgd4", "cphvd-qsgd4-1group"]
+           "cphvd-qsgd8", "cphvd-natural", "cphvd-calibrated"]
+QUICK_METHODS = ["hvd-fp32", "hvd-fp16", "cphvd-qsgd4", "cphvd-calibrated"]
+#: warm-up steps of the calibrated method: step 1 calibrates, then up to 3 plans x 5 trials
+CALIBRATED_WARMUP = 20
 
 
 def optimizer_for(method: str, model):
@@ -49,13 +54,13 @@ def optimizer_for(method: str, model):
         compression = hvd.Compression.fp16 if method == "hvd-fp16" else hvd.Compression.none
         return hvd.DistributedOptimizer(base, model.named_parameters(), compression=compression)
     import commpress.horovod as cphvd
-    from commpress.ddp import state_from_name
 
     name = method[len("cphvd-"):]
+    if name == "calibrated":
+        return cphvd.DistributedOptimizer(base, model.named_parameters(), codec="qsgd4")
     one_group = name.endswith("-1group")
-    state = state_from_name(name[:-len("-1group")] if one_group else name)  # a checked name
-    return cphvd.DistributedOptimizer(base, model.named_parameters(), codec=state.codec,
-                                      error_feedback=state.error_feedback,
+    return cphvd.DistributedOptimizer(base, model.named_parameters(), policy="fixed",
+                                      codec=name[:-len("-1group")] if one_group else name,
                                       num_groups=1 if one_group else 0)
 
 
@@ -74,10 +79,11 @@ def run_method(method: str, args) -> dict:
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     gen = torch.Generator().manual_seed(hvd.rank())
     times = []
-    for step in range(args.warmup + args.steps):
+    warmup = max(args.warmup, CALIBRATED_WARMUP) if method == "cphvd-calibrated" else args.warmup
+    for step in range(warmup + args.steps):
         x = torch.randn(32, args.width, generator=gen)
         y = torch.randint(0, 10, (32,), generator=gen)
-        if step == args.warmup:
+        if step == warmup:
             hvd.barrier()
             before = loopback_bytes()
         hvd.barrier()
@@ -87,7 +93,7 @@ def run_method(method: str, args) -> dict:
         loss.backward()
         opt.step()
         loss.item()
-        if step >= args.warmup:
+        if step >= warmup:
             times.append(time.perf_counter() - start)
     hvd.barrier()
     row = {"method": method, "step_s": statistics.median(times),
@@ -97,6 +103,8 @@ def run_method(method: str, args) -> dict:
     stats = getattr(opt, "comm_stats", None)
     if stats is not None:
         row.update(encode_s=stats.last_step.encode_seconds, decode_s=stats.last_step.decode_seconds)
+        if stats.plan:
+            row["plan"] = stats.plan
     return row
 
 
@@ -141,6 +149,7 @@ def table(results) -> str:
         lines.append(f"| {r['rate']} | {r['method']} | {1e3 * r['step_s']:.1f} "
                      f"| {ratio_cell(r, 'vs_hvd_fp32')} | {ratio_cell(r, 'vs_hvd_fp16')} "
                      f"| {r['link_bytes_per_step'] / 1e6:.3g} | {codec} |")
+    lines += [f"\n{r['method']} at {r['rate']}: {r['plan']}" for r in results if r.get("plan")]
     return "\n".join(lines)
 
 

@@ -20,6 +20,14 @@ ALGORITHMS = ("allgather", "reduce_scatter", "allreduce", "hierarchical")
 FEEDBACK_KINDS = ("ef", "ef21")
 
 
+def check_counts(**values) -> None:
+    """Refuse a front end's count setting (``start_iter``, ``min_numel``, ...) that is not a
+    non-negative integer, naming it."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class CompressionConfig:
     """Args:

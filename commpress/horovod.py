@@ -18,17 +18,21 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from .codecs import FP16, Codec, Identity, saturating_cast
 from .comm.agreement import agree
-from .comm.ordered import OrderedExecutor
+from .comm.calibration import CALIBRATED
 from .comm.pipeline import reduce_gradient
 from .comm.transport import Pending, Transport, operation_timeout, wait_until
-from .config import CompressionConfig
-from .feedback import ErrorFeedback
+from .config import CompressionConfig, check_counts
+from .engine.policy import make_policy
+from .engine.reduction import ReductionEngine, buckets, split_segments
+from .engine.runtime import Runtime
+from .engine.state import EngineState
+from .names import split_name
 from .stats import CommStats
 
 try:
@@ -61,6 +65,8 @@ class HorovodTransport(Transport):
     so ranks that issue them in the same order (the front ends ensure it) match, whatever
     other, differently named, Horovod operations other threads run meanwhile.
     bfloat16 sums (unsupported by Horovod) travel as float32."""
+
+    device = torch.device("cpu")  # where its own (control) tensors live
 
     def __init__(self, prefix: str):
         self.rank, self.world_size = hvd.rank(), hvd.size()
@@ -151,8 +157,9 @@ def _groups(params: List[torch.Tensor], groups, num_groups: int,
             bucket_cap_mb: float) -> List[List[torch.Tensor]]:
     """The reduction groups, in the order they are sent: Horovod's ``groups`` (lists of
     parameters, each reduced together; the rest follow in buckets), ``num_groups`` (that many
-    groups of consecutive parameters), or DDP-like buckets of ``bucket_cap_mb``. Parameters
-    go in reverse order, the order in which backward produces their gradients."""
+    groups of consecutive parameters), or DDP-like buckets of ``bucket_cap_mb``
+    (:func:`~commpress.engine.reduction.buckets`). Parameters go in reverse order, the order
+    in which backward produces their gradients."""
     order = list(reversed(params))
     if isinstance(groups, int):  # Horovod's older spelling of num_groups
         groups, num_groups = None, groups
@@ -171,14 +178,29 @@ def _groups(params: List[torch.Tensor], groups, num_groups: int,
             raise ValueError(f"num_groups must be >= 0, got {num_groups}")
         size = -(-len(order) // num_groups)
         return [order[i:i + size] for i in range(0, len(order), size)]
-    cap, buckets, current, current_bytes = bucket_cap_mb * 2 ** 20, [], [], 0
-    for p in order:
-        if current and current_bytes + 4 * p.numel() > cap:
-            buckets.append(current)
-            current, current_bytes = [], 0
-        current.append(p)
-        current_bytes += 4 * p.numel()
-    return buckets + ([current] if current else [])
+    return buckets(params, bucket_cap_mb)
+
+
+class HorovodCompression(EngineState):
+    """The compression state of a :func:`DistributedOptimizer` (``opt.compression``): its
+    statistics (``stats``, also ``opt.comm_stats``), the calibrated policy's ``plan``
+    (``save_plan``), and this rank's checkpoint (``state_dict()`` / ``load_state_dict()``:
+    step, generators, error-feedback memories, plan), beside the optimizer's own."""
+
+    def __init__(self, config: CompressionConfig, policy: str, start_iter: int, min_numel: int,
+                 recalibrate_every: int, plan):
+        check_counts(start_iter=start_iter, min_numel=min_numel,
+                     recalibrate_every=recalibrate_every)
+        super().__init__(config, policy, ReductionEngine(config, make_policy(
+            policy, config.codec, config.collective, start_iter, recalibrate_every, plan)))
+        self.start_iter, self.min_numel = start_iter, min_numel
+        self.recalibrate_every = recalibrate_every
+        self.runtime = Runtime(HorovodTransport(f"commpress.opt{next(_OPTIMIZERS)}"))
+
+    _runtime = property(lambda self: self.runtime)
+
+    def _config(self) -> Dict:
+        return {**super()._config(), "start_iter": self.start_iter, "min_numel": self.min_numel}
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
@@ -186,14 +208,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     A hook on every parameter counts its backward passes; when the last pass of a step has
     produced every gradient of a group, and every group before it has been started, the
-    group's gradients are copied into one vector and handed to a worker thread that reduces
-    groups one after another, in group order on every rank (so Horovod's operations match),
-    while backward goes on. ``synchronize()`` starts the groups whose gradients did not all
-    arrive (zeros for missing gradients), waits for all, and writes the means back."""
+    group's gradients are copied into one vector and handed to the engine
+    (:mod:`commpress.engine.reduction`), which reduces groups on a worker thread, one after
+    another, in group order on every rank (so Horovod's operations match), while backward goes
+    on. ``synchronize()`` starts the groups whose gradients did not all arrive (zeros for
+    missing gradients), waits for all, and writes the means back."""
 
-    def _commpress_init(self, named_parameters, codec, op, groups, sparse_as_dense,
-                        error_feedback, collective, backward_passes_per_step, seed):
-        self._cp_config = CompressionConfig(codec, collective, error_feedback, seed=seed)
+    def _commpress_init(self, named_parameters, compression: HorovodCompression, op, groups,
+                        sparse_as_dense, backward_passes_per_step):
         if backward_passes_per_step < 1:
             raise ValueError("backward_passes_per_step must be >= 1")
         named = list(named_parameters) if named_parameters is not None else []
@@ -202,22 +224,24 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         unnamed = [p for p in params if p not in names]
         if named and unnamed:
             raise ValueError(f"named_parameters misses {len(unnamed)} of the optimizer's parameters")
+        self.compression = compression
+        self.comm_stats = compression.stats
         self._cp_params, self._cp_groups = params, groups
         self._cp_group_of = {p: i for i, group in enumerate(groups) for p in group}
-        self._cp_codec, self._cp_collective, self._cp_op = codec, collective, op
+        order = {p: i for i, p in enumerate(params)}
+        self._cp_segments = [split_segments(g, compression.min_numel, order) for g in groups]
+        self._cp_op = op
         self._cp_sparse_as_dense = sparse_as_dense
-        self._cp_feedback = ErrorFeedback(error_feedback) if error_feedback else None
-        if self._cp_feedback is not None:
-            self._cp_feedback.bind([(names.get(p, f"param.{i}"), p) for i, p in enumerate(params)])
+        if compression.feedback is not None:
+            compression.feedback.bind([(names.get(p, f"param.{i}"), p) for i, p in enumerate(params)])
         self._cp_passes = backward_passes_per_step
-        self._cp_generator = torch.Generator().manual_seed(self._cp_config.rank_seed(hvd.rank()))
-        self._cp_transport = HorovodTransport(f"commpress.opt{next(_OPTIMIZERS)}")
-        self._cp_executor = OrderedExecutor("commpress-horovod")
-        self._cp_agreed = False
         self._cp_skip = False
         self._cp_reset()
         self._cp_synchronized = False
-        self.comm_stats = CommStats()
+        runtime = compression.runtime  # every rank constructs its optimizers in the same order
+        agree(runtime.control, {"call": "DistributedOptimizer", **compression._agreement_fields(),
+                                "op": op, "passes": backward_passes_per_step,
+                                "groups": [[list(p.shape) for p in g] for g in groups]})
         for p in params:  # count backward passes, as Horovod's hooks do
             p.register_post_accumulate_grad_hook(self._cp_on_grad)
 
@@ -238,14 +262,17 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _cp_start_ready(self, every: bool = False):
         """Start the groups whose gradients are final (``every``: all), in group order."""
+        compression = self.compression
+        engine, runtime = compression.engine, compression.runtime
         while len(self._cp_started) < len(self._cp_groups):
             index = len(self._cp_started)
             if not every and self._cp_missing[index]:
                 return
             group = self._cp_groups[index]
             flat = torch.cat([self._cp_grad(p).reshape(-1).float() for p in group])
-            self._cp_started.append((group, self._cp_executor.submit(
-                lambda g=group, f=flat, first=index == 0: self._cp_reduce(g, f, first))))
+            self._cp_started.append((group, engine.issue(
+                runtime, index, len(self._cp_groups), flat, *self._cp_segments[index],
+                compress=engine.iter >= compression.start_iter)))
 
     def _cp_grad(self, p) -> torch.Tensor:
         if p.grad is None:
@@ -257,21 +284,6 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                                  "sparse_as_dense=True")
             return p.grad.to_dense()
         return p.grad.detach()
-
-    def _cp_reduce(self, group, flat, first):
-        """On the worker thread: the mean (or sum) of one group over ranks."""
-        transport = self._cp_transport
-        if first and not self._cp_agreed:  # every rank's first operation of its first step
-            agree(transport, {"call": "DistributedOptimizer", **self._cp_config.shared(),
-                              "op": self._cp_op, "passes": self._cp_passes,
-                              "groups": [[list(p.shape) for p in g] for g in self._cp_groups]})
-            self._cp_agreed = True
-        w = transport.world_size
-        self.comm_stats.add(fp32_bytes=2 * (w - 1) * 4 * flat.numel() // w)
-        mean = reduce_gradient(flat, group, self._cp_codec, transport, self._cp_collective,
-                               self._cp_feedback, self._cp_generator, self.comm_stats,
-                               in_place=True, agreed=True)
-        return mean.mul_(w) if self._cp_op == hvd.Sum else mean
 
     def synchronize(self):
         """Finish reducing every gradient over ranks (the ones whose reduction has not
@@ -288,6 +300,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             except Exception as exc:  # noqa: BLE001 - re-raised below, once all have ended
                 failure = failure or exc
                 continue
+            if self._cp_op == hvd.Sum:
+                result = result.mul_(self.compression.runtime.transport.world_size)
             for p, part in zip(group, result.split([p.numel() for p in group])):
                 if p.grad is None or p.grad.layout != torch.strided:
                     p.grad = saturating_cast(part, p.dtype).view_as(p)
@@ -297,7 +311,6 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if failure is not None:
             raise failure
         self._cp_synchronized = True
-        self.comm_stats.end_step()
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -330,13 +343,21 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          gradient_predivide_factor: float = 1.0, num_groups: int = 0,
                          groups: Optional[Sequence] = None, sparse_as_dense: bool = False,
                          process_set=None, *, codec: Optional[Codec] = None,
-                         error_feedback: Optional[str] = None, collective: str = "auto",
-                         seed: int = 0, bucket_cap_mb: float = 25) -> torch.optim.Optimizer:
+                         error_feedback: Optional[str] = None, server_feedback: bool = False,
+                         collective: str = "auto", seed: int = 0, bucket_cap_mb: float = 25,
+                         policy: str = CALIBRATED, start_iter: int = 0, min_numel: int = 1024,
+                         recalibrate_every: int = 1000, plan=None) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that its gradients are averaged over Horovod ranks through
     ``codec``, a drop-in for ``hvd.DistributedOptimizer``: its arguments keep Horovod's
     meaning and order, and the reduction overlaps backward the same way (see
     :class:`_DistributedOptimizer`); ``synchronize()`` and ``skip_synchronize()`` serve the
-    gradient-clipping recipe. ``comm_stats`` counts the bytes.
+    gradient-clipping recipe. ``opt.compression`` (:class:`HorovodCompression`) holds the
+    statistics (``opt.comm_stats``), the plan and this rank's checkpoint.
+
+    By default (``policy="calibrated"``) each group is reduced however measures fastest on
+    this cluster: Horovod's fp32 or fp16 all-reduce, or ``codec`` (see
+    :class:`~commpress.CompressionState`'s ``policy``; timed in step 1, then over trial
+    steps); ``policy="fixed"`` runs ``codec`` on every group from step ``start_iter`` on.
 
     Args (Horovod's):
         compression: ``hvd.Compression.none`` (fp32) or ``hvd.Compression.fp16``
@@ -351,7 +372,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         sparse_as_dense: reduce sparse gradients as dense ones (sparse ones are refused
             otherwise).
         process_set: only the global process set (commpress reduces over all ranks).
-    Args (commpress's, keyword only): ``codec``, ``error_feedback``, ``collective``, ``seed``
+    Args (commpress's, keyword only): ``codec`` (a :class:`~commpress.Codec`, or a hook name
+        such as ``"qsgd4+ef"``), ``error_feedback``, ``server_feedback``, ``collective``,
+        ``seed``, ``policy``, ``start_iter``, ``min_numel``, ``recalibrate_every``, ``plan``
         (see :class:`~commpress.CompressionState`), ``bucket_cap_mb``.
 
     Example::
@@ -359,7 +382,11 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         >>> opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
         ...                            model.named_parameters(), codec=QSGD(bits=4))
     """
+    if isinstance(codec, str):
+        factory, suffix = split_name(codec)
+        codec, error_feedback = factory(), error_feedback or suffix
     codec = _codec_for(codec, compression)
+    config = CompressionConfig(codec, collective, error_feedback, server_feedback, seed)
     op = hvd.Average if op is None else op
     if op not in (hvd.Average, hvd.Sum):
         raise ValueError("op must be hvd.Average or hvd.Sum (commpress does not run Adasum)")
@@ -382,7 +409,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                         f"parameters of shapes {[list(p.shape) for p in params if p.is_complex()]} "
                         "are complex (their imaginary parts would be lost): use commpress's "
                         "DDP hook, which reduces them as their real values")
-    wrapped._commpress_init(named_parameters, codec, op, _groups(params, groups, num_groups, bucket_cap_mb),
-                            sparse_as_dense, error_feedback, collective, backward_passes_per_step,
-                            seed)
+    state = HorovodCompression(config, policy, start_iter, min_numel, recalibrate_every, plan)
+    wrapped._commpress_init(named_parameters, state, op,
+                            _groups(params, groups, num_groups, bucket_cap_mb), sparse_as_dense,
+                            backward_passes_per_step)
     return wrapped

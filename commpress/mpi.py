@@ -8,22 +8,35 @@ cores need ``--oversubscribe``)::
     import commpress as cp, commpress.mpi as cpmpi
     mean = cpmpi.allreduce(MPI.COMM_WORLD, array, cp.QSGD(bits=4))
 
-For training, :func:`allreduce_gradients` averages all gradients of a model in one call.
+For training, a :class:`GradientReducer` averages a model's gradients step after step, as
+the DDP hook does (the calibrated policy by default, error feedback, statistics,
+checkpoints)::
+
+    reducer = cpmpi.GradientReducer(MPI.COMM_WORLD, "qsgd4+ef")
+    loss.backward(); reducer.allreduce_gradients(model.parameters()); opt.step()
+
+:func:`allreduce_gradients` is the one-call form that applies a codec as given.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import torch
 
 from .codecs import Codec, saturating_cast
 from .comm.agreement import agree
+from .comm.calibration import CALIBRATED
 from .comm.pipeline import reduce_gradient
 from .comm.segments import Segments
 from .comm.transport import Transport, operation_timeout, wait_until
-from .config import CompressionConfig
+from .config import CompressionConfig, check_counts
+from .engine.policy import make_policy
+from .engine.reduction import ReductionEngine, buckets, split_segments
+from .engine.runtime import Runtime
+from .engine.state import EngineState
 from .feedback import ErrorFeedback
+from .names import split_name
 from .stats import CommStats
 
 try:
@@ -43,6 +56,8 @@ class MPITransport(Transport):
     stopped answering raises :class:`TimeoutError` instead of hanging the job. A dead peer
     ends the job through ``mpirun``. MPI cannot cancel a collective, so after a timeout the
     communicator is unusable: end the job."""
+
+    device = torch.device("cpu")
 
     def __init__(self, comm=None, timeout: Optional[float] = None):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
@@ -169,3 +184,86 @@ def allreduce_gradients(comm, parameters: Iterable[torch.nn.Parameter], codec: C
                            generator, stats, agreed=True)
     for p, part in zip(params, mean.split([p.numel() for p in params])):
         p.grad.copy_(saturating_cast(part, p.grad.dtype).view_as(p.grad))
+
+
+class GradientReducer(EngineState):
+    """Averages a model's gradients over the ranks of ``comm``, step after step, through the
+    reduction engine (:mod:`commpress.engine.reduction`): what the DDP hook's
+    :class:`~commpress.CompressionState` does, over MPI. Call :meth:`allreduce_gradients`
+    after every backward, on every rank, with the same parameters.
+
+    Args:
+        comm: an mpi4py communicator (default ``MPI.COMM_WORLD``).
+        codec: a :class:`~commpress.Codec` or a hook name such as ``"qsgd4+ef"``.
+        policy: ``"calibrated"`` (default): per group, MPI's fp32 all-reduce or the codec,
+            whichever measures fastest (timed in step 1, then over trial steps; fp16 sums
+            travel as fp32 over Open MPI, so fp16 never wins here); ``"fixed"``: the codec on
+            every group from step ``start_iter`` on.
+        error_feedback, server_feedback, collective, seed, min_numel, recalibrate_every,
+        plan: as :class:`~commpress.CompressionState`'s.
+        bucket_cap_mb: gradients are reduced in groups of at most this many MB.
+
+    :attr:`stats`, :attr:`plan`, :meth:`state_dict` / :meth:`load_state_dict` (this rank's:
+    save one per rank) work as the DDP state's.
+    """
+
+    def __init__(self, comm=None, codec: Union[Codec, str] = "qsgd4", *,
+                 error_feedback: Optional[str] = None, server_feedback: bool = False,
+                 collective: str = "auto", seed: int = 0, policy: str = CALIBRATED,
+                 start_iter: int = 0, min_numel: int = 1024, recalibrate_every: int = 1000,
+                 plan=None, bucket_cap_mb: float = 25):
+        if isinstance(codec, str):
+            factory, suffix = split_name(codec)
+            codec, error_feedback = factory(), error_feedback or suffix
+        config = CompressionConfig(codec, collective, error_feedback, server_feedback, seed)
+        check_counts(start_iter=start_iter, min_numel=min_numel,
+                     recalibrate_every=recalibrate_every)
+        super().__init__(config, policy, ReductionEngine(config, make_policy(
+            policy, codec, collective, start_iter, recalibrate_every, plan)))
+        self.start_iter, self.min_numel, self.bucket_cap_mb = start_iter, min_numel, bucket_cap_mb
+        buckets([], bucket_cap_mb)  # refuses a bad capacity now
+        self.runtime = Runtime(MPITransport(comm), inline=True)  # MPI calls block here
+        self._layout: Optional[tuple] = None
+        self._groups: List[List[torch.Tensor]] = []
+        self._segments: List[tuple] = []
+
+    _runtime = property(lambda self: self.runtime)
+
+    def _config(self) -> Dict:
+        return {**super()._config(), "start_iter": self.start_iter, "min_numel": self.min_numel}
+
+    def _learn(self, params: List[torch.Tensor]) -> None:
+        """Group ``params`` (again, when they changed) and name them for the memories; every
+        rank checks that all have the same configuration and layout."""
+        layout = tuple(id(p) for p in params)
+        if layout == self._layout:
+            return
+        if any(p.is_complex() for p in params):
+            raise TypeError("commpress.mpi.GradientReducer reduces real gradients; parameters "
+                            f"of shapes {[list(p.shape) for p in params if p.is_complex()]} are "
+                            "complex (their imaginary parts would be lost)")
+        self._groups = buckets(params, self.bucket_cap_mb)
+        order = {p: i for i, p in enumerate(params)}
+        self._segments = [split_segments(g, self.min_numel, order) for g in self._groups]
+        if self.feedback is not None:
+            self.feedback.bind((f"param.{i}", p) for i, p in enumerate(params))
+        agree(self.runtime.control, {"call": "GradientReducer", **self._agreement_fields(),
+                                     "groups": [[list(p.shape) for p in g] for g in self._groups]})
+        self._layout = layout
+
+    def allreduce_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        """Replace each parameter's ``.grad`` by its mean over ranks (a missing gradient counts
+        as zeros and is then set). A group that fails raises here, on every rank."""
+        params = [p for p in parameters if p.requires_grad]
+        self._learn(params)
+        engine, count = self.engine, len(self._groups)
+        for index, (group, (small, big)) in enumerate(zip(self._groups, self._segments)):
+            grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in group]
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            mean = engine.issue(self.runtime, index, count, flat, small, big,
+                                compress=engine.iter >= self.start_iter).wait()
+            for p, part in zip(group, mean.split([p.numel() for p in group])):
+                if p.grad is None:
+                    p.grad = saturating_cast(part, p.dtype).view_as(p)
+                else:
+                    p.grad.copy_(saturating_cast(part, p.grad.dtype).view_as(p.grad))

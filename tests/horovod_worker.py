@@ -27,7 +27,8 @@ for label, codec in (("train_fp32", cp.Identity()), ("train_qsgd4", cp.QSGD(bits
     torch.manual_seed(rank)   # different inits: broadcast_parameters must align them
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
     opt = cphvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                                     model.named_parameters(), codec=codec)
+                                     model.named_parameters(), codec=codec, policy="fixed",
+                                     min_numel=0)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     losses = []
     for step in range(80):
@@ -140,7 +141,7 @@ class FailingOnce(cp.Identity):  # fp32 payloads through the allgather: exact me
 model = net()
 hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 opt = cphvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), codec=FailingOnce(),
-                                 collective="allgather", num_groups=2)
+                                 collective="allgather", num_groups=2, policy="fixed", min_numel=0)
 x = torch.randn(16, 32, generator=torch.Generator().manual_seed(rank))
 model(x).square().mean().backward()
 try:
@@ -157,6 +158,67 @@ exact = [hvd.allreduce(g) for g in local]
 args["after_failure_err"] = max(((p.grad - e).norm() / e.norm()).item()
                                 for p, e in zip(model.parameters(), exact))
 out["horovod_args"] = args
+
+
+# the default policy (calibrated): one plan on every rank, adopted after the trial steps
+def train_steps(opt, model, steps, first=0):
+    for step in range(first, first + steps):
+        x = torch.randn(16, 32, generator=torch.Generator().manual_seed(rank + 10 * step))
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def same_on_every_rank(value):
+    return len({json.dumps(v, sort_keys=True) if not isinstance(v, torch.Tensor)
+                else v.numpy().tobytes().hex() for v in hvd.allgather_object(value)}) == 1
+
+
+default = {}
+model = net()
+hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+opt = cphvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                                 model.named_parameters(), codec="qsgd4", num_groups=2)
+flat = train_steps(opt, model, 20)
+plan = opt.compression.state_dict()["plan"]
+default.update(plan=plan, plan_alike=same_on_every_rank(plan), params_alike=same_on_every_rank(flat),
+               summary=opt.comm_stats.summary(), steps=opt.comm_stats.steps)
+# that plan pinned: nothing timed, the same choices
+pinned = cphvd.DistributedOptimizer(torch.optim.SGD(net().parameters(), lr=0.01),
+                                    codec="qsgd4", num_groups=2, plan=plan)
+default["pinned"] = pinned.compression.plan.state_dict() == plan
+
+
+# error feedback kinds, server feedback and a resumed run, bit-identical (the fixed policy)
+def resumed(spec, collective, **kwargs):
+    def make():
+        model = net()
+        opt = cphvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                         model.named_parameters(), codec=spec, policy="fixed",
+                                         collective=collective, min_numel=0, **kwargs)
+        return model, opt
+    model, opt = make()
+    train_steps(opt, model, 3)
+    saved = ({k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict(),
+             opt.compression.state_dict())
+    straight = train_steps(opt, model, 3, first=3)
+    model, opt = make()
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    opt.compression.load_state_dict(saved[2])
+    again = train_steps(opt, model, 3, first=3)
+    return {"bit_identical": torch.equal(straight, again), "alike": same_on_every_rank(again),
+            "finite": bool(torch.isfinite(again).all()), "ratio": opt.comm_stats.ratio}
+
+
+feedback = {}
+for spec, collective, kwargs in (("qsgd4+ef", "allgather", {}),
+                                 ("qsgd4+ef", "reduce_scatter", {"server_feedback": True}),
+                                 ("qsgd4+ef21", "reduce_scatter", {})):
+    feedback[f"{spec}/{collective}{'/server' if kwargs else ''}"] = resumed(spec, collective, **kwargs)
+default["feedback"] = feedback
+out["default_policy"] = default
 
 if rank == 0:
     with open(sys.argv[1], "w") as f:

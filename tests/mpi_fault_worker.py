@@ -1,17 +1,25 @@
 """Run under mpirun by tests/test_mpi.py with COMMPRESS_TIMEOUT set: rank 1 stops itself before
-the third reduction; rank 0 must raise within the timeout instead of waiting forever (see
+the third step of a GradientReducer under its default (calibrated) policy, a trial step; rank
+0 must raise within the timeout instead of waiting forever (see
 distributed.run_until_a_peer_stops)."""
 import os
 import sys
 
-import numpy as np
+import torch
 from mpi4py import MPI
 
-import commpress as cp
 import commpress.mpi as cpmpi
 from distributed import run_until_a_peer_stops
 
 comm = MPI.COMM_WORLD
-x = np.ones(200_000, dtype=np.float32)
-run_until_a_peer_stops(comm.Get_rank(), comm.allgather(os.getpid()),
-                       lambda: cpmpi.allreduce(comm, x, cp.QSGD(bits=4)), sys.argv[1])
+model = torch.nn.Linear(400, 500)
+reducer = cpmpi.GradientReducer(comm, "qsgd4")
+
+
+def step():
+    model.zero_grad()
+    model(torch.randn(8, 400)).square().mean().backward()
+    reducer.allreduce_gradients(model.parameters())
+
+
+run_until_a_peer_stops(comm.Get_rank(), comm.allgather(os.getpid()), step, sys.argv[1])

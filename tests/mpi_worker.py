@@ -1,5 +1,6 @@
 """Run under mpirun by tests/test_mpi.py: every codec through the MPI front end, and a small
 training loop. Rank 0 writes the findings as JSON to the path in argv[1]."""
+import copy
 import json
 import math
 import sys
@@ -74,6 +75,52 @@ for label, codec in (("fp32", cp.Identity()), ("qsgd4", cp.QSGD(bits=4, bucket_s
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().tobytes()
     out[label] = {"replicas_identical": len(set(comm.allgather(params))) == 1,
                   "first": losses[0], "last": float(np.mean(losses[-5:]))}
+
+
+# GradientReducer: the engine over MPI, under its default (calibrated) policy and resumed
+def net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+
+
+def train(reducer, model, opt, steps, first=0):
+    for step in range(first, first + steps):
+        xb = torch.randn(32, 64, generator=torch.Generator().manual_seed(100 * rank + step))
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(xb), xb @ true_w.t()).backward()
+        reducer.allreduce_gradients(model.parameters())
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().tobytes()
+
+
+model = net()
+reducer = cpmpi.GradientReducer(comm, "qsgd4", bucket_cap_mb=0.01)  # two groups
+params = train(reducer, model, torch.optim.SGD(model.parameters(), lr=0.05), 20)
+plan = reducer.state_dict()["plan"]
+out["reducer_default"] = {
+    "plan": plan, "plan_alike": len({json.dumps(p) for p in comm.allgather(plan)}) == 1,
+    "params_alike": len(set(comm.allgather(params))) == 1, "summary": reducer.stats.summary(),
+    "pinned": cpmpi.GradientReducer(comm, "qsgd4", plan=plan).plan.state_dict() == plan}
+resumed = {}
+for spec, kwargs in (("qsgd4+ef", {"collective": "allgather"}),
+                     ("qsgd4+ef", {"collective": "reduce_scatter", "server_feedback": True}),
+                     ("qsgd4+ef21", {"collective": "reduce_scatter"})):
+    def make():
+        model = net()
+        return (cpmpi.GradientReducer(comm, spec, policy="fixed", min_numel=0, **kwargs), model,
+                torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    reducer, model, opt = make()
+    train(reducer, model, opt, 3)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), reducer.state_dict()))
+    straight = train(reducer, model, opt, 3, first=3)
+    reducer, model, opt = make()
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    reducer.load_state_dict(saved[2])
+    resumed[f"{spec}/{kwargs}"] = {"bit_identical": train(reducer, model, opt, 3, first=3) == straight,
+                                   "ratio": reducer.stats.ratio}
+out["reducer_resumed"] = resumed
+
 if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)

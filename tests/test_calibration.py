@@ -9,7 +9,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commpress as cp
-import commpress.ddp
+import commpress.engine.reduction
+from commpress.engine.reduction import ReductionEngine
 import commpress.engine.policy
 from commpress.comm import LoopbackGroup
 from commpress.comm.calibration import (FP32, MAX_UNREAD, TRIAL_STEPS, WINDOW, Candidate,
@@ -166,8 +167,8 @@ def default_policy_worker(rank, world_size, codec):
     ddp = DDP(model, bucket_cap_mb=0.1)  # several buckets
     state = cp.register_hook(ddp, cp.CompressionState(codec, log_every=0))
     worker_calls = []
-    reduce_bucket = commpress.ddp._reduce_bucket
-    commpress.ddp._reduce_bucket = lambda *a: worker_calls.append(1) or reduce_bucket(*a)
+    reduce_group = ReductionEngine.reduce
+    ReductionEngine.reduce = lambda *a: worker_calls.append(1) or reduce_group(*a)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     train(ddp, 2, data, opt)  # fp32, then the calibration step
     before = len(worker_calls)
@@ -393,11 +394,11 @@ def sampled_calibration_worker(rank, world_size, spec):
     """Buckets over SAMPLE_NUMEL values are timed on a sample (lowered here to 3000 of a
     bucket of 8580, cutting a parameter): every candidate reduces the sample
     only, with error feedback on a scratch memory of the sample's size."""
-    commpress.ddp.SAMPLE_NUMEL = 3000
+    commpress.engine.reduction.SAMPLE_NUMEL = 3000
     reduced = []
-    reduce_as = commpress.ddp._reduce_as
-    commpress.ddp._reduce_as = lambda state, runtime, buffer, *a: (
-        reduced.append(buffer.numel()), reduce_as(state, runtime, buffer, *a))[1]
+    reduce_as = ReductionEngine.reduce_as
+    ReductionEngine.reduce_as = lambda engine, runtime, buffer, *a: (
+        reduced.append(buffer.numel()), reduce_as(engine, runtime, buffer, *a))[1]
     model, data = model_and_data(rank, width=64)
     ddp = DDP(model, bucket_cap_mb=25)
     state = cp.register_hook(ddp, spec, log_every=0, min_numel=256)

@@ -58,6 +58,13 @@ def test_horovodrun_training_with_commpress_optimizer(tmp_path):
     assert "not both" in args["refused"]["both"]
     assert "complex" in args["refused"]["complex"] and "[3, 2]" in args["refused"]["complex"]
     assert args["sparse_as_dense"]["row7"] == [1.0] * 8  # both ranks looked up row 7: mean 1
+    default = result["default_policy"]  # calibrated: one plan, adopted alike, pinnable
+    assert default["plan"] is not None and default["plan_alike"] and default["params_alike"]
+    assert "plan of step" in default["summary"] and default["steps"] == 20
+    assert default["pinned"]
+    for label, run in default["feedback"].items():  # a resumed run reduces as the original
+        assert run["bit_identical"] and run["alike"] and run["finite"], (label, run)
+        assert run["ratio"] > 3, (label, run)
     assert args["sparse_as_dense"]["row0"] == [0.5] * 8  # only rank 0 looked up row 0
     assert args["clip_identical"] and args["clip_steps"] == 3
     assert "injected encode failure" in args["failed_step"]

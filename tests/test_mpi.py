@@ -54,6 +54,11 @@ def test_mpi_allreduce_every_codec_and_training(np_, tmp_path):
         assert result[label]["last"] < 0.05 * result[label]["first"], result[label]
     # QSGD-4 tracks fp32: its final loss is within noise of fp32's (both near zero)
     assert result["qsgd4"]["last"] < 2 * result["fp32"]["last"] + 0.02 * result["fp32"]["first"]
+    default = result["reducer_default"]  # calibrated: one plan on every rank, pinnable
+    assert default["plan"] is not None and default["plan_alike"] and default["params_alike"]
+    assert "plan of step" in default["summary"] and default["pinned"]
+    for label, run in result["reducer_resumed"].items():  # EF, server EF, EF21: resumed exactly
+        assert run["bit_identical"] and run["ratio"] > 3, (label, run)
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found (apt-get install openmpi-bin)")

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..codecs import Codec
-from ..comm.calibration import (CALIBRATED, FIXED, FP32, Candidate, CudaTimer, DriftMonitor, Plan,
+from ..comm.calibration import (CALIBRATED, FIXED, FP32, POLICIES, Candidate, CudaTimer, DriftMonitor, Plan,
                                 PlanEntry, Trials, candidates, decide, finalists, measure)
 from ..comm.transport import Transport
 from ..stats import CommStats
@@ -194,6 +194,8 @@ def make_policy(name: str, codec: Codec, collective: str, start_iter: int,
                 recalibrate_every: int, plan=None, options=None):
     """The policy object ``name`` configures (``plan``: pinned, see :func:`given_plan`;
     ``options``: the front end's candidates, see :class:`CalibratedPolicy`)."""
+    if name not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {name!r}")
     if name == FIXED:
         if plan is not None:
             raise ValueError(f"plan= pins the calibrated policy's choices; policy={name!r} "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,20 +25,26 @@ INLINE_BACKENDS = ("nccl",)
 
 
 class Runtime:
-    """What a state needs to communicate: a transport over a private copy of its group (and
-    the node groups of the hierarchical collective), its ordered worker thread (backends that
-    block, such as gloo) and one side stream per CUDA device for that thread. Holds no
-    reference to the state, so a dropped state is collected and :meth:`close` releases all."""
+    """What a state needs to communicate: a transport (for torch.distributed, over a private
+    copy of its group, and the node groups of the hierarchical collective), its ordered worker
+    thread (backends that block, such as gloo, Horovod's and MPI's waits) and one side stream
+    per CUDA device for that thread. Holds no reference to the state, so a dropped state is
+    collected and :meth:`close` releases all."""
 
-    def __init__(self, transport: TorchTransport, control: Optional[TorchTransport] = None):
+    def __init__(self, transport: Transport, control: Optional[Transport] = None,
+                 inline: Optional[bool] = None):
         self.transport = transport
-        #: where ranks agree on what they reduce: a gloo group on the CPU, so that the check
-        #: costs no device->host copy (``transport`` itself when it is gloo)
+        #: where ranks agree on what they reduce: a gloo group on the CPU beside NCCL, so that
+        #: the check costs no device->host copy (``transport`` itself otherwise)
         self.control = control or transport
         self.compressed_transport: Transport = transport
-        self.groups = [transport.group] + ([control.group] if control is not None else [])
-        self.inline = dist.get_backend(transport.group) in INLINE_BACKENDS
-        self.executor = OrderedExecutor()
+        #: the torch.distributed groups this runtime destroys when closed
+        self.groups = [t.group for t in (transport, control) if isinstance(t, TorchTransport)]
+        #: reduce on the issuing thread (default: for the :data:`INLINE_BACKENDS`)
+        self.inline = inline if inline is not None else (
+            isinstance(transport, TorchTransport)
+            and dist.get_backend(transport.group) in INLINE_BACKENDS)
+        self.executor = None if self.inline and inline is not None else OrderedExecutor()
         self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
 
     def side_stream(self, device: torch.device) -> "torch.cuda.Stream":
@@ -46,8 +52,24 @@ class Runtime:
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
 
+    def run(self, reduce: Callable[[], torch.Tensor],
+            device: torch.device) -> torch.futures.Future:
+        """A future of ``reduce()`` (a group's reduction, the tensors it reads written on
+        ``device``'s current stream): inline on that stream for the inline backends (the
+        future is CUDA-aware), else on the worker thread, in submission order, on the device's
+        side stream after the work queued so far."""
+        cuda = [device] if device.type == "cuda" else None
+        if self.inline:  # queued on this stream, in the front end's order
+            done = torch.futures.Future(devices=cuda) if cuda else torch.futures.Future()
+            done.set_result(reduce())
+            return done
+        if cuda:
+            reduce = _on_side_stream(reduce, self.side_stream(device), device)
+        return self.executor.submit(reduce, devices=cuda)
+
     def close(self) -> None:
-        self.executor.shutdown()
+        if self.executor is not None:
+            self.executor.shutdown()
         for group in self.groups:
             if dist.is_available() and dist.is_initialized() and destroyable(group):
                 try:
@@ -55,6 +77,21 @@ class Runtime:
                 except (RuntimeError, ValueError, KeyError):  # already gone with the world
                     pass
         self.groups = []
+
+
+def _on_side_stream(reduce, stream: "torch.cuda.Stream", device: torch.device):
+    """``reduce`` for the worker thread: on ``stream``, after the work queued so far on the
+    caller's current stream, finished before it returns."""
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(device))
+
+    def run():
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            result = reduce()
+        stream.synchronize()  # the worker may block; the issuing thread does not
+        return result
+    return run
 
 
 def close_when_collected(box: list) -> None:

@@ -1,0 +1,477 @@
+"""The reduction of a front end's gradient groups: one engine behind DDP, Horovod and MPI.
+
+A front end cuts its gradients into groups (a DDP bucket, a Horovod group, an MPI call's
+arrays), each a flat ``buffer`` with the segments sent uncompressed (``small``) and through
+the codec (``big``), as ``(offset, numel, key)`` lists, and hands them to its
+:class:`ReductionEngine` in the same order on every rank:
+
+1. on the thread that issues the step, :meth:`~ReductionEngine.begin_step` at its first group
+   (the policy decides whether the step calibrates and which plan it runs), then
+   :meth:`~ReductionEngine.ticket` for every group (what the issuing thread decided: step,
+   plan, what ranks must agree on);
+2. wherever the front end runs its reductions (a worker thread, or inline),
+   :meth:`~ReductionEngine.reduce` with that ticket: the agreement, the policy's choice (or
+   its calibration), the codec's collective with error feedback and the AC/DC mask, the
+   statistics, the end of the step after its last group.
+
+The engine holds what a resumed run needs (:meth:`~ReductionEngine.state_dict`: the step, the
+random generators, the error-feedback memories, the statistics, the policy's plan and trial
+progress) and knows transports, collectives and codecs, never a framework's objects; the
+front end owns its runtime (:mod:`commpress.engine.runtime`) and passes it in.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, List, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..codecs import FP16, Identity
+from ..comm.agreement import agree
+from ..comm.calibration import FP32, SAMPLE_NUMEL, Candidate, CudaTimer, Plan, candidates
+from ..comm.collectives import start_mean
+from ..comm.masks import GradientMask
+from ..comm.pipeline import reduce_gradient
+from ..comm.segments import Segments
+from ..comm.transport import HierarchicalTransport
+from ..config import CompressionConfig
+from ..feedback import ErrorFeedback, flat_numel
+from ..stats import CommStats
+from .policy import report_plan
+from .runtime import Runtime
+
+logger = logging.getLogger("commpress")
+
+_FP32, _FP16 = Identity(), FP16()
+#: every group's layout is checked across ranks in this many first steps of a process (DDP
+#: rebuilds its buckets after the first; later checks happen whenever a group changes)
+LAYOUT_CHECK_STEPS = 3
+PHASES = ("dense", "sparse")
+
+
+class Ticket(NamedTuple):
+    """What the issuing thread decided for one group of a step, for :meth:`ReductionEngine.reduce`."""
+
+    step: int
+    index: int
+    last: bool
+    compress: bool
+    calibrating: bool
+    plan: Optional[Plan]
+    phase: str
+    fields: Optional[Dict]  # what ranks agree on before this group (None: nothing due)
+
+
+class ReductionEngine:
+    """The reduction of one model's gradient groups, step after step (see the module
+    docstring). ``policy``: a :class:`~commpress.engine.policy.FixedPolicy` or
+    :class:`~commpress.engine.policy.CalibratedPolicy`; ``unit``: what the front end calls a
+    group, in messages; ``log_every``: log :attr:`stats` on rank 0 every this many steps."""
+
+    def __init__(self, config: CompressionConfig, policy, unit: str = "group",
+                 log_every: int = 0):
+        self.config, self.policy, self.unit, self.log_every = config, policy, unit, log_every
+        self.feedback = (ErrorFeedback(config.error_feedback, config.server_feedback)
+                         if config.error_feedback else None)
+        self.stats = CommStats()
+        #: AC/DC phase ("dense" or "sparse") and per-phase statistics
+        self.phase = "dense"
+        self.phase_stats = {phase: CommStats() for phase in PHASES}
+        self.mask = GradientMask()       # the AC/DC policy: which entries to send
+        self.iter = 0
+        self.process_steps = 0           # steps of this process (not restored by a checkpoint)
+        self.failed_step: Optional[int] = None  # a step in which a group's reduction failed
+        self._agreed_layout: Dict[int, tuple] = {}
+        self._generators: Dict[str, torch.Generator] = {}
+        self._saved_rng: Dict[str, torch.Tensor] = {}
+        self._reseed_at: Optional[int] = None
+        report_plan(self.stats, self.plan, config.codec, config.error_feedback)
+
+    codec = property(lambda self: self.config.codec)
+
+    @property
+    def plan(self) -> Optional[Plan]:
+        """The calibrated policy's choice per group size (None until adopted, and under the
+        fixed policy)."""
+        return self.policy.plan
+
+    def generator(self, device: torch.device, rank: int) -> Optional[torch.Generator]:
+        """This rank's rounding generator on ``device`` (None for deterministic codecs)."""
+        if not self.codec.stochastic:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            gen = torch.Generator(device=device)
+            if key in self._saved_rng:
+                gen.set_state(self._saved_rng.pop(key))
+            else:
+                seed = self.config.rank_seed(rank)
+                if self._reseed_at is not None:  # re-derived after a checkpoint of another rank
+                    seed = (seed * 1_000_033 + self._reseed_at) % (1 << 62)
+                gen.manual_seed(seed)
+            self._generators[key] = gen
+        return self._generators[key]
+
+    def set_masks(self, masks: Dict[torch.Tensor, torch.Tensor]) -> None:
+        """Send only the gradient entries where ``masks[key]`` is true (see
+        :class:`~commpress.comm.masks.GradientMask`), dropping the error-feedback memories of
+        masked-out entries."""
+        self.mask.set(masks)
+        if self.feedback is not None and masks:
+            self.feedback.mask_(self.mask.masks)  # flat, as the memories are
+
+    # -- the issuing thread ---------------------------------------------------------------
+    def candidates(self, runtime: Runtime) -> List[Candidate]:
+        return candidates(self.codec, self.config.collective, runtime.transport.world_size,
+                          isinstance(runtime.compressed_transport, HierarchicalTransport))
+
+    def begin_step(self, compress: bool, runtime: Runtime, device: torch.device) -> None:
+        """At a step's first group, while nothing of the step is in flight (see
+        :meth:`CalibratedPolicy.begin_step`)."""
+        before = self.policy.plan
+        self.policy.begin_step(self.iter, compress, runtime.control, device, runtime.inline)
+        if self.policy.plan is not before:
+            self._announce_plan(runtime)
+
+    def runs_all_reduce_plan(self, compress: bool) -> bool:
+        """Whether this step's plan is all-reduces only (the codec paid nowhere), which
+        :meth:`reduce_direct` issues without the worker. An AC/DC mask's compact vectors need
+        the worker."""
+        plan = self.policy.step_plan
+        return (compress and not self.policy.calibrating and plan is not None
+                and plan.all_reduce and not self.mask)
+
+    def ticket(self, index: int, last: bool, buffer: torch.Tensor, small, big,
+               compress: bool) -> Ticket:
+        """The decisions for group ``index`` of the current step (after :meth:`begin_step`
+        for its first group); the step counter advances at the last group."""
+        step, phase = self.iter, self.phase
+        fields: Dict = {}
+        if index == 0:
+            fields.update(step=step, phase=phase, compress=compress)
+        # the layout: in the first steps of the process, then whenever it changes (decided
+        # from counters every rank shares, so every rank checks at the same groups)
+        layout = (buffer.numel(), str(buffer.dtype), [n for _, n, _ in small],
+                  [n for _, n, _ in big], compress, phase, bool(self.mask))
+        if self.process_steps < LAYOUT_CHECK_STEPS or self._agreed_layout.get(index) != layout:
+            fields.update(**{self.unit: index}, layout=layout)
+            self._agreed_layout[index] = layout
+        if last:
+            self.iter += 1
+            self.process_steps += 1
+        return Ticket(step, index, last, compress, self.policy.calibrating,
+                      self.policy.step_plan, phase, fields or None)
+
+    def issue(self, runtime: Runtime, index: int, count: int, buffer: torch.Tensor, small, big,
+              compress: bool) -> torch.futures.Future:
+        """Group ``index`` of the ``count`` of a step, handed to the runtime (the step begun at
+        its first): for front ends whose groups all take the engine's path."""
+        if index == 0:
+            self.begin_step(compress, runtime, buffer.device)
+        ticket = self.ticket(index, index == count - 1, buffer, small, big, compress)
+        return runtime.run(lambda: self.reduce(runtime, buffer, small, big, ticket),
+                           buffer.device)
+
+    # -- the reduction --------------------------------------------------------------------
+    def reduce(self, runtime: Runtime, buffer: torch.Tensor, small, big,
+               ticket: Ticket) -> torch.Tensor:
+        """One group's mean over ranks, in place in ``buffer``. Once a group of a step has
+        failed, this rank's later groups of that step fail without communicating: the failure
+        (ranks disagreeing, a peer's bad payload) is symmetric, so every rank stops there,
+        and collectives issued after it would no longer pair up across ranks."""
+        if self.failed_step == ticket.step:
+            raise RuntimeError(f"commpress: {self.unit} {ticket.index} of step {ticket.step} not "
+                               f"reduced: an earlier {self.unit} of this step failed (that "
+                               f"error is the one to read)")
+        try:
+            return self._reduce_agreed(runtime, buffer, small, big, ticket)
+        except BaseException:
+            self.failed_step = ticket.step
+            raise
+
+    def _reduce_agreed(self, runtime: Runtime, buffer, small, big, ticket: Ticket):
+        if ticket.fields is not None:
+            agree(runtime.control, ticket.fields, runtime.control.device)
+        w = runtime.transport.world_size
+        self.stats.add(fp32_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
+        if ticket.calibrating:  # every candidate measured on the group, then reduced in fp32
+            self._calibrate(runtime, buffer, small, big)
+            if ticket.last:
+                self._calibration_done(runtime)
+            choice = FP32
+        else:
+            choice = self.policy.choose(buffer.numel(), ticket.compress, ticket.plan)
+        adopted = ticket.plan is not None and ticket.plan is self.plan  # not on trial
+        drift = self.policy.drift if adopted else None
+        # inline on a GPU the host only queues the work: time it by events (a worker thread
+        # synchronizes its side stream, so its clock is the work's)
+        timer = CudaTimer() if adopted and runtime.inline and buffer.is_cuda else None
+        start = time.perf_counter()
+        self.reduce_as(runtime, buffer, small, big, choice, self.generator(
+            buffer.device, runtime.transport.rank), self.stats, self.feedback)
+        if timer is not None:
+            drift.add_timer(timer.stop(), ticket.last)
+        elif drift is not None:
+            drift.add(time.perf_counter() - start, ticket.last)
+        if ticket.last:
+            self.end_step(ticket.phase, runtime.transport.rank)
+        return buffer
+
+    def reduce_as(self, runtime: Runtime, buffer, small, big, choice: Candidate,
+                  generator: Optional[torch.Generator], stats: Optional[CommStats],
+                  feedback: Optional[ErrorFeedback]) -> None:
+        """Average ``buffer`` over ranks in place as ``choice`` says: the small segments in
+        fp32, the large ones through the choice's codec and collective (everything in one fp32
+        all-reduce when the choice is fp32). Error feedback applies to the configured codec
+        only."""
+        if choice == FP32:
+            small, big = small + big, []
+        small_done = None
+        if small and big and buffer.dtype == torch.float32 and not self.mask:
+            # on the wire while the large ones are encoded: a blocking all-reduce here would
+            # hold back the first compressed piece by a round trip
+            small_done = start_mean(Segments([buffer[o:o + n] for o, n, _ in small]), _FP32,
+                                    runtime.transport, stats)
+        elif small:
+            self._reduce_segments(buffer, small, _FP32, "allreduce", None, runtime.transport,
+                                  generator, stats)
+        if big:
+            codec = self.codec if choice.codec == "codec" else _FP16
+            transport = (runtime.compressed_transport
+                         if choice.collective in ("auto", "hierarchical") else runtime.transport)
+            self._reduce_segments(buffer, big, codec, choice.collective,
+                                  feedback if choice.codec == "codec" else None, transport,
+                                  generator, stats)
+        if small_done is not None:
+            small_done()
+
+    def _reduce_segments(self, buffer, segments, codec, collective, feedback, transport,
+                         generator, stats) -> None:
+        """Average the gradients of ``segments`` over ranks, where they lie in the buffer."""
+        keys = [k for _, _, k in segments]
+        reduce_gradient(Segments([buffer[o:o + n] for o, n, _ in segments]), keys, codec,
+                        transport, collective, feedback, generator, stats,
+                        keep=self.mask.kept_indices(keys, buffer.device), agreed=True)
+
+    def end_step(self, phase: str, rank: int) -> None:
+        self.stats.end_step()
+        self.phase_stats[phase].absorb(self.stats.last_step)
+        if self.log_every and self.stats.steps % self.log_every == 0 and rank == 0:
+            logger.info("commpress %s", self.stats.summary())
+
+    def reduce_direct(self, runtime: Runtime, buffer: torch.Tensor,
+                      last: bool) -> torch.futures.Future:
+        """A group under a plan whose every choice is an all-reduce (fp32 or fp16): one
+        asynchronous all-reduce over the runtime's torch group, issued here as DDP's own
+        default is, with no worker thread, so that such a plan costs what plain DDP costs.
+        Safe because no step of such a plan uses the worker (a calibration step uses only the
+        worker, and the front end waits for every group of a step before the next begins);
+        ranks hold the same plan, so they take this path at the same groups."""
+        plan = self.policy.step_plan
+        choice = plan.entry_for(buffer.numel()).choice
+        wire = (torch.float32 if choice == FP32 else
+                _FP16.wire_dtype if choice.codec == "fp16" else self.codec.wire_dtype)
+        w, phase = runtime.transport.world_size, self.phase
+        send = buffer.div_(w) if buffer.dtype == wire else buffer.div_(w).to(wire)  # pre-divided
+        self.stats.add(fp32_bytes=2 * (w - 1) * 4 * buffer.numel() // w,
+                       wire_bytes=2 * (w - 1) * send.nbytes // w)
+        if last:
+            self.iter += 1
+            self.process_steps += 1
+            self.end_step(phase, runtime.transport.rank)
+        # the callback runs on the backend's thread and must not hold the front end's state:
+        # if it held the last reference, the state's finalizer would destroy the group from
+        # that group's own thread ("Resource deadlock avoided", and the process aborts)
+        policy = self.policy
+        started, drift = policy.step_started[1], policy.drift if last and plan is self.plan else None
+        timer, stats = policy.step_timer, self.stats
+        issued = time.perf_counter()
+        work = dist.all_reduce(send, group=runtime.transport.group, async_op=True)
+
+        def finish(reduced: torch.futures.Future) -> torch.Tensor:
+            reduced.value()  # raises the all-reduce's failure (a dead or hung peer)
+            if not buffer.is_cuda:  # the host clock is the all-reduce's (on a GPU: its launch)
+                stats.add(comm_seconds=time.perf_counter() - issued)
+            if send is not buffer:
+                buffer.copy_(send)
+            if drift is not None and timer is not None:  # on the GPU: after the all-reduce
+                drift.add_timer(timer.stop(), step_done=True)
+            elif drift is not None:
+                drift.add(time.perf_counter() - started, step_done=True)
+            return buffer
+        return work.get_future().then(finish)
+
+    # -- calibration ----------------------------------------------------------------------
+    def _calibrate(self, runtime: Runtime, buffer, small, big) -> None:
+        """Time every candidate on a copy of ``buffer`` (or of a sample of it) for the pending
+        plan. Candidates draw rounding noise from a generator of their own (the training's
+        stream is untouched) and feed back into a scratch memory (so error feedback's cost is
+        counted)."""
+        sample, small, big = _calibration_sample(buffer, small, big)
+        scratch = torch.empty_like(sample)
+        generator = torch.Generator(device=buffer.device) if self.codec.stochastic else None
+        if generator is not None:
+            generator.manual_seed(self.config.rank_seed(runtime.transport.rank))
+        feedback = (ErrorFeedback(self.config.error_feedback, self.config.server_feedback)
+                    if self.feedback else None)
+
+        def run(choice):
+            return lambda: self.reduce_as(runtime, scratch, small, big, choice, generator, None,
+                                          feedback)
+        self.policy.calibrate(buffer.numel(), self.candidates(runtime), run, runtime.control,
+                              buffer.device, prepare=lambda: scratch.copy_(sample),
+                              scale=buffer.numel() / sample.numel())
+
+    def _calibration_done(self, runtime: Runtime) -> None:
+        """After a calibration step's last group."""
+        before = self.policy.plan
+        self.policy.calibration_done(self.candidates(runtime))
+        if self.policy.plan is not before:
+            self._announce_plan(runtime)
+
+    def _announce_plan(self, runtime: Runtime) -> None:
+        report_plan(self.stats, self.plan, self.codec, self.config.error_feedback,
+                    runtime.transport.rank)
+
+    # -- persistence ----------------------------------------------------------------------
+    def state_dict(self) -> Dict:
+        rng = {key: gen.get_state() for key, gen in self._generators.items()}
+        return {"iter": self.iter, "rng": {**self._saved_rng, **rng},
+                "feedback": self.feedback.state_dict() if self.feedback else None,
+                "stats": self.stats.state_dict(), "phase": self.phase,
+                "phase_stats": {k: v.state_dict() for k, v in self.phase_stats.items()},
+                **self.policy.state_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Restore :meth:`state_dict` (checked first with :func:`validate_state`)."""
+        self.policy.load_state_dict(state.get("plan"), state.get("calibration"))
+        self.iter = state["iter"]
+        self._generators, self._saved_rng = {}, dict(state["rng"])
+        if self.feedback is not None:
+            self.feedback.load_state_dict(state["feedback"])
+        self.stats.load_state_dict(state["stats"])
+        report_plan(self.stats, self.plan, self.codec, self.config.error_feedback)
+        self.phase = state["phase"]
+        for phase, saved in state["phase_stats"].items():
+            self.phase_stats[phase].load_state_dict(saved)
+
+    def adopt_other_rank(self) -> None:
+        """After loading another rank's checkpoint: re-derive this rank's generators from
+        (seed, rank, step) so rounding noise stays independent across ranks, and reset the
+        per-rank memories consistently (see :meth:`ErrorFeedback.adopt_other_rank`)."""
+        self._saved_rng, self._generators, self._reseed_at = {}, {}, self.iter
+        if self.feedback is not None:
+            self.feedback.adopt_other_rank()
+
+
+def split_segments(params, min_numel: int, order: Optional[Dict] = None):
+    """Where each parameter's gradient lies in a group's flat buffer (laid out in the order of
+    ``params``): ``(small, big)``, lists of ``(offset, numel, param)`` for the parameters sent
+    uncompressed (fewer than ``min_numel`` elements, or 1-D: biases, norms; compressing them
+    saves little and costs accuracy) and through the codec. ``order`` (parameter -> index in
+    the model) sorts ``big``, so a group compresses the same vector whichever order its
+    parameters came in: what makes a resumed run bit-identical."""
+    small, big, offset = [], [], 0
+    for p in params:
+        numel = flat_numel(p)  # a complex parameter's gradient lies in the buffer as reals
+        compress = p.dim() >= 2 and numel >= min_numel
+        (big if compress else small).append((offset, numel, p))
+        offset += numel
+    if order:
+        big.sort(key=lambda seg: order.get(seg[2], -1))
+    return small, big
+
+
+def buckets(params, cap_mb: float) -> List[List[torch.Tensor]]:
+    """``params`` in reverse order (the order in which backward produces their gradients),
+    cut into groups of at most ``cap_mb`` MB of fp32 gradients, as DDP's buckets are."""
+    if cap_mb <= 0:
+        raise ValueError(f"bucket_cap_mb must be > 0, got {cap_mb}")
+    cap, groups, current, current_bytes = cap_mb * 2 ** 20, [], [], 0
+    for p in reversed(list(params)):
+        if current and current_bytes + 4 * p.numel() > cap:
+            groups.append(current)
+            current, current_bytes = [], 0
+        current.append(p)
+        current_bytes += 4 * p.numel()
+    return groups + ([current] if current else [])
+
+
+#: the entries of :meth:`ReductionEngine.state_dict` a checkpoint must hold
+ENGINE_ENTRIES = ("iter", "rng", "feedback", "stats", "phase", "phase_stats")
+
+
+def validate_state(state: Dict, config: Dict, feedback: Optional[ErrorFeedback],
+                   what: str) -> None:
+    """Refuse a front end's state dict (``config`` and the engine's entries, optionally
+    ``rank``, ``world_size``, ``plan``, ``calibration``) with a missing, unknown or malformed
+    entry, naming it. ``what`` names the state in messages."""
+    if not isinstance(state, dict):
+        raise TypeError(f"a {what} state dict is a dict, got {type(state).__name__}")
+    required = ("config",) + ENGINE_ENTRIES
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint misses entries {missing}")
+    unknown = sorted(set(state) - set(required) - {"rank", "world_size", "plan", "calibration"})
+    if unknown:
+        raise ValueError(f"checkpoint has unknown entries {unknown}")
+    saved = state["config"]
+    if isinstance(saved, dict) and "policy" not in saved:  # before policies: the codec everywhere
+        saved = {**saved, "policy": "fixed"}
+    if saved != config:
+        differing = sorted(k for k in set(config) | set(saved if isinstance(saved, dict) else {})
+                           if not isinstance(saved, dict) or saved.get(k) != config.get(k))
+        raise ValueError(f"checkpoint was made with another configuration (differing: "
+                         f"{', '.join(differing)}): {saved}, this state is {config}")
+    if not isinstance(state["iter"], int) or isinstance(state["iter"], bool) or state["iter"] < 0:
+        raise ValueError(f"checkpoint entry 'iter' must be a non-negative integer, got {state['iter']!r}")
+    if state["phase"] not in PHASES:
+        raise ValueError(f"checkpoint entry 'phase' must be 'dense' or 'sparse', got {state['phase']!r}")
+    for key in ("rank", "world_size"):
+        value = state.get(key)
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ValueError(f"checkpoint entry {key!r} must be a non-negative integer, got {value!r}")
+    if not isinstance(state["rng"], dict):
+        raise ValueError("checkpoint entry 'rng' must map devices to generator states")
+    for device, rng in state["rng"].items():
+        if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.dim() != 1:
+            raise ValueError(f"checkpoint entry rng[{device!r}] is not a generator state "
+                             "(a 1-D uint8 tensor)")
+        try:
+            kind = torch.device(device).type
+            if kind == "cpu":
+                torch.Generator().set_state(rng)
+            elif kind == "cuda" and torch.cuda.is_available():
+                torch.Generator(device=device).set_state(rng)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"checkpoint entry rng[{device!r}] is not a valid generator state: "
+                             f"{exc}") from None
+    if feedback is None and state["feedback"] is not None:
+        raise ValueError("checkpoint holds error-feedback memories, this state has none")
+    if feedback is not None:
+        feedback.validate_state_dict(state["feedback"])
+    if set(state["phase_stats"]) - set(PHASES):
+        raise ValueError(f"checkpoint entry 'phase_stats' has unknown phases "
+                         f"{sorted(set(state['phase_stats']) - set(PHASES))}")
+
+
+def _calibration_sample(buffer: torch.Tensor, small, big):
+    """``(sample, small, big)``: the buffer itself, or for one of more than
+    :data:`~commpress.comm.calibration.SAMPLE_NUMEL` values its first ones, with the
+    segments cut to them (a cut segment's key stands in as a shape-only tensor, so the scratch
+    error-feedback memory has the sample's size)."""
+    cap = SAMPLE_NUMEL
+    if buffer.numel() <= cap:
+        return buffer, small, big
+
+    def cut(segments):
+        kept = []
+        for offset, numel, key in segments:
+            if offset + numel <= cap:
+                kept.append((offset, numel, key))
+            elif offset < cap:
+                kept.append((offset, cap - offset, torch.empty(cap - offset, device="meta")))
+        return kept
+    return buffer[:cap], cut(small), cut(big)
