@@ -25,9 +25,7 @@ from .comm.calibration import CALIBRATED
 from .comm.ordered import OrderedExecutor
 from .comm.transport import (TorchTransport, Transport, new_group, node_layout,
                              torch_hierarchical_transport)
-from .config import CompressionConfig, check_counts
-from .engine.policy import make_policy
-from .engine.reduction import ReductionEngine, split_segments
+from .engine.reduction import split_segments
 from .engine.runtime import Runtime, close_when_collected
 from .engine.state import EngineState
 from .feedback import ErrorFeedback
@@ -114,24 +112,18 @@ class CompressionState(EngineState):
                  server_feedback: bool = False, start_iter: int = 2, min_numel: int = 1024,
                  seed: int = 0, log_every: int = 100, policy: str = CALIBRATED,
                  recalibrate_every: int = 1000, plan=None):
-        self.config = CompressionConfig(codec, collective, error_feedback, server_feedback, seed)
-        check_counts(recalibrate_every=recalibrate_every, start_iter=start_iter,
-                     min_numel=min_numel, log_every=log_every)
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None (the "
                             f"DDP model's group), got {type(process_group).__name__}")
-        self.recalibrate_every = recalibrate_every
-        if error_feedback is not None and start_iter < 2:
+        #: the reduction of the buckets: policy, feedback, statistics, step (see
+        #: :mod:`commpress.engine.reduction`)
+        super().__init__(codec, collective, error_feedback, server_feedback, seed, policy,
+                         start_iter, min_numel, recalibrate_every, plan, "bucket", log_every)
+        if self.error_feedback is not None and start_iter < 2:
             raise ValueError("start_iter must be >= 2 with error feedback: DDP rebuilds its "
                              "buckets after the first iteration")
         self.process_group = process_group
-        self.start_iter = start_iter
-        self.min_numel = min_numel
         self.log_every = log_every
-        #: the reduction of the buckets: policy, feedback, statistics, step (see
-        #: :mod:`commpress.engine.reduction`)
-        super().__init__(self.config, policy, ReductionEngine(self.config, make_policy(
-            policy, codec, collective, start_iter, recalibrate_every, plan), "bucket", log_every))
         # this process's runtime and bookkeeping (not pickled, not in state_dict)
         self.param_index: Dict[torch.Tensor, int] = {}
         # the runtime, once created: its only strong reference, so that the finalizer
@@ -295,9 +287,6 @@ class CompressionState(EngineState):
                 self.feedback.bind((f"param.{k}", p) for p, k in self.param_index.items())
 
     # -- persistence ----------------------------------------------------------------------
-    def _config(self) -> Dict:
-        return {**super()._config(), "start_iter": self.start_iter, "min_numel": self.min_numel}
-
     def __getstate__(self):
         """Pickles as its constructor's arguments and :meth:`state_dict` (memories by parameter
         name), without process group or runtime, like PyTorch's ``PowerSGDState``."""
@@ -357,19 +346,11 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
     state._learn(index, bucket.parameters(), last)
     device = buffer.device  # from the bucket, never from another thread's current device
     runtime = state._ensure_runtime(device)  # on this (the backward's) thread, never the worker
-    engine, compress = state.engine, state.iter >= state.start_iter
-    if index == 0:  # nothing of this step is in flight yet
-        engine.begin_step(compress, runtime, device)
-    if engine.runs_all_reduce_plan(compress):  # skips the worker
-        if index == 0:  # as every path does: a rank a step or a phase apart fails, named
-            agree(runtime.control, {"step": state.iter, "phase": state.phase,
-                                    "path": "all-reduce plan"}, runtime.control.device)
-        return engine.reduce_direct(runtime, buffer, last)
     # in model order when bound: DDP's first iteration uses registration order, later ones
     # the order in which gradients become ready
     small, big = split_segments(bucket.parameters(), state.min_numel, state.param_index)
-    ticket = engine.ticket(index, last, buffer, small, big, compress)
-    return runtime.run(lambda: engine.reduce(runtime, buffer, small, big, ticket), device)
+    return state.engine.issue(runtime, index, last, buffer, small, big,
+                              compress=state.iter >= state.start_iter)
 
 
 def state_from_name(name: str, **kwargs) -> CompressionState:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -27,12 +27,11 @@ from .comm.agreement import agree
 from .comm.calibration import CALIBRATED
 from .comm.pipeline import reduce_gradient
 from .comm.transport import Pending, Transport, operation_timeout, wait_until
-from .config import CompressionConfig, check_counts
-from .engine.policy import make_policy
-from .engine.reduction import ReductionEngine, buckets, split_segments
+from .config import CompressionConfig
+from .engine.reduction import buckets, split_segments
 from .engine.runtime import Runtime
 from .engine.state import EngineState
-from .names import split_name
+from .names import codec_of
 from .stats import CommStats
 
 try:
@@ -94,11 +93,14 @@ class HorovodTransport(Transport):
                                                   name=name), name)
 
     def all_reduce_sum(self, x):
+        return self.all_reduce_sum_start(x).wait()
+
+    def all_reduce_sum_start(self, x):
         if x.dtype == torch.bfloat16:
-            return x.copy_(self.all_reduce_sum(x.float()))
+            return Pending(x.copy_(self.all_reduce_sum(x.float())))
         self._count_all_reduce(x)
         name = self._name("allreduce")
-        return x.copy_(_HorovodPending(hvd.allreduce_async(x, op=hvd.Sum, name=name), name).wait())
+        return _HorovodPending(hvd.allreduce_async_(x, op=hvd.Sum, name=name), name)
 
     def broadcast(self, x, src):
         self._count_broadcast(x, src)
@@ -187,20 +189,11 @@ class HorovodCompression(EngineState):
     (``save_plan``), and this rank's checkpoint (``state_dict()`` / ``load_state_dict()``:
     step, generators, error-feedback memories, plan), beside the optimizer's own."""
 
-    def __init__(self, config: CompressionConfig, policy: str, start_iter: int, min_numel: int,
-                 recalibrate_every: int, plan):
-        check_counts(start_iter=start_iter, min_numel=min_numel,
-                     recalibrate_every=recalibrate_every)
-        super().__init__(config, policy, ReductionEngine(config, make_policy(
-            policy, config.codec, config.collective, start_iter, recalibrate_every, plan)))
-        self.start_iter, self.min_numel = start_iter, min_numel
-        self.recalibrate_every = recalibrate_every
+    def __init__(self, codec: Codec, **settings):
+        super().__init__(codec, **settings)
         self.runtime = Runtime(HorovodTransport(f"commpress.opt{next(_OPTIMIZERS)}"))
 
     _runtime = property(lambda self: self.runtime)
-
-    def _config(self) -> Dict:
-        return {**super()._config(), "start_iter": self.start_iter, "min_numel": self.min_numel}
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
@@ -271,8 +264,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             group = self._cp_groups[index]
             flat = torch.cat([self._cp_grad(p).reshape(-1).float() for p in group])
             self._cp_started.append((group, engine.issue(
-                runtime, index, len(self._cp_groups), flat, *self._cp_segments[index],
-                compress=engine.iter >= compression.start_iter)))
+                runtime, index, index == len(self._cp_groups) - 1, flat,
+                *self._cp_segments[index], compress=engine.iter >= compression.start_iter)))
 
     def _cp_grad(self, p) -> torch.Tensor:
         if p.grad is None:
@@ -382,11 +375,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         >>> opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
         ...                            model.named_parameters(), codec=QSGD(bits=4))
     """
-    if isinstance(codec, str):
-        factory, suffix = split_name(codec)
-        codec, error_feedback = factory(), error_feedback or suffix
+    settings = dict(collective=collective, error_feedback=error_feedback,
+                    server_feedback=server_feedback, seed=seed, policy=policy,
+                    start_iter=start_iter, min_numel=min_numel,
+                    recalibrate_every=recalibrate_every, plan=plan)
+    codec, settings["error_feedback"] = codec_of(codec, error_feedback)
     codec = _codec_for(codec, compression)
-    config = CompressionConfig(codec, collective, error_feedback, server_feedback, seed)
     op = hvd.Average if op is None else op
     if op not in (hvd.Average, hvd.Sum):
         raise ValueError("op must be hvd.Average or hvd.Sum (commpress does not run Adasum)")
@@ -409,7 +403,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                         f"parameters of shapes {[list(p.shape) for p in params if p.is_complex()]} "
                         "are complex (their imaginary parts would be lost): use commpress's "
                         "DDP hook, which reduces them as their real values")
-    state = HorovodCompression(config, policy, start_iter, min_numel, recalibrate_every, plan)
+    state = HorovodCompression(codec, **settings)
     wrapped._commpress_init(named_parameters, state, op,
                             _groups(params, groups, num_groups, bucket_cap_mb), sparse_as_dense,
                             backward_passes_per_step)

@@ -19,7 +19,7 @@ checkpoints)::
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Iterable, List, Optional, Union
 
 import numpy as np
 import torch
@@ -30,13 +30,12 @@ from .comm.calibration import CALIBRATED
 from .comm.pipeline import reduce_gradient
 from .comm.segments import Segments
 from .comm.transport import Transport, operation_timeout, wait_until
-from .config import CompressionConfig, check_counts
-from .engine.policy import make_policy
-from .engine.reduction import ReductionEngine, buckets, split_segments
+from .config import CompressionConfig
+from .engine.reduction import buckets, split_segments
 from .engine.runtime import Runtime
 from .engine.state import EngineState
+from .names import codec_of
 from .feedback import ErrorFeedback
-from .names import split_name
 from .stats import CommStats
 
 try:
@@ -212,25 +211,17 @@ class GradientReducer(EngineState):
                  collective: str = "auto", seed: int = 0, policy: str = CALIBRATED,
                  start_iter: int = 0, min_numel: int = 1024, recalibrate_every: int = 1000,
                  plan=None, bucket_cap_mb: float = 25):
-        if isinstance(codec, str):
-            factory, suffix = split_name(codec)
-            codec, error_feedback = factory(), error_feedback or suffix
-        config = CompressionConfig(codec, collective, error_feedback, server_feedback, seed)
-        check_counts(start_iter=start_iter, min_numel=min_numel,
-                     recalibrate_every=recalibrate_every)
-        super().__init__(config, policy, ReductionEngine(config, make_policy(
-            policy, codec, collective, start_iter, recalibrate_every, plan)))
-        self.start_iter, self.min_numel, self.bucket_cap_mb = start_iter, min_numel, bucket_cap_mb
+        codec, error_feedback = codec_of(codec, error_feedback)
+        super().__init__(codec, collective, error_feedback, server_feedback, seed, policy,
+                         start_iter, min_numel, recalibrate_every, plan)
         buckets([], bucket_cap_mb)  # refuses a bad capacity now
+        self.bucket_cap_mb = bucket_cap_mb
         self.runtime = Runtime(MPITransport(comm), inline=True)  # MPI calls block here
         self._layout: Optional[tuple] = None
         self._groups: List[List[torch.Tensor]] = []
         self._segments: List[tuple] = []
 
     _runtime = property(lambda self: self.runtime)
-
-    def _config(self) -> Dict:
-        return {**super()._config(), "start_iter": self.start_iter, "min_numel": self.min_numel}
 
     def _learn(self, params: List[torch.Tensor]) -> None:
         """Group ``params`` (again, when they changed) and name them for the memories; every
@@ -260,7 +251,7 @@ class GradientReducer(EngineState):
         for index, (group, (small, big)) in enumerate(zip(self._groups, self._segments)):
             grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in group]
             flat = torch.cat([g.reshape(-1).float() for g in grads])
-            mean = engine.issue(self.runtime, index, count, flat, small, big,
+            mean = engine.issue(self.runtime, index, index == count - 1, flat, small, big,
                                 compress=engine.iter >= self.start_iter).wait()
             for p, part in zip(group, mean.split([p.numel() for p in group])):
                 if p.grad is None:

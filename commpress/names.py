@@ -4,7 +4,7 @@ the benchmarks) looks names up here."""
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from .codecs import BF16, FP16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering
 from .config import FEEDBACK_KINDS
@@ -83,3 +83,12 @@ def state_of(spec, state_type: type, from_codec: Callable, caller: str, **kwargs
         raise TypeError("keyword arguments are only accepted with a hook name or a codec; this "
                         f"{state_type.__name__} is configured already")
     return spec
+
+
+def codec_of(codec, error_feedback: Optional[str]):
+    """``(codec, error_feedback)`` for a front end that takes a :class:`~commpress.Codec` or a
+    hook name (``"qsgd4+ef"``: its codec, and its feedback unless one is given)."""
+    if not isinstance(codec, str):
+        return codec, error_feedback
+    factory, suffix = split_name(codec)
+    return factory(), error_feedback or suffix

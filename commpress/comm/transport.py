@@ -131,6 +131,18 @@ class Pending:
             self.work.wait()
         return self.output
 
+    def future(self, executor=None) -> torch.futures.Future:
+        """A ``torch.futures.Future`` of the output, whose ``value()`` raises the operation's
+        failure: torch.distributed's own future, else :meth:`wait` run on ``executor``'s
+        thread (an :class:`~commpress.comm.ordered.OrderedExecutor`; None: waited for now)."""
+        if self.work is not None and hasattr(self.work, "get_future"):
+            return self.work.get_future().then(lambda done: (done.value(), self.output)[1])
+        if self.work is not None and executor is not None:
+            return executor.submit(self.wait)
+        done = torch.futures.Future()
+        done.set_result(self.wait())
+        return done
+
 
 # torch >= 2.10 renamed all_gather_into_tensor (which now warns) to all_gather_single
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

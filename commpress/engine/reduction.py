@@ -26,7 +26,6 @@ import time
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
-import torch.distributed as dist
 
 from ..codecs import FP16, Identity
 from ..comm.agreement import agree
@@ -164,13 +163,19 @@ class ReductionEngine:
         return Ticket(step, index, last, compress, self.policy.calibrating,
                       self.policy.step_plan, phase, fields or None)
 
-    def issue(self, runtime: Runtime, index: int, count: int, buffer: torch.Tensor, small, big,
+    def issue(self, runtime: Runtime, index: int, last: bool, buffer: torch.Tensor, small, big,
               compress: bool) -> torch.futures.Future:
-        """Group ``index`` of the ``count`` of a step, handed to the runtime (the step begun at
-        its first): for front ends whose groups all take the engine's path."""
-        if index == 0:
+        """Group ``index`` of a step (``last``: its last), in place in ``buffer``: the step
+        begun at its first group, then the group handed to the runtime, or under a plan of
+        all-reduces only issued at once (:meth:`reduce_direct`)."""
+        if index == 0:  # nothing of this step is in flight yet
             self.begin_step(compress, runtime, buffer.device)
-        ticket = self.ticket(index, index == count - 1, buffer, small, big, compress)
+        if self.runs_all_reduce_plan(compress):
+            if index == 0:  # as every path does: a rank a step or a phase apart fails, named
+                agree(runtime.control, {"step": self.iter, "phase": self.phase,
+                                        "path": "all-reduce plan"}, runtime.control.device)
+            return self.reduce_direct(runtime, buffer, last)
+        ticket = self.ticket(index, last, buffer, small, big, compress)
         return runtime.run(lambda: self.reduce(runtime, buffer, small, big, ticket),
                            buffer.device)
 
@@ -264,8 +269,9 @@ class ReductionEngine:
     def reduce_direct(self, runtime: Runtime, buffer: torch.Tensor,
                       last: bool) -> torch.futures.Future:
         """A group under a plan whose every choice is an all-reduce (fp32 or fp16): one
-        asynchronous all-reduce over the runtime's torch group, issued here as DDP's own
-        default is, with no worker thread, so that such a plan costs what plain DDP costs.
+        asynchronous all-reduce of the transport, issued here as DDP's (and Horovod's) own
+        default is, not on the worker thread, so that such a plan costs what the framework's
+        own reduction costs.
         Safe because no step of such a plan uses the worker (a calibration step uses only the
         worker, and the front end waits for every group of a step before the next begins);
         ranks hold the same plan, so they take this path at the same groups."""
@@ -288,7 +294,7 @@ class ReductionEngine:
         started, drift = policy.step_started[1], policy.drift if last and plan is self.plan else None
         timer, stats = policy.step_timer, self.stats
         issued = time.perf_counter()
-        work = dist.all_reduce(send, group=runtime.transport.group, async_op=True)
+        pending = runtime.transport.all_reduce_sum_start(send)
 
         def finish(reduced: torch.futures.Future) -> torch.Tensor:
             reduced.value()  # raises the all-reduce's failure (a dead or hung peer)
@@ -301,7 +307,7 @@ class ReductionEngine:
             elif drift is not None:
                 drift.add(time.perf_counter() - started, step_done=True)
             return buffer
-        return work.get_future().then(finish)
+        return pending.future(runtime.executor).then(finish)
 
     # -- calibration ----------------------------------------------------------------------
     def _calibrate(self, runtime: Runtime, buffer, small, big) -> None:

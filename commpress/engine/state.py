@@ -6,8 +6,10 @@ import json
 import logging
 from typing import Dict, Optional
 
-from ..comm.calibration import Plan
-from ..config import CompressionConfig
+from ..codecs import Codec
+from ..comm.calibration import CALIBRATED, Plan
+from ..config import CompressionConfig, check_counts
+from .policy import make_policy
 from .reduction import ReductionEngine, validate_state
 from .runtime import Runtime
 
@@ -17,11 +19,22 @@ logger = logging.getLogger("commpress")
 class EngineState:
     """The front-end-independent part of a compression state (the DDP hook's
     :class:`~commpress.CompressionState`, the Horovod optimizer's ``compression``, the MPI
-    :class:`~commpress.mpi.GradientReducer`). Subclasses give :attr:`_runtime` (None until
-    they communicate) and may add their settings to :meth:`_config`."""
+    :class:`~commpress.mpi.GradientReducer`): the settings, checked alike for every front end
+    (see :class:`~commpress.CompressionState` for their meaning), and the engine built from them. Subclasses give :attr:`_runtime`
+    (None until they communicate) and may add their settings to :meth:`_config`."""
 
-    def __init__(self, config: CompressionConfig, policy: str, engine: ReductionEngine):
-        self.config, self.policy, self.engine = config, policy, engine
+    def __init__(self, codec: Codec, collective: str = "auto",
+                 error_feedback: Optional[str] = None, server_feedback: bool = False,
+                 seed: int = 0, policy: str = CALIBRATED, start_iter: int = 0,
+                 min_numel: int = 1024, recalibrate_every: int = 1000, plan=None,
+                 unit: str = "group", log_every: int = 0):
+        self.config = CompressionConfig(codec, collective, error_feedback, server_feedback, seed)
+        check_counts(recalibrate_every=recalibrate_every, start_iter=start_iter,
+                     min_numel=min_numel, log_every=log_every)
+        self.policy, self.start_iter, self.min_numel = policy, start_iter, min_numel
+        self.recalibrate_every = recalibrate_every
+        self.engine = ReductionEngine(self.config, make_policy(
+            policy, codec, collective, start_iter, recalibrate_every, plan), unit, log_every)
         self._loaded_from: Optional[tuple] = None  # (rank, world size) of a loaded checkpoint
 
     # what the engine holds, under the names users and ACDC read
@@ -73,7 +86,8 @@ class EngineState:
     # -- persistence ----------------------------------------------------------------------
     def _config(self) -> Dict:
         """What a checkpoint must have been made with."""
-        return {**self.config.describe(), "policy": self.policy}
+        return {**self.config.describe(), "policy": self.policy, "start_iter": self.start_iter,
+                "min_numel": self.min_numel}
 
     def _agreement_fields(self) -> Dict:
         """What every rank must have alike before the first reduction: the shared
