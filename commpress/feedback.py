@@ -12,11 +12,15 @@
   training diverges). With it, ``g + server == mean_i g_i`` holds exactly: ``g`` lags the
   workers' mean by one quantization residual, never by their sum.
 
-The reduction pipeline (:func:`commpress.comm.pipeline.reduce_gradient`) calls
-:meth:`ErrorFeedback.compensate` before sending a flat vector made of whole parameters, and
-:meth:`ErrorFeedback.update` after the mean, with what was sent (for ``"ef"``, overwritten by
-the collective with ``p - C(p)`` piece by piece) and, for EF21, its compressed version: this
-module knows nothing of collectives. Memories are fp32 and live
+Each kind is a class behind one interface, :class:`ErrorFeedback` (``ErrorFeedback("ef")``
+makes an :class:`EF`, ``ErrorFeedback("ef21")`` an :class:`EF21`): the reduction pipeline
+(:func:`commpress.comm.pipeline.reduce_gradient`) calls :meth:`~ErrorFeedback.compensate`
+before sending a flat vector made of whole parameters, and :meth:`~ErrorFeedback.update` after
+the mean, with what was sent and what the kind asked the collective for
+(:attr:`~ErrorFeedback.residual_in_place`: ``p - C(p)`` written over what was sent, piece by
+piece; :attr:`~ErrorFeedback.keeps_local`: this rank's compressed contribution ``C(p)``), and
+the server residual (:meth:`~ErrorFeedback.server_memory`): this module knows nothing of
+collectives, and they know nothing of the kinds. Memories are fp32 and live
 on the gradient's device. Keys are parameters (:func:`flat_numel` gives the split) or, for
 front ends without parameters (MPI arrays), names with explicit ``sizes``.
 """
@@ -28,9 +32,6 @@ import torch
 
 from .codecs import Codec, contractive_factor, kernels
 from .config import FEEDBACK_KINDS
-
-# the memories each kind keeps, by name
-_MEMORIES = {"ef": ("residual",), "ef21": ("worker", "shared")}
 
 
 def flat_numel(param: torch.Tensor) -> int:
@@ -91,15 +92,37 @@ def _with_memories(store: Dict, params: Sequence, flat, sizes, subtract: bool) -
 
 
 class ErrorFeedback:
-    def __init__(self, kind: str, server: bool = False):
-        if kind not in FEEDBACK_KINDS:
-            raise ValueError(f"error_feedback must be None or one of {FEEDBACK_KINDS}, got {kind!r}")
-        if server and kind != "ef":
-            raise ValueError("server-side error feedback needs error_feedback='ef'")
-        self.kind, self.server = kind, server or kind == "ef21"
-        self._names = _MEMORIES[kind] + (("server",) if self.server else ())
+    """The memories of one error-feedback kind (see the module docstring), per parameter.
+    ``ErrorFeedback(kind, server)`` makes the kind's class; subclasses give :data:`kind`,
+    :data:`memories_kept`, :meth:`compensate` and :meth:`update`."""
+
+    kind = ""
+    #: the memories this kind keeps, by name
+    memories_kept: tuple = ()
+    #: the collective writes ``p - C(p)`` over what was sent (``residual_out``)
+    residual_in_place = False
+    #: the collective returns this rank's own compressed contribution ``C(p)`` (``keep_local``)
+    keeps_local = False
+
+    def __new__(cls, kind: Optional[str] = None, server: bool = False):
+        if cls is ErrorFeedback:
+            if kind not in KINDS:
+                raise ValueError(f"error_feedback must be None or one of {FEEDBACK_KINDS}, "
+                                 f"got {kind!r}")
+            cls = KINDS[kind]
+        return super().__new__(cls)
+
+    def __init__(self, kind: Optional[str] = None, server: bool = False):
+        if kind is not None and kind != self.kind:
+            raise ValueError(f"{type(self).__name__} is error feedback {self.kind!r}, not {kind!r}")
+        self.server = self._server(server)
+        self._names = self.memories_kept + (("server",) if self.server else ())
         self.memories: Dict[str, Dict[torch.Tensor, torch.Tensor]] = {m: {} for m in self._names}
         self.names: Dict[torch.Tensor, str] = {}
+
+    def _server(self, asked: bool) -> bool:
+        """Whether this kind keeps the server residual when ``asked``."""
+        return asked
 
     def bind(self, named_parameters: Iterable) -> None:
         """Give the parameters names, so memories can be saved and restored by name; memories
@@ -122,40 +145,22 @@ class ErrorFeedback:
         for memory in ("residual", "server"):
             if memory in self.memories:
                 self.memories[memory] = {}
-        if self.kind == "ef21":
-            self.memories["worker"] = {k: v.clone() for k, v in self.memories["shared"].items()}
 
     # -- the two calls around a reduction ------------------------------------------------
     def compensate(self, params: Sequence, flat: torch.Tensor, sizes=None,
                    codec: Optional[Codec] = None) -> torch.Tensor:
         """What to compress instead of the gradient ``flat`` (which is left untouched): a
-        new fp32 tensor, which :meth:`update` may reuse.
+        new fp32 tensor, which :meth:`update` may reuse."""
+        raise NotImplementedError
 
-        EF21 assumes a contractive compressor; an unbiased one with relative variance
-        ``omega > 1`` (QSGD-2) made it diverge. So EF21 sends ``lam * (grad - g_i)`` with
-        ``lam = 1 / (1 + omega)`` (:func:`commpress.codecs.contractive_factor`, exact for this
-        vector). The estimates still add exactly what was sent, so ``g == mean_i g_i`` holds."""
-        sizes = _sizes(params, sizes)
-        if self.kind == "ef":
-            return _with_memories(self.memories["residual"], params, flat, sizes, subtract=False)
-        diff = _with_memories(self.memories["worker"], params, flat, sizes, subtract=True)
-        if codec is not None:
-            diff.mul_(contractive_factor(codec, diff))
-        return diff
-
-    def update(self, params: Sequence, sent: torch.Tensor, local: torch.Tensor,
+    def update(self, params: Sequence, sent: torch.Tensor, local: Optional[torch.Tensor],
                mean: torch.Tensor, sizes=None) -> torch.Tensor:
         """Update the memories in place; return the vector to use as the averaged gradient.
-        ``sent`` (what :meth:`compensate` returned), ``local`` and ``mean`` are consumed: the
-        memories are updated through them with no full-size temporary. For ``"ef"``, ``sent``
-        already holds ``p - C(p)`` (the collective wrote it there, see ``residual_out`` of
-        :func:`~commpress.comm.collectives.compressed_mean`) and ``local`` is None."""
-        if self.kind == "ef":
-            self._assign("residual", params, sent, sizes)
-            return mean
-        self._assign("worker", params, local, sizes, add=True)
-        self._assign("shared", params, mean, sizes, add=True)
-        return mean
+        ``sent`` (what :meth:`compensate` returned, overwritten by the collective with
+        ``p - C(p)`` when :attr:`residual_in_place`), ``local`` (this rank's ``C(p)`` when
+        :attr:`keeps_local`, else None) and ``mean`` are consumed: the memories are updated
+        through them with no full-size temporary."""
+        raise NotImplementedError
 
     def server_memory(self, params: Sequence[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
         """The server residual for ``params`` (to pass to ``compressed_mean``, which updates it
@@ -261,6 +266,64 @@ class ErrorFeedback:
                          for m in self._names}
         if self.names:
             self.bind((name, p) for p, name in self.names.items())
+
+
+class EF(ErrorFeedback):
+    """EF-SGD / memory-SGD: send ``p = g + e``; keep ``e <- p - C(p)``, which the collective
+    writes over ``p`` as it encodes it (``residual_in_place``). ``server``: also keep the
+    residual of reduce_scatter's second quantization at the reducing rank."""
+
+    kind, memories_kept, residual_in_place = "ef", ("residual",), True
+
+    def compensate(self, params, flat, sizes=None, codec=None):
+        return _with_memories(self.memories["residual"], params, flat, _sizes(params, sizes),
+                              subtract=False)
+
+    def update(self, params, sent, local, mean, sizes=None):
+        self._assign("residual", params, sent, sizes)
+        return mean
+
+
+class EF21(ErrorFeedback):
+    """EF21: each worker keeps its estimate ``g_i`` and sends ``c_i = C(grad_i - g_i)`` (it
+    needs its own ``c_i`` back: ``keeps_local``); then ``g_i += c_i`` and ``g += mean(c_i)``.
+    Always keeps the server residual (see the module docstring).
+
+    EF21 assumes a contractive compressor; an unbiased one with relative variance
+    ``omega > 1`` (QSGD-2) diverges. So it sends ``lam * (grad - g_i)`` with
+    ``lam = 1 / (1 + omega)`` (:func:`commpress.codecs.contractive_factor`, exact for the
+    vector). The estimates still add exactly what was sent, so ``g == mean_i g_i`` holds."""
+
+    kind, memories_kept, keeps_local = "ef21", ("worker", "shared"), True
+
+    def _server(self, asked: bool) -> bool:
+        if asked:
+            raise ValueError("server-side error feedback needs error_feedback='ef' (EF21 "
+                             "always keeps it)")
+        return True
+
+    def compensate(self, params, flat, sizes=None, codec=None):
+        diff = _with_memories(self.memories["worker"], params, flat, _sizes(params, sizes),
+                              subtract=True)
+        if codec is not None:
+            diff.mul_(contractive_factor(codec, diff))
+        return diff
+
+    def update(self, params, sent, local, mean, sizes=None):
+        self._assign("worker", params, local, sizes, add=True)
+        self._assign("shared", params, mean, sizes, add=True)
+        return mean
+
+    def adopt_other_rank(self) -> None:
+        """The residuals go; every worker estimate becomes the shared one, so that the shared
+        estimate is again the mean of the workers'."""
+        super().adopt_other_rank()
+        self.memories["worker"] = {k: v.clone() for k, v in self.memories["shared"].items()}
+
+
+#: the kinds, by the name ``error_feedback=`` takes
+KINDS = {"ef": EF, "ef21": EF21}
+assert tuple(KINDS) == FEEDBACK_KINDS
 
 
 #: keep_finite works in slices of this many elements, so its temporaries stay small:

@@ -136,8 +136,10 @@ class Codec:
 
     Subclasses set ``codec_id`` and ``name``, and implement :meth:`_body_bytes`,
     :meth:`_encode_body` (flat tensor -> the uint8 body) and :meth:`_decode_body`
-    (uint8 body -> flat tensor). This base class owns the header, the length checks and the
-    dtype/shape bookkeeping, so no codec can forget them.
+    (uint8 body -> flat tensor); a stochastic one may give :meth:`_sq_error` (for EF21). This
+    base class owns the header, the length checks and the dtype/shape bookkeeping, so no codec
+    can forget them. That is all a new codec needs; decoding W payloads in one compiled pass
+    is a separate protocol (:class:`~commpress.codecs.fused.FusedMean`), for speed only.
     """
 
     codec_id: ClassVar[int]
@@ -324,28 +326,9 @@ class Codec:
 
     def _decode_mean_body(self, bodies: torch.Tensor, out: torch.Tensor,
                           local: Optional[torch.Tensor], rank: int) -> int:
-        """:meth:`decode_mean` of the checked ``bodies`` (one per row) in one compiled kernel
-        where this codec has one (:meth:`_mean_kernel_inputs`), over a leading part of the
-        outputs: how many values it wrote (0: none)."""
-        if not (out.is_contiguous() and (local is None or local.is_contiguous())
-                and kernels.usable(out.device, out.numel())):
-            return 0
-        prepared = self._mean_kernel_inputs(bodies, out.numel())
-        if prepared is None:
-            return 0
-        inputs, rows, done = prepared
-        count, rank = bodies.shape[0], -1 if local is None else rank
-        outputs = [t[:done].view(rows, -1) for t in (out, local) if t is not None]
-        ran = kernels.run(("decode_mean", repr(self), out.device.type, count, rank),
-                          lambda: self._mean_kernel(count, rank), *inputs, *outputs) is not None
-        return done if ran else 0
-
-    def _mean_kernel_inputs(self, bodies: torch.Tensor, numel: int):
-        """``(inputs, rows, done)``: the one-kernel :meth:`decode_mean`'s tensors for the first
-        ``done`` values (a codec's kernel may cover whole blocks only), the last with one row
-        per row of the outputs' first ``done`` values, which it views as ``rows`` rows; None
-        where this codec has no such kernel."""
-        return None
+        """How many leading values of :meth:`decode_mean` a one-pass kernel wrote (0: none;
+        see :class:`~commpress.codecs.fused.FusedMean`, which codecs with one mix in)."""
+        return 0
 
     def _decode_from(self, body: torch.Tensor, out: torch.Tensor, first: int,
                      alpha: Optional[float] = None) -> None:
@@ -354,30 +337,6 @@ class Codec:
         if first:
             raise NotImplementedError(f"{type(self).__name__} decodes whole payloads only")
         self._decode_body(body, out, alpha)
-
-    def _payload_values(self, inputs, index: int) -> torch.Tensor:
-        """Inside that kernel: payload ``index``'s fp32 values, shaped like the outputs."""
-        raise NotImplementedError
-
-    def _mean_kernel(self, count: int, rank: int):
-        """The kernel: every payload's values times ``1 / count`` added in order to zero
-        (:meth:`_store`'s rounding, as the eager path adds them), payload ``rank`` (unless -1)
-        also written into a second output. ``count`` and ``rank`` are constants of the
-        kernel (it is cached per both)."""
-        share = 1.0 / count
-
-        def mean(*args):
-            inputs, outputs = args[:len(args) - 1 - (rank >= 0)], args[len(args) - 1 - (rank >= 0):]
-            torch._check(outputs[0].shape[0] == inputs[-1].shape[0])  # sizes tied: no spill
-            total = 0.0
-            for index in range(count):
-                values = self._payload_values(inputs, index)
-                if index == rank:
-                    outputs[1].copy_(values)
-                total = total + values * share
-            outputs[0].copy_(total)
-            return outputs[0]
-        return mean
 
     def _checked(self, payload: Payload, dtype: Optional[torch.dtype], numel: Optional[int]):
         """``(data, numel, dtype)`` of a payload that passed the checks :meth:`decode` names."""

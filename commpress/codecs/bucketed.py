@@ -14,6 +14,7 @@ import torch
 
 from . import bitpack, kernels
 from .base import Codec, chunk_ranges
+from .fused import FusedMean
 
 _NORMS = {"max": 0, "l2": 1}
 _SMALLEST_FP32 = 2.0 ** -149  # the smallest positive (subnormal) float32
@@ -69,7 +70,7 @@ def _side_by_side(rows) -> torch.Tensor:
     return rows[0] if len(rows) == 1 else torch.stack(rows, 1).view(rows[0].shape[0], -1)
 
 
-class BucketedLevelCodec(Codec):
+class BucketedLevelCodec(FusedMean, Codec):
     """Base of codecs sending a norm per bucket and a signed level per entry."""
 
     stochastic = True

@@ -8,6 +8,7 @@ import torch
 
 from . import kernels
 from .base import Codec, chunk_ranges, register_codec
+from .fused import FusedMean
 from .bucketed import BucketedLevelCodec, aligned, random_bits
 
 # C_nat code byte: bit 7 the sign, bits 0-6 an exponent code.
@@ -16,7 +17,7 @@ _SPAN = 126  # exponent codes 1..126 cover e_top-125 .. e_top
 
 
 @register_codec("natural", "cnat")
-class NaturalCompression(Codec):
+class NaturalCompression(FusedMean, Codec):
     """C_nat: each value rounds, unbiasedly, to one of the two powers of two around it
     (``E[C(t)] = t``, ``E[C(t)^2] <= 9/8 t^2``). Exactly 8 bits per entry plus one int32
     per payload: a sign bit and a 7-bit exponent offset below ``e_top``, the largest

@@ -62,17 +62,19 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
         in_place and keep is None and flat.dtype == torch.float32) else None
     # what was sent is needed only until it is encoded: EF's next memory p - C(p), or EF21's
     # own contribution C(p), takes its place piece by piece
-    plain_ef, ef21 = (feedback is not None and feedback.kind == kind for kind in ("ef", "ef21"))
-    local_out = compact if ef21 and keep is None and algorithm in PIECEWISE else None
+    keeps_local = feedback is not None and feedback.keeps_local
+    residual_in_place = feedback is not None and feedback.residual_in_place
+    local_out = compact if keeps_local and keep is None and algorithm in PIECEWISE else None
     mean, local = compressed_mean(compact, codec, transport, algorithm, generator, stats,
-                                  keep_local=ef21,
+                                  keep_local=keeps_local,
                                   server_residual=server_compact, out=out, local_out=local_out,
-                                  residual_out=compact if plain_ef else None, agreed=agreed)
+                                  residual_out=compact if residual_in_place else None,
+                                  agreed=agreed)
     if keep is not None:
         mean = torch.zeros_like(flat, dtype=torch.float32).index_copy_(0, keep, mean)
         if local is not None:
             local = torch.zeros_like(mean).index_copy_(0, keep, local)
-        if plain_ef:  # outside the mask what was sent (the memory) is what remains
+        if residual_in_place:  # outside the mask what was sent (the memory) is what remains
             sent.index_copy_(0, keep, compact)
         if server is not None:
             server.index_copy_(0, keep, server_compact)
