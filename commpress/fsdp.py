@@ -31,8 +31,8 @@ from .codecs import Codec, saturating_cast
 from .comm.calibration import CALIBRATED, FP32, SAMPLE_NUMEL, Candidate
 from .comm.collectives import choose_algorithm, compressed_mean, compressed_reduce_scatter
 from .comm.transport import TorchTransport
-from .config import CompressionConfig
-from .engine.policy import make_policy, report_plan
+from .engine.policy import report_plan
+from .engine.state import EngineState
 from .feedback import ErrorFeedback
 from .names import state_of
 from .stats import CommStats
@@ -56,9 +56,10 @@ def _candidates(world_size: int, hierarchical: bool) -> List[Candidate]:
     return [OWN, IN_BF16, CODEC]
 
 
-class FSDPCompressionState:
+class FSDPCompressionState(EngineState):
     """Configuration, statistics and error-feedback memories of one model's compressed
-    reduce-scatters (see :func:`compress`).
+    reduce-scatters (see :func:`compress`); :attr:`plan`, :meth:`save_plan`,
+    :meth:`state_dict` / :meth:`load_state_dict` (this rank's) as every front end's state.
 
     Args:
         codec: the :class:`~commpress.Codec` each shard is encoded with.
@@ -77,30 +78,15 @@ class FSDPCompressionState:
 
     def __init__(self, codec: Codec, error_feedback: Optional[str] = None, seed: int = 0,
                  policy: str = CALIBRATED, recalibrate_every: int = 1000, plan=None):
-        self.config = CompressionConfig(codec, "reduce_scatter", error_feedback, False, seed)
         if error_feedback == "ef21":
             raise ValueError("commpress.fsdp takes error_feedback=None or 'ef': EF21's shared "
                              "estimate needs the full mean, which a reduce-scatter does not "
                              "give any rank")
-        self.policy = policy
-        self._policy = make_policy(policy, codec, "reduce_scatter", 0, recalibrate_every, plan,
-                                   options=_candidates)
-        self.stats = CommStats()
-        self.feedback = ErrorFeedback(error_feedback) if error_feedback else None
-        self.iter = 0
+        super().__init__(codec, "reduce_scatter", error_feedback, False, seed, policy,
+                         start_iter=0, min_numel=0, recalibrate_every=recalibrate_every,
+                         plan=plan, unit="module", options=_candidates)
         self._step_open = False
-        self._generators: Dict[str, torch.Generator] = {}
         self._transports: Dict[dist.ProcessGroup, TorchTransport] = {}
-        report_plan(self.stats, self.plan, codec, error_feedback)
-
-    @property
-    def plan(self):
-        """The calibrated policy's choice per module size (None until adopted, and under
-        ``policy="fixed"``)."""
-        return self._policy.plan
-
-    codec = property(lambda self: self.config.codec)
-    error_feedback = property(lambda self: self.config.error_feedback)
 
     def transport(self, group: dist.ProcessGroup, device: torch.device) -> TorchTransport:
         if group not in self._transports:
@@ -108,13 +94,7 @@ class FSDPCompressionState:
         return self._transports[group]
 
     def generator(self, device: torch.device, rank: int) -> Optional[torch.Generator]:
-        if not self.codec.stochastic:
-            return None
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(
-                self.config.rank_seed(rank))
-        return self._generators[key]
+        return self.engine.generator(device, rank)
 
     def _begin(self, transport: TorchTransport, device: torch.device) -> bool:
         """At every reduce-scatter: at a backward's first, let the policy begin the step and
@@ -142,37 +122,12 @@ class FSDPCompressionState:
         elif policy.step_plan is not None and policy.step_plan is policy.plan:
             policy.drift.add(0.0, step_done=True)
         self._step_open = False
-        self.iter += 1
-        self.stats.end_step()
+        self.engine.iter += 1
+        self.engine.end_step(self.phase, transport.rank)
 
     def _announce(self, before, transport: TorchTransport) -> None:
         if self._policy.plan is not before:
             report_plan(self.stats, self.plan, self.codec, self.error_feedback, transport.rank)
-
-    def state_dict(self) -> Dict:
-        return {"iter": self.iter, "stats": self.stats.state_dict(),
-                "rng": {key: gen.get_state() for key, gen in self._generators.items()},
-                "feedback": self.feedback.state_dict() if self.feedback else None,
-                **self._policy.state_dict()}
-
-    def load_state_dict(self, state: Dict) -> None:
-        """Restore :meth:`state_dict` (this rank's: memories and generators are per rank)."""
-        missing = [k for k in ("iter", "stats", "rng", "feedback") if k not in state]
-        if missing:
-            raise ValueError(f"not a commpress.fsdp state dict: missing {missing}")
-        if (state["feedback"] is None) != (self.feedback is None):
-            raise ValueError("checkpoint and state differ in error feedback")
-        self._policy.load_state_dict(state.get("plan"), state.get("calibration"))
-        if self.feedback is not None:
-            self.feedback.load_state_dict(state["feedback"])
-        self.iter = state["iter"]
-        report_plan(self.stats, self.plan, self.codec, self.error_feedback)
-        self.stats.load_state_dict(state["stats"])
-        self._generators = {}
-        for key, rng in state["rng"].items():
-            gen = torch.Generator(device=key)
-            gen.set_state(rng)
-            self._generators[key] = gen
 
 
 class CompressedReduceScatter(ReduceScatter):

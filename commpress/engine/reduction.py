@@ -29,7 +29,7 @@ import torch
 
 from ..codecs import FP16, Identity
 from ..comm.agreement import agree
-from ..comm.calibration import FP32, SAMPLE_NUMEL, Candidate, CudaTimer, Plan, candidates
+from ..comm.calibration import FP32, SAMPLE_NUMEL, Candidate, CudaTimer, Plan
 from ..comm.collectives import start_mean
 from ..comm.masks import GradientMask
 from ..comm.pipeline import reduce_gradient
@@ -123,8 +123,9 @@ class ReductionEngine:
 
     # -- the issuing thread ---------------------------------------------------------------
     def candidates(self, runtime: Runtime) -> List[Candidate]:
-        return candidates(self.codec, self.config.collective, runtime.transport.world_size,
-                          isinstance(runtime.compressed_transport, HierarchicalTransport))
+        """What the calibrated policy times on this runtime's world."""
+        return self.policy.candidates(runtime.transport.world_size,
+                                      isinstance(runtime.compressed_transport, HierarchicalTransport))
 
     def begin_step(self, compress: bool, runtime: Runtime, device: torch.device) -> None:
         """At a step's first group, while nothing of the step is in flight (see

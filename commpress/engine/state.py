@@ -20,21 +20,23 @@ class EngineState:
     """The front-end-independent part of a compression state (the DDP hook's
     :class:`~commpress.CompressionState`, the Horovod optimizer's ``compression``, the MPI
     :class:`~commpress.mpi.GradientReducer`): the settings, checked alike for every front end
-    (see :class:`~commpress.CompressionState` for their meaning), and the engine built from them. Subclasses give :attr:`_runtime`
+    (see :class:`~commpress.CompressionState` for their meaning; ``options``: the front end's
+    candidates for the calibrated policy), and the engine built from them. Subclasses give :attr:`_runtime`
     (None until they communicate) and may add their settings to :meth:`_config`."""
 
     def __init__(self, codec: Codec, collective: str = "auto",
                  error_feedback: Optional[str] = None, server_feedback: bool = False,
                  seed: int = 0, policy: str = CALIBRATED, start_iter: int = 0,
                  min_numel: int = 1024, recalibrate_every: int = 1000, plan=None,
-                 unit: str = "group", log_every: int = 0):
+                 unit: str = "group", log_every: int = 0, options=None):
         self.config = CompressionConfig(codec, collective, error_feedback, server_feedback, seed)
         check_counts(recalibrate_every=recalibrate_every, start_iter=start_iter,
                      min_numel=min_numel, log_every=log_every)
         self.policy, self.start_iter, self.min_numel = policy, start_iter, min_numel
         self.recalibrate_every = recalibrate_every
         self.engine = ReductionEngine(self.config, make_policy(
-            policy, codec, collective, start_iter, recalibrate_every, plan), unit, log_every)
+            policy, codec, collective, start_iter, recalibrate_every, plan, options), unit,
+            log_every)
         self._loaded_from: Optional[tuple] = None  # (rank, world size) of a loaded checkpoint
 
     # what the engine holds, under the names users and ACDC read
