@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 from typing import Callable, Dict, List, Optional
 
-from .codecs import BF16, FP16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering
+from .codecs import (BF16, FP16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering,
+                     Rotated)
 from .config import FEEDBACK_KINDS
 
 #: hook name -> factory of its codec; one table behind every place a hook is named
@@ -53,12 +54,18 @@ def codec_from_name(name: str) -> Codec:
     return split_name(name)[0]()
 
 
+def _rotated_qsgd(bits: int) -> Rotated:
+    return Rotated(QSGD(bits=bits, bucket_size=128 if bits <= 2 else 512))
+
+
 for _name, _factory in {
         "fp32": Identity, "fp16": FP16, "bf16": BF16,
         # qsgd1 ... qsgd8, every width QSGD takes; 1 and 2 bits with smaller buckets (fewer
         # levels need a tighter scale)
         **{f"qsgd{bits}": functools.partial(QSGD, bits=bits, bucket_size=128 if bits <= 2 else 512)
            for bits in range(1, 9)},
+        # the same, rotated first (a randomized Hadamard transform, see codecs.rotation)
+        **{f"qsgd{bits}r": functools.partial(_rotated_qsgd, bits=bits) for bits in range(1, 9)},
         "natural": NaturalCompression, "cnat": NaturalCompression,
         "dithering": NaturalDithering, "dnat": NaturalDithering}.items():
     register_named_hook(_name, _factory)

@@ -15,6 +15,7 @@ ALL_CODECS = [
     cp.QSGD(bits=4),
     cp.QSGD(bits=8, norm="l2"), cp.NaturalCompression(), cp.NaturalDithering(),
     cp.NaturalDithering(levels=3, p=2, bucket_size=64), cp.Identity(), cp.FP16(), cp.BF16(),
+    cp.Rotated(cp.QSGD(bits=2, bucket_size=128)), cp.Rotated(cp.NaturalDithering(), block=64),
 ]
 STOCHASTIC = [c for c in ALL_CODECS if c.stochastic]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -26,6 +27,8 @@ def codec_id(codec):
 
 def expected_wire_bytes(codec, n):
     """The bits-per-entry formulas of README (What the codecs compute), written independently of the codecs."""
+    if isinstance(codec, cp.Rotated):  # the inner codec's body under a header of its own
+        return expected_wire_bytes(codec.inner, n)
     if isinstance(codec, (cp.QSGD, cp.NaturalDithering)):
         return HEADER_BYTES + 4 * math.ceil(n / codec.bucket_size) + math.ceil(n * codec.bits / 8)
     if isinstance(codec, cp.NaturalCompression):
@@ -67,7 +70,7 @@ def test_non_contiguous_input():
 
 @pytest.mark.parametrize("codec", ALL_CODECS, ids=codec_id)
 def test_non_finite_stays_non_finite_and_zero_stays_zero(codec):
-    d = getattr(codec, "bucket_size", 1)
+    d = max(getattr(codec, "bucket_size", 1), codec.block_size)  # a rotation mixes a block
     x = torch.randn(6 * max(d, 8))
     x[:max(d, 8)] = 0.0                               # a whole zero bucket
     bad = {max(d, 8) + 3: math.nan, 3 * max(d, 8) + 1: math.inf, 5 * max(d, 8): -math.inf}
@@ -171,7 +174,8 @@ def test_one_bit_qsgd_sends_signs_with_the_two_point_variance(norm):
     assert codec.expected_sq_error(x).item() == pytest.approx(exact.sum().item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("codec", STOCHASTIC + [cp.QSGD(bits=8), cp.QSGD(bits=6)], ids=codec_id)
+@pytest.mark.parametrize("codec", [c for c in STOCHASTIC if not isinstance(c, cp.Rotated)]
+                         + [cp.QSGD(bits=8), cp.QSGD(bits=6)], ids=codec_id)  # levels, unrotated
 def test_values_on_a_level_decode_exactly(codec):
     """Entries equal to the bucket norm never round past the top level, even when the random
     draw is within float rounding of 1 (a 2^-18 event per entry: 2^21 entries catch it)."""
@@ -349,7 +353,8 @@ def test_codec_registry_refuses_taken_names_and_ids():
 
 @pytest.mark.parametrize("codec", [cp.QSGD(bits=2, bucket_size=128), cp.QSGD(bits=4),
                                    cp.QSGD(bits=3, norm="l2"), cp.NaturalDithering(),
-                                   cp.NaturalDithering(levels=3, p=2), cp.NaturalCompression()],
+                                   cp.NaturalDithering(levels=3, p=2), cp.NaturalCompression(),
+                                   cp.Rotated(cp.QSGD(bits=4), block=128)],
                          ids=repr)
 def test_expected_sq_error_matches_monte_carlo(codec):
     """What EF21 scales by: E||C(x) - x||^2, computed from the rounding probabilities."""
@@ -361,6 +366,17 @@ def test_expected_sq_error_matches_monte_carlo(codec):
     exact = codec.expected_sq_error(x).double()
     assert abs(samples.mean() - exact) < 5 * samples.std() / 300 ** 0.5 + 1e-9 * exact
     assert cp.FP16().expected_sq_error(x) is None
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_an_all_zero_bucket_adds_no_expected_error(bits):
+    """Zeros encode exactly (scale 0); one sign per entry must not count them as +-1."""
+    codec = cp.QSGD(bits=bits, bucket_size=128)
+    x = torch.randn(512, generator=torch.Generator().manual_seed(0))
+    with_zeros = torch.cat([x, torch.zeros(3 * 128)])
+    assert codec.expected_sq_error(with_zeros).item() == pytest.approx(
+        codec.expected_sq_error(x).item(), rel=1e-6)
+    assert torch.equal(codec.decode(codec.encode(with_zeros))[512:], torch.zeros(3 * 128))
 
 
 def test_wrong_codec_errors_name_the_codec():

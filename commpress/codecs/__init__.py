@@ -4,7 +4,8 @@ from .base import (HEADER_BYTES, Codec, Payload, PayloadError, codec_names, cont
 from .floats import BF16, FP16, Identity
 from .natural import NaturalCompression, NaturalDithering
 from .qsgd import QSGD
+from .rotation import Rotated
 
 __all__ = ["Codec", "Payload", "PayloadError", "HEADER_BYTES", "get_codec", "codec_names", "register_codec",
            "contractive_factor", "QSGD", "NaturalCompression", "NaturalDithering", "Identity",
-           "FP16", "BF16", "saturating_cast"]
+           "FP16", "BF16", "Rotated", "saturating_cast"]

@@ -177,7 +177,8 @@ class BucketedLevelCodec(FusedMean, Codec):
         ratio = magnitudes.div_(safe.unsqueeze(1)).clamp_(0, 1)
         variance = self._rounding_variance(ratio)
         variance.view(-1)[flat.numel():] = 0  # the last bucket's padding is not sent
-        return variance.sum(1).mul(safe * safe).sum()
+        weight = torch.where(scales == 0, 0.0, safe * safe)  # an all-zero bucket is exact
+        return variance.sum(1).mul(weight).sum()
 
     def _kernel_rows(self) -> int:
         """Code rows of ``LANES`` values per tile of the fused kernels: a packing group's codes,
