@@ -7,9 +7,11 @@ of ``--steps`` training steps of each task). For each codec the report gives the
 entry of its payload (headers and scales included) and the normalized error
 ``E||C(g) - g||^2 / ||g||^2``, computed exactly from the rounding probabilities
 (:meth:`commpress.Codec.expected_sq_error`; theory.py checks it against Monte Carlo), the
-mean over the kept gradients. Codecs: packed QSGD 1-8 bits (the hooks' buckets: 128 values up
-to 2 bits, 512 above), QSGD 1 bit on buckets of 2048, natural dithering, C_nat, and each
-rotated by a randomized Hadamard transform (:class:`commpress.Rotated`, blocks of 256).
+mean over the kept gradients (a deterministic codec's one outcome). Codecs: packed QSGD 1-8
+bits (the hooks' buckets: 128 values up to 2 bits, 512 above), QSGD 1 bit on buckets of 2048,
+the scaled sign (:class:`commpress.ScaledSign`, biased, for error feedback), natural
+dithering, C_nat, and each rotated by a randomized Hadamard transform
+(:class:`commpress.Rotated`, blocks of 256).
 
 Results: ``--out`` (default ``benchmarks/results/local/frontier.json``) and ``.md``, ``.png``
 next to it (the frontier: error against bits, log scale).
@@ -31,16 +33,25 @@ def codecs():
 
     plain = {f"qsgd{b}": cp.QSGD(bits=b, bucket_size=128 if b <= 2 else 512) for b in range(1, 9)}
     plain["qsgd1/2048"] = cp.QSGD(bits=1, bucket_size=2048)
+    plain["sign"] = cp.ScaledSign()
     plain["dithering"] = cp.NaturalDithering()
     plain["natural"] = cp.NaturalCompression()
     return {**plain, **{f"{label}+rot": cp.Rotated(codec) for label, codec in plain.items()}}
+
+
+def sq_error(codec, g):
+    """``E||C(g) - g||^2``: exact from the rounding probabilities, or for a deterministic
+    codec its one outcome."""
+    if codec.stochastic:
+        return codec.expected_sq_error(g).double()
+    return (codec.decode(codec.encode(g)).double() - g.double()).square().sum()
 
 
 def measure(task: str, steps: int) -> list:
     rows = []
     kept = gradients(task, steps)
     for label, codec in codecs().items():
-        errors = [(codec.expected_sq_error(g) / g.double().square().sum()).item() for _, g in kept]
+        errors = [(sq_error(codec, g) / g.double().square().sum()).item() for _, g in kept]
         numel = kept[0][1].numel()
         rows.append({"task": task, "codec": label, "numel": numel,
                      "bits_per_entry": 8 * codec.wire_bytes(numel) / numel,

@@ -1,6 +1,6 @@
 """commpress: communication compression for PyTorch data-parallel training."""
 from .codecs import (BF16, FP16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering,
-                     Payload, Rotated, codec_names, get_codec)
+                     Payload, Rotated, ScaledSign, codec_names, get_codec)
 from .acdc import ACDC, ACDCSchedule
 from .config import CompressionConfig
 from .ddp import CompressionState, compress_hook, register_hook, state_from_name
@@ -10,7 +10,7 @@ from . import fsdp
 
 __version__ = "0.1.0"
 __all__ = ["Codec", "Payload", "get_codec", "codec_names", "QSGD", "NaturalCompression",
-           "NaturalDithering", "Rotated", "Identity", "FP16", "BF16", "CompressionConfig", "CompressionState",
+           "NaturalDithering", "Rotated", "ScaledSign", "Identity", "FP16", "BF16", "CompressionConfig", "CompressionState",
            "compress_hook", "register_hook", "register_named_hook", "named_hooks",
            "codec_from_name", "state_from_name", "CommStats", "ACDC",
            "ACDCSchedule", "fsdp"]

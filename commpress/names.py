@@ -7,7 +7,7 @@ import functools
 from typing import Callable, Dict, List, Optional
 
 from .codecs import (BF16, FP16, QSGD, Codec, Identity, NaturalCompression, NaturalDithering,
-                     Rotated)
+                     Rotated, ScaledSign)
 from .config import FEEDBACK_KINDS
 
 #: hook name -> factory of its codec; one table behind every place a hook is named
@@ -66,6 +66,8 @@ for _name, _factory in {
            for bits in range(1, 9)},
         # the same, rotated first (a randomized Hadamard transform, see codecs.rotation)
         **{f"qsgd{bits}r": functools.partial(_rotated_qsgd, bits=bits) for bits in range(1, 9)},
+        # one bit: the sign times the bucket's mean magnitude (biased: use +ef), and rotated
+        "sign": ScaledSign, "signr": lambda: Rotated(ScaledSign()),
         "natural": NaturalCompression, "cnat": NaturalCompression,
         "dithering": NaturalDithering, "dnat": NaturalDithering}.items():
     register_named_hook(_name, _factory)

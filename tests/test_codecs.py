@@ -16,6 +16,7 @@ ALL_CODECS = [
     cp.QSGD(bits=8, norm="l2"), cp.NaturalCompression(), cp.NaturalDithering(),
     cp.NaturalDithering(levels=3, p=2, bucket_size=64), cp.Identity(), cp.FP16(), cp.BF16(),
     cp.Rotated(cp.QSGD(bits=2, bucket_size=128)), cp.Rotated(cp.NaturalDithering(), block=64),
+    cp.ScaledSign(bucket_size=64), cp.Rotated(cp.ScaledSign()),
 ]
 STOCHASTIC = [c for c in ALL_CODECS if c.stochastic]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -33,6 +34,8 @@ def expected_wire_bytes(codec, n):
         return HEADER_BYTES + 4 * math.ceil(n / codec.bucket_size) + math.ceil(n * codec.bits / 8)
     if isinstance(codec, cp.NaturalCompression):
         return HEADER_BYTES + 4 + n
+    if isinstance(codec, cp.ScaledSign):
+        return HEADER_BYTES + 4 * math.ceil(n / codec.bucket_size) + math.ceil(n / 8)
     return HEADER_BYTES + n * {"identity": 4, "fp16": 2, "bf16": 2}[codec.name]
 
 

@@ -54,6 +54,8 @@ CASES = [(hook, collective, server)
 CASES.append(("qsgd2+ef21", "allgather", False))
 # rotated QSGD-4 with EF through reduce_scatter's second quantization
 CASES.append(("qsgd4r+ef", "reduce_scatter", False))
+# one bit per entry: the rotated scaled sign, biased, corrected by EF
+CASES.append(("signr+ef", "allgather", False))
 BASELINE = ("plain", "allgather", False)
 
 

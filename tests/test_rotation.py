@@ -80,3 +80,31 @@ def test_bad_rotations_are_refused_by_name():
     with pytest.raises(ValueError, match="codec id"):               # read without the rotation
         cp.QSGD(bits=4).decode(payload)
     assert cp.codec_from_name("qsgd2r") == cp.Rotated(cp.QSGD(bits=2, bucket_size=128))
+
+
+def test_scaled_sign_sends_the_least_squares_scale_per_bucket():
+    codec = cp.ScaledSign(bucket_size=64)
+    x = torch.randn(64 * 3 + 10, generator=torch.Generator().manual_seed(0))
+    payload = codec.encode(x)
+    assert payload.nbytes == cp.codecs.HEADER_BYTES + 4 * 4 + (len(x) + 7) // 8   # 1 bit + scales
+    y = codec.decode(payload)
+    for lo in range(0, len(x), 64):
+        part = x[lo:lo + 64]
+        assert torch.allclose(y[lo:lo + 64], part.abs().mean() * torch.sign(part))
+    # contractive: ||C(x) - x||^2 = ||x||^2 - sum_b ||x_b||_1^2 / d_b < ||x||^2
+    lost = sum(p.square().sum() - p.abs().sum() ** 2 / len(p) for p in x.split(64))
+    assert torch.allclose((y - x).square().sum(), lost, rtol=1e-4)
+
+
+def test_rotated_sign_loses_at_most_about_one_minus_two_over_pi():
+    """DRIVE's codec: the scaled sign of a Gaussian bucket keeps 2/pi of its energy; after
+    rotation a heavy-tailed vector does at least as well (measured 0.18; unrotated 0.90)."""
+    torch.manual_seed(0)
+    lost = lambda codec, x: ((codec.decode(codec.encode(x)) - x).square().sum()
+                             / x.square().sum()).item()
+    gaussian = torch.randn(1 << 15)
+    assert abs(lost(cp.Rotated(cp.ScaledSign()), gaussian) - (1 - 2 / torch.pi)) < 0.02
+    heavy = torch.distributions.StudentT(torch.tensor(2.0)).sample((1 << 15,))
+    rotated, plain = lost(cp.Rotated(cp.ScaledSign()), heavy), lost(cp.ScaledSign(), heavy)
+    assert rotated < (1 - 2 / torch.pi) + 0.02 and plain > 2 * rotated, (rotated, plain)
+    assert cp.codec_from_name("signr").wire_bytes(1 << 20) * 8 / (1 << 20) < 1.02

@@ -5,7 +5,8 @@ from .floats import BF16, FP16, Identity
 from .natural import NaturalCompression, NaturalDithering
 from .qsgd import QSGD
 from .rotation import Rotated
+from .sign import ScaledSign
 
 __all__ = ["Codec", "Payload", "PayloadError", "HEADER_BYTES", "get_codec", "codec_names", "register_codec",
            "contractive_factor", "QSGD", "NaturalCompression", "NaturalDithering", "Identity",
-           "FP16", "BF16", "Rotated", "saturating_cast"]
+           "FP16", "BF16", "Rotated", "ScaledSign", "saturating_cast"]

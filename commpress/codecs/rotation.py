@@ -47,9 +47,11 @@ class Rotated(Codec):
     Args:
         inner: the codec to wrap (a quantizer: QSGD, natural dithering, C_nat; the float
             casts gain nothing from rotation and are refused).
-        block: the Hadamard block, a power of two from 2 to 4096 (default 256: about 256
-            multiply-adds per value, spread over a block wider than QSGD's default buckets'
-            outliers).
+        block: the Hadamard block, a power of two from 2 to 4096; default: the inner codec's
+            bucket (each bucket then holds one rotated block, one Gaussian-looking
+            population under its one scale), else 256. The transform costs two small matrix
+            products (``H_block = H_k (x) H_m``, ``m <= 256``): at most ``m + k`` multiply-adds
+            per value.
         seed: the signs' seed, the same on every rank.
 
     Example::
@@ -62,12 +64,15 @@ class Rotated(Codec):
     codec_id = 7
     name = "rotated"  # an instance is named after its inner codec: "rot-qsgd"
 
-    def __init__(self, inner: Codec, block: int = 256, seed: int = 0):
+    def __init__(self, inner: Codec, block: Optional[int] = None, seed: int = 0):
         if not isinstance(inner, Codec) or isinstance(inner, Rotated):
             raise TypeError(f"Rotated wraps a commpress Codec (not a Rotated one), got {inner!r}")
         if inner.summable:
             raise ValueError(f"Rotated({inner!r}): a float cast keeps each value's relative "
                              f"error whatever its neighbours, so rotating it gains nothing")
+        if block is None:
+            bucket = getattr(inner, "bucket_size", 0)
+            block = bucket if 2 <= bucket <= 4096 and not bucket & (bucket - 1) else 256
         if not isinstance(block, int) or isinstance(block, bool) or block < 2 or block > 4096 \
                 or block & (block - 1):
             raise ValueError(f"block must be a power of two from 2 to 4096, got {block!r}")
@@ -102,18 +107,27 @@ class Rotated(Codec):
         out = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
         if whole:
             signed = flat[:whole].to(torch.float32) * self._sign_vector(whole, flat.device)
-            torch.mm(signed.view(-1, self.block), _hadamard_of(self.block, flat.device),
-                     out=out[:whole].view(-1, self.block))
+            out[:whole].copy_(self._hadamard(signed))
         out[whole:].copy_(flat[whole:])
         return out
+
+    def _hadamard(self, flat: torch.Tensor) -> torch.Tensor:
+        """``H_block`` applied to each block of ``flat`` (whole blocks): as ``H_k (x) H_m``
+        (Sylvester's matrices are Kronecker products), ``H_k X H_m`` on each block viewed as
+        ``k x m``, two small matrix products instead of one of ``block^2`` per block."""
+        m = min(self.block, 256)
+        k = self.block // m
+        rows = flat.view(-1, k, m) @ _hadamard_of(m, flat.device)
+        if k > 1:
+            rows = torch.matmul(_hadamard_of(k, flat.device), rows)
+        return rows.view(-1)
 
     def unrotate_(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat = R^T flat`` for an fp32 vector, in place (through one temporary)."""
         whole = flat.numel() // self.block * self.block
-        if whole:
+        if whole:  # H is symmetric and orthonormal: its own inverse
             head = flat[:whole]
-            rotated = torch.mm(head.view(-1, self.block), _hadamard_of(self.block, flat.device))
-            torch.mul(rotated.view(-1), self._sign_vector(whole, flat.device), out=head)
+            torch.mul(self._hadamard(head), self._sign_vector(whole, flat.device), out=head)
         return flat
 
     # -- the codec --------------------------------------------------------------------------
