@@ -36,6 +36,8 @@ CODECS = {
     "qsgd4": cp.QSGD(bits=4),
     "qsgd8": cp.QSGD(bits=8), "qsgd4-l2": cp.QSGD(bits=4, norm="l2"),
     "natural": cp.NaturalCompression(), "dithering": cp.NaturalDithering(),
+    "sign": cp.ScaledSign(), "signr": cp.Rotated(cp.ScaledSign()),
+    "qsgd4r": cp.Rotated(cp.QSGD(bits=4)),
 }
 
 
@@ -61,9 +63,10 @@ def timed(fn, repeats):
     return statistics.median(sample(calls) for _ in range(repeats))
 
 
-def run(sizes, repeats, device, paths):
+def run(sizes, repeats, device, paths, names=None):
     rows = []
-    jobs = [(name, codec, n, path) for n in sizes for path in paths for name, codec in CODECS.items()]
+    chosen = {name: codec for name, codec in CODECS.items() if not names or name in names}
+    jobs = [(name, codec, n, path) for n in sizes for path in paths for name, codec in chosen.items()]
     for n in sizes:  # the physical floor: a plain copy of the same fp32 input
         x = torch.randn(n, device=device)
         out = torch.empty_like(x)
@@ -115,6 +118,7 @@ def main(argv=None):
     parser.add_argument("--paths", nargs="+", default=["fused", "eager"], choices=["fused", "eager"],
                         help="fused: the compiled kernels (commpress.codecs.kernels); eager: "
                              "the reference torch code")
+    parser.add_argument("--codecs", nargs="+", choices=list(CODECS), help="(default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes, 2 repeats: checks the script runs (CI); its figures "
                              "are not measurements")
@@ -122,7 +126,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats = [1 << 16], 2
-    rows = run(args.sizes, args.repeats, torch.device(args.device), args.paths)
+    rows = run(args.sizes, args.repeats, torch.device(args.device), args.paths, args.codecs)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "command": " ".join(["python", "benchmarks/codec_throughput.py"] + (argv or sys.argv[1:]))}
