@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, theory.py
 from report import out_argument, pyplot, save  # noqa: E402
-from theory import gradients  # noqa: E402
+from theory import add_gradient_arguments, gradients  # noqa: E402
 
 
 def codecs():
@@ -98,9 +98,7 @@ def plot(rows, path: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["digits", "lm"],
-                        choices=["digits", "synthetic", "libsvm", "lm"])
-    parser.add_argument("--steps", type=int, default=100)
+    add_gradient_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help="digits, 4 steps: a smoke test (CI), not a measurement")
     out_argument(parser, "frontier")

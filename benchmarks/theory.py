@@ -77,6 +77,13 @@ def gradients(task: str, steps: int, seed: int = 0):
     return kept
 
 
+def add_gradient_arguments(parser) -> None:
+    """Which gradients :func:`gradients` keeps (this benchmark's and frontier.py's)."""
+    parser.add_argument("--tasks", nargs="+", default=["digits", "lm"],
+                        choices=["digits", "synthetic", "libsvm", "lm"])
+    parser.add_argument("--steps", type=int, default=100)
+
+
 def check(codec, g, trials: int, seed: int) -> dict:
     import torch
 
@@ -132,9 +139,7 @@ def plot(rows, path: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["digits", "lm"],
-                        choices=["digits", "synthetic", "libsvm", "lm"])
-    parser.add_argument("--steps", type=int, default=100)
+    add_gradient_arguments(parser)
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--quick", action="store_true",
                         help="digits, 4 steps, 5 trials: a smoke test (CI), not a measurement")
