@@ -244,11 +244,16 @@ def test_hybrid_sharding_needs_the_fixed_policy():
 
 
 # -- checkpoints ------------------------------------------------------------------------------
-def resume_worker(rank, world_size, spec):
+def resume_worker(rank, world_size, spec, how, folder):
     """Each rank saves its shard of the model and optimizer and its commpress state (rounding
-    generator, error-feedback memories, plan) after 3 steps; a fresh model resumed from them
-    trains 3 more steps bit-identically to the uninterrupted run."""
-    import io
+    generator, error-feedback memories, plan) after 3 steps, with ``torch.save`` per rank or
+    with ``torch.distributed.checkpoint`` beside a per-rank commpress file (README's two
+    recipes); a fresh model resumed from them trains 3 more steps bit-identically to the
+    uninterrupted run."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     def fresh():
         model = sharded_model()
@@ -262,24 +267,37 @@ def resume_worker(rank, world_size, spec):
             opt.step()
             opt.zero_grad()
 
+    mine = os.path.join(folder, f"commpress-rank{rank}.pt")
     model, opt, state = fresh()
     steps(model, opt, 0, 3)
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                "commpress": state.state_dict()}, buffer)
+    if how == "torch.save":
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                    "commpress": state.state_dict()}, mine)
+    else:
+        model_state, opt_state = get_state_dict(model, opt)
+        dcp.save({"model": model_state, "opt": opt_state}, checkpoint_id=folder)
+        torch.save(state.state_dict(), mine)
     steps(model, opt, 3, 3)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)  # DTensor shards
     model2, opt2, state2 = fresh()
-    model2.load_state_dict(saved["model"])
-    opt2.load_state_dict(saved["opt"])
-    state2.load_state_dict(saved["commpress"])
+    if how == "torch.save":
+        saved = torch.load(mine, weights_only=False)  # DTensor shards
+        model2.load_state_dict(saved["model"])
+        opt2.load_state_dict(saved["opt"])
+        state2.load_state_dict(saved["commpress"])
+    else:
+        model_state, opt_state = get_state_dict(model2, opt2)
+        loaded = {"model": model_state, "opt": opt_state}
+        dcp.load(loaded, checkpoint_id=folder)
+        set_state_dict(model2, opt2, model_state_dict=loaded["model"],
+                       optim_state_dict=loaded["opt"])
+        state2.load_state_dict(torch.load(mine, weights_only=True))
     steps(model2, opt2, 3, 3)
     return all(torch.equal(a.full_tensor(), b.full_tensor())
                for a, b in zip(model.parameters(), model2.parameters())), state2.iter
 
 
-@pytest.mark.parametrize("spec", ["qsgd4", "qsgd4+ef"])
-def test_resume_from_per_rank_checkpoints_is_bit_identical(spec):
-    for same, steps in run_workers(resume_worker, 2, spec):
+@pytest.mark.parametrize("spec,how", [("qsgd4", "torch.save"), ("qsgd4+ef", "torch.save"),
+                                      ("qsgd4+ef", "dcp")])
+def test_resume_from_per_rank_checkpoints_is_bit_identical(spec, how, tmp_path):
+    for same, steps in run_workers(resume_worker, 2, spec, how, str(tmp_path)):
         assert same and steps == 6
