@@ -243,6 +243,31 @@ def test_hybrid_sharding_needs_the_fixed_policy():
     assert "pass policy='fixed'" in run_workers(hybrid_policy_worker, 2)[0]
 
 
+def compiled_worker(rank, world_size, spec):
+    """Each block compiled (``module.compile()``, then ``fully_shard``: FSDP2's recipe) and its
+    reduce-scatter through commpress, against FSDP's own uncompiled training."""
+    from torch._dynamo.utils import counters
+
+    plain, _ = train(sharded_model(), rank, 3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(33, 300), nn.ReLU(), nn.Linear(300, 7))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            layer.compile()
+            fully_shard(layer)
+    fully_shard(model)
+    state = cp.fsdp.compress(model, spec, policy="fixed")
+    compressed, _ = train(model, rank, 3)
+    return relative(compressed, plain), state.iter, counters["frames"]["ok"]
+
+
+@pytest.mark.parametrize("spec,tolerance", [("fp32", 0.0), ("qsgd8", 0.01)])
+def test_compiled_blocks_reduce_scatter_through_commpress(spec, tolerance):
+    for error, steps, compiled_frames in run_workers(compiled_worker, 2, spec):
+        assert compiled_frames >= 2 and steps == 3  # both blocks compiled, every step through it
+        assert error <= tolerance, error
+
+
 # -- checkpoints ------------------------------------------------------------------------------
 def resume_worker(rank, world_size, spec, how, folder):
     """Each rank saves its shard of the model and optimizer and its commpress state (rounding
