@@ -31,7 +31,6 @@ from .codecs import Codec, saturating_cast
 from .comm.calibration import CALIBRATED, FP32, SAMPLE_NUMEL, Candidate
 from .comm.collectives import choose_algorithm, compressed_mean, compressed_reduce_scatter
 from .comm.transport import TorchTransport
-from .engine.policy import report_plan
 from .engine.state import EngineState
 from .feedback import ErrorFeedback
 from .names import state_of
@@ -104,7 +103,7 @@ class FSDPCompressionState(EngineState):
             return False
         before = self._policy.plan
         self._policy.begin_step(self.iter, True, transport, device, inline=False)
-        self._announce(before, transport)
+        self.engine.report_if_adopted(before, transport.rank)
         self._step_open = True
         try:
             torch.autograd.Variable._execution_engine.queue_callback(
@@ -116,18 +115,12 @@ class FSDPCompressionState(EngineState):
     def _end_step(self, transport: TorchTransport) -> None:
         policy = self._policy
         if policy.calibrating:
-            before = policy.plan
-            policy.calibration_done(_candidates(transport.world_size, False))
-            self._announce(before, transport)
+            self.engine.calibration_done(transport.world_size, False, transport.rank)
         elif policy.step_plan is not None and policy.step_plan is policy.plan:
             policy.drift.add(0.0, step_done=True)
         self._step_open = False
         self.engine.iter += 1
         self.engine.end_step(self.phase, transport.rank)
-
-    def _announce(self, before, transport: TorchTransport) -> None:
-        if self._policy.plan is not before:
-            report_plan(self.stats, self.plan, self.codec, self.error_feedback, transport.rank)
 
 
 class CompressedReduceScatter(ReduceScatter):

@@ -34,7 +34,6 @@ from ..comm.collectives import start_mean
 from ..comm.masks import GradientMask
 from ..comm.pipeline import reduce_gradient
 from ..comm.segments import Segments
-from ..comm.transport import HierarchicalTransport
 from ..config import CompressionConfig
 from ..feedback import ErrorFeedback, flat_numel
 from ..stats import CommStats
@@ -124,16 +123,14 @@ class ReductionEngine:
     # -- the issuing thread ---------------------------------------------------------------
     def candidates(self, runtime: Runtime) -> List[Candidate]:
         """What the calibrated policy times on this runtime's world."""
-        return self.policy.candidates(runtime.transport.world_size,
-                                      isinstance(runtime.compressed_transport, HierarchicalTransport))
+        return self.policy.candidates(runtime.transport.world_size, runtime.hierarchical)
 
     def begin_step(self, compress: bool, runtime: Runtime, device: torch.device) -> None:
         """At a step's first group, while nothing of the step is in flight (see
         :meth:`CalibratedPolicy.begin_step`)."""
         before = self.policy.plan
         self.policy.begin_step(self.iter, compress, runtime.control, device, runtime.inline)
-        if self.policy.plan is not before:
-            self._announce_plan(runtime)
+        self.report_if_adopted(before, runtime.transport.rank)
 
     def runs_all_reduce_plan(self, compress: bool) -> bool:
         """Whether this step's plan is all-reduces only (the codec paid nowhere), which
@@ -205,7 +202,8 @@ class ReductionEngine:
         if ticket.calibrating:  # every candidate measured on the group, then reduced in fp32
             self._calibrate(runtime, buffer, small, big)
             if ticket.last:
-                self._calibration_done(runtime)
+                self.calibration_done(runtime.transport.world_size, runtime.hierarchical,
+                                      runtime.transport.rank)
             choice = FP32
         else:
             choice = self.policy.choose(buffer.numel(), ticket.compress, ticket.plan)
@@ -331,16 +329,16 @@ class ReductionEngine:
                               buffer.device, prepare=lambda: scratch.copy_(sample),
                               scale=buffer.numel() / sample.numel())
 
-    def _calibration_done(self, runtime: Runtime) -> None:
-        """After a calibration step's last group."""
+    def calibration_done(self, world_size: int, hierarchical: bool, rank: int) -> None:
+        """After a calibration step's last group (see :meth:`CalibratedPolicy.calibration_done`)."""
         before = self.policy.plan
-        self.policy.calibration_done(self.candidates(runtime))
-        if self.policy.plan is not before:
-            self._announce_plan(runtime)
+        self.policy.calibration_done(self.policy.candidates(world_size, hierarchical))
+        self.report_if_adopted(before, rank)
 
-    def _announce_plan(self, runtime: Runtime) -> None:
-        report_plan(self.stats, self.plan, self.codec, self.config.error_feedback,
-                    runtime.transport.rank)
+    def report_if_adopted(self, before: Optional[Plan], rank: int) -> None:
+        """Put the plan in :attr:`stats` (and rank 0's log) if it is not ``before`` any more."""
+        if self.policy.plan is not before:
+            report_plan(self.stats, self.plan, self.codec, self.config.error_feedback, rank)
 
     # -- persistence ----------------------------------------------------------------------
     def state_dict(self) -> Dict:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm.ordered import OrderedExecutor
-from ..comm.transport import TorchTransport, Transport, destroyable
+from ..comm.transport import HierarchicalTransport, TorchTransport, Transport, destroyable
 
 #: backends whose buckets are reduced inline, in the hook, on the caller's current stream:
 #: NCCL's collectives are asynchronous on the GPU already, and issuing them from the backward
@@ -46,6 +46,11 @@ class Runtime:
             and dist.get_backend(transport.group) in INLINE_BACKENDS)
         self.executor = None if self.inline and inline is not None else OrderedExecutor()
         self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
+
+    @property
+    def hierarchical(self) -> bool:
+        """Whether the compressed reductions are node-aware (several nodes of several ranks)."""
+        return isinstance(self.compressed_transport, HierarchicalTransport)
 
     def side_stream(self, device: torch.device) -> "torch.cuda.Stream":
         if device not in self._streams:
