@@ -12,8 +12,8 @@ fp32 warm-up iterations), and the bytes that left node 0 per step, read from its
 counter. Methods:
 
 - ``local``: no communication at all (``no_sync``): the compute floor;
-- ``fp32``: DDP's own all-reduce; ``torch-fp16``, ``torch-quant``, ``powersgd1``,
-  ``powersgd4``: PyTorch's stock hooks (fp16 compression, per-tensor quantization, PowerSGD
+- ``fp32``: DDP's own all-reduce; ``torch-fp16``, ``torch-bf16``, ``torch-quant``, ``powersgd1``,
+  ``powersgd4``: PyTorch's stock hooks (fp16 and bf16 compression, per-tensor quantization, PowerSGD
   rank 1 and 4, each starting after 2 fp32 iterations);
 - commpress hook names (``qsgd4``, ``qsgd8+ef``, ``natural``, ``dithering+ef`` ...), with
   ``@collective`` to force one (``qsgd4@hierarchical``): the codec on every bucket (policy
@@ -61,8 +61,15 @@ def make_model(width: int, layers: int = 3):
     return nn.Sequential(*blocks, nn.Linear(width, 10))
 
 
-def attach(method: str, model, optimizer, total_steps: int):
-    """Register ``method``'s hook on the DDP ``model``; returns ``(state, acdc)``."""
+def torch_bf16_hook(state, bucket):
+    """PyTorch's ``bf16_compress_hook``, unchanged, under another name."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    return default_hooks.bf16_compress_hook(state, bucket)
+
+
+def attach(method: str, model, optimizer, total_steps: int, schedule=None):
+    """Register ``method``'s hook on the DDP ``model``; returns ``(state, acdc)``. AC/DC
+    follows ``schedule``, by default sparse from its second step to ``total_steps``."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
     from torch.distributed.algorithms.ddp_comm_hooks import quantization_hooks
 
@@ -72,6 +79,9 @@ def attach(method: str, model, optimizer, total_steps: int):
         return None, None
     if method == "torch-fp16":
         model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        return None, None
+    if method == "torch-bf16":  # DDP refuses this hook by its name off NCCL; gloo runs it
+        model.register_comm_hook(None, torch_bf16_hook)
         return None, None
     if method == "torch-quant":
         model.register_comm_hook(None, quantization_hooks.quantization_pertensor_hook)
@@ -88,7 +98,7 @@ def attach(method: str, model, optimizer, total_steps: int):
         sparsity = int(name[4:].split(":")[0]) / 100
         hook = name.partition(":")[2] or "fp32"
         state = cp.register_hook(model, hook, **options)
-        schedule = cp.ACDCSchedule([(1, total_steps)], total_steps)  # sparse after one dense step
+        schedule = schedule or cp.ACDCSchedule([(1, total_steps)], total_steps)
         return state, cp.ACDC(model, optimizer, state, sparsity=sparsity, schedule=schedule)
     return cp.register_hook(model, name, **options), None
 

@@ -281,16 +281,17 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_job(script: Path, worker_args: List[str], nodes: int, rate: Optional[str],
-            ranks_per_node: int = 1, timeout: float = 3600) -> list:
+            ranks_per_node: int = 1, timeout: float = 3600, echo: bool = False) -> list:
     """Run ``script --worker ...`` as ``ranks_per_node`` ranks on each of ``nodes`` netsim
     nodes linked at ``rate`` (None: unlimited) and return the JSON list its rank 0 wrote
-    to ``--worker-out``. The workers call :func:`join_job` first."""
+    to ``--worker-out``; ``echo`` prints the nodes' output as it comes. The workers call
+    :func:`join_job` first."""
     with tempfile.TemporaryDirectory() as tmp, NetSim(nodes=nodes, rate=rate) as net:
         out = Path(tmp) / "rows.json"
         command = " ".join([sys.executable, str(Path(script).resolve()), "--worker",
                             "--nnodes", str(nodes), "--ranks-per-node", str(ranks_per_node),
                             "--worker-out", str(out), *worker_args])
-        runs = net.run(command, timeout=timeout, ranks_per_node=ranks_per_node)
+        runs = net.run(command, timeout=timeout, ranks_per_node=ranks_per_node, echo=echo)
         failed = [(i, r.stdout[-2000:]) for i, r in enumerate(runs) if r.returncode != 0]
         if failed:
             raise NetSimError(f"{Path(script).name}: nodes failed: {failed}")

@@ -57,7 +57,7 @@ def load_data(name: str, seed: int):
     ``libsvm`` feature vectors and binary labels."""
     gen = torch.Generator().manual_seed(seed)
     if name == "lm":
-        return _stdlib_bytes()
+        return lm_corpus()
     if name == "libsvm":
         x, y = _libsvm_like(gen)
     elif name == "digits":
@@ -97,11 +97,11 @@ def _libsvm_like(gen: torch.Generator):
     return x, torch.where(flip, 1 - y, y)
 
 
-def _stdlib_bytes():
-    """Byte sequences from the Python standard library's own ``.py`` files, in sorted path
-    order (the same on every machine with this Python): the first 90% of the corpus trains,
-    the last 10% (other files) is held out. ``x`` holds ``LM_CONTEXT`` bytes, ``y`` the same
-    shifted by one."""
+def lm_corpus(corpus_bytes: int = LM_CORPUS_BYTES):
+    """Byte sequences from the first ``corpus_bytes`` of the Python standard library's own
+    top-level ``.py`` files (about 4.7 MB in all), in sorted path order (the same on every
+    machine with this Python): the first 90% of the corpus trains, the last 10% (other files)
+    is held out. ``x`` holds ``LM_CONTEXT`` bytes, ``y`` the same shifted by one."""
     import sysconfig
     from pathlib import Path
 
@@ -109,9 +109,9 @@ def _stdlib_bytes():
     corpus = bytearray()
     for path in sorted(root.glob("*.py")):  # the top level: no tests, no site-packages
         corpus += path.read_bytes()
-        if len(corpus) >= LM_CORPUS_BYTES:
+        if len(corpus) >= corpus_bytes:
             break
-    data = torch.tensor(list(corpus[:LM_CORPUS_BYTES]), dtype=torch.int64)
+    data = torch.tensor(list(corpus[:corpus_bytes]), dtype=torch.int64)
     n = (len(data) - 1) // LM_CONTEXT
     x = data[:n * LM_CONTEXT].view(n, LM_CONTEXT)
     y = data[1:n * LM_CONTEXT + 1].view(n, LM_CONTEXT)
