@@ -130,6 +130,28 @@ def test_masks_prune_only_conv_linear_weights_exactly():
     assert int(magnitude_masks(ties, 0.9)["w"].sum()) == 100   # exactly k even when all tie
 
 
+def test_attention_input_projections_are_pruned_with_the_linear_layers():
+    torch.manual_seed(0)
+    block = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 16), block)
+    names = [n for n, _ in prunable_weights(model)]
+    assert names == ["1.self_attn.in_proj_weight", "1.self_attn.out_proj.weight",
+                     "1.linear1.weight", "1.linear2.weight"]  # no embedding, no norms
+    separate = torch.nn.MultiheadAttention(16, 2, kdim=8, vdim=8)
+    assert [n for n, _ in prunable_weights(separate)] == [
+        "q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    acdc = cp.ACDC(model, opt, None, sparsity=0.9, schedule=cp.ACDCSchedule([(0, 3)], 3))
+    for _ in range(2):
+        model(torch.randint(0, 10, (4, 5))).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        acdc.step()
+        w = block.self_attn.in_proj_weight
+        assert int((w != 0).sum()) == int(acdc.masks["1.self_attn.in_proj_weight"].sum())
+    assert acdc.density == pytest.approx(0.1, abs=0.01)
+
+
 def big_model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(),

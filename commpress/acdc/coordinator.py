@@ -30,13 +30,14 @@ class ACDC:
     moments) zeroed, while the kept weights' state goes on.
 
     Args:
-        model: the (DDP-wrapped or plain) model; Conv/Linear weights are pruned.
+        model: the (DDP-wrapped or plain) model; Conv/Linear weights and MultiheadAttention's
+            input projections are pruned.
         optimizer: its optimizer.
         state: the :class:`CompressionState` of the model's hook (None: no hook, masks only).
         sparsity: fraction of the prunable weights set to zero in sparse phases, in [0, 1).
         schedule: an :class:`ACDCSchedule` over optimizer steps.
         scope: ``"global"`` magnitude top-k over all layers, or ``"layerwise"`` uniform.
-        keep_first_last: leave the first and last Conv/Linear layer dense.
+        keep_first_last: leave the first and last of those weights dense.
 
     Example::
 
@@ -71,7 +72,7 @@ class ACDC:
         self.sparsity, self.schedule, self.scope = float(sparsity), schedule, scope
         self.weights = prunable_weights(self.module, keep_first_last)
         if not self.weights:
-            raise ValueError("the model has no Conv/Linear weights to prune")
+            raise ValueError("the model has no Conv/Linear or attention projection weights to prune")
         updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missed = [name for name, w in self.weights if w.requires_grad and id(w) not in updated]
         if missed:  # its momentum would not be masked, nor the weights it trains pruned

@@ -1,4 +1,5 @@
-"""Magnitude masks over Conv/Linear weights, decided on one rank and broadcast bit-packed."""
+"""Magnitude masks over Conv/Linear and attention projection weights, decided on one rank and
+broadcast bit-packed."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -10,14 +11,24 @@ from ..codecs import bitpack
 from ..comm.transport import Transport
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: MultiheadAttention keeps its input projections as parameters of its own, not as Linear
+#: layers: a quarter of a transformer block's weights
+ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 SCOPES = ("global", "layerwise")
 
 
 def prunable_weights(model: nn.Module, keep_first_last: bool = False) -> List[Tuple[str, nn.Parameter]]:
-    """``(name, weight)`` of the Conv/Linear layers in registration order; biases and norm
-    layers are never pruned. ``keep_first_last`` leaves the first and last such layer dense."""
-    found = [(f"{prefix}.weight" if prefix else "weight", m.weight)
-             for prefix, m in model.named_modules() if isinstance(m, PRUNABLE)]
+    """``(name, weight)`` of the Conv/Linear layers and of MultiheadAttention's input
+    projections, in registration order; biases, embeddings and norm layers are never pruned.
+    ``keep_first_last`` leaves the first and last such weight dense."""
+    found = []
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, PRUNABLE):
+            found.append((f"{dot}weight", module.weight))
+        elif isinstance(module, nn.MultiheadAttention):
+            found += [(f"{dot}{name}", getattr(module, name)) for name in ATTENTION_PROJECTIONS
+                      if getattr(module, name, None) is not None]
     return found[1:-1] if keep_first_last else found
 
 
