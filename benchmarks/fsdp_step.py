@@ -16,7 +16,11 @@ per step (FSDP's own timed around the call its default makes). Methods:
   the bytes;
 - commpress hook names (``qsgd4``, ``qsgd8``, ``natural``, ``qsgd4+ef`` ...) through
   :func:`commpress.fsdp.compress` with the fixed policy (the codec on every module), in fp32;
-  ``NAME/bf16``: the same with a bf16 reduce dtype;
+  ``NAME/bf16``: the same with a bf16 reduce dtype; ``NAME@two_hop``: in two hops
+  (``two_hop=True``: inside the node uncompressed, the codec between nodes); ``NAME@hsdp``:
+  hybrid sharding (each module sharded inside the node, its cross-node all-reduce through
+  commpress), and ``fp32@hsdp`` / ``bf16@hsdp`` FSDP's own hybrid sharding (a 2-D mesh). The
+  ``@`` variants need ``--ranks-per-node 2`` or more;
 - ``calibrated:NAME``: the same hook under the default policy, which times FSDP's own
   reduce-scatter, the same in bf16, and the codec per module, then runs trial steps; it warms
   up until it has adopted its plan (in the results).
@@ -61,8 +65,9 @@ class TimedReduceScatter:
         return work
 
 
-def sharded(width: int, method: str):
+def sharded(width: int, method: str, nodes: int = 1, ranks_per_node: int = 1):
     import torch
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     import commpress as cp
@@ -71,8 +76,16 @@ def sharded(width: int, method: str):
     model = make_model(width)
     policy = "calibrated" if method.startswith("calibrated:") else "fixed"
     name, _, dtype = method.removeprefix("calibrated:").partition("/")
-    bf16 = method == "bf16" or dtype == "bf16"
+    name, _, hops = name.partition("@")
+    if hops not in ("", "two_hop", "hsdp"):
+        raise ValueError(f"fsdp_step: {method!r}: the @-variants are @two_hop and @hsdp")
+    bf16 = name == "bf16" or dtype == "bf16"
     options = {"mp_policy": MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)} if bf16 else {}
+    mesh = None
+    if hops == "hsdp":  # ranks are numbered node by node
+        mesh = init_device_mesh("cpu", (nodes, ranks_per_node), mesh_dim_names=("replicate", "shard"))
+        own = name in ("fp32", "bf16")  # FSDP's own hybrid sharding takes the 2-D mesh
+        options["mesh"] = mesh if own else mesh["shard"]
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, **options)
@@ -82,13 +95,15 @@ def sharded(width: int, method: str):
             if isinstance(module, FSDPModule):
                 module.set_custom_reduce_scatter(TimedReduceScatter())
         return model, None
-    return model, cp.fsdp.compress(model, name, policy=policy)
+    return model, cp.fsdp.compress(
+        model, name, policy=policy, two_hop=hops == "two_hop",
+        replicate_group=mesh["replicate"].get_group() if mesh is not None else None)
 
 
 def run_method(method, args, rank, ifname):
     import torch
 
-    model, state = sharded(args.width, method)
+    model, state = sharded(args.width, method, args.nnodes, args.ranks_per_node)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     comm = {}
 

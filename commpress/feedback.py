@@ -154,12 +154,13 @@ class ErrorFeedback:
         raise NotImplementedError
 
     def update(self, params: Sequence, sent: torch.Tensor, local: Optional[torch.Tensor],
-               mean: torch.Tensor, sizes=None) -> torch.Tensor:
+               mean: torch.Tensor, sizes=None, mean_sizes=None) -> torch.Tensor:
         """Update the memories in place; return the vector to use as the averaged gradient.
         ``sent`` (what :meth:`compensate` returned, overwritten by the collective with
         ``p - C(p)`` when :attr:`residual_in_place`), ``local`` (this rank's ``C(p)`` when
         :attr:`keeps_local`, else None) and ``mean`` are consumed: the memories are updated
-        through them with no full-size temporary."""
+        through them with no full-size temporary. ``mean_sizes``: the split of ``mean`` when
+        it is this rank's shard of the mean (a reduce-scatter's), not the whole of it."""
         raise NotImplementedError
 
     def server_memory(self, params: Sequence[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -279,7 +280,7 @@ class EF(ErrorFeedback):
         return _with_memories(self.memories["residual"], params, flat, _sizes(params, sizes),
                               subtract=False)
 
-    def update(self, params, sent, local, mean, sizes=None):
+    def update(self, params, sent, local, mean, sizes=None, mean_sizes=None):
         self._assign("residual", params, sent, sizes)
         return mean
 
@@ -309,9 +310,9 @@ class EF21(ErrorFeedback):
             diff.mul_(contractive_factor(codec, diff))
         return diff
 
-    def update(self, params, sent, local, mean, sizes=None):
+    def update(self, params, sent, local, mean, sizes=None, mean_sizes=None):
         self._assign("worker", params, local, sizes, add=True)
-        self._assign("shared", params, mean, sizes, add=True)
+        self._assign("shared", params, mean, mean_sizes or sizes, add=True)
         return mean
 
     def adopt_other_rank(self) -> None:

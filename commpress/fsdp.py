@@ -18,9 +18,14 @@ order, over FSDP's group.
 By default the calibrated policy (:mod:`commpress.engine.policy`) decides per module: FSDP's
 own reduce-scatter, the same in bf16, or the codec, whichever measures fastest (the most exact
 within 5%), first timed alone in the second backward, then over real steps.
+
+Across nodes of several ranks, ``two_hop=True`` reduces in two hops, as ZeRO++'s qgZ does:
+uncompressed inside the node (in FSDP's reduce dtype), then the codec between nodes, so that a
+rank sends ``N - 1`` compressed chunks over the network (N nodes) instead of ``W - 1``.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Dict, List, Optional, Union
 
@@ -29,8 +34,10 @@ import torch.distributed as dist
 
 from .codecs import Codec, saturating_cast
 from .comm.calibration import CALIBRATED, FP32, SAMPLE_NUMEL, Candidate
-from .comm.collectives import choose_algorithm, compressed_mean, compressed_reduce_scatter
-from .comm.transport import TorchTransport
+from .comm.collectives import (choose_algorithm, compressed_mean, compressed_reduce_scatter,
+                               node_mean_of_chunks)
+from .comm.transport import (HierarchicalTransport, TorchTransport, node_layout,
+                             torch_hierarchical_transport)
 from .engine.state import EngineState
 from .feedback import ErrorFeedback
 from .names import state_of
@@ -42,6 +49,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the torch version
     FSDPModule, ReduceScatter = None, object
 
+logger = logging.getLogger("commpress.fsdp")
+
 #: gradient dtypes the codecs take (FSDP's reduce dtype)
 _REDUCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: what the calibrated policy chooses between, most exact first: FSDP's own reduce-scatter
@@ -49,10 +58,9 @@ _REDUCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OWN = Candidate("fsdp", "reduce_scatter")
 IN_BF16 = Candidate("bf16", "reduce_scatter")
 CODEC = Candidate("codec", "reduce_scatter")
-
-
-def _candidates(world_size: int, hierarchical: bool) -> List[Candidate]:
-    return [OWN, IN_BF16, CODEC]
+#: the same for hybrid sharding's cross-node all-reduce of each shard
+REPLICA_BF16 = Candidate("bf16", "allreduce")
+REPLICA_CODEC = Candidate("codec", "allreduce")
 
 
 class FSDPCompressionState(EngineState):
@@ -62,35 +70,73 @@ class FSDPCompressionState(EngineState):
 
     Args:
         codec: the :class:`~commpress.Codec` each shard is encoded with.
-        error_feedback: None or ``"ef"``: each rank keeps, per FSDP module, what compression
-            lost of its whole (unsharded) flat gradient and adds it to the next one. That is
-            one fp32 copy of the module's unsharded gradient per rank, W times the module's
-            shard: the memory FSDP's sharding saves on gradients. ``"ef21"`` is refused (its
-            shared estimate needs the full mean, which a reduce-scatter does not produce).
+        error_feedback: None, ``"ef"`` or ``"ef21"``. ``"ef"``: each rank keeps, per FSDP
+            module, what compression lost of its whole (unsharded) flat gradient and adds it to
+            the next one: one fp32 copy of the module's unsharded gradient per rank, W times
+            the module's shard (the memory FSDP's sharding saves on gradients). ``"ef21"``:
+            each rank keeps its estimate of its whole gradient (the same W shards) and, of the
+            shared estimate, only its own shard (one more): the shard FSDP hands the
+            optimizer is that estimate's. A sharded alternative (each rank keeping the
+            residual of its own shard only, 1x) would drop what the other ranks' shards lost
+            in this rank's encoding, which is what error feedback exists to send again.
         seed: stochastic rounding on rank ``r`` uses a generator seeded from ``(seed, r)``.
         policy: ``"calibrated"`` (default): per module, FSDP's own reduce-scatter, the same in
             bf16, or the codec, as measured (see the module docstring); the plan is in
             :attr:`stats`' summary and the state dict. ``"fixed"``: the codec on every
             reduce-scatter from the first step.
         recalibrate_every, plan: as the DDP hook's (:class:`commpress.CompressionState`).
+        two_hop: the codec's reduce-scatter in two hops on several nodes of several ranks
+            (nodes as :func:`commpress.comm.transport.node_id` tells them, e.g. torchrun's
+            ``GROUP_RANK``): FSDP's chunks averaged inside the node uncompressed, then
+            compressed between nodes. Error feedback then keeps what compression lost of
+            the node's mean of this rank's N chunks: ``1/L`` of the module's unsharded
+            gradient per rank (L ranks per node) instead of all of it. On one node, or one
+            rank per node, the codec runs in one hop (logged).
     """
 
     def __init__(self, codec: Codec, error_feedback: Optional[str] = None, seed: int = 0,
-                 policy: str = CALIBRATED, recalibrate_every: int = 1000, plan=None):
-        if error_feedback == "ef21":
-            raise ValueError("commpress.fsdp takes error_feedback=None or 'ef': EF21's shared "
-                             "estimate needs the full mean, which a reduce-scatter does not "
-                             "give any rank")
+                 policy: str = CALIBRATED, recalibrate_every: int = 1000, plan=None,
+                 two_hop: bool = False):
+        #: set by :func:`compress` with ``replicate_group``: the policy then decides the
+        #: cross-node all-reduces
+        self.hybrid = False
         super().__init__(codec, "reduce_scatter", error_feedback, False, seed, policy,
                          start_iter=0, min_numel=0, recalibrate_every=recalibrate_every,
-                         plan=plan, unit="module", options=_candidates)
+                         plan=plan, unit="module", options=self._candidates)
+        if not isinstance(two_hop, bool):
+            raise TypeError(f"two_hop must be True or False, got {two_hop!r}")
+        self.two_hop = two_hop
         self._step_open = False
         self._transports: Dict[dist.ProcessGroup, TorchTransport] = {}
+        self._node_transports: Dict[dist.ProcessGroup, Optional[HierarchicalTransport]] = {}
+
+    def _candidates(self, world_size: int, hierarchical: bool) -> List[Candidate]:
+        """What the calibrated policy chooses between, most exact first."""
+        return [FP32, REPLICA_BF16, REPLICA_CODEC] if self.hybrid else [OWN, IN_BF16, CODEC]
+
+    def _config(self) -> Dict:
+        # error-feedback memories differ in size between one hop and two
+        return {**super()._config(), "two_hop": self.two_hop, "hybrid": self.hybrid}
 
     def transport(self, group: dist.ProcessGroup, device: torch.device) -> TorchTransport:
         if group not in self._transports:
             self._transports[group] = TorchTransport(group, device if device.type == "cuda" else None)
         return self._transports[group]
+
+    def node_transport(self, group: dist.ProcessGroup,
+                       device: torch.device) -> Optional[HierarchicalTransport]:
+        """``group``'s ranks by node for ``two_hop`` (made at its first reduce-scatter, by
+        every rank of the group alike); None where there is no second hop to make."""
+        if group not in self._node_transports:
+            flat = self.transport(group, device)
+            layout = node_layout(flat)
+            if len(layout) > 1 and len(layout[0]) > 1:
+                self._node_transports[group] = torch_hierarchical_transport(flat, layout)
+            else:
+                logger.warning("commpress.fsdp: two_hop on %d node(s) of %s rank(s): the codec "
+                               "runs in one hop", len(layout), "/".join(str(len(r)) for r in layout))
+                self._node_transports[group] = None
+        return self._node_transports[group]
 
     def generator(self, device: torch.device, rank: int) -> Optional[torch.Generator]:
         return self.engine.generator(device, rank)
@@ -176,12 +222,27 @@ class CompressedReduceScatter(ReduceScatter):
                 stats.add(wire_bytes=(w - 1) * flat.numel() * wire.itemsize // w,
                           comm_seconds=time.perf_counter() - started)
             return
-        sent = feedback.compensate([self.name], flat, [flat.numel()]) if feedback else flat
-        mean = compressed_reduce_scatter(sent, self.state.codec, transport,
-                                         self.state.generator(flat.device, transport.rank),
-                                         stats, residual_out=sent if feedback else None)
+        rank = transport.rank  # seeds this rank's rounding, whichever hop runs the codec
+        nodes = self.state.node_transport(group, flat.device) if self.state.two_hop else None
+        if nodes is not None:  # inside the node first, uncompressed; the codec across nodes
+            before, started = nodes.intra.sent_bytes, time.perf_counter()
+            flat, transport = node_mean_of_chunks(flat, nodes), nodes.inter
+            if stats is not None:
+                moved = nodes.intra.sent_bytes - before
+                stats.add(wire_bytes=moved, intra_node_bytes=moved,
+                          comm_seconds=time.perf_counter() - started)
+        codec, numel = self.state.codec, flat.numel()
+        sent = feedback.compensate([self.name], flat, [numel], codec) if feedback else flat
+        # EF's residual goes over what was sent; EF21 needs its own C(sent) = sent - residual
+        local = torch.empty_like(sent) if feedback and feedback.keeps_local else None
+        residual = sent if feedback and feedback.residual_in_place else local
+        mean = compressed_reduce_scatter(sent, codec, transport,
+                                         self.state.generator(flat.device, rank),
+                                         stats, residual_out=residual)
         if feedback:
-            feedback.update([self.name], sent, None, mean, [flat.numel()])
+            if local is not None:
+                torch.sub(sent, local, out=local)
+            mean = feedback.update([self.name], sent, local, mean, [numel], [mean.numel()])
         if scale != 1.0:
             mean.mul_(scale)
         out.copy_(saturating_cast(mean, out.dtype))
@@ -201,9 +262,9 @@ class CompressedReduceScatter(ReduceScatter):
         def run(choice):
             return lambda: self._reduce(choice, scratch, shard, group, op, scale, transport,
                                         feedback, None)
-        self.state._policy.calibrate(flat.numel(), _candidates(w, False), run, transport,
-                                     flat.device, prepare=lambda: scratch.copy_(sample),
-                                     scale=n / k)
+        self.state._policy.calibrate(flat.numel(), self.state._candidates(w, False), run,
+                                     transport, flat.device,
+                                     prepare=lambda: scratch.copy_(sample), scale=n / k)
 
 
 def _own_reduce_scatter(flat: torch.Tensor, out: torch.Tensor, group, op) -> None:
@@ -223,15 +284,16 @@ def _own_reduce_scatter(flat: torch.Tensor, out: torch.Tensor, group, op) -> Non
 
 class CompressedAllReduce:
     """FSDP's all-reduce hook (``module.set_all_reduce_hook``) averaging a module's
-    reduce-scatter output over ``group`` (the ranks holding the same shard on the other nodes)
-    through the state's codec, in place: the cross-node hop of hybrid sharding, compressed.
-    ``name`` keys the module's error-feedback memory (this shard's)."""
+    reduce-scatter output over ``group`` (the ranks holding the same shard on the other nodes),
+    in place: the cross-node hop of hybrid sharding. Under the calibrated policy each module's
+    hop goes in fp32, bf16 or through the codec, as measured; under the fixed one, through
+    the codec. ``name`` keys the module's error-feedback memory (this shard's)."""
 
     def __init__(self, state: FSDPCompressionState, name: str, group: dist.ProcessGroup):
         self.state, self.name, self.group = state, name, group
 
     def __call__(self, reduce_output: torch.Tensor) -> None:
-        state = self.state
+        state, policy = self.state, self.state._policy
         if reduce_output.dtype not in _REDUCE_DTYPES:
             raise TypeError(f"commpress.fsdp: reduce dtype {reduce_output.dtype} is not one the "
                             f"codecs take (float32, bfloat16, float16)")
@@ -241,18 +303,58 @@ class CompressedAllReduce:
         flat = reduce_output.reshape(-1)
         w = transport.world_size
         state.stats.add(fp32_bytes=2 * (w - 1) * 4 * flat.numel() // w)
-        feedback = state.feedback
-        sent = (feedback.compensate([self.name], flat, [flat.numel()]) if feedback
-                else flat.float())
-        mean, _ = compressed_mean(sent, state.codec, transport,
-                                  choose_algorithm(state.codec, flat.numel(), w),
-                                  state.generator(device, transport.rank), state.stats,
-                                  residual_out=sent if feedback else None)
-        if feedback:
-            feedback.update([self.name], sent, None, mean, [flat.numel()])
-        flat.copy_(saturating_cast(mean, flat.dtype))
+        if policy.calibrating:
+            self._calibrate(flat, transport)
+            choice = FP32
+        else:
+            choice = policy.choose(flat.numel(), True, policy.step_plan)
+        adopted = policy.step_plan is not None and policy.step_plan is policy.plan
+        started = time.perf_counter()
+        self._reduce(choice, flat, transport, state.feedback, state.stats)
+        if adopted:
+            policy.drift.add(time.perf_counter() - started, step_done=False)
         if closes_step:
             state._end_step(transport)
+
+    def _reduce(self, choice: Candidate, flat: torch.Tensor, transport: TorchTransport,
+                feedback: Optional[ErrorFeedback], stats: Optional[CommStats]) -> None:
+        """``flat`` = its mean over the group, as ``choice`` says."""
+        state, w = self.state, transport.world_size
+        if choice.codec != "codec":
+            wire = torch.bfloat16 if choice == REPLICA_BF16 else flat.dtype
+            started = time.perf_counter()
+            sent = flat.to(wire).div_(w)  # scaled first: a sum in fp16/bf16 cannot overflow
+            dist.all_reduce(sent, group=self.group)
+            flat.copy_(sent)
+            if stats is not None:
+                stats.add(wire_bytes=2 * (w - 1) * flat.numel() * wire.itemsize // w,
+                          comm_seconds=time.perf_counter() - started)
+            return
+        sent = (feedback.compensate([self.name], flat, [flat.numel()], state.codec) if feedback
+                else flat.float())
+        local = torch.empty_like(sent) if feedback and feedback.keeps_local else None
+        residual = sent if feedback and feedback.residual_in_place else None
+        mean, local = compressed_mean(sent, state.codec, transport,
+                                      choose_algorithm(state.codec, flat.numel(), w),
+                                      state.generator(flat.device, transport.rank), stats,
+                                      local_out=local, residual_out=residual)
+        if feedback:
+            mean = feedback.update([self.name], sent, local, mean, [flat.numel()])
+        flat.copy_(saturating_cast(mean, flat.dtype))
+
+    def _calibrate(self, flat: torch.Tensor, transport: TorchTransport) -> None:
+        """Time every candidate on this module's hop (on its first
+        :data:`~commpress.comm.calibration.SAMPLE_NUMEL` values), error feedback on a scratch
+        memory so that its cost counts."""
+        k = max(1, min(flat.numel(), SAMPLE_NUMEL))
+        sample, scratch = flat[:k].clone(), torch.empty_like(flat[:k])
+        feedback = ErrorFeedback(self.state.error_feedback) if self.state.feedback else None
+
+        def run(choice):
+            return lambda: self._reduce(choice, scratch, transport, feedback, None)
+        self.state._policy.calibrate(flat.numel(), self.state._candidates(transport.world_size, True),
+                                     run, transport, flat.device,
+                                     prepare=lambda: scratch.copy_(sample), scale=flat.numel() / k)
 
 
 class _Completed:
@@ -291,12 +393,16 @@ def compress(model: torch.nn.Module, state: Union[FSDPCompressionState, str, Cod
     to the state made from a name or codec). Call it on every rank, after ``fully_shard``.
     Returns the state.
 
+    ``two_hop=True`` (a state setting): plain FSDP over several nodes, its codec reduce-scatter
+    in two hops (inside the node uncompressed, then compressed between nodes; see
+    :class:`FSDPCompressionState`).
+
     ``replicate_group``: hybrid sharding across nodes. Shard each module inside a node
     (``fully_shard(module, mesh=<the node's ranks>)``) and pass the group of the ranks that
     hold the same shard on the other nodes: FSDP's own reduce-scatter then runs inside the
     node, on its fast links, and commpress averages each shard across nodes, compressed,
-    through FSDP's all-reduce hook (:class:`CompressedAllReduce`). This mode runs the codec on
-    every cross-node all-reduce: it needs ``policy="fixed"``.
+    through FSDP's all-reduce hook (:class:`CompressedAllReduce`), under the state's policy
+    (calibrated: per module fp32, bf16 or the codec, as measured).
 
     Example::
 
@@ -321,10 +427,11 @@ def compress(model: torch.nn.Module, state: Union[FSDPCompressionState, str, Cod
         if not isinstance(replicate_group, dist.ProcessGroup):
             raise TypeError(f"replicate_group must be a ProcessGroup (e.g. "
                             f"mesh['replicate'].get_group()), got {type(replicate_group).__name__}")
-        if state.policy != "fixed":
-            raise ValueError("commpress.fsdp with replicate_group= runs the codec on every "
-                             "cross-node all-reduce: pass policy='fixed' (the calibrated policy "
-                             "decides reduce-scatters only)")
+        if state.two_hop:
+            raise ValueError("commpress.fsdp: two_hop splits a reduce-scatter over nodes; with "
+                             "replicate_group= FSDP's reduce-scatter already stays inside the "
+                             "node: pass one or the other")
+        state.hybrid = True
     for name, module in modules:
         try:
             if replicate_group is None:

@@ -337,3 +337,39 @@ def test_pipeline_pieces_cover_the_vector_at_the_set_size(monkeypatch, block):
         assert len(pieces) == max(math.ceil(numel / size), 1)
         sizes = [hi - lo for lo, hi in pieces]
         assert max(sizes) <= size and max(sizes) - min(sizes) <= block, (numel, sizes)
+
+
+@pytest.mark.parametrize("layout", [[[0, 1], [2, 3]], [[0, 2], [1, 3]]], ids=["blocked", "interleaved"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_hop_reduce_scatter_gives_each_rank_its_chunk_of_the_mean(layout, dtype):
+    """Inside the node uncompressed, across nodes compressed: with Identity every rank's chunk
+    is the mean over all four ranks (to rounding), whichever way ranks lie on the nodes; with
+    QSGD-8 within its noise; and a rank sends N - 1 = 1 compressed chunk across nodes, not 3."""
+    from commpress.comm.collectives import compressed_reduce_scatter, node_mean_of_chunks
+    n = 1000  # values per chunk
+    inputs = [torch.randn(4 * n, generator=torch.Generator().manual_seed(r)).to(dtype) for r in range(4)]
+    exact = torch.stack([x.float() for x in inputs]).mean(0).view(4, n)
+    intra = [LoopbackGroup(2), LoopbackGroup(2)]
+    inter = [LoopbackGroup(2), LoopbackGroup(2)]
+
+    def rank_fn(flat):
+        node = next(i for i, ranks in enumerate(layout) if flat.rank in ranks)
+        local = layout[node].index(flat.rank)
+        transport = HierarchicalTransport(flat, LoopbackTransport(intra[node], local),
+                                          LoopbackTransport(inter[local], node), layout)
+        node_mean = node_mean_of_chunks(inputs[flat.rank], transport)
+        assert node_mean.dtype == torch.float32 and node_mean.numel() == 2 * n
+        out = {}
+        for codec in (cp.Identity(), cp.QSGD(bits=8)):
+            before = transport.inter.sent_bytes
+            out[repr(codec)] = (compressed_reduce_scatter(node_mean, codec, transport.inter,
+                                                          torch.Generator().manual_seed(flat.rank)),
+                                transport.inter.sent_bytes - before)
+        return out
+
+    for rank, out in enumerate(LoopbackGroup(4).run(rank_fn)):
+        identity, sent = out[repr(cp.Identity())]
+        assert torch.allclose(identity, exact[rank], atol=1e-6), rank
+        qsgd8, sent8 = out[repr(cp.QSGD(bits=8))]
+        assert ((qsgd8 - exact[rank]).norm() / exact[rank].norm()) < 0.05
+        assert 4 * n <= sent < 4 * n + 200 and n <= sent8 < 1.2 * n  # one chunk crosses

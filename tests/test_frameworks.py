@@ -26,13 +26,16 @@ def run_script(args, out: Path, timeout=300):
 
 @pytest.mark.skipif(not HAS_LIGHTNING, reason="PyTorch Lightning is not installed "
                     "(pip install 'commpress[lightning]')")
-def test_lightning_strategy_compresses_on_cpu(tmp_path):
-    ranks = run_script([str(HERE / "lightning_worker.py"), str(tmp_path), "commpress"], tmp_path)
+@pytest.mark.parametrize("mode", ["commpress", "fsdp"])
+def test_lightning_compresses_on_cpu(mode, tmp_path):
+    """``commpress``: CompressedDDPStrategy; ``fsdp``: the README's FSDP2 recipe under
+    ModelParallelStrategy. The codec ran every step, and the ranks' parameters agree."""
+    ranks = run_script([str(HERE / "lightning_worker.py"), str(tmp_path), mode], tmp_path)
     for r in ranks:
         assert r["global_step"] == 8 and r["iter"] == 8, r
         assert 0 < r["network_bytes"] < r["fp32_bytes"] and r["last_ratio"] > 5, r  # QSGD-4
         assert r["warnings"] == []
-    assert ranks[0]["params"] == ranks[1]["params"]  # replicas stay identical
+    assert ranks[0]["params"] == ranks[1]["params"]
 
 
 @pytest.mark.skipif(not HAS_LIGHTNING, reason="PyTorch Lightning is not installed "

@@ -57,6 +57,29 @@ def relative(a, b):
     return max(((x - y).norm() / y.norm()).item() for x, y in zip(a, b))
 
 
+def ef21_invariant_worker(rank, world_size):
+    """After training under qsgd4+ef21: per module, this rank's shard of the shared estimate
+    against its shard of the mean of the ranks' own estimates."""
+    import torch.distributed as dist
+    model = sharded_model()
+    state = cp.fsdp.compress(model, "qsgd4+ef21", policy="fixed")
+    train(model, rank, 5)
+    gaps = []
+    for name, shared in state.feedback.memories["shared"].items():
+        workers = state.feedback.memories["worker"][name].clone()
+        dist.all_reduce(workers)
+        mine = workers.view(world_size, -1)[rank] / world_size
+        gaps.append(((mine - shared).norm() / shared.norm()).item())
+    return gaps
+
+
+def test_ef21_shared_shard_is_the_mean_of_the_ranks_estimates():
+    """EF21's invariant under a reduce-scatter (no second quantization): every rank's shard
+    of the shared estimate is its shard of the mean of the workers' estimates."""
+    for gaps in run_workers(ef21_invariant_worker, 2):
+        assert len(gaps) == 2 and max(gaps) < 1e-5, gaps  # the two Linear modules
+
+
 def test_identity_is_fsdps_own_reduce_scatter_bit_for_bit_on_two_ranks():
     for r in run_workers(comparison_worker, 2, "fp32", 4, None, 1):
         for a, b in zip(r["compressed"], r["plain"]):
@@ -80,9 +103,13 @@ def test_identity_on_four_ranks_matches_fsdp_to_rounding():
         assert relative(r["compressed"], r["plain"]) < 1e-6
 
 
-def test_qsgd4_with_error_feedback_trains_like_fsdp():
-    for r in run_workers(comparison_worker, 2, "qsgd4+ef", 30, None, 1):
+@pytest.mark.parametrize("spec", ["qsgd4+ef", "qsgd4+ef21"])
+def test_qsgd_with_error_feedback_trains_like_fsdp(spec):
+    results = run_workers(comparison_worker, 2, spec, 30, None, 1)
+    for r in results:
         assert sum(r["losses"][-5:]) < 1.1 * sum(r["plain_losses"][-5:]), (r["losses"], r["plain_losses"])
+    for a, b in zip(results[0]["compressed"], results[1]["compressed"]):
+        assert torch.equal(a, b)   # every rank steps with the same estimate
 
 
 def test_bf16_reduce_dtype_and_gradient_accumulation():
@@ -124,7 +151,7 @@ def bad_input_worker(rank, world_size):
         "ddp": lambda: cp.fsdp.compress(DDP(nn.Linear(4, 4)), "qsgd4"),
         "plain": lambda: cp.fsdp.compress(nn.Linear(4, 4), "qsgd4"),
         "policy": lambda: cp.fsdp.compress(sharded_model(), "qsgd4", policy="fastest"),
-        "ef21": lambda: cp.fsdp.compress(sharded_model(), "qsgd4+ef21"),
+        "two_hop": lambda: cp.fsdp.compress(sharded_model(), "qsgd4", two_hop="yes"),
         "name": lambda: cp.fsdp.compress(sharded_model(), "qsgd9"),
     }
     for name, call in cases.items():
@@ -141,7 +168,7 @@ def test_bad_input_is_refused_at_setup_by_name():
     assert "DistributedDataParallel model: use commpress.register_hook" in errors["ddp"]
     assert "found no FSDP module" in errors["plain"]
     assert "policy must be one of" in errors["policy"]
-    assert "EF21" in errors["ef21"]
+    assert "two_hop must be True or False" in errors["two_hop"]
     assert "unknown hook 'qsgd9'" in errors["name"]
 
 
@@ -201,10 +228,14 @@ def test_the_default_policy_adopts_one_plan_on_every_rank(faked):
 
 
 # -- hybrid sharding: FSDP inside a node, commpress across nodes ------------------------------
-def hybrid_worker(rank, world_size, spec):
+def hybrid_worker(rank, world_size, spec, options=None, faked=False):
     """2 "nodes" of 2 ranks: each module sharded over its node's ranks, the cross-node
     all-reduce of each shard through commpress; against FSDP over all 4 ranks."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    import commpress.engine.policy
+    if faked:
+        commpress.engine.policy.measure = fake_timings
     plain, _ = train(sharded_model(), rank, 4)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     torch.manual_seed(0)
@@ -214,15 +245,15 @@ def hybrid_worker(rank, world_size, spec):
             fully_shard(layer, mesh=mesh["shard"])
     fully_shard(model, mesh=mesh["shard"])
     state = cp.fsdp.compress(model, spec, replicate_group=mesh["replicate"].get_group(),
-                             policy="fixed")
-    hybrid, losses = train(model, rank, 4)
-    return plain, hybrid, state.stats.last_step.ratio, state.iter
+                             **(options if options is not None else {"policy": "fixed"}))
+    hybrid, losses = train(model, rank, 4 if options is None else 20)
+    return plain, hybrid, state.stats.last_step.ratio, state.iter, state.state_dict()["plan"], losses
 
 
 @pytest.mark.parametrize("spec,tolerance", [("fp32", 1e-6), ("qsgd8", 0.02)])
 def test_hybrid_sharding_compresses_the_cross_node_all_reduce(spec, tolerance):
     results = run_workers(hybrid_worker, 4, spec)
-    for plain, hybrid, ratio, steps in results:
+    for plain, hybrid, ratio, steps, _, _ in results:
         assert relative(hybrid, plain) < tolerance, spec
         assert steps == 4
         assert ratio > (3.5 if spec == "qsgd8" else 0.9)
@@ -230,42 +261,65 @@ def test_hybrid_sharding_compresses_the_cross_node_all_reduce(spec, tolerance):
         assert torch.equal(a, b)  # every rank holds the same parameters
 
 
-def hybrid_policy_worker(rank, world_size):
+@pytest.mark.parametrize("faked", [True, False])
+def test_hybrid_sharding_under_the_default_policy_adopts_a_plan_per_replica_group(faked):
+    """The calibrated default decides each module's cross-node hop (fp32, bf16 or the codec):
+    with timings that make the codec win it compresses; with the real ones the ranks that
+    reduce together adopt one plan; either way all four train and agree."""
+    results = run_workers(hybrid_worker, 4, "qsgd4+ef", {}, faked)
+    for group in ((0, 2), (1, 3)):  # the replicate groups: the same shard on both nodes
+        plans = [results[r][4] for r in group]
+        assert plans[0] is not None and plans[0] == plans[1]
+        assert {e["collective"] for e in plans[0]["entries"]} == {"allreduce"}
+    for _, _, ratio, steps, plan, losses in results:
+        assert steps == 20 and sum(losses[-3:]) < sum(losses[:3])
+        if faked:
+            assert {e["codec"] for e in plan["entries"]} == {"codec"} and ratio > 5
+    for a, b in zip(results[0][1], results[3][1]):
+        assert torch.equal(a, b)
+
+
+# -- plain FSDP across nodes: two hops, the codec only between nodes -------------------------
+def two_hop_worker(rank, world_size, spec):
+    """2 "nodes" of 2 ranks, FSDP over all 4: the flat codec reduce-scatter against two hops."""
+    import os
+    os.environ["GROUP_RANK"] = str(rank // 2)
+    plain, _ = train(sharded_model(), rank, 4)
+    runs = {}
+    for two_hop in (False, True):
+        model = sharded_model()
+        state = cp.fsdp.compress(model, spec, policy="fixed", two_hop=two_hop)
+        params, losses = train(model, rank, 4)
+        runs[two_hop] = (params, losses, state.stats.network_bytes, state.stats.intra_node_bytes)
+    return plain, runs
+
+
+@pytest.mark.parametrize("spec,tolerance", [("fp32", 1e-6), ("qsgd8+ef", 0.02)])
+def test_two_hop_reduce_scatter_matches_fsdp_and_sends_a_third_across_nodes(spec, tolerance):
+    results = run_workers(two_hop_worker, 4, spec)
+    for plain, runs in results:
+        params, losses, network, intra = runs[True]
+        assert relative(params, plain) < tolerance, spec
+        _, _, flat_network, flat_intra = runs[False]
+        # a rank sends N - 1 = 1 chunk across nodes instead of W - 1 = 3 (headers aside)
+        assert 0.3 < network / flat_network < 0.4, (network, flat_network)
+        assert intra > 0 and flat_intra == 0
+    for a, b in zip(results[0][1][True][0], results[3][1][True][0]):
+        assert torch.equal(a, b)  # every rank holds the same parameters
+
+
+def two_hop_refusal_worker(rank, world_size):
     import torch.distributed as dist
     try:
-        cp.fsdp.compress(sharded_model(), "qsgd4", replicate_group=dist.group.WORLD)
+        cp.fsdp.compress(sharded_model(), "qsgd4", policy="fixed", two_hop=True,
+                         replicate_group=dist.group.WORLD)
     except ValueError as exc:
         return str(exc)
     return "no error"
 
 
-def test_hybrid_sharding_needs_the_fixed_policy():
-    assert "pass policy='fixed'" in run_workers(hybrid_policy_worker, 2)[0]
-
-
-def compiled_worker(rank, world_size, spec):
-    """Each block compiled (``module.compile()``, then ``fully_shard``: FSDP2's recipe) and its
-    reduce-scatter through commpress, against FSDP's own uncompiled training."""
-    from torch._dynamo.utils import counters
-
-    plain, _ = train(sharded_model(), rank, 3)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(33, 300), nn.ReLU(), nn.Linear(300, 7))
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            layer.compile()
-            fully_shard(layer)
-    fully_shard(model)
-    state = cp.fsdp.compress(model, spec, policy="fixed")
-    compressed, _ = train(model, rank, 3)
-    return relative(compressed, plain), state.iter, counters["frames"]["ok"]
-
-
-@pytest.mark.parametrize("spec,tolerance", [("fp32", 0.0), ("qsgd8", 0.01)])
-def test_compiled_blocks_reduce_scatter_through_commpress(spec, tolerance):
-    for error, steps, compiled_frames in run_workers(compiled_worker, 2, spec):
-        assert compiled_frames >= 2 and steps == 3  # both blocks compiled, every step through it
-        assert error <= tolerance, error
+def test_two_hop_and_hybrid_sharding_are_refused_together():
+    assert "pass one or the other" in run_workers(two_hop_refusal_worker, 2)[0]
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -322,7 +376,7 @@ def resume_worker(rank, world_size, spec, how, folder):
 
 
 @pytest.mark.parametrize("spec,how", [("qsgd4", "torch.save"), ("qsgd4+ef", "torch.save"),
-                                      ("qsgd4+ef", "dcp")])
+                                      ("qsgd4+ef", "dcp"), ("qsgd4+ef21", "torch.save")])
 def test_resume_from_per_rank_checkpoints_is_bit_identical(spec, how, tmp_path):
     for same, steps in run_workers(resume_worker, 2, spec, how, str(tmp_path)):
         assert same and steps == 6

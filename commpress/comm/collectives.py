@@ -443,6 +443,30 @@ def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_resid
             _decode(codec, gathered[r * slot: r * slot + sizes[r]], b - a, r, into=out[a:b])
 
 
+def node_mean_of_chunks(flat: torch.Tensor, transport: HierarchicalTransport) -> torch.Tensor:
+    """The first hop of a node-aware reduce-scatter (the shape of ZeRO++'s qgZ), inside the
+    node and uncompressed (in ``flat``'s dtype, so FSDP's bf16 reduce dtype halves it).
+
+    ``flat`` holds W equal chunks, chunk ``r`` for flat rank ``r``. A rank with local index
+    ``l`` receives from every rank of its node the chunks owned by the ranks with local index
+    ``l`` on each node, and returns their mean over the node in fp32: N chunks, in node order.
+    :func:`compressed_reduce_scatter` of that over ``transport.inter`` (the second hop, across
+    nodes) gives this rank its own chunk of the mean over all W ranks; what crosses the
+    network is then ``N - 1`` compressed chunks per rank instead of ``W - 1``."""
+    local, nodes, w = transport.local_size, transport.nodes, transport.world_size
+    if flat.dim() != 1 or flat.numel() % w:
+        raise ValueError(f"node_mean_of_chunks takes a flat tensor of W={w} equal chunks, got "
+                         f"shape {tuple(flat.shape)}")
+    n = flat.numel() // w
+    owners = [transport.layout[node][peer] for peer in range(local) for node in range(nodes)]
+    index = torch.tensor(owners, device=flat.device)
+    send = flat.view(w, n).index_select(0, index).reshape(-1).view(torch.uint8)
+    size = nodes * n * flat.element_size()  # moved as bytes: any dtype the transport carries
+    received = transport.intra.all_to_all(send, [size] * local, [size] * local)
+    # scaled before summing: fp16/bf16 sums cannot overflow
+    return received.view(flat.dtype).view(local, nodes * n).float().div_(local).sum(0)
+
+
 def compressed_reduce_scatter(flat: torch.Tensor, codec: Codec, transport: Transport,
                               generator: Optional[torch.Generator] = None,
                               stats: Optional[CommStats] = None,

@@ -265,13 +265,18 @@ class HierarchicalTransport(Transport):
     algorithm still runs on it; ``sent_bytes`` counts all three, ``intra_node_bytes`` the node's
     share of them."""
 
-    def __init__(self, flat: Transport, intra: Transport, inter: Transport):
+    def __init__(self, flat: Transport, intra: Transport, inter: Transport,
+                 layout: Optional[List[List[int]]] = None):
         if intra.world_size * inter.world_size != flat.world_size:
             raise ValueError(f"{intra.world_size} ranks per node x {inter.world_size} nodes != "
                              f"world size {flat.world_size}")
         self.flat, self.intra, self.inter = flat, intra, inter
         self.rank, self.world_size = flat.rank, flat.world_size
         self.local_size, self.nodes = intra.world_size, inter.world_size
+        #: the flat ranks by node (``layout[node][local index]``); default: nodes of
+        #: consecutive ranks
+        self.layout = layout or [list(range(n * self.local_size, (n + 1) * self.local_size))
+                                 for n in range(self.nodes)]
 
     @property
     def device(self) -> torch.device:
@@ -350,4 +355,4 @@ def torch_hierarchical_transport(flat: TorchTransport, layout: List[List[int]]) 
         if flat.rank in members:
             mine.append(group)
     return HierarchicalTransport(flat, TorchTransport(mine[0], flat.device),
-                                 TorchTransport(mine[1], flat.device))
+                                 TorchTransport(mine[1], flat.device), layout)
