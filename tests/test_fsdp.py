@@ -294,12 +294,13 @@ def two_hop_worker(rank, world_size, spec):
     return plain, runs
 
 
-@pytest.mark.parametrize("spec,tolerance", [("fp32", 1e-6), ("qsgd8+ef", 0.02)])
-def test_two_hop_reduce_scatter_matches_fsdp_and_sends_a_third_across_nodes(spec, tolerance):
-    results = run_workers(two_hop_worker, 4, spec)
+def test_two_hop_reduce_scatter_tracks_fsdp_and_sends_a_third_across_nodes():
+    """QSGD-8 with error feedback in two hops against FSDP's own training (the hops' exactness
+    with Identity is pinned in-process: tests/test_collective_buffers.py)."""
+    results = run_workers(two_hop_worker, 4, "qsgd8+ef")
     for plain, runs in results:
         params, losses, network, intra = runs[True]
-        assert relative(params, plain) < tolerance, spec
+        assert relative(params, plain) < 0.02
         _, _, flat_network, flat_intra = runs[False]
         # a rank sends N - 1 = 1 chunk across nodes instead of W - 1 = 3 (headers aside)
         assert 0.3 < network / flat_network < 0.4, (network, flat_network)
