@@ -54,15 +54,20 @@ def test_survivor_raises_when_a_peer_dies_or_hangs(policy, fault, at_step):
     assert survivor["seconds"] < GROUP_TIMEOUT.total_seconds() + 10, survivor
 
 
-def fsdp_faulty_peer_worker(rank, world_size, policy, fault, at_step):
-    """As faulty_peer_worker, with the model sharded by FSDP2 and commpress.fsdp."""
+def fsdp_faulty_peer_worker(rank, world_size, policy, fault, at_step, across_nodes=None):
+    """As faulty_peer_worker, with the model sharded by FSDP2 and commpress.fsdp;
+    ``across_nodes`` (4 ranks as 2 fake nodes of 2): ``"two_hop"`` or ``"hybrid"``."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    os.environ["GROUP_RANK"] = str(rank // 2)
+    mesh = (init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+            if across_nodes == "hybrid" else None)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
-    for layer in (model[0], model[2]):
-        fully_shard(layer)
-    fully_shard(model)
-    cp.fsdp.compress(model, "qsgd4+ef", policy=policy)
+    for layer in (model[0], model[2], model):
+        fully_shard(layer, **({"mesh": mesh["shard"]} if mesh is not None else {}))
+    cp.fsdp.compress(model, "qsgd4+ef", policy=policy, two_hop=across_nodes == "two_hop",
+                     replicate_group=mesh["replicate"].get_group() if mesh is not None else None)
     for step in range(at_step + 10):
         if rank == 1 and step == at_step:
             if fault == "exit":
@@ -84,4 +89,14 @@ def test_fsdp_survivor_raises_when_a_peer_dies_or_hangs(policy, fault, at_step):
     survivor = run_workers(fsdp_faulty_peer_worker, 2, policy, fault, at_step, timeout=120,
                            pg_timeout=GROUP_TIMEOUT, survivors=[0])[0]
     assert survivor["step"] == at_step, f"rank 0 trained on alone: {survivor}"
+    assert survivor["seconds"] < GROUP_TIMEOUT.total_seconds() + 10, survivor
+
+
+@pytest.mark.parametrize("across_nodes", ["two_hop", "hybrid"])
+def test_fsdp_across_nodes_survivor_raises_when_a_peer_dies(across_nodes):
+    """Under the default policy, after its plan is adopted: rank 1 (node 0) dies, rank 0 (its
+    node-mate in both layouts) raises instead of training on."""
+    survivor = run_workers(fsdp_faulty_peer_worker, 4, "calibrated", "exit", 25, across_nodes,
+                           timeout=120, pg_timeout=GROUP_TIMEOUT, survivors=[0])[0]
+    assert survivor["step"] == 25, f"rank 0 trained on alone: {survivor}"
     assert survivor["seconds"] < GROUP_TIMEOUT.total_seconds() + 10, survivor
