@@ -158,6 +158,28 @@ class FSDPCompressionState(EngineState):
         except RuntimeError:
             return True
 
+    def reduce(self, transport: TorchTransport, device: torch.device, numel: int, fp32_bytes: int,
+               uncompressed: Candidate, calibrate, run) -> None:
+        """One module's reduction under the policy, for both hooks: begin the step at its
+        first, count ``fp32_bytes``, then calibrate (``calibrate()``; the reduction itself
+        goes ``uncompressed``) or choose, ``run(choice)`` (timed for drift once a plan is
+        adopted), and close a step that no backward will close."""
+        policy = self._policy
+        closes_step = self._begin(transport, device)
+        self.stats.add(fp32_bytes=fp32_bytes)
+        if policy.calibrating:
+            calibrate()
+            choice = uncompressed
+        else:
+            choice = policy.choose(numel, True, policy.step_plan)
+        adopted = policy.step_plan is not None and policy.step_plan is policy.plan
+        started = time.perf_counter()
+        run(choice)
+        if adopted:  # watched for drift (the step's total is closed at its end)
+            policy.drift.add(time.perf_counter() - started, step_done=False)
+        if closes_step:
+            self._end_step(transport)
+
     def _end_step(self, transport: TorchTransport) -> None:
         policy = self._policy
         if policy.calibrating:
@@ -184,7 +206,7 @@ class CompressedReduceScatter(ReduceScatter):
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
                  group: dist.ProcessGroup, op, async_op: bool = False):
-        state, policy = self.state, self.state._policy
+        state = self.state
         scale = _scale_of(op, group.size())
         if input_tensor.dtype not in _REDUCE_DTYPES:
             raise TypeError(f"commpress.fsdp: reduce dtype {input_tensor.dtype} is not one the "
@@ -192,21 +214,11 @@ class CompressedReduceScatter(ReduceScatter):
                             f"MixedPrecisionPolicy(reduce_dtype=...) to one of them")
         device = input_tensor.device
         transport = state.transport(group, device)
-        closes_step = state._begin(transport, device)
         w, flat, out = transport.world_size, input_tensor.reshape(-1), output_tensor.reshape(-1)
-        state.stats.add(fp32_bytes=(w - 1) * 4 * flat.numel() // w)
-        if policy.calibrating:
-            self._calibrate(flat, out, group, op, transport)
-            choice = OWN
-        else:
-            choice = policy.choose(flat.numel(), True, policy.step_plan)
-        adopted = policy.step_plan is not None and policy.step_plan is policy.plan
-        started = time.perf_counter()
-        self._reduce(choice, flat, out, group, op, scale, transport, state.feedback, state.stats)
-        if adopted:  # watched for drift (the step's total is closed at its end)
-            policy.drift.add(time.perf_counter() - started, step_done=False)
-        if closes_step:
-            state._end_step(transport)
+        state.reduce(transport, device, flat.numel(), (w - 1) * 4 * flat.numel() // w, OWN,
+                     lambda: self._calibrate(flat, out, group, op, transport),
+                     lambda choice: self._reduce(choice, flat, out, group, op, scale, transport,
+                                                 state.feedback, state.stats))
         return _Completed() if async_op else None
 
     def _reduce(self, choice: Candidate, flat, out, group, op, scale: float,
@@ -293,28 +305,17 @@ class CompressedAllReduce:
         self.state, self.name, self.group = state, name, group
 
     def __call__(self, reduce_output: torch.Tensor) -> None:
-        state, policy = self.state, self.state._policy
+        state = self.state
         if reduce_output.dtype not in _REDUCE_DTYPES:
             raise TypeError(f"commpress.fsdp: reduce dtype {reduce_output.dtype} is not one the "
                             f"codecs take (float32, bfloat16, float16)")
         device = reduce_output.device
         transport = state.transport(self.group, device)
-        closes_step = state._begin(transport, device)
-        flat = reduce_output.reshape(-1)
-        w = transport.world_size
-        state.stats.add(fp32_bytes=2 * (w - 1) * 4 * flat.numel() // w)
-        if policy.calibrating:
-            self._calibrate(flat, transport)
-            choice = FP32
-        else:
-            choice = policy.choose(flat.numel(), True, policy.step_plan)
-        adopted = policy.step_plan is not None and policy.step_plan is policy.plan
-        started = time.perf_counter()
-        self._reduce(choice, flat, transport, state.feedback, state.stats)
-        if adopted:
-            policy.drift.add(time.perf_counter() - started, step_done=False)
-        if closes_step:
-            state._end_step(transport)
+        flat, w = reduce_output.reshape(-1), transport.world_size
+        state.reduce(transport, device, flat.numel(), 2 * (w - 1) * 4 * flat.numel() // w, FP32,
+                     lambda: self._calibrate(flat, transport),
+                     lambda choice: self._reduce(choice, flat, transport, state.feedback,
+                                                 state.stats))
 
     def _reduce(self, choice: Candidate, flat: torch.Tensor, transport: TorchTransport,
                 feedback: Optional[ErrorFeedback], stats: Optional[CommStats]) -> None:
