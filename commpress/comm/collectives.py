@@ -458,8 +458,10 @@ def node_mean_of_chunks(flat: torch.Tensor, transport: HierarchicalTransport) ->
         raise ValueError(f"node_mean_of_chunks takes a flat tensor of W={w} equal chunks, got "
                          f"shape {tuple(flat.shape)}")
     n = flat.numel() // w
-    owners = [transport.layout[node][peer] for peer in range(local) for node in range(nodes)]
-    index = torch.tensor(owners, device=flat.device)
+    index = transport.owner_index.get(flat.device)
+    if index is None:  # made once per device: no host-to-device copy per call
+        owners = [transport.layout[node][peer] for peer in range(local) for node in range(nodes)]
+        index = transport.owner_index[flat.device] = torch.tensor(owners, device=flat.device)
     send = flat.view(w, n).index_select(0, index).reshape(-1).view(torch.uint8)
     size = nodes * n * flat.element_size()  # moved as bytes: any dtype the transport carries
     received = transport.intra.all_to_all(send, [size] * local, [size] * local)

@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 import zlib
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -277,6 +277,8 @@ class HierarchicalTransport(Transport):
         #: consecutive ranks
         self.layout = layout or [list(range(n * self.local_size, (n + 1) * self.local_size))
                                  for n in range(self.nodes)]
+        #: per device, the chunk order of :func:`~commpress.comm.collectives.node_mean_of_chunks`
+        self.owner_index: Dict[torch.device, torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
