@@ -132,11 +132,13 @@ def run_method(method, args, rank, ifname):
 
 
 def timed_steps(method: str, args, rank: int, ifname: str, model, state, train_step,
-                on_timing=None) -> dict:
+                on_timing=None, make_batch=None) -> dict:
     """``train_step(x, y)`` (returning the loss) in ``--warmup`` steps, more while a calibrated
     ``state`` has not adopted its plan (the same step on every rank), then ``--steps`` timed
     ones, each started by a barrier; the method's :func:`step_row`, with the plan and the
-    calibration step's time. ``on_timing()`` runs once, just before the timed steps."""
+    calibration step's time. ``on_timing()`` runs once, just before the timed steps;
+    ``make_batch(generator)`` gives ``(x, y)`` (default: 32 Gaussian rows of ``--width``, 10
+    classes)."""
     import torch
     import torch.distributed as dist
 
@@ -147,7 +149,10 @@ def timed_steps(method: str, args, rank: int, ifname: str, model, state, train_s
     while len(times) < args.steps:
         ready = len(warmup) >= args.warmup and (state is None or state.policy != "calibrated"
                                                 or state.plan is not None)
-        x, y = torch.randn(32, args.width, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+        if make_batch is None:
+            x, y = torch.randn(32, args.width, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+        else:
+            x, y = make_batch(gen)
         if ready and not times:  # every rank of the node is between two barriers
             dist.barrier()
             link_before = link_tx_bytes(ifname)
@@ -284,9 +289,10 @@ def main(argv=None):
     save(args.out, "ddp_step.py", argv, results, plot, table(results))
 
 
-def run_rates(script: Path, args, name: str) -> list:
-    """Every rate of ``args.rates``: ``script``'s workers on ``args.nodes`` netsim nodes, rows
-    tagged with the rate and compared with the ``fp32`` row of the same run."""
+def run_rates(script: Path, args, name: str, extra=()) -> list:
+    """Every rate of ``args.rates``: ``script``'s workers on ``args.nodes`` netsim nodes (with
+    ``extra`` worker arguments), rows tagged with the rate and compared with the ``fp32`` row
+    of the same run."""
     from tqdm import tqdm
 
     from commpress.netsim import NetSimError, check_environment, run_job
@@ -295,7 +301,7 @@ def run_rates(script: Path, args, name: str) -> list:
         results = []
         for rate in tqdm(args.rates, desc="rates", disable=not sys.stderr.isatty()):
             worker_args = ["--width", str(args.width), "--steps", str(args.steps),
-                           "--warmup", str(args.warmup), "--methods", *args.methods]
+                           "--warmup", str(args.warmup), *extra, "--methods", *args.methods]
             rows = [{**r, "rate": rate} for r in
                     run_job(script, worker_args, args.nodes, rate, args.ranks_per_node)]
             base = next((r for r in rows if r["method"] == "fp32" and "failed" not in r), None)

@@ -1,12 +1,21 @@
 """FSDP training step time on a communication-bound model over a rate-limited network.
 
 Usage (root, iproute2): python benchmarks/fsdp_step.py [--quick] [--rates 1gbit 10gbit]
-    [--nodes 2] [--width 1536] [--methods ...]
+    [--nodes 2] [--model mlp|lm] [--width 1536] [--layers 4] [--methods ...]
 
-The model and data are ``ddp_step.py``'s (a stack of ``width x width`` Linear layers, 28 MB of
-fp32 gradients at the default 1536, batch 32 per rank, SGD with momentum), each Linear layer
-its own FSDP2 module (``fully_shard``), the stack the root; every rank on its own ``commpress
-netsim`` node. Per method: the median wall time of ``--steps`` timed steps (forward, backward
+Two models, every rank on its own ``commpress netsim`` node:
+
+- ``mlp`` (default): ``ddp_step.py``'s model and data (a stack of ``width x width`` Linear
+  layers, 28 MB of fp32 gradients at the default 1536, batch 32 per rank, SGD with momentum),
+  each Linear layer its own FSDP2 module (``fully_shard``), the stack the root. Communication
+  dominates its step: it shows what the reduce-scatter can gain.
+- ``lm``: the byte-level transformer of ``commpress train --data lm`` widened
+  (``commpress.train.ByteLM(width, layers)``; ``--width 384 --layers 4``: 7.3M parameters, 29
+  MB of fp32 gradients), batch 8 sequences of 64 random bytes per rank, AdamW; each
+  transformer block its own FSDP2 module, the model the root. A real model's mix of compute
+  and communication.
+
+ Per method: the median wall time of ``--steps`` timed steps (forward, backward
 with the reduce-scatters, optimizer step, each started by a barrier) after ``--warmup``, the
 bytes that left node 0 per step (its interface counter), and the reduce-scatters' own seconds
 per step (FSDP's own timed around the call its default makes). Methods:
@@ -65,15 +74,39 @@ class TimedReduceScatter:
         return work
 
 
-def sharded(width: int, method: str, nodes: int = 1, ranks_per_node: int = 1):
+LM_BATCH = 8
+
+
+def build_model(args):
+    """``(model, its FSDP modules below the root)`` of ``--model``."""
+    import torch
+
+    torch.manual_seed(0)
+    if args.model == "lm":
+        from commpress.train import ByteLM
+        model = ByteLM(args.width, args.layers)
+        return model, list(model.blocks.layers)
+    model = make_model(args.width)
+    return model, [layer for layer in model if isinstance(layer, torch.nn.Linear)]
+
+
+def lm_batch(generator):
+    import torch
+
+    from commpress.train import LM_CONTEXT
+    data = torch.randint(0, 256, (LM_BATCH, LM_CONTEXT + 1), generator=generator)
+    return data[:, :-1], data[:, 1:]
+
+
+def sharded(args, method: str):
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     import commpress as cp
 
-    torch.manual_seed(0)
-    model = make_model(width)
+    nodes, ranks_per_node = args.nnodes, args.ranks_per_node
+    model, modules = build_model(args)
     policy = "calibrated" if method.startswith("calibrated:") else "fixed"
     name, _, dtype = method.removeprefix("calibrated:").partition("/")
     name, _, hops = name.partition("@")
@@ -86,9 +119,8 @@ def sharded(width: int, method: str, nodes: int = 1, ranks_per_node: int = 1):
         mesh = init_device_mesh("cpu", (nodes, ranks_per_node), mesh_dim_names=("replicate", "shard"))
         own = name in ("fp32", "bf16")  # FSDP's own hybrid sharding takes the 2-D mesh
         options["mesh"] = mesh if own else mesh["shard"]
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, **options)
+    for module in modules:
+        fully_shard(module, **options)
     fully_shard(model, **options)
     if name in ("fp32", "bf16"):
         for module in model.modules():
@@ -103,8 +135,11 @@ def sharded(width: int, method: str, nodes: int = 1, ranks_per_node: int = 1):
 def run_method(method, args, rank, ifname):
     import torch
 
-    model, state = sharded(args.width, method, args.nnodes, args.ranks_per_node)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model, state = sharded(args, method)
+    if args.model == "lm":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     comm = {}
 
     def reduce_scatter_seconds():
@@ -117,7 +152,8 @@ def run_method(method, args, rank, ifname):
         opt.step()
         return loss
     row = timed_steps(method, args, rank, ifname, model, state, train_step,
-                      on_timing=lambda: comm.update(before=reduce_scatter_seconds()))
+                      on_timing=lambda: comm.update(before=reduce_scatter_seconds()),
+                      make_batch=lm_batch if args.model == "lm" else None)
     row["reduce_scatter_s"] = (reduce_scatter_seconds() - comm["before"]) / args.steps
     return row
 
@@ -133,7 +169,8 @@ def worker(args) -> None:
     for method in args.methods:
         row = run_method(method, args, rank, os.environ["NETSIM_IFNAME"])
         rows.append({**row, "world_size": dist.get_world_size(), "nodes": args.nnodes,
-                     "ranks_per_node": args.ranks_per_node, "width": args.width})
+                     "ranks_per_node": args.ranks_per_node, "model": args.model,
+                     "width": args.width, "layers": args.layers})
     if rank == 0:
         Path(args.worker_out).write_text(json.dumps(rows))
     release_default_group()
@@ -159,6 +196,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--rates", nargs="+", default=["1gbit", "10gbit"])
+    parser.add_argument("--model", choices=["mlp", "lm"], default="mlp")
+    parser.add_argument("--layers", type=int, default=4, help="transformer blocks (--model lm)")
     add_step_arguments(parser, METHODS, QUICK_METHODS, "width 256, 1gbit, 2 timed steps")
     out_argument(parser, "fsdp_step")
     add_job_arguments(parser)
@@ -167,7 +206,9 @@ def main(argv=None):
         return worker(args)
     if args.quick:
         args.width, args.rates, args.steps, args.methods = 256, ["1gbit"], 2, QUICK_METHODS
-    results = run_rates(Path(__file__), args, "fsdp_step")
+        args.layers = min(args.layers, 2)
+    results = run_rates(Path(__file__), args, "fsdp_step",
+                        ["--model", args.model, "--layers", str(args.layers)])
     save(args.out, "fsdp_step.py", argv, results, plot,
          table(results) + "\n" + reduce_scatter_table(results))
 
