@@ -1,6 +1,7 @@
 """Codecs: pure tensor <-> :class:`Payload` transforms; nothing here knows about ranks."""
 from .base import (HEADER_BYTES, Codec, Payload, PayloadError, codec_names, contractive_factor, get_codec,
                    register_codec, saturating_cast)
+from .elias import EliasQSGD
 from .floats import BF16, FP16, Identity
 from .natural import NaturalCompression, NaturalDithering
 from .qsgd import QSGD
@@ -8,5 +9,5 @@ from .rotation import Rotated
 from .sign import ScaledSign
 
 __all__ = ["Codec", "Payload", "PayloadError", "HEADER_BYTES", "get_codec", "codec_names", "register_codec",
-           "contractive_factor", "QSGD", "NaturalCompression", "NaturalDithering", "Identity",
+           "contractive_factor", "QSGD", "EliasQSGD", "NaturalCompression", "NaturalDithering", "Identity",
            "FP16", "BF16", "Rotated", "ScaledSign", "saturating_cast"]

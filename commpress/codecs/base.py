@@ -21,9 +21,12 @@ bytes  field   meaning
 20-23  crc     CRC-32 of bytes 0-19
 =====  ======  ===========================================================
 
-Everything after the header is a pure function of (codec, numel), so ranks never exchange
-sizes before a collective, and :meth:`Codec.decode` can reject any payload whose length,
-header or parameters disagree with the codec that decodes it.
+For fixed-width codecs everything after the header is a pure function of (codec, numel), so
+ranks never exchange sizes before a collective, and :meth:`Codec.decode` can reject any payload
+whose length, header or parameters disagree with the codec that decodes it. A
+``variable_length`` codec's body states its own length (:meth:`Codec._stated_body_bytes`),
+never more than :meth:`Codec.wire_bytes`, the bound for its element count; the collectives
+exchange such payloads' sizes before moving them.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Dict, Optional
+from typing import Callable, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -155,6 +158,9 @@ class Codec:
     #: False when error-feedback memories grow without bound under this codec (its relative
     #: variance is far above 1): front ends refuse error feedback with it
     feedback_safe: ClassVar[bool] = True
+    #: True when a payload's size depends on the data (it implements
+    #: :meth:`_encode_sized_body` and :meth:`_stated_body_bytes`; :meth:`wire_bytes` is the bound)
+    variable_length: ClassVar[bool] = False
 
     # -- to implement -------------------------------------------------------------------
     def _params(self) -> tuple:
@@ -168,6 +174,16 @@ class Codec:
                      out: torch.Tensor) -> None:
         """Write the body of non-empty ``flat`` into ``out`` (``_body_bytes`` uint8s)."""
         raise NotImplementedError
+
+    def _encode_sized_body(self, flat: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """A variable-length codec's body of non-empty ``flat`` (uint8, at most
+        ``_body_bytes(numel)`` long)."""
+        raise NotImplementedError
+
+    def _stated_body_bytes(self, body: torch.Tensor, numel: int) -> int:
+        """The length of a body of ``numel`` values: for a variable-length codec the one it
+        states (``ValueError`` if that is impossible for ``numel`` values)."""
+        return self._body_bytes(numel)
 
     def _decode_body(self, body: torch.Tensor, out: torch.Tensor, alpha: Optional[float] = None) -> None:
         """Fill the non-empty flat ``out`` (any float dtype) from a length-checked ``body``;
@@ -218,7 +234,8 @@ class Codec:
         return None
 
     def wire_bytes(self, numel: int) -> int:
-        """Exact payload size in bytes for a tensor of ``numel`` elements."""
+        """Exact payload size in bytes for a tensor of ``numel`` elements (the largest, for a
+        ``variable_length`` codec)."""
         if numel < 0:
             raise ValueError(f"numel must be >= 0, got {numel}")
         return HEADER_BYTES + self._body_bytes(numel)
@@ -243,11 +260,14 @@ class Codec:
             raise TypeError(f"generator must be a torch.Generator or None, got "
                             f"{type(generator).__name__}")
         numel = tensor.numel()
-        nbytes = self.wire_bytes(numel)
+        body = self._encode_sized_body(tensor.reshape(-1), generator) if self.variable_length else None
+        nbytes = self.wire_bytes(numel) if body is None else HEADER_BYTES + body.numel()
         # storage in whole 8-byte words: a compiled kernel may write the body as wider words
         data = torch.empty(-(-nbytes // 8) * 8, dtype=torch.uint8, device=tensor.device)[:nbytes]
         data[:HEADER_BYTES].copy_(self._header(tensor.dtype, numel, tensor.device))
-        if numel:
+        if body is not None:
+            data[HEADER_BYTES:] = body
+        elif numel:
             self._encode_body(tensor.reshape(-1), generator, data[HEADER_BYTES:])
         return Payload(data, tensor.shape)
 
@@ -289,29 +309,39 @@ class Codec:
         return out
 
     def decode_mean(self, gathered: torch.Tensor, count: int, out: torch.Tensor,
-                    local: Optional[torch.Tensor] = None, rank: int = -1) -> torch.Tensor:
+                    local: Optional[torch.Tensor] = None, rank: int = -1,
+                    spans: Optional[Sequence[Tuple[int, int]]] = None) -> torch.Tensor:
         """``out[:] =`` the mean of the ``count`` equal-length payloads laid end to end in
         ``gathered`` (what an all-gather returns), for a flat fp32 ``out``; with ``local``,
         payload ``rank`` decoded is also written there. Each is decoded, times ``1 / count``,
         and added in order to zero, as :meth:`decode_into` with ``alpha`` adds: every path
         gives every rank the same bits. QSGD, D_nat and C_nat decode all of them in one
-        compiled pass that writes ``out`` once. Raises :class:`PayloadError` naming the first payload this
-        codec cannot take."""
-        if count < 1 or gathered.numel() % count:
-            raise ValueError(f"{gathered.numel()} bytes do not hold {count} equal payloads")
+        compiled pass that writes ``out`` once. ``spans``: each payload's ``(start, length)``
+        in ``gathered`` instead (variable-length payloads, in padded slots or end to end).
+        Raises :class:`PayloadError` naming the first payload this codec cannot take."""
+        if spans is None:
+            if count < 1 or gathered.numel() % count:
+                raise ValueError(f"{gathered.numel()} bytes do not hold {count} equal payloads")
+            size = gathered.numel() // count
+            spans = [(index * size, size) for index in range(count)]
+        elif len(spans) != count or count < 1 or any(
+                start < 0 or length < 0 or start + length > gathered.numel() for start, length in spans):
+            raise ValueError(f"spans {list(spans)} do not place {count} payloads in "
+                             f"{gathered.numel()} bytes")
         if local is not None and not 0 <= rank < count:
             raise ValueError(f"rank {rank} names none of the {count} payloads to decode into local")
-        size, numel = gathered.numel() // count, out.numel()
+        numel = out.numel()
         bodies = []
-        for index in range(count):
+        for index, (start, length) in enumerate(spans):
             try:
-                data, _, _ = self._checked(Payload(gathered[index * size:(index + 1) * size]),
-                                           torch.float32, numel)
+                data, _, _ = self._checked(Payload(gathered[start:start + length]), torch.float32, numel)
             except ValueError as exc:
                 raise PayloadError(index, str(exc)) from None
             bodies.append(data[HEADER_BYTES:])
-        done = self._decode_mean_body(gathered.reshape(count, size)[:, HEADER_BYTES:], out, local,
-                                      rank) if numel else 0
+        equal = len({length for _, length in spans}) == 1 and all(
+            start == index * spans[0][1] for index, (start, _) in enumerate(spans))
+        done = self._decode_mean_body(gathered[: count * spans[0][1]].view(count, -1)[:, HEADER_BYTES:],
+                                      out, local, rank) if numel and equal else 0
         if done == numel:
             return out
         share = 1.0 / count
@@ -359,7 +389,7 @@ class Codec:
         """The checks of :meth:`read_header` that need no look at the bytes."""
         if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
             raise ValueError("a payload must be a 1-D uint8 tensor")
-        expected = self.wire_bytes(numel)
+        expected = self._expected_bytes(data, numel)
         if data.numel() != expected:
             raise ValueError(f"payload length {data.numel()} does not match the {expected} bytes "
                              f"{self!r} produces for {numel} elements")
@@ -375,12 +405,19 @@ class Codec:
         if (header.param_a, header.param_b, header.block) != self._params():
             raise ValueError(f"payload parameters {(header.param_a, header.param_b, header.block)} "
                              f"do not match {self!r} {self._params()}")
-        expected = self.wire_bytes(header.numel)
+        expected = self._expected_bytes(data, header.numel)
         if data.numel() != expected:
             raise ValueError(f"payload length {data.numel()} does not match the {expected} bytes "
                              f"{self!r} produces for {header.numel} elements "
                              f"({'truncated' if data.numel() < expected else 'trailing bytes'})")
         return header
+
+    def _expected_bytes(self, data: torch.Tensor, numel: int) -> int:
+        """The length payload ``data`` of ``numel`` values must have (read from its body for
+        a variable-length codec: a host read)."""
+        if not self.variable_length:
+            return self.wire_bytes(numel)
+        return HEADER_BYTES + self._stated_body_bytes(data[HEADER_BYTES:], numel)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -82,6 +82,7 @@ class Rotated(Codec):
         self.block_size = math.lcm(inner.block_size, block)
         self.stochastic, self.unbiased = inner.stochastic, inner.unbiased
         self.feedback_safe = inner.feedback_safe
+        self.variable_length = inner.variable_length
         self.name = f"rot-{inner.name}"
         if hasattr(inner, "bits"):
             self.bits = inner.bits
@@ -143,6 +144,12 @@ class Rotated(Codec):
     def _encode_body(self, flat, generator, out) -> None:
         self.inner._encode_body(self.rotate(flat), generator, out)
 
+    def _encode_sized_body(self, flat, generator):
+        return self.inner._encode_sized_body(self.rotate(flat), generator)
+
+    def _stated_body_bytes(self, body, numel) -> int:
+        return self.inner._stated_body_bytes(body, numel)
+
     def _decode_body(self, body, out, alpha=None) -> None:
         values = torch.empty(out.numel(), dtype=torch.float32, device=out.device)
         self.inner._decode_body(body, values)
@@ -155,10 +162,11 @@ class Rotated(Codec):
         self.inner._decode_from(body, out, first, alpha)  # rotated domain
 
     def decode_mean(self, gathered: torch.Tensor, count: int, out: torch.Tensor,
-                    local: Optional[torch.Tensor] = None, rank: int = -1) -> torch.Tensor:
+                    local: Optional[torch.Tensor] = None, rank: int = -1,
+                    spans=None) -> torch.Tensor:
         """The mean decoded in the rotated domain (the inner codec's kernels), rotated back
         once (and ``local``, this rank's own payload, too)."""
-        super().decode_mean(gathered, count, out, local, rank)
+        super().decode_mean(gathered, count, out, local, rank, spans)
         if local is not None:
             self.unrotate_(local)
         return self.unrotate_(out)

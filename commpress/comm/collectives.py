@@ -171,13 +171,14 @@ def _peer_error(peer: int, reason) -> ValueError:
 
 
 def _decode_mean(codec: Codec, gathered: torch.Tensor, count: int, stats, mean: torch.Tensor,
-                 local: Optional[torch.Tensor] = None, rank: int = -1) -> None:
+                 local: Optional[torch.Tensor] = None, rank: int = -1, spans=None) -> None:
     """Write into ``mean`` the average of the ``count`` equal-length payloads in ``gathered``
-    (:meth:`Codec.decode_mean`: straight into the sum, no full-size temporary per payload).
-    With ``local``, the payload of ``rank`` is also decoded there (error feedback needs it)."""
+    (:meth:`Codec.decode_mean`: straight into the sum, no full-size temporary per payload;
+    ``spans`` places variable-length ones). With ``local``, the payload of ``rank`` is also
+    decoded there (error feedback needs it)."""
     with _Timer(stats, "decode_seconds"):
         try:
-            codec.decode_mean(gathered, count, mean, local, rank)
+            codec.decode_mean(gathered, count, mean, local, rank, spans)
         except PayloadError as exc:
             raise _peer_error(exc.index, exc.reason) from None
 
@@ -378,14 +379,48 @@ def _subtract_own(codec: Codec, payload: Payload, flat: torch.Tensor, residual: 
     codec.decode_into(payload, residual, -1.0)
 
 
+def exchange_sizes(transport: Transport, sizes, device: torch.device):
+    """Every rank's list of ``sizes`` (one row per rank, each as long as this rank's): what
+    its variable-length payloads take, known to all before they move (one small all-gather)."""
+    mine = torch.tensor(sizes, dtype=torch.int64, device=device)
+    return transport.all_gather(mine).view(transport.world_size, len(sizes)).tolist()
+
+
+def _in_slots(codec: Codec, transport: Transport, data: torch.Tensor):
+    """``(data, spans)`` for an all-gather of one payload per rank: a variable-length payload
+    zero-padded to the largest of the group (all-gathers move equal sizes) and each rank's
+    ``(start, length)`` in the gathered bytes; a fixed-width one as it is (spans None)."""
+    if not codec.variable_length:
+        return data, None
+    sizes = [row[0] for row in exchange_sizes(transport, [data.numel()], data.device)]
+    slot = max(sizes)
+    padded = torch.zeros(slot, dtype=torch.uint8, device=data.device)
+    padded[: data.numel()] = data
+    return padded, [(r * slot, size) for r, size in enumerate(sizes)]
+
+
 def _allgather_piece(flat, codec, transport, generator, stats, out, local, residual=None):
     with _Timer(stats, "encode_seconds"):
         payload = codec.encode(flat, generator)
-    pending = transport.all_gather_start(payload.data)
+    data, spans = _in_slots(codec, transport, payload.data)
+    pending = transport.all_gather_start(data)
     if residual is not None:  # while the payloads are on the wire
         _subtract_own(codec, payload, flat, residual)
     yield
-    _decode_mean(codec, pending.wait(), transport.world_size, stats, out, local, transport.rank)
+    _decode_mean(codec, pending.wait(), transport.world_size, stats, out, local, transport.rank,
+                 spans)
+
+
+def _received_spans(codec: Codec, transport: Transport, sizes, device: torch.device):
+    """``(receive sizes, spans)`` of an all-to-all in which this rank sends ``sizes[r]`` bytes
+    to rank ``r``: for fixed-width payloads every rank sends this rank's own size (spans
+    None); variable-length ones exchange their sizes first."""
+    w, rank = transport.world_size, transport.rank
+    if not codec.variable_length:
+        return [sizes[rank]] * w, None
+    received = [row[rank] for row in exchange_sizes(transport, sizes, device)]
+    starts = [sum(received[:r]) for r in range(w)]
+    return received, list(zip(starts, received))
 
 
 def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_residual, out, local,
@@ -396,7 +431,8 @@ def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_resid
         payloads = [codec.encode(flat[lo:hi], generator) for lo, hi in bounds]
     sizes = [p.nbytes for p in payloads]
     mine = sizes[rank]
-    pending = transport.all_to_all_start(torch.cat([p.data for p in payloads]), sizes, [mine] * w)
+    received, spans = _received_spans(codec, transport, sizes, flat.device)
+    pending = transport.all_to_all_start(torch.cat([p.data for p in payloads]), sizes, received)
     if residual is not None:  # while the chunks are on the wire
         for payload, (a, b) in zip(payloads, bounds):
             _subtract_own(codec, payload, flat[a:b], residual[a:b])
@@ -405,7 +441,7 @@ def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_resid
     chunk_mean = torch.empty(hi - lo, dtype=torch.float32, device=flat.device)
     try:  # this rank's own chunk is decoded into local along with the peers'
         _decode_mean(codec, pending.wait(), w, stats, chunk_mean,
-                     None if local is None else local[lo:hi], rank)
+                     None if local is None else local[lo:hi], rank, spans)
         failure = None
     except ValueError as exc:  # still take part in the all_gather, or the others would hang
         chunk_mean.fill_(float("nan"))
@@ -429,9 +465,12 @@ def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_resid
     del chunk_mean  # not needed while the all_gather is in flight (the next piece's is)
     # all_gather needs equal sizes: every reduced chunk travels in a slot of the largest size,
     # plus a byte saying whether its rank received a payload of the wrong length
-    slot = max(sizes)
+    # (variable-length chunks: their sizes exchanged first)
+    reduced_sizes = sizes if not codec.variable_length else \
+        [row[0] for row in exchange_sizes(transport, [reduced.numel()], flat.device)]
+    slot = max(reduced_sizes)
     padded = torch.zeros(slot + 1, dtype=torch.uint8, device=flat.device)
-    padded[:mine] = reduced
+    padded[:reduced.numel()] = reduced
     padded[slot] = failure is not None
     pending = transport.all_gather_start(padded)
     yield
@@ -440,7 +479,7 @@ def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_resid
     gathered = gathered.view(w, slot + 1)[:, :slot].reshape(-1)
     with _Timer(stats, "decode_seconds"):
         for r, (a, b) in enumerate(bounds):
-            _decode(codec, gathered[r * slot: r * slot + sizes[r]], b - a, r, into=out[a:b])
+            _decode(codec, gathered[r * slot: r * slot + reduced_sizes[r]], b - a, r, into=out[a:b])
 
 
 def node_mean_of_chunks(flat: torch.Tensor, transport: HierarchicalTransport) -> torch.Tensor:
@@ -508,14 +547,14 @@ def compressed_reduce_scatter(flat: torch.Tensor, codec: Codec, transport: Trans
     def stages(lo, hi):
         with _Timer(stats, "encode_seconds"):
             payloads = [codec.encode(chunks[r, lo:hi], generator) for r in range(w)]
-        size = payloads[0].nbytes
-        pending = transport.all_to_all_start(torch.cat([p.data for p in payloads]), [size] * w,
-                                             [size] * w)
+        sizes = [p.nbytes for p in payloads]
+        received, spans = _received_spans(codec, transport, sizes, flat.device)
+        pending = transport.all_to_all_start(torch.cat([p.data for p in payloads]), sizes, received)
         if residual is not None:  # while the chunks are on the wire
             for r, payload in enumerate(payloads):
                 _subtract_own(codec, payload, chunks[r, lo:hi], residual[r, lo:hi])
         yield
-        _decode_mean(codec, pending.wait(), w, stats, out[lo:hi])
+        _decode_mean(codec, pending.wait(), w, stats, out[lo:hi], spans=spans)
 
     with kernels.reducing(flat.numel()):
         _pipelined(pipeline_pieces(n, codec.block_size), stages)

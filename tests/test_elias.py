@@ -1,0 +1,230 @@
+"""QSGD's variable-length (Elias) coding: sizes, the bound a payload cannot pass, refused
+forgeries, and the collectives moving payloads whose size depends on the data (in-process
+ranks; gloo ranks in test_collectives)."""
+import math
+import struct
+
+import pytest
+import torch
+
+import commpress as cp
+from commpress.codecs import HEADER_BYTES, kernels
+from commpress.comm import LoopbackGroup, compressed_mean
+from commpress.comm.collectives import compressed_reduce_scatter
+from commpress.comm.loopback import LoopbackTransport
+from commpress.comm.transport import HierarchicalTransport
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_max_norm_coding_decodes_to_the_fixed_width_codes_values(bits):
+    """``qsgd{bits}e`` is ``qsgd{bits}``'s quantization (the same draws give the same values)
+    in fewer bytes."""
+    packed, coded = cp.codec_from_name(f"qsgd{bits}"), cp.codec_from_name(f"qsgd{bits}e")
+    x = torch.randn(100_003, generator=torch.Generator().manual_seed(bits)) ** 3  # heavy tails
+    kernels.set_enabled(False)  # the eager codes of both: the same random stream
+    try:
+        a, b = (c.encode(x, torch.Generator().manual_seed(5)) for c in (packed, coded))
+    finally:
+        kernels.set_enabled(None)
+    assert torch.equal(packed.decode(a), coded.decode(b))
+    assert b.nbytes < 0.85 * a.nbytes, (b.nbytes, a.nbytes)
+
+
+@pytest.mark.parametrize("levels,most_bits", [(1, 0.45), (2, 0.72), (4, 1.1), (8, 1.7)])
+def test_l2_buckets_take_a_fraction_of_a_bit_on_gaussian_data(levels, most_bits):
+    """The paper's variant on Gaussian data, buckets of 512 (the estimates: about 0.42, 0.68,
+    1.1 and 1.7 bits per entry), with the error its rounding probabilities give."""
+    codec = cp.codec_from_name(f"elias{levels}")
+    x = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))
+    payload = codec.encode(x, torch.Generator().manual_seed(1))
+    assert 8 * payload.nbytes / x.numel() < most_bits
+    error = (codec.decode(payload) - x).square().sum() / x.square().sum()
+    expected = codec.expected_sq_error(x) / x.square().sum()
+    assert error.item() == pytest.approx(expected.item(), rel=0.05)
+    assert expected.item() <= min(512 / levels ** 2, math.sqrt(512) / levels)
+
+
+def adversarial_inputs(n):
+    """Inputs whose codes are as long as they get: every value non-zero at the top level
+    (gaps of 1), every other one, one value at the very end (one gap of n), and random
+    sparsity at several densities."""
+    g = torch.Generator().manual_seed(0)
+    yield torch.ones(n)
+    yield torch.arange(n).remainder(2).float()
+    last = torch.zeros(n)
+    last[-1] = 1.0
+    yield last
+    for density in (0.5, 0.1, 0.01, 0.001):
+        yield (torch.rand(n, generator=g) < density).float() * torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("codec", [cp.EliasQSGD(levels=1), cp.EliasQSGD(levels=3, norm="max"),
+                                   cp.EliasQSGD(levels=127, bucket_size=64, norm="max"),
+                                   cp.EliasQSGD(levels=16, bucket_size=4096)], ids=repr)
+def test_no_input_passes_the_bound(codec):
+    for n in (1, 2, 513, 70_001):
+        for x in adversarial_inputs(n):
+            payload = codec.encode(x, torch.Generator().manual_seed(2))
+            assert payload.nbytes <= codec.wire_bytes(n)
+            y = codec.decode(payload)
+            assert ((y != 0) <= (x != 0)).all(), "a zero decoded as non-zero"
+
+
+def body_prefix(data):
+    return struct.unpack("<qqq", bytes(data[HEADER_BYTES:HEADER_BYTES + 24].numpy()))
+
+
+def with_prefix(data, nnz, length_bits, rest_bits):
+    forged = data.clone()
+    forged[HEADER_BYTES:HEADER_BYTES + 24] = torch.frombuffer(
+        bytearray(struct.pack("<qqq", nnz, length_bits, rest_bits)), dtype=torch.uint8)
+    return forged
+
+
+def test_forged_sizes_are_refused_before_anything_is_allocated():
+    codec = cp.EliasQSGD(levels=4)
+    data = codec.encode(torch.randn(2000), torch.Generator().manual_seed(0)).data
+    nnz, length_bits, rest_bits = body_prefix(data)
+    for forged in [(2001, length_bits, rest_bits), (-1, length_bits, rest_bits),
+                   (nnz, 1 << 60, rest_bits), (nnz, length_bits, 1 << 62),
+                   (nnz, nnz - 1, rest_bits), (0, 5, 0)]:
+        with pytest.raises(ValueError, match="impossible sizes"):
+            codec.decode(cp.Payload(with_prefix(data, *forged)))
+    # sizes the bound allows but the bytes do not back: refused by length
+    with pytest.raises(ValueError, match="truncated"):
+        codec.decode(cp.Payload(with_prefix(data, nnz, length_bits + 64, rest_bits)))
+
+
+def test_every_single_byte_change_decodes_or_raises_value_error():
+    """Each byte of a payload (header, sizes, scales, both streams) set to 4 other values:
+    decoding gives the right length or raises ValueError, nothing else."""
+    for codec in (cp.EliasQSGD(levels=1, bucket_size=64), cp.EliasQSGD(levels=5, bucket_size=64)):
+        x = torch.randn(300, generator=torch.Generator().manual_seed(1))
+        data = codec.encode(x, torch.Generator().manual_seed(0)).data
+        decoded = 0
+        for index in range(data.numel()):
+            for value in (0, 1, 0x80, 0xFF):
+                changed = data.clone()
+                changed[index] = value
+                try:
+                    assert codec.decode(cp.Payload(changed)).numel() == 300
+                    decoded += 1
+                except ValueError:
+                    pass
+        assert decoded > 0  # some changes (in scales, in mantissas) still decode
+
+
+def test_decode_mean_spans_are_checked():
+    codec = cp.EliasQSGD(levels=2)
+    payloads = [codec.encode(torch.randn(100) * r, torch.Generator().manual_seed(r)).data
+                for r in range(2)]
+    gathered = torch.cat(payloads)
+    spans = [(0, payloads[0].numel()), (payloads[0].numel(), payloads[1].numel())]
+    out = torch.empty(100)
+    codec.decode_mean(gathered, 2, out, spans=spans)
+    expected = torch.zeros(100)
+    for p in payloads:
+        expected.add_(codec.decode(cp.Payload(p)) * 0.5)
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="do not place 2 payloads"):
+        codec.decode_mean(gathered, 2, out, spans=[(0, 5), (5, gathered.numel())])
+    with pytest.raises(ValueError, match="payload 1"):  # a span cutting a payload short
+        codec.decode_mean(gathered, 2, out, spans=[spans[0], (spans[1][0], spans[1][1] - 1)])
+
+
+def unequal_inputs(rank, n):
+    """Rank 0 sends almost nothing (zeros), rank 1 a dense vector, the others sparse ones:
+    their payloads differ in size by orders of magnitude."""
+    g = torch.Generator().manual_seed(rank)
+    if rank == 0:
+        return torch.zeros(n)
+    x = torch.randn(n, generator=g)
+    return x if rank == 1 else x * (torch.rand(n, generator=g) < 0.05)
+
+
+@pytest.mark.parametrize("algorithm", ["allgather", "reduce_scatter", "hierarchical"])
+@pytest.mark.parametrize("codec", [cp.EliasQSGD(levels=8), cp.Rotated(cp.EliasQSGD(levels=16))],
+                         ids=repr)
+def test_collectives_move_payloads_of_data_dependent_sizes(monkeypatch, algorithm, codec):
+    """Four ranks with payloads of very different sizes: every rank gets the same mean, with
+    the codec's error; what an all-gather puts on the wire is the payloads' own sizes (padded
+    to the largest), not the bound."""
+    from commpress.comm import collectives
+    monkeypatch.setattr(collectives, "PIPELINE_ELEMENTS", 4000)  # several pieces in flight
+    n, w = 10_007, 4
+    intra, inter = [LoopbackGroup(2), LoopbackGroup(2)], [LoopbackGroup(2), LoopbackGroup(2)]
+
+    def rank_fn(flat):
+        transport = flat
+        if algorithm == "hierarchical":
+            node, local = divmod(flat.rank, 2)
+            transport = HierarchicalTransport(flat, LoopbackTransport(intra[node], local),
+                                              LoopbackTransport(inter[local], node))
+        x = unequal_inputs(flat.rank, n)
+        server = torch.zeros(n) if algorithm == "reduce_scatter" else None
+        mean, local = compressed_mean(x, codec, transport, algorithm,
+                                      torch.Generator().manual_seed(10 + flat.rank),
+                                      keep_local=True,
+                                      server_residual=server)
+        return mean, local, flat.sent_bytes + getattr(transport, "intra_node_bytes", 0)
+
+    results = LoopbackGroup(w).run(rank_fn)
+    exact = torch.stack([unequal_inputs(r, n) for r in range(w)]).mean(0)
+    for mean, _, _ in results:
+        assert torch.equal(mean, results[0][0]), "ranks disagree"
+    error = (results[0][0] - exact).square().sum() / exact.square().sum()
+    assert 0 < error < 2.0
+    if algorithm != "hierarchical":  # there local carries the node's loss on rank 0's shard
+        assert torch.equal(results[0][1], torch.zeros(n))  # rank 0's zeros stay zeros
+    if algorithm == "allgather":
+        from commpress.comm.collectives import pipeline_pieces
+        bound = (w - 1) * sum(codec.wire_bytes(hi - lo) for lo, hi in pipeline_pieces(n, codec.block_size))
+        assert max(sent for _, _, sent in results) < bound / 3
+
+
+def test_allgather_mean_is_the_mean_of_the_decoded_payloads():
+    """One piece: the all-gathered mean is, bit for bit, the payloads decoded in rank order
+    and added times 1/W, whatever their sizes."""
+    codec, n, w = cp.EliasQSGD(levels=4), 3001, 3
+
+    def rank_fn(transport):
+        return compressed_mean(unequal_inputs(transport.rank, n), codec, transport, "allgather",
+                               torch.Generator().manual_seed(transport.rank))[0]
+
+    results = LoopbackGroup(w).run(rank_fn)
+    expected = torch.zeros(n)
+    for r in range(w):
+        payload = codec.encode(unequal_inputs(r, n), torch.Generator().manual_seed(r))
+        expected.add_(codec.decode(payload) * (1 / w))
+    for mean in results:
+        assert torch.equal(mean, expected)
+
+
+def test_reduce_scatter_of_fsdp_chunks_with_unequal_payloads():
+    """FSDP's reduce-scatter (W chunks in, this rank's chunk of the mean out) with payloads
+    whose sizes differ by rank and chunk; with error feedback's residual."""
+    codec, n, w = cp.EliasQSGD(levels=16), 2000, 3
+    inputs = [unequal_inputs(r, w * n) for r in range(w)]
+    exact = torch.stack(inputs).mean(0).view(w, n)
+
+    def rank_fn(transport):
+        residual = torch.empty(w * n)
+        out = compressed_reduce_scatter(inputs[transport.rank], codec, transport,
+                                        torch.Generator().manual_seed(transport.rank),
+                                        residual_out=residual)
+        return out, residual
+
+    for rank, (out, residual) in enumerate(LoopbackGroup(w).run(rank_fn)):
+        assert ((out - exact[rank]).norm() / exact[rank].norm()) < 0.6
+        if rank == 0:
+            assert torch.equal(residual, torch.zeros(w * n))
+
+
+def test_hook_names_and_error_feedback():
+    assert cp.codec_from_name("qsgd2e") == cp.EliasQSGD(levels=1, bucket_size=128, norm="max")
+    assert cp.codec_from_name("elias8") == cp.EliasQSGD(levels=8)
+    with pytest.raises(ValueError, match="diverges"):
+        cp.CompressionConfig(codec=cp.codec_from_name("elias1"), error_feedback="ef")
+    cp.CompressionConfig(codec=cp.codec_from_name("elias8"), error_feedback="ef")
+    with pytest.raises(ValueError, match="levels must be an integer in 1..127"):
+        cp.EliasQSGD(levels=128)
