@@ -10,8 +10,11 @@ entry of its payload (headers and scales included) and the normalized error
 mean over the kept gradients (a deterministic codec's one outcome). Codecs: packed QSGD 1-8
 bits (the hooks' buckets: 128 values up to 2 bits, 512 above), QSGD 1 bit on buckets of 2048,
 the scaled sign (:class:`commpress.ScaledSign`, biased, for error feedback), natural
-dithering, C_nat, and each rotated by a randomized Hadamard transform
-(:class:`commpress.Rotated`, blocks of 256).
+dithering, C_nat, variable-length QSGD (:class:`commpress.EliasQSGD`: ``eliasS``, the paper's
+L2 buckets of 512 with ``S`` levels, and ``qsgdBe``, packed QSGD-B's max-norm codes
+Elias-coded), and each rotated by a randomized Hadamard transform (:class:`commpress.Rotated`,
+blocks of 256). A variable-length codec's bits are its payloads' own (the mean over the
+gradients), a fixed-width codec's its formula.
 
 Results: ``--out`` (default ``benchmarks/results/local/frontier.json``) and ``.md``, ``.png``
 next to it (the frontier: error against bits, log scale).
@@ -36,6 +39,8 @@ def codecs():
     plain["sign"] = cp.ScaledSign()
     plain["dithering"] = cp.NaturalDithering()
     plain["natural"] = cp.NaturalCompression()
+    plain.update({f"elias{s}": cp.EliasQSGD(levels=s) for s in (1, 2, 3, 4, 6, 8, 12, 16)})
+    plain.update({f"qsgd{b}e": cp.codec_from_name(f"qsgd{b}e") for b in (2, 3, 4)})
     return {**plain, **{f"{label}+rot": cp.Rotated(codec) for label, codec in plain.items()}}
 
 
@@ -48,31 +53,36 @@ def sq_error(codec, g):
 
 
 def measure(task: str, steps: int) -> list:
+    import torch
+
     rows = []
     kept = gradients(task, steps)
     for label, codec in codecs().items():
         errors = [(sq_error(codec, g) / g.double().square().sum()).item() for _, g in kept]
         numel = kept[0][1].numel()
+        sizes = [codec.encode(g, torch.Generator().manual_seed(0)).nbytes for _, g in kept]
         rows.append({"task": task, "codec": label, "numel": numel,
-                     "bits_per_entry": 8 * codec.wire_bytes(numel) / numel,
+                     "bits_per_entry": 8 * sum(sizes) / len(sizes) / numel,
                      "error": sum(errors) / len(errors), "errors": errors,
                      "rotated": label.endswith("+rot")})
     return rows
 
 
 def table(rows) -> str:
-    lines = ["| task | codec | bits/entry | error | rotated error | rotation gain |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| task | codec | bits/entry | error | rotated bits | rotated error | rotation gain |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     by = {(r["task"], r["codec"]): r for r in rows}
     for r in rows:
         if r["rotated"]:
             continue
         rot = by[(r["task"], r["codec"] + "+rot")]
         lines.append(f"| {r['task']} | {r['codec']} | {r['bits_per_entry']:.3f} | {r['error']:.4g} "
-                     f"| {rot['error']:.4g} | {r['error'] / rot['error']:.1f}x |")
+                     f"| {rot['bits_per_entry']:.3f} | {rot['error']:.4g} "
+                     f"| {r['error'] / rot['error']:.1f}x |")
     lines.append("")
     lines.append("error: E||C(g) - g||² / ||g||², exact, the mean over the gradients of the "
-                 "first, middle and last step; the rotated codec sends the same bits.")
+                 "first, middle and last step; bits: a payload's (variable-length codecs: "
+                 "the mean over those gradients).")
     return "\n".join(lines)
 
 
