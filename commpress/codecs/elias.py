@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from . import kernels
 from .base import chunk_ranges, register_codec
 from .bucketed import BucketedLevelCodec, aligned, uniform_1_2
 
@@ -40,36 +41,109 @@ _PREFIX = struct.Struct("<qqq")
 #: ``sum(floor(log2 gap))`` over ``m`` gaps adding up to at most ``n`` is at most
 #: ``m log2(n / m) <= n / (e ln 2)``: this fraction of ``n``, rounded up
 _GAP_BITS_PER_VALUE = 0.531
-_MAX_RECORD_BITS = 63  # a record must fit a 64-bit word
+#: the longest gap code's ``k``: a record (gap bits, sign, level bits <= 6) fits 63 bits
+_MAX_GAP_LOG2 = 56
 _INT64_MAX = (1 << 63) - 1
 
 
 def _floor_log2(values: torch.Tensor) -> torch.Tensor:
-    """``floor(log2 v)`` of positive int64 values below 2**53, exactly (frexp of a double)."""
-    return torch.frexp(values.double()).exponent.to(torch.int64) - 1
+    """``floor(log2 v)`` of positive int64 values, exactly: a branch-free binary search (one
+    fused loop when compiled)."""
+    k = torch.zeros_like(values)
+    for step in (32, 16, 8, 4, 2, 1):
+        above = (values >> step) > 0
+        k = k + above.long() * step
+        values = torch.where(above, values >> step, values)
+    return k
 
 
-def _logical_shift_right(words: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``words >>> shift`` for shifts in ``1..64`` (zeros shifted in, 0 for 64)."""
+def _power_of_two(k: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(k) << k
+
+
+def _shifted_right(words: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``words >>> shift``, zeros shifted in, for shifts in ``1..64`` (every shift done by
+    the hardware stays in 0..63)."""
     return ((words >> 1) & _INT64_MAX) >> (shift - 1)
 
 
-def _write_fields(values: torch.Tensor, widths: torch.Tensor, offsets: torch.Tensor,
-                  nbits: int) -> torch.Tensor:
-    """``nbits`` bits (as bytes) holding each ``values[i]`` in ``widths[i] <= 63`` bits at bit
-    ``offsets[i]``, most significant bit first; the fields do not overlap. Each field adds its
-    share to at most two 64-bit words; as the bits are disjoint, the sum is their OR (in any
-    order: deterministic on every device)."""
-    words = torch.zeros(nbits // 64 + 2, dtype=torch.int64, device=values.device)
-    if values.numel():
-        word, start = offsets >> 6, offsets & 63
-        end = start + widths  # in 0..127 of the two words
-        high = torch.where(end <= 64, values << (64 - end).clamp(min=0),
-                           values >> (end - 64).clamp(min=0))
-        low = values << (128 - end)  # shifts of 64 or more give 0: nothing spills over
-        words.index_add_(0, word, high)
-        words.index_add_(0, word + 1, low)
-    return _words_to_bytes(words)[: -(-nbits // 8)]
+def _previous(values: torch.Tensor) -> torch.Tensor:
+    """``values`` shifted one place right, -1 first (for differences with a start at -1)."""
+    return torch.cat([values.new_full((1,), -1), values[:-1]])
+
+
+def _records(position: torch.Tensor, signed: torch.Tensor, levels: int):
+    """Per non-zero: ``(record, its width, the end of each record, the end of each unary
+    length)`` in bits, ends as running sums from 0 (see the module docstring)."""
+    gap = position - _previous(position)
+    gap_k = _floor_log2(gap)
+    record = ((gap - _power_of_two(gap_k)) << 1) | (signed < 0).long()
+    widths = gap_k + 1
+    lengths = gap_k
+    if levels > 1:
+        level = signed.abs()
+        level_k = _floor_log2(level)
+        record = (record << level_k) | (level - _power_of_two(level_k))
+        widths = widths + level_k
+        lengths = torch.stack([gap_k, level_k], 1).view(-1)
+    return record, widths, torch.cumsum(widths, 0), torch.cumsum(lengths + 1, 0)
+
+
+def _write_fields(values: torch.Tensor, widths: torch.Tensor, ends: torch.Tensor,
+                  words: torch.Tensor) -> torch.Tensor:
+    """``words`` (64-bit, as many as the fields need and one more) holding each ``values[i]``
+    in ``widths[i]`` (1..63) bits ending at bit ``ends[i]`` (ascending), most significant bit
+    first. A field puts its bits in at most two words; as fields do not overlap, a word is
+    the sum of what its fields put there, taken as differences of running sums over the
+    fields (each sorted by word). The sums run over 32-bit halves, so they cannot overflow
+    (below 2**31 fields), and the result is the same on every device, in any order."""
+    offsets = ends - widths
+    word, start = offsets >> 6, offsets & 63
+    end = start + widths  # in 1..126 of the two words
+    high = torch.where(end <= 64, values << (64 - end).clamp(0, 63),
+                       values >> (end - 64).clamp(0, 63))
+    low = torch.where(end > 64, values << (128 - end).clamp(0, 63), torch.zeros_like(values))
+    # first field of each word: where the running sums of word w begin
+    first = torch.searchsorted(word, torch.arange(words.numel() + 1, device=words.device))
+    total = torch.zeros(words.numel(), dtype=torch.int64, device=words.device)
+    for share, lag in ((high, 0), (low, 1)):  # a field's low share lands in the next word
+        for shift in (0, 32):
+            half = (share >> shift) & 0xFFFFFFFF
+            sums = torch.cat([half.new_zeros(1), torch.cumsum(half, 0)])
+            part = (sums[first[1:]] - sums[first[:-1]]) << shift  # of the fields starting in w
+            total = total + torch.cat([part.new_zeros(lag), part[: part.numel() - lag]])
+    return words.copy_(total)
+
+
+def _unary_stream(ends: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """The bytes of zeroed ``bits`` (one uint8 per bit, a multiple of 8) with a one at each
+    ``ends[i] - 1``, most significant bit first: the unary lengths."""
+    bits[ends - 1] = 1
+    shifts = torch.arange(7, -1, -1, dtype=torch.int32, device=bits.device)
+    return (bits.view(-1, 8).to(torch.int32) << shifts).sum(1).to(torch.uint8)
+
+
+def _lengths(ends: torch.Tensor, levels: int):
+    """``(gap k, level k, record widths, record ends)`` from the ends of the unary lengths."""
+    lengths = ends - _previous(ends) - 1
+    gap_k = lengths if levels == 1 else lengths[0::2]
+    level_k = torch.zeros_like(gap_k) if levels == 1 else lengths[1::2]
+    widths = gap_k + 1 + level_k
+    return gap_k, level_k, widths, torch.cumsum(widths, 0)
+
+
+def _read_records(words: torch.Tensor, gap_k: torch.Tensor, level_k: torch.Tensor,
+                  widths: torch.Tensor, ends: torch.Tensor, levels: int):
+    """``(positions, signed levels)`` of records checked to lie inside ``words``."""
+    offsets = ends - widths
+    word, start = offsets >> 6, offsets & 63
+    top = (words[word] << start) | _shifted_right(words[word + 1], 64 - start)
+    record = _shifted_right(top, 64 - widths)
+    level = (record & (_power_of_two(level_k) - 1)) | _power_of_two(level_k) if levels > 1 \
+        else torch.ones_like(record)
+    negative = ((record >> level_k) & 1).bool()
+    gap = (record >> (level_k + 1)) | _power_of_two(gap_k)
+    return torch.cumsum(gap, 0) - 1, torch.where(negative, -level, level)
 
 
 def _words_to_bytes(words: torch.Tensor) -> torch.Tensor:
@@ -84,18 +158,20 @@ def _bytes_to_words(section: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, 8).flip(1).contiguous().view(torch.int64).view(-1)
 
 
-def _read_fields(words: torch.Tensor, widths: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """The fields :func:`_write_fields` wrote (widths 0..63)."""
-    word, start = offsets >> 6, offsets & 63
-    top = (words[word] << start) | _logical_shift_right(words[word + 1], 64 - start)
-    return _logical_shift_right(top, 64 - widths)
-
-
 def _ones_positions(section: torch.Tensor, nbits: int) -> torch.Tensor:
     """Bit positions (most significant first) of the ones among the first ``nbits`` bits."""
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=section.device)
     bits = (section.unsqueeze(1) >> shifts) & 1
     return bits.view(-1)[:nbits].nonzero().view(-1)
+
+
+def _run(key, fn, numel: int, *args):
+    """``fn(*args)``, compiled (:func:`kernels.run`) when a payload of ``numel`` values is worth
+    it; eagerly for fewer than two non-zeros (sizes 0 and 1 would each compile anew)."""
+    result = None
+    if args[0].numel() > 1 and kernels.usable(args[0].device, numel):
+        result = kernels.run(key, lambda: fn, *args)
+    return fn(*args) if result is None else result
 
 
 @register_codec("qsgd-elias")
@@ -159,9 +235,13 @@ class EliasQSGD(BucketedLevelCodec):
         """Gamma codes per non-zero: the gap's, and the level's unless ``s = 1``."""
         return 1 if self.levels == 1 else 2
 
+    @property
+    def _level_log2(self) -> int:
+        return self.levels.bit_length() - 1
+
     def _stream_bounds(self, numel: int):
         """The most bits the two streams can take for ``numel`` values."""
-        level_bits = _floor_log2(torch.tensor([self.levels])).item()
+        level_bits = self._level_log2
         gap_bits = math.ceil(_GAP_BITS_PER_VALUE * numel)
         lengths = gap_bits + numel * self._codes_per_value + (numel * level_bits if self.levels > 1 else 0)
         rests = gap_bits + numel * (1 + level_bits)
@@ -184,45 +264,71 @@ class EliasQSGD(BucketedLevelCodec):
         return (_PREFIX.size + 4 * self._buckets(numel) + -(-length_bits // 8)
                 + -(-rest_bits // 8))
 
+    def _kernel(self, fn):
+        """``fn`` with this codec's ``levels`` bound, as a function of its own (to compile)."""
+        levels = self.levels
+
+        def bound(*args):
+            return fn(*args, levels=levels)
+        return bound
+
     # -- encode ---------------------------------------------------------------------------
+    def _codes_kernel(self):
+        """Scales and unpacked codes of whole buckets in one compiled pass, uniforms hashed
+        from a key (:func:`kernels.hashed_uniforms`, two per hash: a bucket's two halves)."""
+        half = self.bucket_size // 2
+
+        def codes(buckets, key, codes_out):
+            scales, divisors = self._divisors(buckets.view(-1))
+            uniforms = kernels.hashed_uniforms(key, buckets.shape[0] * half, 2, buckets.device)
+            halves = buckets.view(-1, 2, half)
+            parts = [self._codes(halves[:, k, :], divisors.unsqueeze(1), uniforms[k].view(-1, half))
+                     for k in range(2)]  # stacked, then one store: 5x faster than two strided
+            codes_out.copy_(torch.stack(parts, 1).view(codes_out.shape))
+            return scales
+        return codes
+
     def _encode_sized_body(self, flat: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         numel, device, d = flat.numel(), flat.device, self.bucket_size
         scales = torch.empty(self._buckets(numel), dtype=torch.float32, device=device)
         codes = torch.empty(numel, dtype=torch.uint8, device=device)
-        for lo, hi in chunk_ranges(numel, d, device):
+        done = numel // d * d  # whole buckets: one compiled pass; the rest eagerly
+        fused = None
+        if d % 2 == 0 and kernels.usable(device, done):
+            fused = kernels.run(("elias-codes", repr(self), device.type), self._codes_kernel,
+                                flat[:done].view(-1, d), kernels.draw_key(generator, device),
+                                codes[:done].view(-1, d))
+        if fused is None:
+            done = 0
+        else:
+            scales[: done // d] = fused
+        for lo, hi in chunk_ranges(numel, d, device, first=done):
             part_scales, codes[lo:hi] = self._quantize(flat[lo:hi], uniform_1_2(hi - lo, device, generator))
             scales[lo // d: lo // d + part_scales.numel()] = part_scales
         position = (codes != self.levels).nonzero().view(-1)
-        signed = codes[position].to(torch.int64) - self.levels
-        gap = torch.diff(position, prepend=position.new_full((1,), -1))
-        gap_k = _floor_log2(gap)
-        record = gap - (1 << gap_k)
-        record_bits = gap_k + 1
-        record = (record << 1) | (signed < 0)
-        lengths = gap_k
-        if self.levels > 1:
-            level = signed.abs()
-            level_k = _floor_log2(level)
-            record = (record << level_k) | (level - (1 << level_k))
-            record_bits = record_bits + level_k
-            lengths = torch.stack([gap_k, level_k], 1).view(-1)
-        ends = torch.cumsum(lengths + 1, 0)
-        length_bits = int(ends[-1]) if ends.numel() else 0
-        length_stream = _write_fields(torch.ones_like(ends), torch.ones_like(ends), ends - 1, length_bits)
-        record_ends = torch.cumsum(record_bits, 0)
-        rest_bits = int(record_ends[-1]) if record_ends.numel() else 0
-        rest_stream = _write_fields(record, record_bits, record_ends - record_bits, rest_bits)
+        signed = codes[position].long() - self.levels
+        record, widths, record_ends, length_ends = _run(
+            ("elias-records", repr(self), device.type), self._kernel(_records), numel, position, signed)
+        length_bits, rest_bits = (int(ends[-1]) if ends.numel() else 0
+                                  for ends in (length_ends, record_ends))
+        unary = torch.zeros(-(-length_bits // 8) * 8, dtype=torch.uint8, device=device)
+        if length_ends.numel():
+            unary = _run(("elias-unary", device.type), _unary_stream, numel, length_ends, unary)
+        words = torch.zeros(rest_bits // 64 + 2, dtype=torch.int64, device=device)
+        if record.numel():
+            words = _run(("elias-write", device.type), _write_fields, numel, record, widths,
+                         record_ends, words)
+        streams = [unary, _words_to_bytes(words)[: -(-rest_bits // 8)]]
         prefix = torch.frombuffer(bytearray(_PREFIX.pack(position.numel(), length_bits, rest_bits)),
                                   dtype=torch.uint8).to(device)
-        return torch.cat([prefix, scales.view(torch.uint8), length_stream, rest_stream])
+        return torch.cat([prefix, scales.view(torch.uint8), *streams])
 
     # -- decode ---------------------------------------------------------------------------
     def _sparse_levels(self, body: torch.Tensor, numel: int):
         """``(scales, positions, signed levels)`` of a length-checked body; raises
-        ``ValueError`` on streams that contradict its prefix."""
+        ``ValueError`` on streams that contradict its prefix, before reading past them."""
         nnz, length_bits, rest_bits = _PREFIX.unpack(bytes(body[: _PREFIX.size].cpu().numpy()))
-        nb = self._buckets(numel)
-        at = _PREFIX.size + 4 * nb
+        at = _PREFIX.size + 4 * self._buckets(numel)
         scales = aligned(body[_PREFIX.size: at], 4).view(torch.float32)
         length_stream = body[at: at + -(-length_bits // 8)]
         rest_stream = body[at + length_stream.numel():]
@@ -230,28 +336,26 @@ class EliasQSGD(BucketedLevelCodec):
         if ends.numel() != nnz * self._codes_per_value or (nnz and int(ends[-1]) != length_bits - 1):
             raise ValueError(f"payload's length stream holds {ends.numel()} codes in "
                              f"{length_bits} bits, not the {nnz * self._codes_per_value} it states")
-        lengths = torch.diff(ends, prepend=ends.new_full((1,), -1)) - 1
-        if nnz and int(lengths.max()) > 56:
-            raise ValueError("payload's length stream holds a gap longer than any payload")
-        gap_k = lengths if self.levels == 1 else lengths[0::2]
-        level_k = torch.zeros_like(gap_k) if self.levels == 1 else lengths[1::2]
-        record_bits = gap_k + 1 + level_k
-        record_ends = torch.cumsum(record_bits, 0)
-        if (int(record_ends[-1]) if nnz else 0) != rest_bits:
-            raise ValueError(f"payload's records take {int(record_ends[-1]) if nnz else 0} bits, "
-                             f"not the {rest_bits} it states")
-        record = _read_fields(_bytes_to_words(rest_stream), record_bits, record_ends - record_bits)
-        level = (record & ((1 << level_k) - 1)) | (1 << level_k) if self.levels > 1 else \
-            torch.ones_like(record)
-        negative = (record >> level_k) & 1
-        gap = (record >> (level_k + 1)) | (1 << gap_k)
-        if nnz and (int(gap.max()) > numel or int(level.max()) > self.levels):
-            raise ValueError(f"payload holds a gap past its {numel} values or a level above "
-                             f"{self.levels}")
-        position = torch.cumsum(gap, 0) - 1
-        if nnz and int(position[-1]) >= numel:
-            raise ValueError(f"payload's non-zeros run past its {numel} values")
-        return scales, position, torch.where(negative.bool(), -level, level)
+        if not nnz:
+            empty = torch.zeros(0, dtype=torch.int64, device=body.device)
+            return scales, empty, empty
+        key = repr(self)
+        gap_k, level_k, widths, record_ends = _run(
+            ("elias-lengths", key, body.device.type), self._kernel(_lengths), numel, ends)
+        longest_gap, longest_level, total = torch.stack(
+            [gap_k.max(), level_k.max(), record_ends[-1]]).tolist()
+        if longest_gap > _MAX_GAP_LOG2 or longest_level > self._level_log2 or total != rest_bits:
+            raise ValueError(f"payload's records take {total} bits (it states {rest_bits}), with "
+                             f"codes of up to 2^{longest_gap} and 2^{longest_level}: not a "
+                             f"payload of {self!r}")
+        position, signed = _run(("elias-read", key, body.device.type), self._kernel(_read_records),
+                                numel, _bytes_to_words(rest_stream), gap_k, level_k, widths,
+                                record_ends)
+        largest, last = torch.stack([signed.abs().max(), position[-1]]).tolist()
+        if largest > self.levels or last >= numel:
+            raise ValueError(f"payload holds a level of {largest} (at most {self.levels}) or a "
+                             f"non-zero at position {last} of {numel}")
+        return scales, position, signed
 
     def _decode_body(self, body, out, alpha=None):
         numel, d = out.numel(), self.bucket_size

@@ -430,7 +430,6 @@ def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_resid
     with _Timer(stats, "encode_seconds"):
         payloads = [codec.encode(flat[lo:hi], generator) for lo, hi in bounds]
     sizes = [p.nbytes for p in payloads]
-    mine = sizes[rank]
     received, spans = _received_spans(codec, transport, sizes, flat.device)
     pending = transport.all_to_all_start(torch.cat([p.data for p in payloads]), sizes, received)
     if residual is not None:  # while the chunks are on the wire
