@@ -19,7 +19,8 @@ rank, size = comm.Get_rank(), comm.Get_size()
 out = {"size": size, "codecs": {}}
 codecs = {"identity": cp.Identity(), "fp16": cp.FP16(), "bf16": cp.BF16(),
           "qsgd4": cp.QSGD(bits=4, bucket_size=128), "natural": cp.NaturalCompression(),
-          "dithering": cp.NaturalDithering(bucket_size=128)}
+          "dithering": cp.NaturalDithering(bucket_size=128),
+          "elias8": cp.EliasQSGD(levels=8, bucket_size=128)}  # payload sizes differ by rank
 x = np.random.default_rng(rank).standard_normal(1000).astype(np.float32)
 exact = np.zeros_like(x)
 comm.Allreduce(x, exact)
@@ -43,7 +44,8 @@ for name, codec in codecs.items():
         entry[collective] = {"max_err": float(np.abs(samples[0] - exact).max()), "max_z": float(z),
                              "sent": sent, "model": wire_bytes_per_rank(collective, codec, 1000, size)
                              + (size - 1) * 8,  # the 8-byte configuration agreement
-                             "same_on_all_ranks": rank != 0 or len(set(gathered)) == 1}
+                             "same_on_all_ranks": rank != 0 or len(set(gathered)) == 1,
+                             "variable_length": codec.variable_length}
     out["codecs"][name] = entry
 
 # a tensor in, a tensor out; error feedback by name

@@ -40,7 +40,10 @@ def test_mpi_allreduce_every_codec_and_training(np_, tmp_path):
             assert r["same_on_all_ranks"], (name, collective)
             # half-precision sums travel as fp32 over Open MPI (no fp16/bf16 reductions)
             expected = r["model"] * (2 if name in ("fp16", "bf16") else 1)
-            assert r["sent"] == pytest.approx(expected, rel=0.02, abs=8), (name, collective, r)
+            if r["variable_length"]:  # the model counts its bound; payloads are smaller
+                assert 0 < r["sent"] < 0.7 * expected, (name, collective, r)
+            else:
+                assert r["sent"] == pytest.approx(expected, rel=0.02, abs=8), (name, collective, r)
             if name == "identity":
                 assert r["max_err"] < 1e-6
             elif name in ("fp16", "bf16"):

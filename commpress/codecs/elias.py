@@ -91,36 +91,36 @@ def _records(position: torch.Tensor, signed: torch.Tensor, levels: int):
 
 def _write_fields(values: torch.Tensor, widths: torch.Tensor, ends: torch.Tensor,
                   words: torch.Tensor) -> torch.Tensor:
-    """``words`` (64-bit, as many as the fields need and one more) holding each ``values[i]``
-    in ``widths[i]`` (1..63) bits ending at bit ``ends[i]`` (ascending), most significant bit
-    first. A field puts its bits in at most two words; as fields do not overlap, a word is
-    the sum of what its fields put there, taken as differences of running sums over the
-    fields (each sorted by word). The sums run over 32-bit halves, so they cannot overflow
-    (below 2**31 fields), and the result is the same on every device, in any order."""
+    """``words`` (zeroed 64-bit words, as many as the fields need and one more) with each
+    ``values[i]`` written in ``widths[i]`` (1..63) bits ending at bit ``ends[i]``, most
+    significant bit first. A field adds its share to at most two words; as fields do not
+    overlap, the integer sums are their OR, whatever order they are added in (the same bits
+    on every device, atomics included)."""
     offsets = ends - widths
     word, start = offsets >> 6, offsets & 63
     end = start + widths  # in 1..126 of the two words
     high = torch.where(end <= 64, values << (64 - end).clamp(0, 63),
                        values >> (end - 64).clamp(0, 63))
     low = torch.where(end > 64, values << (128 - end).clamp(0, 63), torch.zeros_like(values))
-    # first field of each word: where the running sums of word w begin
-    first = torch.searchsorted(word, torch.arange(words.numel() + 1, device=words.device))
-    total = torch.zeros(words.numel(), dtype=torch.int64, device=words.device)
-    for share, lag in ((high, 0), (low, 1)):  # a field's low share lands in the next word
-        for shift in (0, 32):
-            half = (share >> shift) & 0xFFFFFFFF
-            sums = torch.cat([half.new_zeros(1), torch.cumsum(half, 0)])
-            part = (sums[first[1:]] - sums[first[:-1]]) << shift  # of the fields starting in w
-            total = total + torch.cat([part.new_zeros(lag), part[: part.numel() - lag]])
-    return words.copy_(total)
+    words.index_add_(0, word, high)
+    words.index_add_(0, word + 1, low)
+    return words
+
+
+def _packed(bits: torch.Tensor) -> torch.Tensor:
+    """Bytes of 8 bits each (``bits``: ``(bytes, 8)`` of 0 and 1), most significant first; an
+    unrolled OR (a sum over the 8 compiled to a loop ten times slower)."""
+    out = bits[:, 0] << 7
+    for j in range(1, 8):
+        out = out | (bits[:, j] << (7 - j))
+    return out
 
 
 def _unary_stream(ends: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """The bytes of zeroed ``bits`` (one uint8 per bit, a multiple of 8) with a one at each
     ``ends[i] - 1``, most significant bit first: the unary lengths."""
     bits[ends - 1] = 1
-    shifts = torch.arange(7, -1, -1, dtype=torch.int32, device=bits.device)
-    return (bits.view(-1, 8).to(torch.int32) << shifts).sum(1).to(torch.uint8)
+    return _packed(bits.view(-1, 8))
 
 
 def _lengths(ends: torch.Tensor, levels: int):
@@ -158,11 +158,44 @@ def _bytes_to_words(section: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, 8).flip(1).contiguous().view(torch.int64).view(-1)
 
 
-def _ones_positions(section: torch.Tensor, nbits: int) -> torch.Tensor:
-    """Bit positions (most significant first) of the ones among the first ``nbits`` bits."""
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=section.device)
-    bits = (section.unsqueeze(1) >> shifts) & 1
-    return bits.view(-1)[:nbits].nonzero().view(-1)
+_BIT_TABLES = {}
+
+
+def _bit_tables(device: torch.device):
+    """Per byte value: how many bits are set, and their offsets, most significant first."""
+    tables = _BIT_TABLES.get(device)
+    if tables is None:
+        offsets = [[j for j in range(8) if value >> (7 - j) & 1] for value in range(256)]
+        counts = torch.tensor([len(o) for o in offsets], dtype=torch.int64)
+        select = torch.tensor([o + [0] * (8 - len(o)) for o in offsets], dtype=torch.int64)
+        tables = _BIT_TABLES[device] = (counts.to(device), select.view(-1).to(device))
+    return tables
+
+
+def _set_bits(section: torch.Tensor, ones: int) -> torch.Tensor:
+    """Positions (ascending) of the ``ones`` set bits of the bytes ``section``, most
+    significant bit first. Sparse bits: the non-zero bytes found first (an eighth of the bits
+    to scan), then each one's bits from tables; dense ones (an eighth or more): unpacked and
+    scanned, cheaper than a table lookup per bit."""
+    if ones >= section.numel():
+        shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=section.device)
+        return ((section.unsqueeze(1) >> shifts) & 1).view(-1).nonzero().view(-1)
+    counts_of, select = _bit_tables(section.device)
+    index = section.nonzero().view(-1)
+    values = section[index].long()
+    counts = counts_of[values]
+    total = int(counts.sum()) if counts.numel() else 0
+    owner = torch.repeat_interleave(torch.arange(index.numel(), device=section.device), counts,
+                                    output_size=total)
+    rank = torch.arange(total, device=section.device) - (torch.cumsum(counts, 0) - counts)[owner]
+    return index[owner] * 8 + select[values[owner] * 8 + rank]
+
+
+def _flags(codes: torch.Tensor, levels: int):
+    """``(flags, count)``: one bit per code (a multiple of 8 of them), set where it is not the
+    zero level's (``levels``), packed into bytes most significant bit first, and how many."""
+    nonzero = (codes != levels).view(-1, 8).to(torch.uint8)
+    return _packed(nonzero), nonzero.sum(dtype=torch.int64)
 
 
 def _run(key, fn, numel: int, *args):
@@ -291,7 +324,7 @@ class EliasQSGD(BucketedLevelCodec):
     def _encode_sized_body(self, flat: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         numel, device, d = flat.numel(), flat.device, self.bucket_size
         scales = torch.empty(self._buckets(numel), dtype=torch.float32, device=device)
-        codes = torch.empty(numel, dtype=torch.uint8, device=device)
+        codes = torch.full((-(-numel // 8) * 8,), self.levels, dtype=torch.uint8, device=device)
         done = numel // d * d  # whole buckets: one compiled pass; the rest eagerly
         fused = None
         if d % 2 == 0 and kernels.usable(device, done):
@@ -305,7 +338,9 @@ class EliasQSGD(BucketedLevelCodec):
         for lo, hi in chunk_ranges(numel, d, device, first=done):
             part_scales, codes[lo:hi] = self._quantize(flat[lo:hi], uniform_1_2(hi - lo, device, generator))
             scales[lo // d: lo // d + part_scales.numel()] = part_scales
-        position = (codes != self.levels).nonzero().view(-1)
+        flags, count = _run(("elias-flags", self.levels, device.type), self._kernel(_flags), numel,
+                            codes)
+        position = _set_bits(flags, int(count))
         signed = codes[position].long() - self.levels
         record, widths, record_ends, length_ends = _run(
             ("elias-records", repr(self), device.type), self._kernel(_records), numel, position, signed)
@@ -332,7 +367,8 @@ class EliasQSGD(BucketedLevelCodec):
         scales = aligned(body[_PREFIX.size: at], 4).view(torch.float32)
         length_stream = body[at: at + -(-length_bits // 8)]
         rest_stream = body[at + length_stream.numel():]
-        ends = _ones_positions(length_stream, length_bits)
+        # (a forged stream with more ones, or ones past length_bits, is refused just below)
+        ends = _set_bits(length_stream, nnz * self._codes_per_value)
         if ends.numel() != nnz * self._codes_per_value or (nnz and int(ends[-1]) != length_bits - 1):
             raise ValueError(f"payload's length stream holds {ends.numel()} codes in "
                              f"{length_bits} bits, not the {nnz * self._codes_per_value} it states")
