@@ -185,9 +185,13 @@ def _set_bits(section: torch.Tensor, ones: int) -> torch.Tensor:
     values = section[index].long()
     counts = counts_of[values]
     total = int(counts.sum()) if counts.numel() else 0
-    owner = torch.repeat_interleave(torch.arange(index.numel(), device=section.device), counts,
-                                    output_size=total)
-    rank = torch.arange(total, device=section.device) - (torch.cumsum(counts, 0) - counts)[owner]
+    # each bit's byte: a one where each byte's bits begin (every byte has some), summed up
+    # (repeat_interleave costs milliseconds even on a few values: it wakes a thread pool)
+    starts = torch.cumsum(counts, 0) - counts
+    marks = torch.zeros(total, dtype=torch.int64, device=section.device)
+    marks[starts[1:]] = 1
+    owner = torch.cumsum(marks, 0)
+    rank = torch.arange(total, device=section.device) - starts[owner]
     return index[owner] * 8 + select[values[owner] * 8 + rank]
 
 
