@@ -41,8 +41,8 @@ METHODS = ["fp32", "torch-bf16", "torch-fp16", "powersgd1", "powersgd4", "qsgd4"
 QUICK_METHODS = ["fp32", "torch-bf16", "calibrated:qsgd4"]
 BASELINES = ("fp32", "torch-bf16")
 #: the settings a run's results depend on: --resume keeps a run only if these match
-RUN_SETTINGS = ("width", "layers", "batch_size", "lr", "corpus_bytes", "eval_every",
-                "eval_sequences", "budget", "steps")
+RUN_SETTINGS = ("width", "layers", "batch_size", "lr", "lr_decay", "acdc_last_dense",
+                "corpus_bytes", "eval_every", "eval_sequences", "budget", "steps")
 
 
 # -- one run, inside the netsim nodes ----------------------------------------------------------
@@ -83,7 +83,10 @@ def run_method(method: str, args, rank: int, world: int, ifname: str) -> dict:
     model = DDP(ByteLM(args.width, args.layers),
                 bucket_cap_mb=1024 if method.startswith("powersgd") else 25)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    schedule = cp.ACDCSchedule.paper(args.steps) if method.startswith("acdc") else None
+    decay = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
+             if args.lr_decay == "cosine" else None)
+    schedule = (cp.ACDCSchedule.paper(args.steps, last_dense=args.acdc_last_dense)
+                if method.startswith("acdc") else None)
     state, acdc = attach(method, model, opt, args.steps or 0, schedule=schedule)
     overlaps, masks = [], {}  # AC/DC: each prune's masks against the previous prune's
     params = sum(p.numel() for p in model.parameters())
@@ -119,6 +122,8 @@ def run_method(method: str, args, rank: int, world: int, ifname: str) -> dict:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if decay is not None:
+                decay.step()
             steps += 1
             if acdc is not None:
                 acdc.step()
@@ -305,6 +310,11 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16, help="per rank (default 16)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW's (default 0.001)")
+    parser.add_argument("--lr-decay", choices=["none", "cosine"], default="none",
+                        help="cosine: the learning rate decays to 0 over --steps (needs --steps)")
+    parser.add_argument("--acdc-last-dense", type=float, default=0.10, metavar="FRACTION",
+                        help="AC/DC: the dense phase before the final sparse one lasts at least "
+                             "this fraction of the run (default 0.10, the paper's)")
     parser.add_argument("--corpus-bytes", type=int, default=4_000_000,
                         help="bytes of the standard library's sources (default 4 MB; 10%% held out)")
     parser.add_argument("--eval-every", type=int, default=20, metavar="STEPS")
@@ -327,6 +337,8 @@ def main(argv=None):
         return worker(args)
     if any(m.startswith("acdc") for m in args.methods) and not args.steps:
         parser.error("AC/DC methods need --steps: the paper's schedule is laid over a known length")
+    if args.lr_decay != "none" and not args.steps:
+        parser.error("--lr-decay needs --steps: the decay is laid over a known length")
     if args.steps < 0:
         parser.error(f"--steps must be positive, got {args.steps}")
     if args.quick:
