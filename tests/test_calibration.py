@@ -178,13 +178,15 @@ def default_policy_worker(rank, world_size, codec):
             [p.detach() for p in model.parameters()])
 
 
-def test_default_policy_plans_alike_on_every_rank():
-    results = run_workers(default_policy_worker, 2, cp.QSGD(bits=4))
+@pytest.mark.parametrize("codec", [cp.QSGD(bits=4), cp.EliasQSGD(levels=8)], ids=repr)
+def test_default_policy_plans_alike_on_every_rank(codec):
+    """Also with payloads whose size depends on the data (the policy times them like any)."""
+    results = run_workers(default_policy_worker, 2, codec)
     plan, summary = results[0][0], results[0][1]
     assert plan == results[1][0] and plan["step"] >= 1
     assert len(plan["entries"]) >= 2  # every bucket size timed
     for entry in plan["entries"]:
-        assert set(entry["seconds"]) == {"fp32", "fp16", "qsgd4/allgather"}
+        assert set(entry["seconds"]) == {"fp32", "fp16", f"{codec.short_name}/allgather"}
     assert "plan of step" in summary
     for p0, p1 in zip(results[0][-1], results[1][-1]):
         assert torch.equal(p0, p1)

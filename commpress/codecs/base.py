@@ -201,6 +201,11 @@ class Codec:
             out.add_(values.to(out.dtype) * alpha)
 
     # -- public API ---------------------------------------------------------------------
+    @property
+    def short_name(self) -> str:
+        """How plans and summaries name this codec: ``"qsgd4"`` rather than ``"qsgd"``."""
+        return self.name + str(getattr(self, "bits", ""))
+
     def expected_sq_error(self, flat: torch.Tensor) -> Optional[torch.Tensor]:
         """``E||decode(encode(flat)) - flat||^2`` (a 0-d fp32 tensor) for stochastic codecs,
         computed from the rounding probabilities; None for deterministic ones. EF21 uses it to

@@ -301,6 +301,10 @@ class EliasQSGD(BucketedLevelCodec):
         return (_PREFIX.size + 4 * self._buckets(numel) + -(-length_bits // 8)
                 + -(-rest_bits // 8))
 
+    @property
+    def short_name(self) -> str:
+        return f"elias{self.levels}" + ("" if self.norm == "l2" else "-max")
+
     def _kernel(self, fn):
         """``fn`` with this codec's ``levels`` bound, as a function of its own (to compile)."""
         levels = self.levels

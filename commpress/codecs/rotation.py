@@ -88,6 +88,10 @@ class Rotated(Codec):
             self.bits = inner.bits
         self._signs: Dict[tuple, torch.Tensor] = {}
 
+    @property
+    def short_name(self) -> str:
+        return f"rot-{self.inner.short_name}"
+
     # -- the transform ----------------------------------------------------------------------
     def _sign_vector(self, numel: int, device: torch.device) -> torch.Tensor:
         key = (numel, device)

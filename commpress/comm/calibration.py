@@ -76,7 +76,7 @@ class Candidate:
     def label(self, codec: Codec) -> str:
         name = self.codec
         if self.codec == "codec":  # "qsgd4" rather than "qsgd"
-            name = codec.name + str(getattr(codec, "bits", ""))
+            name = codec.short_name
         return name if self.collective == "allreduce" else f"{name}/{self.collective}"
 
 
