@@ -36,6 +36,7 @@ import torch
 from . import kernels
 from .base import chunk_ranges, register_codec
 from .bucketed import BucketedLevelCodec, aligned, uniform_1_2
+from .qsgd import EvenLevels
 
 _PREFIX = struct.Struct("<qqq")
 #: ``sum(floor(log2 gap))`` over ``m`` gaps adding up to at most ``n`` is at most
@@ -212,7 +213,7 @@ def _run(key, fn, numel: int, *args):
 
 
 @register_codec("qsgd-elias")
-class EliasQSGD(BucketedLevelCodec):
+class EliasQSGD(EvenLevels, BucketedLevelCodec):
     """QSGD with ``levels`` (the paper's ``s``, any of 1..127) levels per sign, one fp32 scale
     per bucket, and the paper's variable-length coding of the non-zero levels (see the module
     docstring): the quantization of :class:`QSGD`, fewer bits on the wire.
@@ -249,22 +250,6 @@ class EliasQSGD(BucketedLevelCodec):
         # (s >= 6 for buckets of 512); s = 1 has about 15 on real gradients
         d, s = self.bucket_size, self.levels
         return self.norm == "max" or min(d / s ** 2, math.sqrt(d) / s) <= 4
-
-    # the rounding is QSGD's: evenly spaced levels
-    def _level_magnitudes(self, level):
-        return level / self.levels
-
-    @property
-    def _ratio_unit(self):
-        return self.levels
-
-    def _round(self, scaled, u):
-        return scaled.add_(u).floor_().sub_(1.0).clamp_(max=self.levels)
-
-    def _rounding_variance(self, ratio):
-        t = ratio.mul_(self.levels)
-        fraction = t.sub_(torch.floor(t))
-        return fraction.mul_(1.0 - fraction).div_(self.levels ** 2)
 
     # -- sizes ----------------------------------------------------------------------------
     @property

@@ -9,8 +9,32 @@ from .base import register_codec
 from .bucketed import BucketedLevelCodec
 
 
+class EvenLevels:
+    """QSGD's rounding, mixed into a :class:`BucketedLevelCodec`: ``levels`` evenly spaced
+    magnitudes, ``|x| / norm`` rounded stochastically to one of its two neighbours."""
+
+    def _level_magnitudes(self, level):
+        return level / self.levels
+
+    @property
+    def _ratio_unit(self):
+        return max(self.levels, 1)
+
+    def _round(self, scaled, u):
+        # floor(t + U), U ~ [0, 1), is floor(t) + 1 with probability frac(t): unbiased up to the
+        # fp32 rounding of t + U (< 2^-16 of a level at 8 bits). That rounding can carry
+        # t = levels over the top, hence the clamp.
+        return scaled.add_(u).floor_().sub_(1.0).clamp_(max=self.levels)
+
+    def _rounding_variance(self, ratio):
+        # with t = r * levels, frac(t) (1 - frac(t)) / levels^2
+        t = ratio.mul_(self.levels)
+        fraction = t.sub_(torch.floor(t))
+        return fraction.mul_(1.0 - fraction).div_(self.levels ** 2)
+
+
 @register_codec("qsgd")
-class QSGD(BucketedLevelCodec):
+class QSGD(EvenLevels, BucketedLevelCodec):
     """QSGD with ``bits`` bits per entry (sign and level together) and one fp32 scale per
     bucket: ``levels = 2**(bits-1) - 1`` evenly spaced magnitudes, ``bits + 32/bucket_size``
     bits per coordinate on the wire.
@@ -52,19 +76,12 @@ class QSGD(BucketedLevelCodec):
         # the digits CNN ended at chance level, where without it it matched fp32
         return not self._signs_only
 
-    def _level_magnitudes(self, level):
-        return level / self.levels
-
     def _fractions(self, codes):
         if self._signs_only:  # both codes are valid
             return codes * 2.0 - 1.0
         # evenly spaced levels: the signed code over the levels (the same bits as the general
         # magnitude-and-sign form, in two fewer operations per value)
         return torch.where(codes <= 2 * self.levels, (codes - self.levels) / self.levels, math.nan)
-
-    @property
-    def _ratio_unit(self):
-        return max(self.levels, 1)
 
     def _codes(self, values, divisors, uniforms, dtype=torch.uint8):
         if not self._signs_only:
@@ -77,16 +94,7 @@ class QSGD(BucketedLevelCodec):
     def _rounding_variance(self, ratio):
         if self._signs_only:  # between -1 and +1: (1 - r)(1 + r)
             return ratio.mul_(ratio).neg_().add_(1.0)
-        # evenly spaced levels: with t = r * levels, frac(t) (1 - frac(t)) / levels^2
-        t = ratio.mul_(self.levels)
-        fraction = t.sub_(torch.floor(t))
-        return fraction.mul_(1.0 - fraction).div_(self.levels ** 2)
-
-    def _round(self, scaled, u):
-        # floor(t + U), U ~ [0, 1), is floor(t) + 1 with probability frac(t): unbiased up to the
-        # fp32 rounding of t + U (< 2^-16 of a level at 8 bits). That rounding can carry
-        # t = levels over the top, hence the clamp.
-        return scaled.add_(u).floor_().sub_(1.0).clamp_(max=self.levels)
+        return super()._rounding_variance(ratio)
 
     def __repr__(self):
         return f"QSGD(bits={self.bits}, bucket_size={self.bucket_size}, norm={self.norm!r})"
