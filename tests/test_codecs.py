@@ -18,7 +18,6 @@ ALL_CODECS = [
     cp.Rotated(cp.QSGD(bits=2, bucket_size=128)), cp.Rotated(cp.NaturalDithering(), block=64),
     cp.ScaledSign(bucket_size=64), cp.Rotated(cp.ScaledSign()),
     cp.EliasQSGD(levels=1), cp.EliasQSGD(levels=5, bucket_size=100, norm="max"),
-    cp.Rotated(cp.EliasQSGD(levels=16)),
 ]
 STOCHASTIC = [c for c in ALL_CODECS if c.stochastic]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -103,13 +103,25 @@ def test_identity_on_four_ranks_matches_fsdp_to_rounding():
         assert relative(r["compressed"], r["plain"]) < 1e-6
 
 
-@pytest.mark.parametrize("spec", ["qsgd4+ef", "qsgd4+ef21"])
-def test_qsgd_with_error_feedback_trains_like_fsdp(spec):
-    results = run_workers(comparison_worker, 2, spec, 30, None, 1)
-    for r in results:
-        assert sum(r["losses"][-5:]) < 1.1 * sum(r["plain_losses"][-5:]), (r["losses"], r["plain_losses"])
-    for a, b in zip(results[0]["compressed"], results[1]["compressed"]):
-        assert torch.equal(a, b)   # every rank steps with the same estimate
+def feedback_worker(rank, world_size, specs, steps):
+    """FSDP's own training, then the same under each of ``specs`` (one process group)."""
+    _, plain_losses = train(sharded_model(), rank, steps, 1)
+    runs = {}
+    for spec in specs:
+        model = sharded_model()
+        cp.fsdp.compress(model, spec, policy="fixed")
+        runs[spec] = train(model, rank, steps, 1)
+    return plain_losses, runs
+
+
+def test_qsgd_with_error_feedback_trains_like_fsdp():
+    results = run_workers(feedback_worker, 2, ["qsgd4+ef", "qsgd4+ef21"], 30)
+    for spec in ("qsgd4+ef", "qsgd4+ef21"):
+        for plain_losses, runs in results:
+            losses = runs[spec][1]
+            assert sum(losses[-5:]) < 1.1 * sum(plain_losses[-5:]), (spec, losses, plain_losses)
+        for a, b in zip(results[0][1][spec][0], results[1][1][spec][0]):
+            assert torch.equal(a, b), spec   # every rank steps with the same estimate
 
 
 def test_bf16_reduce_dtype_and_gradient_accumulation():
