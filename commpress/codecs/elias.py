@@ -47,6 +47,11 @@ _MAX_GAP_LOG2 = 56
 _INT64_MAX = (1 << 63) - 1
 
 
+def _stated_sizes(body: torch.Tensor):
+    """``(nnz, len_bits, rest_bits)`` from a body's prefix (a host read)."""
+    return _PREFIX.unpack(bytes(body[: _PREFIX.size].cpu().numpy()))
+
+
 def _floor_log2(values: torch.Tensor) -> torch.Tensor:
     """``floor(log2 v)`` of positive int64 values, exactly: a branch-free binary search (one
     fused loop when compiled)."""
@@ -277,7 +282,7 @@ class EliasQSGD(EvenLevels, BucketedLevelCodec):
         if body.numel() < _PREFIX.size:
             raise ValueError(f"payload truncated: its {body.numel()}-byte body is shorter than "
                              f"the {_PREFIX.size}-byte size prefix")
-        nnz, length_bits, rest_bits = _PREFIX.unpack(bytes(body[: _PREFIX.size].cpu().numpy()))
+        nnz, length_bits, rest_bits = _stated_sizes(body)
         max_lengths, max_rests = self._stream_bounds(numel)
         if not (0 <= nnz <= numel and nnz * self._codes_per_value <= length_bits <= max_lengths
                 and nnz <= rest_bits <= max_rests and (nnz > 0 or length_bits == rest_bits == 0)):
@@ -355,7 +360,7 @@ class EliasQSGD(EvenLevels, BucketedLevelCodec):
     def _sparse_levels(self, body: torch.Tensor, numel: int):
         """``(scales, positions, signed levels)`` of a length-checked body; raises
         ``ValueError`` on streams that contradict its prefix, before reading past them."""
-        nnz, length_bits, rest_bits = _PREFIX.unpack(bytes(body[: _PREFIX.size].cpu().numpy()))
+        nnz, length_bits, rest_bits = _stated_sizes(body)
         at = _PREFIX.size + 4 * self._buckets(numel)
         scales = aligned(body[_PREFIX.size: at], 4).view(torch.float32)
         length_stream = body[at: at + -(-length_bits // 8)]
