@@ -64,7 +64,7 @@ def worker(args) -> None:
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, quantization_hooks
 
-    from commpress.comm import compressed_mean
+    from commpress.comm import Channel, compressed_mean
     from commpress.comm.transport import (TorchTransport, node_layout, release_default_group,
                                           torch_hierarchical_transport)
     from commpress.names import codec_from_name, named_hooks
@@ -110,8 +110,9 @@ def worker(args) -> None:
                     torch_hooks[method](None, _Bucket(buf)).wait()
                 else:
                     # as the front ends call it: they agree on the layout once per step
-                    compressed_mean(buf, codec, transport, collective or _auto(codec, buf, transport),
-                                    gen, stats if i >= args.warmup else None, agreed=True)
+                    channel = Channel(codec, transport, gen, stats if i >= args.warmup else None)
+                    compressed_mean(buf, channel, collective or _auto(codec, buf, transport),
+                                    agreed=True)
                 if i >= args.warmup:
                     times.append(time.perf_counter() - start)
                     wire.append(transport.sent_bytes - before)

@@ -179,12 +179,16 @@ def main(argv=None):
                              "100mbit; needs root and iproute2), so the curves against time "
                              "include the wire (default: loopback processes)")
     parser.add_argument("--epochs", type=int, help="override every task's epochs")
-    parser.add_argument("--quick", action="store_true", help="one seed, 2 epochs, qsgd4 only: a smoke test (CI), its "
-                             "figures are not measurements")
+    parser.add_argument("--quick", action="store_true",
+                        help="one seed, one epoch, qsgd4 only, and unless --tasks says otherwise "
+                             "the two small tasks (the LM's one epoch is its full run): a smoke "
+                             "test (CI), its figures are not measurements")
     out_argument(parser, "convergence")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.methods = [0], 1, ["qsgd4"]
+        if args.tasks == parser.get_default("tasks"):
+            args.tasks = ["digits", "libsvm"]
 
     from tqdm import tqdm
 

@@ -99,7 +99,7 @@ class ErrorFeedback:
     kind = ""
     #: the memories this kind keeps, by name
     memories_kept: tuple = ()
-    #: the collective writes ``p - C(p)`` over what was sent (``residual_out``)
+    #: the collective writes ``p - C(p)`` over what was sent (``FeedbackBuffers.residual``)
     residual_in_place = False
     #: the collective returns this rank's own compressed contribution ``C(p)`` (``keep_local``)
     keeps_local = False

@@ -34,10 +34,12 @@ import torch.distributed as dist
 
 from .codecs import Codec, saturating_cast
 from .comm.calibration import CALIBRATED, FP32, SAMPLE_NUMEL, Candidate
-from .comm.collectives import (choose_algorithm, compressed_mean, compressed_reduce_scatter,
+from .comm.collectives import (Channel, FeedbackBuffers, choose_algorithm, compressed_mean,
+                               compressed_reduce_scatter,
                                node_mean_of_chunks)
 from .comm.transport import (HierarchicalTransport, TorchTransport, node_layout,
                              torch_hierarchical_transport)
+from .engine.reduction import Ticket
 from .engine.state import EngineState
 from .feedback import ErrorFeedback
 from .names import state_of
@@ -164,19 +166,12 @@ class FSDPCompressionState(EngineState):
         first, count ``fp32_bytes``, then calibrate (``calibrate()``; the reduction itself
         goes ``uncompressed``) or choose, ``run(choice)`` (timed for drift once a plan is
         adopted), and close a step that no backward will close."""
-        policy = self._policy
         closes_step = self._begin(transport, device)
         self.stats.add(fp32_bytes=fp32_bytes)
-        if policy.calibrating:
-            calibrate()
-            choice = uncompressed
-        else:
-            choice = policy.choose(numel, True, policy.step_plan)
-        adopted = policy.step_plan is not None and policy.step_plan is policy.plan
-        started = time.perf_counter()
-        run(choice)
-        if adopted:  # watched for drift (the step's total is closed at its end)
-            policy.drift.add(time.perf_counter() - started, step_done=False)
+        # never the step's last group: the step is closed at its end (drift included)
+        ticket = Ticket(self.iter, 0, False, True, self._policy.calibrating,
+                        self._policy.step_plan, self.phase, None)
+        self.engine.run_chosen(ticket, numel, calibrate, run, uncompressed)
         if closes_step:
             self._end_step(transport)
 
@@ -248,9 +243,8 @@ class CompressedReduceScatter(ReduceScatter):
         # EF's residual goes over what was sent; EF21 needs its own C(sent) = sent - residual
         local = torch.empty_like(sent) if feedback and feedback.keeps_local else None
         residual = sent if feedback and feedback.residual_in_place else local
-        mean = compressed_reduce_scatter(sent, codec, transport,
-                                         self.state.generator(flat.device, rank),
-                                         stats, residual_out=residual)
+        channel = Channel(codec, transport, self.state.generator(flat.device, rank), stats)
+        mean = compressed_reduce_scatter(sent, channel, residual_out=residual)
         if feedback:
             if local is not None:
                 torch.sub(sent, local, out=local)
@@ -335,10 +329,10 @@ class CompressedAllReduce:
                 else flat.float())
         local = torch.empty_like(sent) if feedback and feedback.keeps_local else None
         residual = sent if feedback and feedback.residual_in_place else None
-        mean, local = compressed_mean(sent, state.codec, transport,
-                                      choose_algorithm(state.codec, flat.numel(), w),
-                                      state.generator(flat.device, transport.rank), stats,
-                                      local_out=local, residual_out=residual)
+        channel = Channel(state.codec, transport, state.generator(flat.device, transport.rank),
+                          stats)
+        mean, local = compressed_mean(sent, channel, choose_algorithm(state.codec, flat.numel(), w),
+                                      feedback=FeedbackBuffers(local=local, residual=residual))
         if feedback:
             mean = feedback.update([self.name], sent, local, mean, [flat.numel()])
         flat.copy_(saturating_cast(mean, flat.dtype))

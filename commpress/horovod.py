@@ -25,7 +25,8 @@ import torch
 from .codecs import FP16, Codec, Identity, saturating_cast
 from .comm.agreement import agree
 from .comm.calibration import CALIBRATED
-from .comm.pipeline import reduce_gradient
+from .comm.collectives import Channel
+from .comm.pipeline import Layout, reduce_gradient
 from .comm.transport import Pending, Transport, operation_timeout, wait_until
 from .config import CompressionConfig
 from .engine.reduction import buckets, split_segments
@@ -129,8 +130,9 @@ def allreduce(tensor: torch.Tensor, codec: Codec, collective: str = "auto",
     transport = _transport()
     agree(transport, {"call": "allreduce", **CompressionConfig(codec, collective).shared(),
                       "shape": list(tensor.shape), "dtype": str(tensor.dtype)})
-    mean = reduce_gradient(tensor.detach().reshape(-1), [None], codec, transport, collective,
-                           None, generator, stats, agreed=True)
+    mean = reduce_gradient(tensor.detach().reshape(-1), Layout([None]),
+                           Channel(codec, transport, generator, stats), collective=collective,
+                           agreed=True)
     return saturating_cast(mean, tensor.dtype).view(tensor.shape)
 
 

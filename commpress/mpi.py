@@ -27,7 +27,8 @@ import torch
 from .codecs import Codec, saturating_cast
 from .comm.agreement import agree
 from .comm.calibration import CALIBRATED
-from .comm.pipeline import reduce_gradient
+from .comm.collectives import Channel
+from .comm.pipeline import Layout, reduce_gradient
 from .comm.segments import Segments
 from .comm.transport import Transport, operation_timeout, wait_until
 from .config import CompressionConfig
@@ -149,8 +150,9 @@ def allreduce(comm, x: Union[np.ndarray, torch.Tensor], codec: Codec, collective
     transport = _transport(comm)
     _agree(transport, "allreduce", codec, collective, error_feedback, tensor, name)
     flat = tensor.detach().reshape(-1)
-    mean = reduce_gradient(flat, [name], codec, transport, collective, error_feedback,
-                       generator, stats, sizes=[flat.numel()], agreed=True)
+    mean = reduce_gradient(flat, Layout([name], sizes=[flat.numel()]),
+                           Channel(codec, transport, generator, stats), collective=collective,
+                           feedback=error_feedback, agreed=True)
     out = saturating_cast(mean, tensor.dtype).view(tensor.shape)
     return out.numpy() if is_numpy else out
 
@@ -175,12 +177,13 @@ def allreduce_gradients(comm, parameters: Iterable[torch.nn.Parameter], codec: C
     grads = [p.grad.detach() for p in params]
     if all(g.dtype == torch.float32 and g.is_contiguous() for g in grads):
         # reduced where they lie, without a concatenated copy (see comm.segments)
-        reduce_gradient(Segments([g.view(-1) for g in grads]), params, codec, transport,
-                        collective, error_feedback, generator, stats, agreed=True)
+        reduce_gradient(Segments([g.view(-1) for g in grads]), Layout(params),
+                        Channel(codec, transport, generator, stats), collective=collective,
+                        feedback=error_feedback, agreed=True)
         return
     flat = torch.cat([g.reshape(-1).float() for g in grads])
-    mean = reduce_gradient(flat, params, codec, transport, collective, error_feedback,
-                           generator, stats, agreed=True)
+    mean = reduce_gradient(flat, Layout(params), Channel(codec, transport, generator, stats),
+                           collective=collective, feedback=error_feedback, agreed=True)
     for p, part in zip(params, mean.split([p.numel() for p in params])):
         p.grad.copy_(saturating_cast(part, p.grad.dtype).view_as(p.grad))
 

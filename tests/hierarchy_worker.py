@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import commpress as cp
-from commpress.comm import compressed_mean
+from commpress.comm import Channel, compressed_mean
 from commpress.comm.transport import TorchTransport, node_layout, torch_hierarchical_transport
 from commpress.netsim import link_tx_bytes
 
@@ -32,7 +32,7 @@ def main(out_path):
     exact = x.clone()
     dist.all_reduce(exact)
     exact /= world
-    mean, _ = compressed_mean(x, cp.Identity(), transport, "hierarchical")
+    mean, _ = compressed_mean(x, Channel(cp.Identity(), transport), "hierarchical")
     report["identity_max_error"] = (mean - exact).abs().max().item()
 
     codec, gen = cp.QSGD(bits=4, bucket_size=128), torch.Generator().manual_seed(dist.get_rank())
@@ -40,7 +40,7 @@ def main(out_path):
     v_exact = v.clone()
     dist.all_reduce(v_exact)
     v_exact /= world
-    samples = torch.stack([compressed_mean(v, codec, transport, "hierarchical", gen)[0]
+    samples = torch.stack([compressed_mean(v, Channel(codec, transport, gen), "hierarchical")[0]
                            for _ in range(TRIALS)]).double()
     directions = torch.randn(700, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     proj = (samples - v_exact.double()) @ directions
@@ -50,13 +50,13 @@ def main(out_path):
     report["payload_bytes"] = codec.wire_bytes(NUMEL)
     for name, t, algorithm in (("hierarchical", transport, "hierarchical"),
                                ("flat", flat, "reduce_scatter")):
-        compressed_mean(big, codec, t, algorithm, gen)  # warm-up
+        compressed_mean(big, Channel(codec, t, gen), algorithm)  # warm-up
         dist.barrier()
         before, times = link_tx_bytes(ifname), []
         for _ in range(REPEATS):
             dist.barrier()
             start = time.perf_counter()
-            compressed_mean(big, codec, t, algorithm, gen)
+            compressed_mean(big, Channel(codec, t, gen), algorithm)
             times.append(time.perf_counter() - start)
         dist.barrier()
         node_bytes = torch.tensor([(link_tx_bytes(ifname) - before) / REPEATS if local_rank == 0 else 0.0])

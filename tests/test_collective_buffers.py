@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import commpress as cp
-from commpress.comm import LoopbackGroup, collectives, compressed_mean
+from commpress.comm import (Channel, FeedbackBuffers, Layout, LoopbackGroup, collectives,
+                           compressed_mean)
 from commpress.comm.collectives import pipeline_pieces
 from commpress.comm.loopback import LoopbackTransport
 from commpress.comm.pipeline import reduce_gradient
@@ -46,10 +47,12 @@ def test_mean_written_in_place_matches_a_fresh_buffer(monkeypatch, algorithm, co
         for in_place in (False, True):
             y = x.clone()
             residual = 0.01 * torch.randn(NUMEL, generator=torch.Generator().manual_seed(9)) if server else None
-            mean, local = compressed_mean(y, codec, transport, algorithm,
-                                          torch.Generator().manual_seed(10 + flat.rank),
-                                          keep_local=keep_local, server_residual=residual,
-                                          out=y if in_place else None)
+            mean, local = compressed_mean(y,
+                                          Channel(codec, transport,
+                                                  torch.Generator().manual_seed(10 + flat.rank)),
+                                          algorithm, out=y if in_place else None,
+                                          keep_local=keep_local,
+                                          feedback=FeedbackBuffers(server=residual))
             assert (mean.data_ptr() == y.data_ptr()) == in_place
             if not in_place:
                 assert torch.equal(y, x), "the input was overwritten"
@@ -69,7 +72,8 @@ def test_mean_written_in_place_matches_a_fresh_buffer(monkeypatch, algorithm, co
 def test_out_must_fit():
     transport = LoopbackGroup(1)
     with pytest.raises(ValueError, match="out must be float32 of shape"):
-        transport.run(lambda t: compressed_mean(torch.zeros(8), cp.QSGD(bits=4), t, "allgather",
+        transport.run(lambda t: compressed_mean(torch.zeros(8), Channel(cp.QSGD(bits=4), t),
+                                                "allgather",
                                                 out=torch.zeros(8, dtype=torch.float16)))
 
 
@@ -139,13 +143,16 @@ def test_segments_reduce_where_they_lie_bit_identical_to_a_concatenation(monkeyp
         bucket = torch.randn(NUMEL, generator=torch.Generator().manual_seed(transport.rank))
         joined = torch.cat([bucket[a:b] for a, b in cuts])
         sent = transport.sent_bytes
-        expected, _ = compressed_mean(joined, codec, transport, algorithm,
-                                      torch.Generator().manual_seed(3 + transport.rank))
+        expected, _ = compressed_mean(joined,
+                                      Channel(codec, transport,
+                                              torch.Generator().manual_seed(3 + transport.rank)),
+                                      algorithm)
         sent_joined, sent = transport.sent_bytes - sent, transport.sent_bytes
         before = bucket.clone()
         parts = Segments([bucket[a:b] for a, b in cuts])
-        compressed_mean(parts, codec, transport, algorithm,
-                        torch.Generator().manual_seed(3 + transport.rank), out=parts)
+        compressed_mean(parts,
+                        Channel(codec, transport, torch.Generator().manual_seed(3 + transport.rank)),
+                        algorithm, out=parts)
         return expected, parts.concatenated(), bucket, before, (sent_joined, transport.sent_bytes - sent)
 
     for expected, got, bucket, before, (sent_joined, sent) in LoopbackGroup(3).run(rank_fn):
@@ -160,10 +167,11 @@ def test_segments_outside_the_piecewise_algorithms_go_through_one_copy():
     def rank_fn(transport):
         parts = Segments([torch.zeros(4), torch.zeros(4)])
         with pytest.raises(ValueError, match="reduced in place"):
-            compressed_mean(parts, codec, transport, "hierarchical", out=parts)
+            compressed_mean(parts, Channel(codec, transport), "hierarchical", out=parts)
         bucket = torch.full((10,), float(transport.rank + 1), dtype=torch.float16)  # fp16 grads
         parts = Segments([bucket[0:4], bucket[6:10]])
-        assert reduce_gradient(parts, [], codec, transport, "allreduce") is parts
+        assert reduce_gradient(parts, Layout([]), Channel(codec, transport),
+                               collective="allreduce") is parts
         return bucket
 
     for bucket in LoopbackGroup(2).run(rank_fn):
@@ -189,10 +197,11 @@ def test_segments_with_error_feedback_match_the_concatenated_reduction(monkeypat
         for step in range(3):
             bucket = torch.randn(1500, generator=torch.Generator().manual_seed(10 * step + transport.rank))
             joined = torch.cat([bucket[a:b] for a, b in cuts])
-            expected = reduce_gradient(joined, keys, codec, transport, algorithm, joined_fb,
-                                       joined_gen, in_place=True)
+            expected = reduce_gradient(joined, Layout(keys), Channel(codec, transport, joined_gen),
+                                       collective=algorithm, feedback=joined_fb, in_place=True)
             parts = Segments([bucket[a:b] for a, b in cuts])
-            assert reduce_gradient(parts, keys, codec, transport, algorithm, parts_fb, parts_gen) is parts
+            assert reduce_gradient(parts, Layout(keys), Channel(codec, transport, parts_gen),
+                                   collective=algorithm, feedback=parts_fb) is parts
             assert torch.equal(parts.concatenated(), expected)
         for memory, joined_store in joined_fb.memories.items():
             parts_store = parts_fb.memories[memory]
@@ -219,18 +228,20 @@ def test_ef21_keeps_its_own_contribution_where_it_sent_from(monkeypatch, codec, 
     monkeypatch.setattr(collectives, "PIPELINE_ELEMENTS", 256)  # several pieces in flight
     aliased = []
 
-    def spy(*args, local_out=None, **kwargs):
-        aliased.append(local_out is not None and local_out is args[0])
-        return compressed_mean(*args, local_out=local_out, **kwargs)
+    def spy(*args, feedback=None, **kwargs):
+        aliased.append(feedback.local is not None and feedback.local is args[0])
+        return compressed_mean(*args, feedback=feedback, **kwargs)
 
-    def separate(*args, local_out=None, **kwargs):
-        return compressed_mean(*args, **kwargs)
+    def separate(*args, feedback=None, **kwargs):
+        return compressed_mean(*args, feedback=feedback._replace(local=None), **kwargs)
 
     def rank_fn(transport):
         keys = [torch.zeros(700), torch.zeros(790)]
         feedback, gen = ErrorFeedback("ef21"), torch.Generator().manual_seed(transport.rank)
         means = [reduce_gradient(torch.randn(1490, generator=torch.Generator().manual_seed(
-            10 * step + transport.rank)), keys, codec, transport, algorithm, feedback, gen)
+            10 * step + transport.rank)),
+                                 Layout(keys), Channel(codec, transport, gen),
+                                 collective=algorithm, feedback=feedback)
             for step in range(3)]
         return means, [[store.get(k) for k in keys] for store in feedback.memories.values()]
 
@@ -263,14 +274,15 @@ def test_ef_writes_its_next_memory_over_what_it_sent(monkeypatch, codec, algorit
     monkeypatch.setattr(collectives, "PIPELINE_ELEMENTS", 256)  # several pieces in flight
     aliased = []
 
-    def spy(flat, *args, residual_out=None, **kwargs):
-        aliased.append(residual_out is flat)
-        return compressed_mean(flat, *args, residual_out=residual_out, **kwargs)
+    def spy(flat, *args, feedback=None, **kwargs):
+        aliased.append(feedback.residual is flat)
+        return compressed_mean(flat, *args, feedback=feedback, **kwargs)
 
-    def separate(flat, *args, residual_out=None, keep_local=False, **kwargs):
+    def separate(flat, *args, feedback=None, keep_local=False, **kwargs):
         sent = flat.clone()
-        mean, local = compressed_mean(flat, *args, keep_local=True, **kwargs)
-        torch.sub(sent, local, out=residual_out)
+        mean, local = compressed_mean(flat, *args, keep_local=True,
+                                      feedback=feedback._replace(residual=None), **kwargs)
+        torch.sub(sent, local, out=feedback.residual)
         return mean, None
 
     def rank_fn(transport):
@@ -280,8 +292,9 @@ def test_ef_writes_its_next_memory_over_what_it_sent(monkeypatch, codec, algorit
         feedback, gen = ErrorFeedback("ef", server), torch.Generator().manual_seed(transport.rank)
         keep = torch.arange(0, 1490, 3) if masked else None
         means = [reduce_gradient(torch.randn(1490, generator=torch.Generator().manual_seed(
-            10 * step + transport.rank)), keys, codec, transport, algorithm, feedback, gen,
-            keep=keep) for step in range(3)]
+            10 * step + transport.rank)),
+                                 Layout(keys, keep=keep), Channel(codec, transport, gen),
+                                 collective=algorithm, feedback=feedback) for step in range(3)]
         if masked:  # entries outside the mask: memory g + e summed, nothing sent
             assert all(float(m[1]) == 0 for m in means)
         return means, [[store.get(k) for k in keys] for store in feedback.memories.values()]
@@ -302,22 +315,26 @@ def test_ef_writes_its_next_memory_over_what_it_sent(monkeypatch, codec, algorit
 
 def test_residual_out_replaces_the_local_contribution():
     transport = LoopbackGroup(1)
-    with pytest.raises(ValueError, match="residual_out must be a tensor, and replaces keep_local"):
-        transport.run(lambda t: compressed_mean(torch.zeros(8), cp.QSGD(bits=4), t, "allgather",
-                                                keep_local=True, residual_out=torch.zeros(8)))
-    with pytest.raises(ValueError, match="residual_out must be float32 of shape"):
-        transport.run(lambda t: compressed_mean(torch.zeros(8), cp.QSGD(bits=4), t, "allgather",
-                                                residual_out=torch.zeros(4, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="feedback.residual must be a tensor, and replaces"):
+        transport.run(lambda t: compressed_mean(torch.zeros(8), Channel(cp.QSGD(bits=4), t),
+                                                "allgather", keep_local=True,
+                                                feedback=FeedbackBuffers(residual=torch.zeros(8))))
+    wrong = FeedbackBuffers(residual=torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="feedback.residual must be float32 of shape"):
+        transport.run(lambda t: compressed_mean(torch.zeros(8), Channel(cp.QSGD(bits=4), t),
+                                                "allgather", feedback=wrong))
 
 
 def test_local_out_only_where_pieces_are_encoded_before_it_is_written():
     transport = LoopbackGroup(1)
-    with pytest.raises(ValueError, match="local_out must be float32 of shape"):
-        transport.run(lambda t: compressed_mean(torch.zeros(8), cp.QSGD(bits=4), t, "allgather",
-                                                local_out=torch.zeros(4)))
-    with pytest.raises(ValueError, match="local_out must be a tensor and the algorithm one of"):
-        transport.run(lambda t: compressed_mean(torch.zeros(8), cp.QSGD(bits=4), t, "hierarchical",
-                                                local_out=torch.zeros(8)))
+    with pytest.raises(ValueError, match="feedback.local must be float32 of shape"):
+        transport.run(lambda t: compressed_mean(torch.zeros(8), Channel(cp.QSGD(bits=4), t),
+                                                "allgather",
+                                                feedback=FeedbackBuffers(local=torch.zeros(4))))
+    with pytest.raises(ValueError, match="feedback.local must be a tensor and the algorithm one of"):
+        transport.run(lambda t: compressed_mean(torch.zeros(8), Channel(cp.QSGD(bits=4), t),
+                                                "hierarchical",
+                                                feedback=FeedbackBuffers(local=torch.zeros(8))))
 
 
 @pytest.mark.parametrize("block", [1, 64, 512])
@@ -362,8 +379,8 @@ def test_two_hop_reduce_scatter_gives_each_rank_its_chunk_of_the_mean(layout, dt
         out = {}
         for codec in (cp.Identity(), cp.QSGD(bits=8)):
             before = transport.inter.sent_bytes
-            out[repr(codec)] = (compressed_reduce_scatter(node_mean, codec, transport.inter,
-                                                          torch.Generator().manual_seed(flat.rank)),
+            channel = Channel(codec, transport.inter, torch.Generator().manual_seed(flat.rank))
+            out[repr(codec)] = (compressed_reduce_scatter(node_mean, channel),
                                 transport.inter.sent_bytes - before)
         return out
 

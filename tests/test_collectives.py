@@ -7,7 +7,8 @@ import torch.distributed as dist
 
 import commpress as cp
 from commpress.codecs import kernels
-from commpress.comm import TorchTransport, chunk_bounds, choose_algorithm, compressed_mean, wire_bytes_per_rank
+from commpress.comm import (Channel, FeedbackBuffers, Layout, TorchTransport, choose_algorithm,
+                           chunk_bounds, compressed_mean, wire_bytes_per_rank)
 from commpress.comm.collectives import start_mean
 from commpress.comm.segments import Segments
 from distributed import run_workers
@@ -27,7 +28,8 @@ def exactness_worker(rank, world_size):
         dist.all_reduce(exact)
         exact /= world_size
         for algorithm in ("allgather", "reduce_scatter", "allreduce"):
-            mean, local = compressed_mean(x, cp.Identity(), transport, algorithm, keep_local=True)
+            mean, local = compressed_mean(x, Channel(cp.Identity(), transport), algorithm,
+                                          keep_local=True)
             out[(n, algorithm)] = ((mean - exact).abs().max().item(),
                                      torch.allclose(local, x, rtol=1e-6, atol=0), mean)
     return out
@@ -54,8 +56,10 @@ def unbiased_worker(rank, world_size, trials):
     out = {}
     for name, codec in CODECS.items():
         for algorithm in ("allgather", "reduce_scatter"):
-            samples = torch.stack([compressed_mean(x, codec, transport, algorithm, gen)[0]
-                                   for _ in range(trials)])
+            # the ranks agree on the first trial; the others are the same call (agreed)
+            samples = torch.stack([compressed_mean(x, Channel(codec, transport, gen), algorithm,
+                                                   agreed=trial > 0)[0]
+                                   for trial in range(trials)])
             out[(name, algorithm)] = (samples.double(), exact.double())
     return out
 
@@ -87,8 +91,9 @@ def wire_worker(rank, world_size):
     out = {}
     for algorithm in ("allgather", "reduce_scatter"):
         before = transport.sent_bytes
-        compressed_mean(x, codec, transport, algorithm, torch.Generator().manual_seed(rank),
-                        agreed=True)  # the collective's bytes, without the 8-byte agreement
+        # the collective's bytes, without the 8-byte agreement
+        compressed_mean(x, Channel(codec, transport, torch.Generator().manual_seed(rank)),
+                        algorithm, agreed=True)
         out[algorithm] = transport.sent_bytes - before
     return out
 
@@ -113,16 +118,20 @@ def overlap_worker(rank, world_size):
     gen = torch.Generator().manual_seed(rank)
     bucket = torch.randn(3_000_000, generator=gen)
     small = [(0, 700), (1_500_000, 1_500_300)]
-    expected_small, _ = compressed_mean(torch.cat([bucket[a:b] for a, b in small]), cp.Identity(),
-                                        transport, "allreduce")
+    expected_small, _ = compressed_mean(torch.cat([bucket[a:b] for a, b in small]),
+                                        Channel(cp.Identity(), transport), "allreduce")
     big = bucket[700:1_500_000].clone()
-    expected_big, _ = compressed_mean(big, CODECS["qsgd4"], transport, "allgather",
-                                      torch.Generator().manual_seed(7))
+    expected_big, _ = compressed_mean(big,
+                                      Channel(CODECS["qsgd4"], transport,
+                                              torch.Generator().manual_seed(7)),
+                                      "allgather")
     before = transport.sent_bytes
     finish = start_mean(Segments([bucket[a:b] for a, b in small]), cp.Identity(), transport)
     started = transport.sent_bytes - before
-    mean_big, _ = compressed_mean(bucket[700:1_500_000], CODECS["qsgd4"], transport, "allgather",
-                                  torch.Generator().manual_seed(7), out=bucket[700:1_500_000])
+    mean_big, _ = compressed_mean(bucket[700:1_500_000],
+                                  Channel(CODECS["qsgd4"], transport,
+                                          torch.Generator().manual_seed(7)),
+                                  "allgather", out=bucket[700:1_500_000])
     finish()
     with pytest.raises(ValueError, match="float32"):
         start_mean(torch.zeros(4, dtype=torch.float16), cp.Identity(), transport)
@@ -170,8 +179,8 @@ def server_feedback_worker(rank, world_size, steps):
         server = torch.zeros(600) if use_server else None
         total = torch.zeros(600, dtype=torch.float64)
         for _ in range(steps):
-            mean, local = compressed_mean(x, codec, transport, "reduce_scatter", gen,
-                                          keep_local=True, server_residual=server)
+            mean, local = compressed_mean(x, Channel(codec, transport, gen), "reduce_scatter",
+                                          keep_local=True, feedback=FeedbackBuffers(server=server))
             first_stage = local.clone()
             dist.all_reduce(first_stage)
             error = (mean - first_stage / world_size).double()
@@ -202,7 +211,7 @@ def wrong_size_worker(rank, world_size, algorithm):
     size, so the engine moves them without complaint; the headers disagree."""
     x = torch.randn(1024 - rank)
     try:
-        compressed_mean(x, cp.QSGD(bits=4), TorchTransport(), algorithm, agreed=True)
+        compressed_mean(x, Channel(cp.QSGD(bits=4), TorchTransport()), algorithm, agreed=True)
     except ValueError as exc:
         return str(exc)
     return "no error"
@@ -223,9 +232,9 @@ def different_lengths_worker(rank, world_size, cases):
         x = torch.randn(lengths[rank])
         try:
             if algorithm == "pipeline":
-                reduce_gradient(x, [0], codec, TorchTransport())
+                reduce_gradient(x, Layout([0]), Channel(codec, TorchTransport()))
             else:
-                compressed_mean(x, codec, TorchTransport(), algorithm)
+                compressed_mean(x, Channel(codec, TorchTransport()), algorithm)
             messages.append("no error")
         except ConfigurationMismatch as exc:
             messages.append(str(exc))

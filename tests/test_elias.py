@@ -9,7 +9,7 @@ import torch
 
 import commpress as cp
 from commpress.codecs import HEADER_BYTES, kernels
-from commpress.comm import LoopbackGroup, compressed_mean
+from commpress.comm import Channel, FeedbackBuffers, LoopbackGroup, compressed_mean
 from commpress.comm.collectives import compressed_reduce_scatter
 from commpress.comm.loopback import LoopbackTransport
 from commpress.comm.transport import HierarchicalTransport
@@ -162,10 +162,11 @@ def test_collectives_move_payloads_of_data_dependent_sizes(monkeypatch, algorith
                                               LoopbackTransport(inter[local], node))
         x = unequal_inputs(flat.rank, n)
         server = torch.zeros(n) if algorithm == "reduce_scatter" else None
-        mean, local = compressed_mean(x, codec, transport, algorithm,
-                                      torch.Generator().manual_seed(10 + flat.rank),
-                                      keep_local=True,
-                                      server_residual=server)
+        mean, local = compressed_mean(x,
+                                      Channel(codec, transport,
+                                              torch.Generator().manual_seed(10 + flat.rank)),
+                                      algorithm, keep_local=True,
+                                      feedback=FeedbackBuffers(server=server))
         return mean, local, flat.sent_bytes + getattr(transport, "intra_node_bytes", 0)
 
     results = LoopbackGroup(w).run(rank_fn)
@@ -188,8 +189,10 @@ def test_allgather_mean_is_the_mean_of_the_decoded_payloads():
     codec, n, w = cp.EliasQSGD(levels=4), 3001, 3
 
     def rank_fn(transport):
-        return compressed_mean(unequal_inputs(transport.rank, n), codec, transport, "allgather",
-                               torch.Generator().manual_seed(transport.rank))[0]
+        return compressed_mean(unequal_inputs(transport.rank, n),
+                               Channel(codec, transport,
+                                       torch.Generator().manual_seed(transport.rank)),
+                               "allgather")[0]
 
     results = LoopbackGroup(w).run(rank_fn)
     expected = torch.zeros(n)
@@ -209,8 +212,9 @@ def test_reduce_scatter_of_fsdp_chunks_with_unequal_payloads():
 
     def rank_fn(transport):
         residual = torch.empty(w * n)
-        out = compressed_reduce_scatter(inputs[transport.rank], codec, transport,
-                                        torch.Generator().manual_seed(transport.rank),
+        out = compressed_reduce_scatter(inputs[transport.rank],
+                                        Channel(codec, transport,
+                                                torch.Generator().manual_seed(transport.rank)),
                                         residual_out=residual)
         return out, residual
 

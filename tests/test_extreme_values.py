@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import commpress as cp
-from commpress.comm import LoopbackGroup, compressed_mean
+from commpress.comm import Channel, Layout, LoopbackGroup, compressed_mean
 
 BIG_CODECS = {"identity": cp.Identity(), "qsgd4": cp.QSGD(bits=4), "qsgd4-l2": cp.QSGD(bits=4, norm="l2"),
               "natural": cp.NaturalCompression(), "dnat-l2": cp.NaturalDithering(p=2),
@@ -25,7 +25,7 @@ def test_large_finite_means_stay_finite(name, algorithm, value):
 
     def rank_fn(transport):
         gen = torch.Generator().manual_seed(transport.rank)
-        return compressed_mean(x.clone(), codec, transport, algorithm, gen)[0]
+        return compressed_mean(x.clone(), Channel(codec, transport, gen), algorithm)[0]
 
     for mean in LoopbackGroup(3).run(rank_fn):
         assert torch.isfinite(mean).all(), (name, algorithm, mean[:4])
@@ -107,7 +107,8 @@ def test_fp16_gradients_near_their_maximum_reduce_finite(name):
     def rank_fn(transport):
         grads = [fp16_near_max()[:8192].clone(), fp16_near_max()[8192:].clone()]
         gen = torch.Generator().manual_seed(transport.rank)
-        reduce_gradient(Segments(grads), [0, 1], codec, transport, "allgather", None, gen)
+        reduce_gradient(Segments(grads), Layout([0, 1]), Channel(codec, transport, gen),
+                        collective="allgather", feedback=None)
         return torch.cat(grads)
 
     for mean in LoopbackGroup(2).run(rank_fn):

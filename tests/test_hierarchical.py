@@ -10,7 +10,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commpress as cp
-from commpress.comm import HierarchicalTransport, TorchTransport, compressed_mean, wire_bytes_per_rank
+from commpress.comm import (Channel, HierarchicalTransport, TorchTransport, compressed_mean,
+                           wire_bytes_per_rank)
 from commpress.comm.transport import node_layout, torch_hierarchical_transport
 from distributed import run_workers
 
@@ -34,7 +35,8 @@ def collective_worker(rank, world_size, trials):
     out = {"layout": (transport.local_size, transport.nodes)}
     for n in (1, 7, 1000, 12_345):  # not divisible by the ranks nor by any block size
         x = torch.randn(n, generator=torch.Generator().manual_seed(100 * rank + n))
-        mean, local = compressed_mean(x, cp.Identity(), transport, "hierarchical", keep_local=True)
+        mean, local = compressed_mean(x, Channel(cp.Identity(), transport), "hierarchical",
+                                      keep_local=True)
         out[n] = ((mean - exact_mean(x, world_size)).abs().max().item(),
                   torch.allclose(local, x, rtol=1e-6, atol=1e-7), mean)
     # unbiased, and its error feedback invariant: the ranks' compressed contributions
@@ -44,16 +46,17 @@ def collective_worker(rank, world_size, trials):
     codec = cp.QSGD(bits=4, bucket_size=128)
     samples, invariant = [], 0.0
     for _ in range(trials):
-        mean, local = compressed_mean(x, codec, transport, "hierarchical", gen, keep_local=True)
+        mean, local = compressed_mean(x, Channel(codec, transport, gen), "hierarchical",
+                                      keep_local=True)
         samples.append(mean)
         invariant = max(invariant, (exact_mean(local, world_size) - mean).abs().max().item())
     out["qsgd"] = (torch.stack(samples).double(), exact_mean(x, world_size).double(), invariant)
     # bytes: node-local and cross-node, against the model and against flat reduce_scatter
     big = torch.randn(400_000)
     stats = cp.CommStats()
-    compressed_mean(big, cp.QSGD(bits=4), transport, "hierarchical", gen, stats)
+    compressed_mean(big, Channel(cp.QSGD(bits=4), transport, gen, stats), "hierarchical")
     flat = cp.CommStats()
-    compressed_mean(big, cp.QSGD(bits=4), transport.flat, "reduce_scatter", gen, flat)
+    compressed_mean(big, Channel(cp.QSGD(bits=4), transport.flat, gen, flat), "reduce_scatter")
     out["bytes"] = (stats.wire_bytes, stats.intra_node_bytes, flat.wire_bytes)
     return out
 

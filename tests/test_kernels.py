@@ -10,6 +10,7 @@ import torch
 import commpress as cp
 from commpress.codecs import HEADER_BYTES, bitpack, kernels
 from commpress.codecs.bucketed import random_bits
+from commpress.comm import Channel
 
 N = kernels.MIN_NUMEL * 2 + 37  # whole buckets through the kernel, a ragged tail eagerly
 CODECS = {"qsgd4": cp.QSGD(bits=4), "qsgd3": cp.QSGD(bits=3), "qsgd8": cp.QSGD(bits=8),
@@ -395,7 +396,7 @@ def test_compressed_mean_reduces_its_pieces_with_the_kernels(compiled, monkeypat
     monkeypatch.setattr(kernels, "run", lambda key, *args: ran.append(key[0]) or real(key, *args))
     codec = cp.QSGD(bits=4)
     xs = [torch.randn(kernels.MIN_NUMEL * 2, generator=torch.Generator().manual_seed(r)) for r in range(4)]
-    means = LoopbackGroup(4).run(lambda t: compressed_mean(xs[t.rank].clone(), codec, t,
+    means = LoopbackGroup(4).run(lambda t: compressed_mean(xs[t.rank].clone(), Channel(codec, t),
                                                            "reduce_scatter")[0])
     assert ran.count("encode") >= 8 and "decode_mean" in ran, ran
     assert all(torch.equal(m, means[0]) for m in means)

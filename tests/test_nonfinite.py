@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import commpress as cp
-from commpress.comm import TorchTransport, compressed_mean
+from commpress.comm import Channel, TorchTransport, compressed_mean
 from distributed import run_workers
 
 CODECS = [cp.Identity(), cp.FP16(), cp.BF16(), cp.QSGD(bits=4, bucket_size=128),
@@ -22,8 +22,9 @@ def collective_worker(rank, world_size):
             x = torch.randn(3000, generator=torch.Generator().manual_seed(rank))
             if rank == world_size - 1:  # only the last rank overflows
                 x[17], x[2900] = math.nan, math.inf
-            mean, _ = compressed_mean(x, codec, transport, algorithm,
-                                      torch.Generator().manual_seed(rank))
+            mean, _ = compressed_mean(x,
+                                      Channel(codec, transport, torch.Generator().manual_seed(rank)),
+                                      algorithm)
             found[(repr(codec), algorithm)] = (not torch.isfinite(mean[17]).item(),
                                                not torch.isfinite(mean[2900]).item(),
                                                torch.isfinite(mean[1024:2048]).all().item())

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import commpress as cp
-from commpress.comm import LoopbackGroup
+from commpress.comm import Channel, LoopbackGroup
 from commpress.comm.collectives import compressed_mean
 from commpress.codecs.rotation import hadamard
 
@@ -58,8 +58,8 @@ def test_collectives_average_rotated_payloads_alike_on_every_rank(collective):
     def error(codec):
         def rank_fn(transport):
             gen = torch.Generator().manual_seed(transport.rank)
-            return compressed_mean(inputs[transport.rank].clone(), codec, transport, collective,
-                                   gen)[0]
+            return compressed_mean(inputs[transport.rank].clone(), Channel(codec, transport, gen),
+                                   collective)[0]
         means = LoopbackGroup(3).run(rank_fn)
         assert all(torch.equal(m, means[0]) for m in means)
         return ((means[0] - exact).norm() / exact.norm()).item()

@@ -144,16 +144,14 @@ def test_commpress_train_language_model_with_adamw(tmp_path):
 
 
 def test_commpress_train_uneven_shards_do_not_hang(tmp_path):
-    """3 and 5 workers do not divide the 1437 training images: every rank still runs the same
-    number of steps (a rank with one more backward would wait for the others forever)."""
-    for workers in (3, 5):
-        out = tmp_path / f"report{workers}.json"
-        run_train("qsgd4", "--workers", str(workers), "--epochs", "1", "--json", str(out),
-                  timeout=300)
-        report = json.loads(out.read_text())
-        assert report["world_size"] == workers
-        for r in report["results"]:
-            assert r["replicas_identical"] and r["steps"] == 1437 // workers // 32
+    """5 workers do not divide the 1437 training images (287 or 288 each): every rank still runs
+    the same number of steps (a rank with one more backward would wait for the others forever)."""
+    out = tmp_path / "report.json"
+    run_train("qsgd4", "--workers", "5", "--epochs", "1", "--json", str(out), timeout=300)
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 5
+    for r in report["results"]:
+        assert r["replicas_identical"] and r["steps"] == 1437 // 5 // 32
 
 
 def test_commpress_train_device_choice_is_checked_before_workers_start():

@@ -1,10 +1,10 @@
 """Compressed mean-reductions, each algorithm written once over a :class:`Transport`.
 
-``compressed_mean(flat, codec, transport, algorithm)`` returns the fp32 mean over ranks of
-``flat`` (bit-identical on every rank) and, with ``keep_local=True``, what this rank's own
-contribution became after compression (what EF21 needs; plain EF asks for ``flat`` minus it,
-written over ``flat``, with ``residual_out``). It blocks; front ends run
-it on a :class:`~commpress.comm.ordered.OrderedExecutor` to overlap it with computation.
+``compressed_mean(flat, Channel(codec, transport), algorithm)`` returns the fp32 mean over
+ranks of ``flat`` (bit-identical on every rank) and, with ``keep_local=True``, what this rank's
+own contribution became after compression (what EF21 needs; plain EF asks for ``flat`` minus
+it, written over ``flat``, with ``residual_out``). It blocks; front ends run it on a worker
+thread (:mod:`commpress.engine.runtime`) to overlap it with computation.
 
 Algorithms (wire bytes per rank for a vector whose payload is ``B`` bytes):
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -132,6 +132,32 @@ def pipeline_pieces(numel: int, block: int, elements: Optional[int] = None):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+class Channel(NamedTuple):
+    """How one rank's vectors travel: through ``codec``, over ``transport``, with rounding
+    noise from ``generator`` (None: PyTorch's default one; deterministic codecs draw none), counted
+    into ``stats`` (None: not counted)."""
+
+    codec: Codec
+    transport: Transport
+    generator: Optional[torch.Generator] = None
+    stats: Optional[CommStats] = None
+
+
+class _Targets(NamedTuple):
+    """Where a collective writes: the mean into ``out``; given ``local``, this rank's
+    compressed contribution decoded there; given ``residual``, ``flat`` minus that contribution
+    there; given ``server``, the second quantization's error feedback (reduce_scatter)."""
+
+    out: torch.Tensor
+    local: Optional[torch.Tensor] = None
+    residual: Optional[torch.Tensor] = None
+    server: Optional[torch.Tensor] = None
+
+
+def _piece(vector: Optional[torch.Tensor], lo: int, hi: int) -> Optional[torch.Tensor]:
+    return None if vector is None else vector[lo:hi]
+
+
 def _wire_dtype(codec: Codec) -> torch.dtype:
     if not codec.summable:
         raise ValueError(f"collective 'allreduce' needs a summable codec (identity, fp16, bf16), "
@@ -170,62 +196,46 @@ def _peer_error(peer: int, reason) -> ValueError:
                       f"models, or a different bucket layout)")
 
 
-def _decode_mean(codec: Codec, gathered: torch.Tensor, count: int, stats, mean: torch.Tensor,
-                 local: Optional[torch.Tensor] = None, rank: int = -1, spans=None) -> None:
-    """Write into ``mean`` the average of the ``count`` equal-length payloads in ``gathered``
+def _decode_mean(channel: Channel, gathered: torch.Tensor, mean: torch.Tensor,
+                 local: Optional[torch.Tensor] = None, spans=None) -> None:
+    """Write into ``mean`` the average of the group's payloads in ``gathered``, one per rank
     (:meth:`Codec.decode_mean`: straight into the sum, no full-size temporary per payload;
-    ``spans`` places variable-length ones). With ``local``, the payload of ``rank`` is also
+    ``spans`` places variable-length ones). With ``local``, this rank's payload is also
     decoded there (error feedback needs it)."""
-    with _Timer(stats, "decode_seconds"):
+    transport = channel.transport
+    with _Timer(channel.stats, "decode_seconds"):
         try:
-            codec.decode_mean(gathered, count, mean, local, rank, spans)
+            channel.codec.decode_mean(gathered, transport.world_size, mean, local,
+                                      transport.rank if local is not None else -1, spans)
         except PayloadError as exc:
             raise _peer_error(exc.index, exc.reason) from None
 
 
-def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algorithm: str,
-                    generator: Optional[torch.Generator] = None,
-                    stats: Optional[CommStats] = None, keep_local: bool = False,
-                    server_residual: Optional[torch.Tensor] = None,
-                    out: Optional[torch.Tensor] = None,
-                    local_out: Optional[torch.Tensor] = None,
-                    residual_out: Optional[torch.Tensor] = None, agreed: bool = False
+def compressed_mean(flat: torch.Tensor, channel: Channel, algorithm: str, *,
+                    out: Optional[torch.Tensor] = None, keep_local: bool = False,
+                    feedback: Optional[FeedbackBuffers] = None, agreed: bool = False
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(mean, local)``: the fp32 mean over ranks of the 1-D ``flat``, and (``keep_local``)
-    this rank's compressed contribution, decoded. See the module docstring.
+    """``(mean, local)``: the fp32 mean over ranks of the 1-D ``flat`` through ``channel``,
+    and (``keep_local``) this rank's compressed contribution, decoded. See the module
+    docstring; ``feedback`` (:class:`FeedbackBuffers`): where error feedback's vectors go.
 
     ``agreed``: the caller has checked that every rank reduces alike (the front ends do, once
     per step or call). Otherwise ranks first agree on length, codec and algorithm (one 8-byte
     all-gather): vectors of different lengths would make collectives of different sizes,
     which gloo answers by aborting the process.
 
-    ``server_residual``: an fp32 vector like ``flat``, the error feedback of the second
-    quantization in ``reduce_scatter`` (DeepSpeed's "server error"): this rank adds its chunk
-    of it to the averaged chunk before re-encoding, and stores there what re-encoding lost.
-    Other algorithms quantize once and leave it untouched.
-
     ``out``: an fp32 vector like ``flat`` to write the mean into, which may be ``flat`` itself
     (every piece is read before its mean is written): the DDP hook averages a bucket in place,
     with no full-size buffer beyond the error-feedback ones. ``out`` may be :class:`Segments`
     (a bucket's large gradients where they lie) for the ``PIECEWISE`` algorithms, and then
-    ``flat`` too, reduced in place (``out=flat``).
-
-    ``local_out``: where to write ``local`` (implies ``keep_local``), which may be ``flat``
-    itself under the ``PIECEWISE`` algorithms (each piece is encoded before its part of
-    ``local`` is written): EF21, which no longer needs what it sent once it is encoded, so
-    keeps its own contribution with no full-size buffer of its own.
-
-    ``residual_out``: where to write ``flat`` minus this rank's compressed contribution (plain
-    error feedback's next memory ``p - C(p)``), instead of ``local``; it may be ``flat``
-    itself. Each piece's is written once the piece is encoded, by decoding its payload into
-    it with weight -1 (the same bits as subtracting ``local``), so error feedback needs no
-    full-size buffer for its own contribution."""
+    ``flat`` too, reduced in place (``out=flat``)."""
     if flat.dim() != 1:
         raise ValueError(f"compressed_mean takes a flat tensor, got shape {tuple(flat.shape)}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown collective {algorithm!r}; choose from {ALGORITHMS}")
-    for name, given in (("server_residual", server_residual), ("out", out),
-                        ("local_out", local_out), ("residual_out", residual_out)):
+    local_out, residual_out, server_residual = feedback or FeedbackBuffers()
+    for name, given in (("feedback.server", server_residual), ("out", out),
+                        ("feedback.local", local_out), ("feedback.residual", residual_out)):
         if given is not None and (given.shape != flat.shape or given.dtype != torch.float32):
             raise ValueError(f"{name} must be float32 of shape {tuple(flat.shape)}, got "
                              f"{given.dtype} of shape {tuple(given.shape)}")
@@ -234,15 +244,16 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
     if isinstance(out, Segments) and algorithm not in PIECEWISE:
         raise ValueError(f"Segments are reduced in place by {PIECEWISE}, not {algorithm!r}")
     if local_out is not None and (isinstance(local_out, Segments) or algorithm not in PIECEWISE):
-        raise ValueError(f"local_out must be a tensor and the algorithm one of {PIECEWISE}, got "
-                         f"{type(local_out).__name__} and {algorithm!r}")
+        raise ValueError(f"feedback.local must be a tensor and the algorithm one of {PIECEWISE}, "
+                         f"got {type(local_out).__name__} and {algorithm!r}")
     if residual_out is not None and (isinstance(residual_out, Segments) or keep_local
                                      or local_out is not None):
-        raise ValueError("residual_out must be a tensor, and replaces keep_local and local_out "
-                         "(it holds flat minus what they would hold)")
+        raise ValueError("feedback.residual must be a tensor, and replaces keep_local and "
+                         "feedback.local (it holds flat minus what they would hold)")
     if isinstance(server_residual, Segments) and algorithm != "reduce_scatter":
         raise ValueError(f"a server residual in Segments is updated piecewise by reduce_scatter, "
                          f"not {algorithm!r}")
+    codec, transport = channel.codec, channel.transport
     if algorithm == "hierarchical" and not isinstance(transport, HierarchicalTransport):
         raise ValueError("collective 'hierarchical' needs a HierarchicalTransport (ranks grouped "
                          f"by node), got {type(transport).__name__}")
@@ -257,48 +268,74 @@ def compressed_mean(flat: torch.Tensor, codec: Codec, transport: Transport, algo
     before, intra_before = transport.sent_bytes, transport.intra_node_bytes
     started = time.perf_counter()
     with kernels.reducing(flat.numel()):  # its pieces and chunks take the compiled kernels
-        _run(algorithm, flat, codec, transport, generator, stats, server_residual, out, local,
-             residual_out)
-    if stats is not None:
-        stats.add(wire_bytes=transport.sent_bytes - before,
-                  intra_node_bytes=transport.intra_node_bytes - intra_before,
-                  comm_seconds=time.perf_counter() - started)
+        _run(algorithm, flat, channel, _Targets(out, local, residual_out, server_residual))
+    _count_wire(channel, before, intra_before, started)
     return out, local
 
 
-def _run(algorithm, flat, codec, transport, generator, stats, server_residual, out, local,
-         residual=None):
-    """Write the mean into ``out`` and, given ``local``, this rank's compressed contribution
-    there (given ``residual``, ``flat`` minus it there)."""
+class FeedbackBuffers(NamedTuple):
+    """What error feedback asks :func:`compressed_mean` to keep besides the mean.
+
+    ``local``: where to write this rank's compressed contribution (implies ``keep_local``),
+    which may be ``flat`` itself under the ``PIECEWISE`` algorithms (each piece is encoded
+    before its part of ``local`` is written): EF21, which no longer needs what it sent once it
+    is encoded, so keeps its own contribution with no full-size buffer of its own.
+
+    ``residual``: where to write ``flat`` minus this rank's compressed contribution (plain
+    error feedback's next memory ``p - C(p)``), instead of ``local``; it may be ``flat``
+    itself. Each piece's is written once the piece is encoded, by decoding its payload into
+    it with weight -1 (the same bits as subtracting ``local``), so error feedback needs no
+    full-size buffer for its own contribution.
+
+    ``server``: an fp32 vector like ``flat``, the error feedback of the second quantization
+    in ``reduce_scatter`` (DeepSpeed's "server error"): this rank adds its chunk of it to the
+    averaged chunk before re-encoding, and stores there what re-encoding lost. Other
+    algorithms quantize once and leave it untouched."""
+
+    local: Optional[torch.Tensor] = None
+    residual: Optional[torch.Tensor] = None
+    server: Optional[torch.Tensor] = None
+
+
+def _count_wire(channel: Channel, before: int, intra_before: int, started: float) -> None:
+    """Add what the transport sent since ``before`` and the time since ``started`` to the
+    channel's statistics."""
+    transport = channel.transport
+    if channel.stats is not None:
+        channel.stats.add(wire_bytes=transport.sent_bytes - before,
+                          intra_node_bytes=transport.intra_node_bytes - intra_before,
+                          comm_seconds=time.perf_counter() - started)
+
+
+def _run(algorithm: str, flat: torch.Tensor, channel: Channel, targets: _Targets) -> None:
+    """Write the mean into ``targets.out`` and the other targets given (see :class:`_Targets`)."""
     if algorithm == "hierarchical":
-        return _hierarchical(flat, codec, transport, generator, stats, server_residual, out, local,
-                             residual)
+        return _hierarchical(flat, channel, targets)
     if algorithm == "allreduce":
-        for _ in _allreduce(flat, codec, transport, out, local, residual):
+        for _ in _allreduce(flat, channel.codec, channel.transport, targets.out, targets.local,
+                            targets.residual):
             pass
         return None
-
-    def piece(vector, lo, hi):
-        return None if vector is None else vector[lo:hi]
+    out, local, residual, server_residual = targets
     if algorithm == "allgather":
         def stages(lo, hi):
             into, commit = destination(out, lo, hi)
-            yield from _allgather_piece(flat[lo:hi], codec, transport, generator, stats, into,
-                                        piece(local, lo, hi), piece(residual, lo, hi))
+            yield from _allgather_piece(flat[lo:hi], channel, _Targets(
+                into, _piece(local, lo, hi), _piece(residual, lo, hi)))
             commit()
-        pieces = pipeline_pieces(flat.numel(), codec.block_size)
+        pieces = pipeline_pieces(flat.numel(), channel.codec.block_size)
     else:
         def stages(lo, hi):
             server, keep_server = (None, None) if server_residual is None else \
                 window(server_residual, lo, hi)
             into, commit = destination(out, lo, hi)
-            yield from _reduce_scatter_piece(flat[lo:hi], codec, transport, generator, stats,
-                                             server, into, piece(local, lo, hi),
-                                             piece(residual, lo, hi))
+            yield from _reduce_scatter_piece(flat[lo:hi], channel, _Targets(
+                into, _piece(local, lo, hi), _piece(residual, lo, hi), server))
             commit()
             if keep_server is not None:
                 keep_server()
-        pieces = pipeline_pieces(flat.numel(), codec.block_size, PIPELINE_ELEMENTS * transport.world_size)
+        pieces = pipeline_pieces(flat.numel(), channel.codec.block_size,
+                                 PIPELINE_ELEMENTS * channel.transport.world_size)
     _pipelined(pieces, stages)
 
 
@@ -399,16 +436,16 @@ def _in_slots(codec: Codec, transport: Transport, data: torch.Tensor):
     return padded, [(r * slot, size) for r, size in enumerate(sizes)]
 
 
-def _allgather_piece(flat, codec, transport, generator, stats, out, local, residual=None):
-    with _Timer(stats, "encode_seconds"):
-        payload = codec.encode(flat, generator)
+def _allgather_piece(flat: torch.Tensor, channel: Channel, targets: _Targets):
+    codec, transport = channel.codec, channel.transport
+    with _Timer(channel.stats, "encode_seconds"):
+        payload = codec.encode(flat, channel.generator)
     data, spans = _in_slots(codec, transport, payload.data)
     pending = transport.all_gather_start(data)
-    if residual is not None:  # while the payloads are on the wire
-        _subtract_own(codec, payload, flat, residual)
+    if targets.residual is not None:  # while the payloads are on the wire
+        _subtract_own(codec, payload, flat, targets.residual)
     yield
-    _decode_mean(codec, pending.wait(), transport.world_size, stats, out, local, transport.rank,
-                 spans)
+    _decode_mean(channel, pending.wait(), targets.out, targets.local, spans)
 
 
 def _received_spans(codec: Codec, transport: Transport, sizes, device: torch.device):
@@ -423,8 +460,9 @@ def _received_spans(codec: Codec, transport: Transport, sizes, device: torch.dev
     return received, list(zip(starts, received))
 
 
-def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_residual, out, local,
-                          residual=None):
+def _reduce_scatter_piece(flat: torch.Tensor, channel: Channel, targets: _Targets):
+    codec, transport, generator, stats = channel
+    out, local, residual, server_residual = targets
     w, rank = transport.world_size, transport.rank
     bounds = chunk_bounds(flat.numel(), codec.block_size, w)
     with _Timer(stats, "encode_seconds"):
@@ -439,8 +477,7 @@ def _reduce_scatter_piece(flat, codec, transport, generator, stats, server_resid
     lo, hi = bounds[rank]
     chunk_mean = torch.empty(hi - lo, dtype=torch.float32, device=flat.device)
     try:  # this rank's own chunk is decoded into local along with the peers'
-        _decode_mean(codec, pending.wait(), w, stats, chunk_mean,
-                     None if local is None else local[lo:hi], rank, spans)
+        _decode_mean(channel, pending.wait(), chunk_mean, _piece(local, lo, hi), spans)
         failure = None
     except ValueError as exc:  # still take part in the all_gather, or the others would hang
         chunk_mean.fill_(float("nan"))
@@ -507,9 +544,7 @@ def node_mean_of_chunks(flat: torch.Tensor, transport: HierarchicalTransport) ->
     return received.view(flat.dtype).view(local, nodes * n).float().div_(local).sum(0)
 
 
-def compressed_reduce_scatter(flat: torch.Tensor, codec: Codec, transport: Transport,
-                              generator: Optional[torch.Generator] = None,
-                              stats: Optional[CommStats] = None,
+def compressed_reduce_scatter(flat: torch.Tensor, channel: Channel, *,
                               out: Optional[torch.Tensor] = None,
                               residual_out: Optional[torch.Tensor] = None,
                               agreed: bool = False) -> torch.Tensor:
@@ -523,6 +558,7 @@ def compressed_reduce_scatter(flat: torch.Tensor, codec: Codec, transport: Trans
     ``residual_out``: where to write ``flat`` minus what this rank's payloads decode to (plain
     error feedback's next memory); it may be ``flat`` itself. ``agreed``: as
     :func:`compressed_mean`'s."""
+    codec, transport, generator, stats = channel
     w = transport.world_size
     if flat.dim() != 1 or flat.numel() % w:
         raise ValueError(f"compressed_reduce_scatter takes a flat tensor of W={w} equal chunks, "
@@ -553,14 +589,11 @@ def compressed_reduce_scatter(flat: torch.Tensor, codec: Codec, transport: Trans
             for r, payload in enumerate(payloads):
                 _subtract_own(codec, payload, chunks[r, lo:hi], residual[r, lo:hi])
         yield
-        _decode_mean(codec, pending.wait(), w, stats, out[lo:hi], spans=spans)
+        _decode_mean(channel, pending.wait(), out[lo:hi], spans=spans)
 
     with kernels.reducing(flat.numel()):
         _pipelined(pipeline_pieces(n, codec.block_size), stages)
-    if stats is not None:
-        stats.add(wire_bytes=transport.sent_bytes - before,
-                  intra_node_bytes=transport.intra_node_bytes - intra_before,
-                  comm_seconds=time.perf_counter() - started)
+    _count_wire(channel, before, intra_before, started)
     return out
 
 
@@ -580,11 +613,12 @@ def _raise_if_failed(failure: Optional[Exception], statuses: torch.Tensor) -> No
                          f"models, or a different bucket layout)")
 
 
-def _hierarchical(flat, codec, transport, generator, stats, server_residual, out, local,
-                  residual=None):
+def _hierarchical(flat: torch.Tensor, channel: Channel, targets: _Targets) -> None:
     """See the module docstring. ``local`` (for error feedback) is ``flat`` except on this
     rank's shard, which carries L times what compressing the node's mean of it lost: averaged
     over the node's ranks, the residuals then add up to exactly the node's loss."""
+    codec, transport = channel.codec, channel.transport
+    out, local, residual, server_residual = targets
     intra, inter = transport.intra, transport.inter
     size, rank = intra.world_size, intra.rank
     bounds = chunk_bounds(flat.numel(), codec.block_size, size)
@@ -597,9 +631,8 @@ def _hierarchical(flat, codec, transport, generator, stats, server_residual, out
     padded = torch.zeros(slot + 1, dtype=torch.float32, device=flat.device)
     compressed = None if local is None and residual is None else torch.empty_like(shard)
     try:
-        _run(inner, shard, codec, inter, generator, stats,
-             None if server_residual is None else server_residual[lo:hi], padded[:hi - lo],
-             compressed)
+        _run(inner, shard, channel._replace(transport=inter),
+             _Targets(padded[:hi - lo], compressed, server=_piece(server_residual, lo, hi)))
         failure = None
     except ValueError as exc:  # still take part in the node's all_gather (see _reduce_scatter)
         padded[:hi - lo], compressed, failure = float("nan"), shard, exc

@@ -6,26 +6,32 @@ flat vector and call :func:`reduce_gradient`; what happens between is written on
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from ..codecs import Codec
 from ..feedback import ErrorFeedback
-from ..stats import CommStats
-from .collectives import PIECEWISE, choose_algorithm, compressed_mean, requantizes
+from .collectives import (PIECEWISE, Channel, FeedbackBuffers, choose_algorithm, compressed_mean,
+                          requantizes)
 from .segments import Segments
-from .transport import Transport
 
 
-def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport: Transport,
-                collective: str = "auto", feedback: Optional[ErrorFeedback] = None,
-                generator: Optional[torch.Generator] = None, stats: Optional[CommStats] = None,
-                keep: Optional[torch.Tensor] = None, sizes=None, in_place: bool = False,
-                agreed: bool = False) -> torch.Tensor:
-    """The fp32 mean over ranks of ``flat`` (the gradients of ``keys``, concatenated), with
-    error feedback and, given ``keep`` (indices of the entries under an AC/DC mask), sending
-    only those entries: the result is zero elsewhere. Every front end reduces through here.
+class Layout(NamedTuple):
+    """What a flat gradient vector holds: the gradients of ``keys`` end to end (error
+    feedback keeps a memory per key), ``sizes`` their lengths (None: each key's ``numel()``),
+    and ``keep``, the indices of the entries under an AC/DC mask (None: all)."""
+
+    keys: Sequence
+    sizes: Optional[Sequence[int]] = None
+    keep: Optional[torch.Tensor] = None
+
+
+def reduce_gradient(flat: torch.Tensor, layout: Layout, channel: Channel,
+                    collective: str = "auto", feedback: Optional[ErrorFeedback] = None, *,
+                    in_place: bool = False, agreed: bool = False) -> torch.Tensor:
+    """The fp32 mean over ranks of ``flat`` (laid out as ``layout`` says) through ``channel``,
+    with error feedback and, given ``layout.keep``, sending only the entries under the mask:
+    the result is zero elsewhere. Every front end reduces through here.
     ``collective="auto"`` picks the algorithm with
     :func:`~commpress.comm.collectives.choose_algorithm`. ``in_place``: the mean may be
     written into ``flat`` (when it is fp32 and unmasked), which the caller gives up.
@@ -35,13 +41,14 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
     are returned. Unmasked, in fp32, under a piecewise algorithm, they are reduced where they
     lie (error feedback included); otherwise through one concatenated copy. ``agreed``: as
     :func:`~commpress.comm.collectives.compressed_mean`'s (front ends agree once per step)."""
+    keys, sizes, keep = layout
+    codec, transport = channel.codec, channel.transport
     if isinstance(flat, Segments):
         algorithm = (choose_algorithm(codec, flat.numel(), transport.world_size, transport.local_size)
                      if collective == "auto" else collective)
         if keep is not None or flat.dtype != torch.float32 or algorithm not in PIECEWISE:
-            flat.assign(reduce_gradient(flat.concatenated(), keys, codec, transport, collective,
-                                        feedback, generator, stats, keep, sizes, in_place=True,
-                                        agreed=agreed))
+            flat.assign(reduce_gradient(flat.concatenated(), layout, channel, collective,
+                                        feedback, in_place=True, agreed=agreed))
             return flat
     if flat.dtype == torch.float64:  # codecs take fp32/fp16/bf16: float64 is reduced in fp32
         flat = flat.float()
@@ -65,11 +72,10 @@ def reduce_gradient(flat: torch.Tensor, keys: Sequence, codec: Codec, transport:
     keeps_local = feedback is not None and feedback.keeps_local
     residual_in_place = feedback is not None and feedback.residual_in_place
     local_out = compact if keeps_local and keep is None and algorithm in PIECEWISE else None
-    mean, local = compressed_mean(compact, codec, transport, algorithm, generator, stats,
-                                  keep_local=keeps_local,
-                                  server_residual=server_compact, out=out, local_out=local_out,
-                                  residual_out=compact if residual_in_place else None,
-                                  agreed=agreed)
+    mean, local = compressed_mean(compact, channel, algorithm, out=out, keep_local=keeps_local,
+                                  feedback=FeedbackBuffers(
+                                      local_out, compact if residual_in_place else None,
+                                      server_compact), agreed=agreed)
     if keep is not None:
         mean = torch.zeros_like(flat, dtype=torch.float32).index_copy_(0, keep, mean)
         if local is not None:

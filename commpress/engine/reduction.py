@@ -23,20 +23,21 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
 from ..codecs import FP16, Identity
 from ..comm.agreement import agree
 from ..comm.calibration import FP32, SAMPLE_NUMEL, Candidate, CudaTimer, Plan
-from ..comm.collectives import start_mean
+from ..comm.collectives import Channel, start_mean
 from ..comm.masks import GradientMask
-from ..comm.pipeline import reduce_gradient
+from ..comm.pipeline import Layout, reduce_gradient
 from ..comm.segments import Segments
 from ..config import CompressionConfig
 from ..feedback import ErrorFeedback, flat_numel
 from ..stats import CommStats
+from .generators import RankGenerators
 from .policy import report_plan
 from .runtime import Runtime
 
@@ -82,9 +83,7 @@ class ReductionEngine:
         self.process_steps = 0           # steps of this process (not restored by a checkpoint)
         self.failed_step: Optional[int] = None  # a step in which a group's reduction failed
         self._agreed_layout: Dict[int, tuple] = {}
-        self._generators: Dict[str, torch.Generator] = {}
-        self._saved_rng: Dict[str, torch.Tensor] = {}
-        self._reseed_at: Optional[int] = None
+        self.generators = RankGenerators(config.rank_seed)
         report_plan(self.stats, self.plan, config.codec, config.error_feedback)
 
     codec = property(lambda self: self.config.codec)
@@ -97,20 +96,7 @@ class ReductionEngine:
 
     def generator(self, device: torch.device, rank: int) -> Optional[torch.Generator]:
         """This rank's rounding generator on ``device`` (None for deterministic codecs)."""
-        if not self.codec.stochastic:
-            return None
-        key = str(device)
-        if key not in self._generators:
-            gen = torch.Generator(device=device)
-            if key in self._saved_rng:
-                gen.set_state(self._saved_rng.pop(key))
-            else:
-                seed = self.config.rank_seed(rank)
-                if self._reseed_at is not None:  # re-derived after a checkpoint of another rank
-                    seed = (seed * 1_000_033 + self._reseed_at) % (1 << 62)
-                gen.manual_seed(seed)
-            self._generators[key] = gen
-        return self._generators[key]
+        return self.generators.get(device, rank) if self.codec.stochastic else None
 
     def set_masks(self, masks: Dict[torch.Tensor, torch.Tensor]) -> None:
         """Send only the gradient entries where ``masks[key]`` is true (see
@@ -199,29 +185,42 @@ class ReductionEngine:
             agree(runtime.control, ticket.fields, runtime.control.device)
         w = runtime.transport.world_size
         self.stats.add(fp32_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
-        if ticket.calibrating:  # every candidate measured on the group, then reduced in fp32
+
+        def calibrate():  # every candidate measured on the group, which then goes in fp32
             self._calibrate(runtime, buffer, small, big)
             if ticket.last:
-                self.calibration_done(runtime.transport.world_size, runtime.hierarchical,
-                                      runtime.transport.rank)
-            choice = FP32
+                self.calibration_done(w, runtime.hierarchical, runtime.transport.rank)
+        generator = self.generator(buffer.device, runtime.transport.rank)
+        # inline on a GPU the host only queues the work: timed by events (a worker thread
+        # synchronizes its side stream, so its clock is the work's)
+        self.run_chosen(ticket, buffer.numel(), calibrate, lambda choice: self.reduce_as(
+            runtime, buffer, small, big, choice, generator, self.stats, self.feedback),
+            cuda_timed=runtime.inline and buffer.is_cuda)
+        if ticket.last:
+            self.end_step(ticket.phase, runtime.transport.rank)
+        return buffer
+
+    def run_chosen(self, ticket: Ticket, numel: int, calibrate: Callable[[], None],
+                   run: Callable[[Candidate], None], uncompressed: Candidate = FP32,
+                   cuda_timed: bool = False) -> None:
+        """The policy's part of one group's reduction, for every front end: on a calibration
+        step ``calibrate()`` and ``run(uncompressed)``, else ``run`` the plan's choice for
+        ``numel`` values, timed for drift once a plan is adopted (``cuda_timed``: by CUDA
+        events, where the host only queues the work)."""
+        if ticket.calibrating:
+            calibrate()
+            choice = uncompressed
         else:
-            choice = self.policy.choose(buffer.numel(), ticket.compress, ticket.plan)
+            choice = self.policy.choose(numel, ticket.compress, ticket.plan)
         adopted = ticket.plan is not None and ticket.plan is self.plan  # not on trial
         drift = self.policy.drift if adopted else None
-        # inline on a GPU the host only queues the work: time it by events (a worker thread
-        # synchronizes its side stream, so its clock is the work's)
-        timer = CudaTimer() if adopted and runtime.inline and buffer.is_cuda else None
+        timer = CudaTimer() if adopted and cuda_timed else None
         start = time.perf_counter()
-        self.reduce_as(runtime, buffer, small, big, choice, self.generator(
-            buffer.device, runtime.transport.rank), self.stats, self.feedback)
+        run(choice)
         if timer is not None:
             drift.add_timer(timer.stop(), ticket.last)
         elif drift is not None:
             drift.add(time.perf_counter() - start, ticket.last)
-        if ticket.last:
-            self.end_step(ticket.phase, runtime.transport.rank)
-        return buffer
 
     def reduce_as(self, runtime: Runtime, buffer, small, big, choice: Candidate,
                   generator: Optional[torch.Generator], stats: Optional[CommStats],
@@ -255,9 +254,10 @@ class ReductionEngine:
                          generator, stats) -> None:
         """Average the gradients of ``segments`` over ranks, where they lie in the buffer."""
         keys = [k for _, _, k in segments]
-        reduce_gradient(Segments([buffer[o:o + n] for o, n, _ in segments]), keys, codec,
-                        transport, collective, feedback, generator, stats,
-                        keep=self.mask.kept_indices(keys, buffer.device), agreed=True)
+        reduce_gradient(Segments([buffer[o:o + n] for o, n, _ in segments]),
+                        Layout(keys, keep=self.mask.kept_indices(keys, buffer.device)),
+                        Channel(codec, transport, generator, stats), collective=collective,
+                        feedback=feedback, agreed=True)
 
     def end_step(self, phase: str, rank: int) -> None:
         self.stats.end_step()
@@ -342,8 +342,7 @@ class ReductionEngine:
 
     # -- persistence ----------------------------------------------------------------------
     def state_dict(self) -> Dict:
-        rng = {key: gen.get_state() for key, gen in self._generators.items()}
-        return {"iter": self.iter, "rng": {**self._saved_rng, **rng},
+        return {"iter": self.iter, "rng": self.generators.state_dict(),
                 "feedback": self.feedback.state_dict() if self.feedback else None,
                 "stats": self.stats.state_dict(), "phase": self.phase,
                 "phase_stats": {k: v.state_dict() for k, v in self.phase_stats.items()},
@@ -353,7 +352,7 @@ class ReductionEngine:
         """Restore :meth:`state_dict` (checked first with :func:`validate_state`)."""
         self.policy.load_state_dict(state.get("plan"), state.get("calibration"))
         self.iter = state["iter"]
-        self._generators, self._saved_rng = {}, dict(state["rng"])
+        self.generators.load_state_dict(state["rng"])
         if self.feedback is not None:
             self.feedback.load_state_dict(state["feedback"])
         self.stats.load_state_dict(state["stats"])
@@ -366,7 +365,7 @@ class ReductionEngine:
         """After loading another rank's checkpoint: re-derive this rank's generators from
         (seed, rank, step) so rounding noise stays independent across ranks, and reset the
         per-rank memories consistently (see :meth:`ErrorFeedback.adopt_other_rank`)."""
-        self._saved_rng, self._generators, self._reseed_at = {}, {}, self.iter
+        self.generators.reseed(self.iter)
         if self.feedback is not None:
             self.feedback.adopt_other_rank()
 
