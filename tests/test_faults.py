@@ -17,12 +17,12 @@ from distributed import run_workers
 GROUP_TIMEOUT = datetime.timedelta(seconds=8)
 
 
-def faulty_peer_worker(rank, world_size, policy, fault, at_step):
+def faulty_peer_worker(rank, world_size, policy, fault, at_step, hook="qsgd4+ef"):
     """Rank 1 exits or stops itself at ``at_step``; the others train until their step fails
     and return where and how it failed."""
     torch.manual_seed(0)
     model = DDP(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)))
-    state = cp.register_hook(model, "qsgd4+ef", log_every=0, policy=policy)
+    state = cp.register_hook(model, hook, log_every=0, policy=policy)
     for step in range(at_step + 10):
         if rank == 1 and step == at_step:
             if fault == "exit":
@@ -38,17 +38,18 @@ def faulty_peer_worker(rank, world_size, policy, fault, at_step):
     return {"step": None, "plan": state.stats.plan}
 
 
-@pytest.mark.parametrize("policy,fault,at_step", [
-    ("calibrated", "exit", 1),    # the calibration step
-    ("calibrated", "exit", 4),    # a trial step
-    ("calibrated", "exit", 30),   # the adopted plan (on loopback: all-reduces, no worker)
-    ("calibrated", "kill", 30),
-    ("calibrated", "stop", 30),   # hung, not dead: only the timeout tells
-    ("fixed", "exit", 4),
-    ("fixed", "stop", 4),
+@pytest.mark.parametrize("policy,fault,at_step,hook", [
+    ("calibrated", "exit", 1, "qsgd4+ef"),    # the calibration step
+    ("calibrated", "exit", 4, "qsgd4+ef"),    # a trial step
+    ("calibrated", "exit", 30, "qsgd4+ef"),   # the adopted plan (on loopback: all-reduces)
+    ("calibrated", "kill", 30, "qsgd4+ef"),
+    ("calibrated", "stop", 30, "qsgd4+ef"),   # hung, not dead: only the timeout tells
+    ("fixed", "exit", 4, "qsgd4+ef"),
+    ("fixed", "stop", 4, "qsgd4+ef"),
+    ("fixed", "stop", 4, "elias8"),  # variable-length payloads: their sizes are exchanged first
 ])
-def test_survivor_raises_when_a_peer_dies_or_hangs(policy, fault, at_step):
-    survivor = run_workers(faulty_peer_worker, 2, policy, fault, at_step, timeout=120,
+def test_survivor_raises_when_a_peer_dies_or_hangs(policy, fault, at_step, hook):
+    survivor = run_workers(faulty_peer_worker, 2, policy, fault, at_step, hook, timeout=120,
                            pg_timeout=GROUP_TIMEOUT, survivors=[0])[0]
     assert survivor["step"] == at_step, f"rank 0 trained on alone: {survivor}"
     assert survivor["seconds"] < GROUP_TIMEOUT.total_seconds() + 10, survivor

@@ -28,8 +28,6 @@ Algorithms (wire bytes per rank for a vector whose payload is ``B`` bytes):
   nodes in each of its two rounds: about twice as much for 2 nodes of 2 ranks. Inside the node
   each rank sends ``2(L-1)/L * 4n`` bytes of fp32.
 """
-from __future__ import annotations
-
 import math
 import time
 from typing import Callable, NamedTuple, Optional, Tuple
@@ -211,6 +209,30 @@ def _decode_mean(channel: Channel, gathered: torch.Tensor, mean: torch.Tensor,
             raise _peer_error(exc.index, exc.reason) from None
 
 
+class FeedbackBuffers(NamedTuple):
+    """What error feedback asks :func:`compressed_mean` to keep besides the mean.
+
+    ``local``: where to write this rank's compressed contribution (implies ``keep_local``),
+    which may be ``flat`` itself under the ``PIECEWISE`` algorithms (each piece is encoded
+    before its part of ``local`` is written): EF21, which no longer needs what it sent once it
+    is encoded, so keeps its own contribution with no full-size buffer of its own.
+
+    ``residual``: where to write ``flat`` minus this rank's compressed contribution (plain
+    error feedback's next memory ``p - C(p)``), instead of ``local``; it may be ``flat``
+    itself. Each piece's is written once the piece is encoded, by decoding its payload into
+    it with weight -1 (the same bits as subtracting ``local``), so error feedback needs no
+    full-size buffer for its own contribution.
+
+    ``server``: an fp32 vector like ``flat``, the error feedback of the second quantization
+    in ``reduce_scatter`` (DeepSpeed's "server error"): this rank adds its chunk of it to the
+    averaged chunk before re-encoding, and stores there what re-encoding lost. Other
+    algorithms quantize once and leave it untouched."""
+
+    local: Optional[torch.Tensor] = None
+    residual: Optional[torch.Tensor] = None
+    server: Optional[torch.Tensor] = None
+
+
 def compressed_mean(flat: torch.Tensor, channel: Channel, algorithm: str, *,
                     out: Optional[torch.Tensor] = None, keep_local: bool = False,
                     feedback: Optional[FeedbackBuffers] = None, agreed: bool = False
@@ -271,30 +293,6 @@ def compressed_mean(flat: torch.Tensor, channel: Channel, algorithm: str, *,
         _run(algorithm, flat, channel, _Targets(out, local, residual_out, server_residual))
     _count_wire(channel, before, intra_before, started)
     return out, local
-
-
-class FeedbackBuffers(NamedTuple):
-    """What error feedback asks :func:`compressed_mean` to keep besides the mean.
-
-    ``local``: where to write this rank's compressed contribution (implies ``keep_local``),
-    which may be ``flat`` itself under the ``PIECEWISE`` algorithms (each piece is encoded
-    before its part of ``local`` is written): EF21, which no longer needs what it sent once it
-    is encoded, so keeps its own contribution with no full-size buffer of its own.
-
-    ``residual``: where to write ``flat`` minus this rank's compressed contribution (plain
-    error feedback's next memory ``p - C(p)``), instead of ``local``; it may be ``flat``
-    itself. Each piece's is written once the piece is encoded, by decoding its payload into
-    it with weight -1 (the same bits as subtracting ``local``), so error feedback needs no
-    full-size buffer for its own contribution.
-
-    ``server``: an fp32 vector like ``flat``, the error feedback of the second quantization
-    in ``reduce_scatter`` (DeepSpeed's "server error"): this rank adds its chunk of it to the
-    averaged chunk before re-encoding, and stores there what re-encoding lost. Other
-    algorithms quantize once and leave it untouched."""
-
-    local: Optional[torch.Tensor] = None
-    residual: Optional[torch.Tensor] = None
-    server: Optional[torch.Tensor] = None
 
 
 def _count_wire(channel: Channel, before: int, intra_before: int, started: float) -> None:

@@ -4,8 +4,6 @@ a codec and a compressed collective, with error feedback and AC/DC masks around 
 The DDP hook, the MPI functions and the Horovod optimizer only gather their tensors into a
 flat vector and call :func:`reduce_gradient`; what happens between is written once, here.
 """
-from __future__ import annotations
-
 from typing import NamedTuple, Optional, Sequence
 
 import torch

@@ -278,35 +278,28 @@ class ReductionEngine:
         choice = plan.entry_for(buffer.numel()).choice
         wire = (torch.float32 if choice == FP32 else
                 _FP16.wire_dtype if choice.codec == "fp16" else self.codec.wire_dtype)
-        w, phase = runtime.transport.world_size, self.phase
-        send = buffer.div_(w) if buffer.dtype == wire else buffer.div_(w).to(wire)  # pre-divided
+        w = runtime.transport.world_size
         self.stats.add(fp32_bytes=2 * (w - 1) * 4 * buffer.numel() // w,
-                       wire_bytes=2 * (w - 1) * send.nbytes // w)
+                       wire_bytes=2 * (w - 1) * buffer.numel() * wire.itemsize // w)
         if last:
             self.iter += 1
             self.process_steps += 1
-            self.end_step(phase, runtime.transport.rank)
-        # the callback runs on the backend's thread and must not hold the front end's state:
-        # if it held the last reference, the state's finalizer would destroy the group from
-        # that group's own thread ("Resource deadlock avoided", and the process aborts)
+            self.end_step(self.phase, runtime.transport.rank)
+        done = runtime.all_reduce_mean(buffer, wire, self.stats)
+        if not (last and plan is self.plan):
+            return done
+        # the callback must not hold the front end's state (see Runtime.all_reduce_mean)
         policy = self.policy
-        started, drift = policy.step_started[1], policy.drift if last and plan is self.plan else None
-        timer, stats = policy.step_timer, self.stats
-        issued = time.perf_counter()
-        pending = runtime.transport.all_reduce_sum_start(send)
+        started, drift, timer = policy.step_started[1], policy.drift, policy.step_timer
 
-        def finish(reduced: torch.futures.Future) -> torch.Tensor:
-            reduced.value()  # raises the all-reduce's failure (a dead or hung peer)
-            if not buffer.is_cuda:  # the host clock is the all-reduce's (on a GPU: its launch)
-                stats.add(comm_seconds=time.perf_counter() - issued)
-            if send is not buffer:
-                buffer.copy_(send)
-            if drift is not None and timer is not None:  # on the GPU: after the all-reduce
+        def watch(reduced: torch.futures.Future) -> torch.Tensor:
+            mean = reduced.value()
+            if timer is not None:  # on the GPU: after the all-reduce
                 drift.add_timer(timer.stop(), step_done=True)
-            elif drift is not None:
+            else:
                 drift.add(time.perf_counter() - started, step_done=True)
-            return buffer
-        return pending.future(runtime.executor).then(finish)
+            return mean
+        return done.then(watch)
 
     # -- calibration ----------------------------------------------------------------------
     def _calibrate(self, runtime: Runtime, buffer, small, big) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Callable, Dict, Optional
 
 import torch
@@ -71,6 +72,29 @@ class Runtime:
         if cuda:
             reduce = _on_side_stream(reduce, self.side_stream(device), device)
         return self.executor.submit(reduce, devices=cuda)
+
+    def all_reduce_mean(self, buffer: torch.Tensor, wire: torch.dtype,
+                        stats=None) -> torch.futures.Future:
+        """A future of ``buffer`` holding its mean over ranks: divided by W, cast to ``wire``,
+        one asynchronous all-reduce of the transport issued here (as DDP's and Horovod's own
+        default is, not on the worker thread), cast back into ``buffer`` when it ends. Its
+        communication time goes into ``stats`` (on the CPU). The callback runs on the
+        backend's thread and holds no front end's state: were it the last reference, the
+        state's finalizer would destroy the group from that group's own thread ("Resource
+        deadlock avoided", and the process aborts)."""
+        w = self.transport.world_size
+        send = buffer.div_(w) if buffer.dtype == wire else buffer.div_(w).to(wire)  # pre-divided
+        issued = time.perf_counter()
+        pending = self.transport.all_reduce_sum_start(send)
+
+        def finish(reduced: torch.futures.Future) -> torch.Tensor:
+            reduced.value()  # raises the all-reduce's failure (a dead or hung peer)
+            if stats is not None and not buffer.is_cuda:  # on a GPU the clock sees its launch
+                stats.add(comm_seconds=time.perf_counter() - issued)
+            if send is not buffer:
+                buffer.copy_(send)
+            return buffer
+        return pending.future(self.executor).then(finish)
 
     def close(self) -> None:
         if self.executor is not None:
