@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from .codecs import Codec
-from .codecs.base import FORMAT_VERSION
+from .codecs.wire import FORMAT_VERSION
 
 #: the compressed collectives (see :mod:`commpress.comm.collectives`)
 ALGORITHMS = ("allgather", "reduce_scatter", "allreduce", "hierarchical")

@@ -339,12 +339,12 @@ def test_decode_fuzz_only_value_error(codec):
             out = codec.decode(cp.Payload(data))
         except ValueError:
             continue
-        assert out.dim() == 1 and out.numel() == cp.codecs.base.Header.from_bytes(
+        assert out.dim() == 1 and out.numel() == cp.codecs.wire.Header.from_bytes(
             bytes(data[:HEADER_BYTES].numpy())).numel
 
 
 def test_codec_registry_refuses_taken_names_and_ids():
-    from commpress.codecs.base import register_codec
+    from commpress.codecs.registry import register_codec
 
     with pytest.raises(ValueError, match="codec id 4"):
         @register_codec("my-qsgd")
@@ -397,7 +397,7 @@ def test_wrong_codec_errors_name_the_codec():
 def test_unknown_format_version_and_meta_payloads_are_refused_by_name(codec):
     import struct
     import zlib
-    from commpress.codecs.base import FORMAT_VERSION, Payload
+    from commpress.codecs.wire import FORMAT_VERSION, Payload
     payload = codec.encode(torch.randn(1000), generator=torch.Generator().manual_seed(0))
     data = payload.data.clone()
     data[2] = FORMAT_VERSION + 1  # a later release's payload, with a valid CRC
@@ -413,6 +413,6 @@ def test_unknown_format_version_and_meta_payloads_are_refused_by_name(codec):
 
 def test_ranks_agree_on_the_payload_format():
     """Decoders on an accelerator trust the agreement instead of each header: the format is in it."""
-    from commpress.codecs.base import FORMAT_VERSION
+    from commpress.codecs.wire import FORMAT_VERSION
     from commpress.config import CompressionConfig
     assert CompressionConfig(cp.QSGD()).shared()["wire_format"] == FORMAT_VERSION

@@ -313,7 +313,7 @@ def test_decode_mean_is_the_ordered_sum_of_decodes(compiled, name, count):
     gen = torch.Generator().manual_seed(13)
     payloads = [codec.encode(torch.randn(N - 37, generator=gen), gen) for _ in range(count)]
     gathered = torch.cat([p.data for p in payloads])
-    bodies = gathered.view(count, -1)[:, cp.codecs.base.HEADER_BYTES:]
+    bodies = gathered.view(count, -1)[:, cp.codecs.wire.HEADER_BYTES:]
     covered = codec._decode_mean_body(bodies, torch.empty(N - 37), None, -1)
     assert covered == (N - 37) // codec.block_size * codec.block_size
     expected = torch.zeros(N - 37)

@@ -1,6 +1,7 @@
 """Codecs: pure tensor <-> :class:`Payload` transforms; nothing here knows about ranks."""
-from .base import (HEADER_BYTES, Codec, Payload, PayloadError, codec_names, contractive_factor, get_codec,
-                   register_codec, saturating_cast)
+from .base import Codec, contractive_factor, saturating_cast
+from .registry import codec_names, get_codec, register_codec
+from .wire import HEADER_BYTES, Payload, PayloadError
 from .elias import EliasQSGD
 from .floats import BF16, FP16, Identity
 from .natural import NaturalCompression, NaturalDithering

@@ -15,6 +15,7 @@ import torch
 from . import bitpack, kernels
 from .base import Codec, chunk_ranges
 from .fused import FusedMean
+from .tiled import TiledKernels
 
 _NORMS = {"max": 0, "l2": 1}
 _SMALLEST_FP32 = 2.0 ** -149  # the smallest positive (subnormal) float32
@@ -58,19 +59,7 @@ def block_norms(magnitudes: torch.Tensor, norm: str) -> torch.Tensor:
     return torch.where(finite, l2.clamp(max=torch.finfo(torch.float32).max), l2)
 
 
-def _bucket_of_tile(tiles: int, per_bucket: int, device: torch.device) -> torch.Tensor:
-    """Each tile's bucket (int32): an index the compiler sees constant over a tile's values
-    (one per value compiled to a scalar gather)."""
-    return torch.arange(tiles, dtype=torch.int32, device=device) // per_bucket
-
-
-def _side_by_side(rows) -> torch.Tensor:
-    """Tiles (one per row of the result) made of ``rows`` (each ``tiles x LANES``), row after
-    row; one row is passed through (a one-row stack made the compiler spill to a temporary)."""
-    return rows[0] if len(rows) == 1 else torch.stack(rows, 1).view(rows[0].shape[0], -1)
-
-
-class BucketedLevelCodec(FusedMean, Codec):
+class BucketedLevelCodec(TiledKernels, FusedMean, Codec):
     """Base of codecs sending a norm per bucket and a signed level per entry."""
 
     stochastic = True
@@ -180,15 +169,6 @@ class BucketedLevelCodec(FusedMean, Codec):
         weight = torch.where(scales == 0, 0.0, safe * safe)  # an all-zero bucket is exact
         return variance.sum(1).mul(weight).sum()
 
-    def _kernel_rows(self) -> int:
-        """Code rows of ``LANES`` values per tile of the fused kernels: a packing group's codes,
-        and at least two, as each hash makes two uniforms (:func:`kernels.hashed_uniforms`)."""
-        return max(bitpack.group_shape(self.bits)[0], 2)
-
-    def _fused(self):
-        """Whether the fused kernels apply: buckets hold whole kernel tiles."""
-        return self.bucket_size % (self._kernel_rows() * bitpack.LANES) == 0
-
     def _chunk_align(self) -> int:
         """Eager chunks start at whole buckets and whole tiles of the packed layout."""
         return math.lcm(self.bucket_size, bitpack.tile_values(self.bits))
@@ -214,79 +194,6 @@ class BucketedLevelCodec(FusedMean, Codec):
             scales_out[lo // d: lo // d + scales.numel()] = scales
             packed_out[lo * bits // 8: lo * bits // 8 + bitpack.packed_bytes(hi - lo, bits)] = \
                 bitpack.pack_tiled(codes, bits)
-
-    def _fused_encoder(self):
-        """The kernel, over tiles of :meth:`_kernel_rows` rows of ``LANES`` values: row ``k``
-        holds code ``k`` of ``LANES`` packing groups (:func:`bitpack.pack_tiled`), so loads
-        and stores are runs of consecutive values and bytes; lane ``j`` of a tile hashes once
-        for the uniforms of its rows."""
-        rows, lanes, d = self._kernel_rows(), bitpack.LANES, self.bucket_size
-        per_group, group_bytes = bitpack.group_shape(self.bits)
-
-        def encode(tiles, key, packed_out):
-            torch._check(packed_out.shape[0] == tiles.shape[0])
-            scales, divisors = self._divisors(tiles.view(-1))
-            per_value = divisors[_bucket_of_tile(tiles.shape[0], d // (rows * lanes), tiles.device)]
-            per_value = per_value.view(-1, 1)
-            uniforms = kernels.hashed_uniforms(key, tiles.shape[0] * lanes, rows, tiles.device)
-            codes = [self._codes(tiles[:, k, :], per_value, uniforms[k].view(-1, lanes),
-                                 bitpack.word_dtype(self.bits)) for k in range(rows)]
-            if per_group == 1:  # whole bytes: the codes are the body
-                planes = [code.to(torch.uint8) for code in codes]
-            else:
-                word = codes[0]
-                for k in range(1, rows):
-                    word = word | (codes[k] << (k * self.bits))
-                planes = [(word >> (8 * b)).to(torch.uint8) for b in range(group_bytes)]
-            packed_out.copy_(_side_by_side(planes))
-            return scales
-        return encode
-
-    def _fused_decoder(self):
-        """The kernel, over tiles of :func:`bitpack.pack_tiled` (runs of ``LANES`` bytes in,
-        ``LANES`` values out). ``alpha`` is an argument, not a constant of the closure: the
-        kernel is cached per codec, and a cached closure would keep the first call's."""
-        d, tile = self.bucket_size, bitpack.tile_values(self.bits)
-
-        def decode(scales, packed, out, alpha):
-            torch._check(out.shape[0] == packed.shape[0])  # tiles: the compiler sees them tied
-            scale = scales[_bucket_of_tile(packed.shape[0], d // tile, packed.device)]
-            self._store(self._tile_values(packed, scale), out, alpha)
-            return out
-        return decode
-
-    def _mean_kernel_inputs(self, bodies, numel):
-        """Scales ``(buckets, W)`` and packed tiles ``(tiles, W, tile bytes)`` of the whole
-        buckets (made of whole tiles); a last partial bucket is left to :meth:`_decode_from`."""
-        w, d, bits = bodies.shape[0], self.bucket_size, self.bits
-        done = numel // d * d
-        if not done or not self._fused():
-            return None
-        tile, nb = bitpack.tile_values(bits), self._buckets(numel)
-        scales = bodies[:, : 4 * nb].contiguous().view(torch.float32)[:, : done // d].t().contiguous()
-        packed = bodies[:, 4 * nb: 4 * nb + done * bits // 8].view(w, -1, tile * bits // 8).transpose(0, 1)
-        return (scales, packed), done // tile, done
-
-    def _payload_values(self, inputs, index):
-        scales, packed = inputs
-        bucket = _bucket_of_tile(packed.shape[0], self.bucket_size // bitpack.tile_values(self.bits),
-                                 packed.device)
-        return self._tile_values(packed[:, index, :], scales[bucket, index])
-
-    def _tile_values(self, packed, scale):
-        """The fp32 values of tiles (one per row) of :func:`bitpack.pack_tiled` bytes, given
-        each tile's scale (one per row): one pointwise op over (tiles, codes per group,
-        LANES), row ``k`` shifted by ``k`` codes (a stack of per-row results would go
-        through a temporary)."""
-        lanes, bits = bitpack.LANES, self.bits
-        per_group, group_bytes = bitpack.group_shape(bits)
-        wide = packed.to(bitpack.word_dtype(bits))
-        word = wide[:, :lanes]
-        for b in range(1, group_bytes):
-            word = word | (wide[:, b * lanes: (b + 1) * lanes] << (8 * b))
-        shift = torch.arange(per_group, dtype=word.dtype, device=packed.device).view(1, -1, 1)
-        codes = (word.unsqueeze(1) >> (shift * bits)) & ((1 << bits) - 1)
-        return (self._fractions(codes.float()) * scale.view(-1, 1, 1)).view(packed.shape[0], -1)
 
     def _table(self, device: torch.device) -> torch.Tensor:
         """:meth:`_fractions` of every code, for lookups."""

@@ -34,7 +34,8 @@ from typing import Optional
 import torch
 
 from . import kernels
-from .base import chunk_ranges, register_codec
+from .base import chunk_ranges
+from .registry import register_codec
 from .bucketed import BucketedLevelCodec, aligned, uniform_1_2
 from .qsgd import EvenLevels
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Codec, register_codec
+from .base import Codec
+from .registry import register_codec
 from .bucketed import aligned
 
 

@@ -10,11 +10,54 @@ and every path give the same bits, and the eager path stays the reference and th
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from . import kernels
+from .wire import HEADER_BYTES, Payload, PayloadError, checked
+
+
+def mean_of_payloads(codec, gathered: torch.Tensor, count: int, out: torch.Tensor,
+                     local: Optional[torch.Tensor] = None, rank: int = -1,
+                     spans: Optional[Sequence[Tuple[int, int]]] = None) -> torch.Tensor:
+    """:meth:`Codec.decode_mean <commpress.codecs.Codec.decode_mean>`: every payload checked,
+    then as many leading values as the codec's one-pass kernel covers (``_decode_mean_body``;
+    none without :class:`FusedMean`), the rest decoded payload by payload, in order."""
+    if spans is None:
+        if count < 1 or gathered.numel() % count:
+            raise ValueError(f"{gathered.numel()} bytes do not hold {count} equal payloads")
+        size = gathered.numel() // count
+        spans = [(index * size, size) for index in range(count)]
+    elif len(spans) != count or count < 1 or any(
+            start < 0 or length < 0 or start + length > gathered.numel() for start, length in spans):
+        raise ValueError(f"spans {list(spans)} do not place {count} payloads in "
+                         f"{gathered.numel()} bytes")
+    if local is not None and not 0 <= rank < count:
+        raise ValueError(f"rank {rank} names none of the {count} payloads to decode into local")
+    numel = out.numel()
+    bodies = []
+    for index, (start, length) in enumerate(spans):
+        try:
+            data, _, _ = checked(codec, Payload(gathered[start:start + length]), torch.float32, numel)
+        except ValueError as exc:
+            raise PayloadError(index, str(exc)) from None
+        bodies.append(data[HEADER_BYTES:])
+    equal = len({length for _, length in spans}) == 1 and all(
+        start == index * spans[0][1] for index, (start, _) in enumerate(spans))
+    done = codec._decode_mean_body(gathered[: count * spans[0][1]].view(count, -1)[:, HEADER_BYTES:],
+                                  out, local, rank) if numel and equal else 0
+    if done == numel:
+        return out
+    share = 1.0 / count
+    out[done:].zero_()
+    for index, body in enumerate(bodies):
+        if index == rank and local is not None:
+            codec._decode_from(body, local, done)
+            codec._store(local[done:], out[done:], share)
+        else:
+            codec._decode_from(body, out, done, share)
+    return out
 
 
 class FusedMean:

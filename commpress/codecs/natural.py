@@ -7,7 +7,8 @@ import sys
 import torch
 
 from . import kernels
-from .base import Codec, chunk_ranges, register_codec
+from .base import Codec, chunk_ranges
+from .registry import register_codec
 from .fused import FusedMean
 from .bucketed import BucketedLevelCodec, aligned, random_bits
 

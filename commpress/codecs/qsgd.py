@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .base import register_codec
+from .registry import register_codec
 from .bucketed import BucketedLevelCodec
 
 

@@ -24,7 +24,8 @@ from typing import Dict, Optional
 
 import torch
 
-from .base import Codec, register_codec
+from .base import Codec
+from .registry import register_codec
 
 #: rotated vectors (sign vectors) kept per (length, device), so a training step's buckets
 #: draw their signs once

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from . import bitpack, kernels
-from .base import Codec, register_codec
+from .base import Codec
+from .registry import register_codec
 from .fused import FusedMean
 
 #: bit ``k`` of a packed byte holds the sign of value ``8j + k`` (bitpack's 1-bit layout)

@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch
 
 from ..codecs import Codec, Payload, PayloadError, contractive_factor, kernels
-from ..codecs.base import FORMAT_VERSION
+from ..codecs.wire import FORMAT_VERSION
 from ..config import ALGORITHMS
 from ..feedback import keep_finite
 from ..stats import CommStats
