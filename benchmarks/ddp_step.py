@@ -67,9 +67,10 @@ def torch_bf16_hook(state, bucket):
     return default_hooks.bf16_compress_hook(state, bucket)
 
 
-def attach(method: str, model, optimizer, total_steps: int, schedule=None):
+def attach(method: str, model, optimizer, total_steps: int, schedule=None, scope: str = "global"):
     """Register ``method``'s hook on the DDP ``model``; returns ``(state, acdc)``. AC/DC
-    follows ``schedule``, by default sparse from its second step to ``total_steps``."""
+    follows ``schedule``, by default sparse from its second step to ``total_steps``, with
+    masks chosen over ``scope`` (:class:`commpress.ACDC`'s)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
     from torch.distributed.algorithms.ddp_comm_hooks import quantization_hooks
 
@@ -99,7 +100,8 @@ def attach(method: str, model, optimizer, total_steps: int, schedule=None):
         hook = name.partition(":")[2] or "fp32"
         state = cp.register_hook(model, hook, **options)
         schedule = schedule or cp.ACDCSchedule([(1, total_steps)], total_steps)
-        return state, cp.ACDC(model, optimizer, state, sparsity=sparsity, schedule=schedule)
+        return state, cp.ACDC(model, optimizer, state, sparsity=sparsity, schedule=schedule,
+                              scope=scope)
     return cp.register_hook(model, name, **options), None
 
 

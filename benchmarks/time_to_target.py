@@ -41,7 +41,7 @@ METHODS = ["fp32", "torch-bf16", "torch-fp16", "powersgd1", "powersgd4", "qsgd4"
 QUICK_METHODS = ["fp32", "torch-bf16", "calibrated:qsgd4"]
 BASELINES = ("fp32", "torch-bf16")
 #: the settings a run's results depend on: --resume keeps a run only if these match
-RUN_SETTINGS = ("width", "layers", "batch_size", "lr", "lr_decay", "acdc_last_dense",
+RUN_SETTINGS = ("width", "layers", "batch_size", "lr", "lr_decay", "acdc_last_dense", "acdc_scope",
                 "corpus_bytes", "eval_every", "eval_sequences", "budget", "steps")
 
 
@@ -87,7 +87,8 @@ def run_method(method: str, args, rank: int, world: int, ifname: str) -> dict:
              if args.lr_decay == "cosine" else None)
     schedule = (cp.ACDCSchedule.paper(args.steps, last_dense=args.acdc_last_dense)
                 if method.startswith("acdc") else None)
-    state, acdc = attach(method, model, opt, args.steps or 0, schedule=schedule)
+    state, acdc = attach(method, model, opt, args.steps or 0, schedule=schedule,
+                         scope=args.acdc_scope)
     overlaps, masks = [], {}  # AC/DC: each prune's masks against the previous prune's
     params = sum(p.numel() for p in model.parameters())
     fp32_per_step = 2 * (world - 1) / world * 4 * params  # the ring all-reduce's bytes per rank
@@ -315,6 +316,9 @@ def main(argv=None):
     parser.add_argument("--acdc-last-dense", type=float, default=0.10, metavar="FRACTION",
                         help="AC/DC: the dense phase before the final sparse one lasts at least "
                              "this fraction of the run (default 0.10, the paper's)")
+    parser.add_argument("--acdc-scope", choices=["global", "layerwise"], default="global",
+                        help="AC/DC: masks by magnitude over all layers at once (default), or "
+                             "the same sparsity in every layer")
     parser.add_argument("--corpus-bytes", type=int, default=4_000_000,
                         help="bytes of the standard library's sources (default 4 MB; 10%% held out)")
     parser.add_argument("--eval-every", type=int, default=20, metavar="STEPS")
