@@ -141,17 +141,6 @@ class Channel(NamedTuple):
     stats: Optional[CommStats] = None
 
 
-class _Targets(NamedTuple):
-    """Where a collective writes: the mean into ``out``; given ``local``, this rank's
-    compressed contribution decoded there; given ``residual``, ``flat`` minus that contribution
-    there; given ``server``, the second quantization's error feedback (reduce_scatter)."""
-
-    out: torch.Tensor
-    local: Optional[torch.Tensor] = None
-    residual: Optional[torch.Tensor] = None
-    server: Optional[torch.Tensor] = None
-
-
 def _piece(vector: Optional[torch.Tensor], lo: int, hi: int) -> Optional[torch.Tensor]:
     return None if vector is None else vector[lo:hi]
 
@@ -232,6 +221,11 @@ class FeedbackBuffers(NamedTuple):
     residual: Optional[torch.Tensor] = None
     server: Optional[torch.Tensor] = None
 
+    def piece(self, lo: int, hi: int,
+              server: Optional[torch.Tensor] = None) -> "FeedbackBuffers":
+        """The buffers of ``flat[lo:hi]``; ``server`` as given (the caller windows it)."""
+        return FeedbackBuffers(_piece(self.local, lo, hi), _piece(self.residual, lo, hi), server)
+
 
 def compressed_mean(flat: torch.Tensor, channel: Channel, algorithm: str, *,
                     out: Optional[torch.Tensor] = None, keep_local: bool = False,
@@ -255,9 +249,10 @@ def compressed_mean(flat: torch.Tensor, channel: Channel, algorithm: str, *,
         raise ValueError(f"compressed_mean takes a flat tensor, got shape {tuple(flat.shape)}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown collective {algorithm!r}; choose from {ALGORITHMS}")
-    local_out, residual_out, server_residual = feedback or FeedbackBuffers()
-    for name, given in (("feedback.server", server_residual), ("out", out),
-                        ("feedback.local", local_out), ("feedback.residual", residual_out)):
+    feedback = feedback or FeedbackBuffers()
+    local_out, residual_out, server_residual = feedback
+    for name, given in (("out", out), *((f"feedback.{field}", getattr(feedback, field))
+                                        for field in FeedbackBuffers._fields)):
         if given is not None and (given.shape != flat.shape or given.dtype != torch.float32):
             raise ValueError(f"{name} must be float32 of shape {tuple(flat.shape)}, got "
                              f"{given.dtype} of shape {tuple(given.shape)}")
@@ -290,7 +285,7 @@ def compressed_mean(flat: torch.Tensor, channel: Channel, algorithm: str, *,
     before, intra_before = transport.sent_bytes, transport.intra_node_bytes
     started = time.perf_counter()
     with kernels.reducing(flat.numel()):  # its pieces and chunks take the compiled kernels
-        _run(algorithm, flat, channel, _Targets(out, local, residual_out, server_residual))
+        _run(algorithm, flat, channel, out, feedback._replace(local=local))
     _count_wire(channel, before, intra_before, started)
     return out, local
 
@@ -305,30 +300,31 @@ def _count_wire(channel: Channel, before: int, intra_before: int, started: float
                           comm_seconds=time.perf_counter() - started)
 
 
-def _run(algorithm: str, flat: torch.Tensor, channel: Channel, targets: _Targets) -> None:
-    """Write the mean into ``targets.out`` and the other targets given (see :class:`_Targets`)."""
+def _run(algorithm: str, flat: torch.Tensor, channel: Channel, out: torch.Tensor,
+         feedback: FeedbackBuffers) -> None:
+    """Write the mean into ``out`` and error feedback's vectors into the ``feedback`` buffers
+    given (``local`` here is where this rank's contribution goes, whether kept for the caller
+    or for error feedback)."""
     if algorithm == "hierarchical":
-        return _hierarchical(flat, channel, targets)
+        return _hierarchical(flat, channel, out, feedback)
     if algorithm == "allreduce":
-        for _ in _allreduce(flat, channel.codec, channel.transport, targets.out, targets.local,
-                            targets.residual):
+        for _ in _allreduce(flat, channel.codec, channel.transport, out, feedback.local,
+                            feedback.residual):
             pass
         return None
-    out, local, residual, server_residual = targets
     if algorithm == "allgather":
         def stages(lo, hi):
             into, commit = destination(out, lo, hi)
-            yield from _allgather_piece(flat[lo:hi], channel, _Targets(
-                into, _piece(local, lo, hi), _piece(residual, lo, hi)))
+            yield from _allgather_piece(flat[lo:hi], channel, into, feedback.piece(lo, hi))
             commit()
         pieces = pipeline_pieces(flat.numel(), channel.codec.block_size)
     else:
         def stages(lo, hi):
-            server, keep_server = (None, None) if server_residual is None else \
-                window(server_residual, lo, hi)
+            server, keep_server = (None, None) if feedback.server is None else \
+                window(feedback.server, lo, hi)
             into, commit = destination(out, lo, hi)
-            yield from _reduce_scatter_piece(flat[lo:hi], channel, _Targets(
-                into, _piece(local, lo, hi), _piece(residual, lo, hi), server))
+            yield from _reduce_scatter_piece(flat[lo:hi], channel, into,
+                                             feedback.piece(lo, hi, server))
             commit()
             if keep_server is not None:
                 keep_server()
@@ -434,16 +430,17 @@ def _in_slots(codec: Codec, transport: Transport, data: torch.Tensor):
     return padded, [(r * slot, size) for r, size in enumerate(sizes)]
 
 
-def _allgather_piece(flat: torch.Tensor, channel: Channel, targets: _Targets):
+def _allgather_piece(flat: torch.Tensor, channel: Channel, out: torch.Tensor,
+                     feedback: FeedbackBuffers):
     codec, transport = channel.codec, channel.transport
     with _Timer(channel.stats, "encode_seconds"):
         payload = codec.encode(flat, channel.generator)
     data, spans = _in_slots(codec, transport, payload.data)
     pending = transport.all_gather_start(data)
-    if targets.residual is not None:  # while the payloads are on the wire
-        _subtract_own(codec, payload, flat, targets.residual)
+    if feedback.residual is not None:  # while the payloads are on the wire
+        _subtract_own(codec, payload, flat, feedback.residual)
     yield
-    _decode_mean(channel, pending.wait(), targets.out, targets.local, spans)
+    _decode_mean(channel, pending.wait(), out, feedback.local, spans)
 
 
 def _received_spans(codec: Codec, transport: Transport, sizes, device: torch.device):
@@ -458,9 +455,10 @@ def _received_spans(codec: Codec, transport: Transport, sizes, device: torch.dev
     return received, list(zip(starts, received))
 
 
-def _reduce_scatter_piece(flat: torch.Tensor, channel: Channel, targets: _Targets):
+def _reduce_scatter_piece(flat: torch.Tensor, channel: Channel, out: torch.Tensor,
+                          feedback: FeedbackBuffers):
     codec, transport, generator, stats = channel
-    out, local, residual, server_residual = targets
+    local, residual, server_residual = feedback
     w, rank = transport.world_size, transport.rank
     bounds = chunk_bounds(flat.numel(), codec.block_size, w)
     with _Timer(stats, "encode_seconds"):
@@ -611,12 +609,13 @@ def _raise_if_failed(failure: Optional[Exception], statuses: torch.Tensor) -> No
                          f"models, or a different bucket layout)")
 
 
-def _hierarchical(flat: torch.Tensor, channel: Channel, targets: _Targets) -> None:
+def _hierarchical(flat: torch.Tensor, channel: Channel, out: torch.Tensor,
+                  feedback: FeedbackBuffers) -> None:
     """See the module docstring. ``local`` (for error feedback) is ``flat`` except on this
     rank's shard, which carries L times what compressing the node's mean of it lost: averaged
     over the node's ranks, the residuals then add up to exactly the node's loss."""
     codec, transport = channel.codec, channel.transport
-    out, local, residual, server_residual = targets
+    local, residual, server_residual = feedback
     intra, inter = transport.intra, transport.inter
     size, rank = intra.world_size, intra.rank
     bounds = chunk_bounds(flat.numel(), codec.block_size, size)
@@ -629,8 +628,8 @@ def _hierarchical(flat: torch.Tensor, channel: Channel, targets: _Targets) -> No
     padded = torch.zeros(slot + 1, dtype=torch.float32, device=flat.device)
     compressed = None if local is None and residual is None else torch.empty_like(shard)
     try:
-        _run(inner, shard, channel._replace(transport=inter),
-             _Targets(padded[:hi - lo], compressed, server=_piece(server_residual, lo, hi)))
+        _run(inner, shard, channel._replace(transport=inter), padded[:hi - lo],
+             FeedbackBuffers(local=compressed, server=_piece(server_residual, lo, hi)))
         failure = None
     except ValueError as exc:  # still take part in the node's all_gather (see _reduce_scatter)
         padded[:hi - lo], compressed, failure = float("nan"), shard, exc
