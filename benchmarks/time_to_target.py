@@ -42,7 +42,7 @@ QUICK_METHODS = ["fp32", "torch-bf16", "calibrated:qsgd4"]
 BASELINES = ("fp32", "torch-bf16")
 #: the settings a run's results depend on: --resume keeps a run only if these match
 RUN_SETTINGS = ("width", "layers", "batch_size", "lr", "lr_decay", "acdc_last_dense", "acdc_scope",
-                "corpus_bytes", "eval_every", "eval_sequences", "budget", "steps")
+                "acdc_ramp", "corpus_bytes", "eval_every", "eval_sequences", "budget", "steps")
 
 
 # -- one run, inside the netsim nodes ----------------------------------------------------------
@@ -85,11 +85,12 @@ def run_method(method: str, args, rank: int, world: int, ifname: str) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     decay = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
              if args.lr_decay == "cosine" else None)
-    schedule = (cp.ACDCSchedule.paper(args.steps, last_dense=args.acdc_last_dense)
+    schedule = (cp.ACDCSchedule.paper(args.steps, last_dense=args.acdc_last_dense,
+                                      ramp_steps=args.acdc_ramp)
                 if method.startswith("acdc") else None)
     state, acdc = attach(method, model, opt, args.steps or 0, schedule=schedule,
                          scope=args.acdc_scope)
-    overlaps, masks = [], {}  # AC/DC: each prune's masks against the previous prune's
+    overlaps, masks = [], {}  # AC/DC: each phase's masks against the previous phase's last
     params = sum(p.numel() for p in model.parameters())
     fp32_per_step = 2 * (world - 1) / world * 4 * params  # the ring all-reduce's bytes per rank
     per_step = {"fp32": fp32_per_step, "torch-bf16": fp32_per_step / 2,
@@ -127,12 +128,12 @@ def run_method(method: str, args, rank: int, world: int, ifname: str) -> dict:
                 decay.step()
             steps += 1
             if acdc is not None:
+                was_dense = acdc.phase == "dense"
                 acdc.step()
-                if acdc.masks and acdc.masks is not masks:  # a prune
-                    if masks:
-                        kept = sum(int((m & masks[n]).sum()) for n, m in acdc.masks.items())
-                        overlaps.append(kept / sum(int(m.sum()) for m in acdc.masks.values()))
-                    masks = acdc.masks
+                if was_dense and acdc.phase == "sparse" and masks:  # a prune
+                    kept = sum(int((m & masks[n]).sum()) for n, m in acdc.masks.items())
+                    overlaps.append(kept / sum(int(m.sum()) for m in acdc.masks.values()))
+                masks = acdc.masks or masks
             if steps % steps_per_epoch == 0 or steps == args.steps:
                 break
         loss.item()
@@ -319,6 +320,9 @@ def main(argv=None):
     parser.add_argument("--acdc-scope", choices=["global", "layerwise"], default="global",
                         help="AC/DC: masks by magnitude over all layers at once (default), or "
                              "the same sparsity in every layer")
+    parser.add_argument("--acdc-ramp", type=int, default=0, metavar="STEPS",
+                        help="AC/DC: raise the sparsity over the first sparse phase's first STEPS "
+                             "steps (ACDCSchedule's ramp_steps; default 0: prune at once)")
     parser.add_argument("--corpus-bytes", type=int, default=4_000_000,
                         help="bytes of the standard library's sources (default 4 MB; 10%% held out)")
     parser.add_argument("--eval-every", type=int, default=20, metavar="STEPS")

@@ -48,6 +48,22 @@ def test_paper_schedule_keeps_distinct_phases_in_short_runs():
         cp.ACDCSchedule.paper(1)
 
 
+def test_ramp_raises_the_first_phase_sparsity_along_the_cubic_curve():
+    s = cp.ACDCSchedule([(10, 30), (40, 50)], 60, ramp_steps=20)
+    fractions = [s.sparsity_fraction(t) for t in range(10, 30, 2)]  # one per stage
+    assert fractions == pytest.approx([1 - (1 - k / 10) ** 3 for k in range(1, 11)])
+    assert [s.sparsity_fraction(t) for t in (10, 11)] == [fractions[0]] * 2
+    assert all(s.sparsity_fraction(t) == 1.0 for t in (0, 9, 30, 40, 49, 100))
+    assert cp.ACDCSchedule.paper(100, ramp_steps=5).ramp_steps == 5
+    assert cp.ACDCSchedule([(0, 3)], 3).sparsity_fraction(0) == 1.0  # no ramp: at once
+    with pytest.raises(ValueError, match=r"ramp_steps \(21\) must fit in the first sparse phase"):
+        cp.ACDCSchedule([(10, 30)], 60, ramp_steps=21)
+    with pytest.raises(ValueError, match="ramp_steps must be a non-negative integer, got -1"):
+        cp.ACDCSchedule([(10, 30)], 60, ramp_steps=-1)
+    with pytest.raises(ValueError, match="needs a sparse phase"):
+        cp.ACDCSchedule([], 60, ramp_steps=5)
+
+
 def test_bad_schedules_and_settings_raise():
     with pytest.raises(ValueError, match="overlaps"):
         cp.ACDCSchedule([(10, 20), (15, 25)], 100)
@@ -178,9 +194,9 @@ def run_steps(model, opt, acdc, rank, first, last, check=None):
                 assert torch.all(w[~acdc.masks[name]] == 0), f"pruned weights of {name} moved"
 
 
-def acdc_worker(rank, world_size, spec, tied):
+def acdc_worker(rank, world_size, spec, tied, schedule=None):
     # dense 0-4 (0-1 plain all-reduce), sparse 4-8, dense 8-10
-    schedule = cp.ACDCSchedule([(4, 8)], 10)
+    schedule = schedule or cp.ACDCSchedule([(4, 8)], 10)
     model = big_model()
     if tied:  # many equal magnitudes: masks must still agree
         with torch.no_grad():
@@ -197,11 +213,13 @@ def acdc_worker(rank, world_size, spec, tied):
             for name, w in acdc.weights:
                 grads_outside.append(w.grad[~acdc.masks[name]].abs().max().item())
 
-    for step in range(10):
+    densities = []
+    for step in range(schedule.total):
         run_steps(ddp, opt, acdc, rank, step, step + 1, check)
         if acdc.phase == "sparse":
             seen_masks.append({k: v.clone() for k, v in acdc.masks.items()})
-    return {"masks": seen_masks, "grads_outside": max(grads_outside),
+            densities.append(acdc.density)
+    return {"masks": seen_masks, "densities": densities, "grads_outside": max(grads_outside),
             "dense": state.phase_stats["dense"].last_step.wire_bytes,
             "sparse": state.phase_stats["sparse"].last_step.wire_bytes,
             "sparse_steps": state.phase_stats["sparse"].steps,
@@ -229,8 +247,27 @@ def test_masks_identical_with_tied_magnitudes():
         assert all(torch.equal(m0[k], m1[k]) for k in m0)
 
 
-def resume_worker(rank, world_size, spec):
-    schedule = cp.ACDCSchedule([(3, 9)], 12)
+def test_ramped_first_prune_nests_its_masks_on_every_rank():
+    """The ramp re-prunes during the first sparse phase: each stage keeps a subset of the last
+    stage's weights (the pruned ones are zero, the smallest magnitudes), the same on both
+    ranks, and the hook sends only the current stage's entries."""
+    schedule = cp.ACDCSchedule([(2, 10)], 12, ramp_steps=5)
+    results = run_workers(acdc_worker, 2, "fp32", False, schedule)
+    expected = [1 - 0.9 * schedule.sparsity_fraction(t) for t in range(2, 10)]
+    for r in results:
+        assert r["densities"] == pytest.approx(expected, abs=1e-3)
+        assert r["grads_outside"] == 0.0
+        for before, after in zip(r["masks"], r["masks"][1:]):
+            assert all(not torch.any(after[k] & ~before[k]) for k in before)
+    assert len({round(d, 4) for d in results[0]["densities"]}) == 6  # 5 stages, then 0.1
+    for m0, m1 in zip(results[0]["masks"], results[1]["masks"]):
+        assert all(torch.equal(m0[k], m1[k]) for k in m0)
+    for p0, p1 in zip(results[0]["params"], results[1]["params"]):
+        assert torch.equal(p0, p1)
+
+
+def resume_worker(rank, world_size, spec, ramp_steps=0):
+    schedule = cp.ACDCSchedule([(3, 9)], 12, ramp_steps=ramp_steps)
 
     def build():
         ddp = DDP(big_model(), bucket_cap_mb=25)
@@ -240,6 +277,7 @@ def resume_worker(rank, world_size, spec):
 
     ddp, state, opt, acdc = build()
     run_steps(ddp, opt, acdc, rank, 0, 6)
+    saved_density = acdc.density
     buf = io.BytesIO()
     torch.save({"model": ddp.state_dict(), "opt": opt.state_dict(), "comm": state.state_dict(),
                 "acdc": acdc.state_dict()}, buf)
@@ -254,7 +292,7 @@ def resume_worker(rank, world_size, spec):
     opt2.load_state_dict(ckpt["opt"])
     state2.load_state_dict(ckpt["comm"])
     acdc2.load_state_dict(ckpt["acdc"])
-    assert acdc2.phase == "sparse" and abs(acdc2.density - 0.1) < 1e-3
+    assert acdc2.phase == "sparse" and acdc2.density == saved_density < 1
     run_steps(ddp2, opt2, acdc2, rank, 6, 12)
     same = all(torch.equal(a, b.detach()) for a, b in zip(expected, ddp2.parameters()))
     sparse2, dense2 = acdc2.sparse_dense_pair()
@@ -265,9 +303,10 @@ def resume_worker(rank, world_size, spec):
     return same, members_match, (weights == 0).float().mean().item()
 
 
-@pytest.mark.parametrize("spec", ["fp32", "qsgd4+ef"])
-def test_resume_mid_sparse_phase(spec):
-    for same, members_match, sparse_zeros in run_workers(resume_worker, 2, spec):
+@pytest.mark.parametrize("spec,ramp_steps", [("fp32", 0), ("qsgd4+ef", 0), ("qsgd4+ef", 5)])
+def test_resume_mid_sparse_phase(spec, ramp_steps):
+    """ramp_steps=5: saved at step 6, in the middle of the first phase's ramp (3-7)."""
+    for same, members_match, sparse_zeros in run_workers(resume_worker, 2, spec, ramp_steps):
         assert same
         # the schedule ends dense: the dense member is the current weights, the sparse one
         # the weights when the sparse phase ended (saved across the resume)

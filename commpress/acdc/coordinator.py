@@ -30,11 +30,12 @@ class ACDC:
 
     Call :meth:`step` after every ``optimizer.step()``. At a prune it snapshots the dense
     weights, decides magnitude masks on rank 0 and broadcasts them bit-packed, zeroes the
-    pruned weights, their momentum and their error-feedback memories; during a sparse phase it
-    re-applies the masks after every step, so pruned weights stay exactly zero; at a restore
-    the pruned weights come back as zeros with their directional optimizer state (momentum,
-    Adam's first moment) zeroed and their scale state (Adam's second moment) kept, while the
-    kept weights' state goes on.
+    pruned weights, their momentum and their error-feedback memories (each stage of the
+    schedule's ramp, ``ACDCSchedule.ramp_steps``, prunes further the same way); during a
+    sparse phase it re-applies the masks after every step, so pruned weights stay exactly
+    zero; at a restore the pruned weights come back as zeros with their directional optimizer
+    state (momentum, Adam's first moment) zeroed and their scale state (Adam's second moment)
+    kept, while the kept weights' state goes on.
 
     Args:
         model: the (DDP-wrapped or plain) model; Conv/Linear weights and MultiheadAttention's
@@ -104,6 +105,9 @@ class ACDC:
         phase = self.schedule.phase_at(self.steps)
         if phase != self.phase:
             self._enter(phase)
+        elif phase == "sparse" and (self.schedule.sparsity_fraction(self.steps)
+                                    != self.schedule.sparsity_fraction(self.steps - 1)):
+            self._prune()  # the next stage of the first sparse phase's ramp
 
     @property
     def density(self) -> float:
@@ -127,16 +131,7 @@ class ACDC:
     def _enter(self, phase: str) -> None:
         if phase == "sparse":
             self.dense_snapshot = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-            transport, device = self._transport(), self.weights[0][1].device
-            if transport is not None:  # a rank entering the phase a step early fails, named
-                control = self.state.control_transport if self.state is not None else transport
-                agree(control, {"acdc_phase": phase, "acdc_step": self.steps,
-                                "sparsity": self.sparsity}, control.device)
-            local = magnitude_masks(self.weights, self.sparsity, self.scope) if self._rank() == 0 else {}
-            self._set_masks(broadcast_masks(local, [(n, w.shape) for n, w in self.weights],
-                                            transport, device))
-            self._apply_masks()
-            logger.info("AC/DC step %d: sparse phase, density %.3f", self.steps, self.density)
+            self._prune()
         else:
             self.sparse_snapshot = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
             self._mask_optimizer_state(self.masks)  # pruned weights return as zeros, and so do
@@ -145,6 +140,21 @@ class ACDC:
         self.phase = phase
         if self.state is not None:
             self.state.phase = phase
+
+    def _prune(self) -> None:
+        """Masks at the schedule's sparsity for this step, decided on rank 0 and broadcast;
+        the pruned weights and their directional optimizer state zeroed."""
+        sparsity = self.sparsity * self.schedule.sparsity_fraction(self.steps)
+        transport, device = self._transport(), self.weights[0][1].device
+        if transport is not None:  # a rank pruning a step early fails, named
+            control = self.state.control_transport if self.state is not None else transport
+            agree(control, {"acdc_phase": "sparse", "acdc_step": self.steps,
+                            "sparsity": sparsity}, control.device)
+        local = magnitude_masks(self.weights, sparsity, self.scope) if self._rank() == 0 else {}
+        self._set_masks(broadcast_masks(local, [(n, w.shape) for n, w in self.weights],
+                                        transport, device))
+        self._apply_masks()
+        logger.info("AC/DC step %d: sparse phase, density %.3f", self.steps, self.density)
 
     def _set_masks(self, masks: Dict[str, torch.Tensor]) -> None:
         self.masks = masks

@@ -6,6 +6,8 @@ from typing import List, Tuple
 
 # AC/DC paper preset (ResNet-50, 100 epochs), as fractions of the run: prune at 10, 20, ...,
 # 70 and 85; restore at 15, 25, ..., 75; the run ends sparse.
+#: re-prunes in the first sparse phase's ramp (``ACDCSchedule.ramp_steps``)
+RAMP_STAGES = 10
 _PAPER = [(0.05 * k, 0.05 * k + 0.05) for k in range(2, 15, 2)] + [(0.85, 1.0)]
 
 
@@ -13,7 +15,14 @@ _PAPER = [(0.05 * k, 0.05 * k + 0.05) for k in range(2, 15, 2)] + [(0.85, 1.0)]
 class ACDCSchedule:
     """Sparse phases as half-open ``(start, stop)`` intervals of optimizer steps, within
     ``total`` steps; every other step is dense. A sparse phase starts by pruning to the
-    target sparsity at once (no ramp) and ends by restoring the pruned weights as zeros.
+    target sparsity at once and ends by restoring the pruned weights as zeros.
+
+    ``ramp_steps``: instead, the first sparse phase raises the sparsity to the target over its
+    first ``ramp_steps`` steps, in ``RAMP_STAGES`` re-prunes along Zhu and Gupta's (2017) cubic
+    curve (the fraction of the target ``1 - (1 - k / RAMP_STAGES)^3`` at stage ``k``), so the
+    first prune does not cut 90% of a model that has not yet learned which weights matter in
+    one step. Later prunes follow a dense phase whose weights grew back under the same masks,
+    and prune at once.
 
     Example::
 
@@ -25,6 +34,7 @@ class ACDCSchedule:
     sparse: List[Tuple[int, int]]
     total: int
     steps_per_unit: int = field(default=1, compare=False)
+    ramp_steps: int = 0
 
     def __post_init__(self):
         if not isinstance(self.total, int) or isinstance(self.total, bool) or self.total <= 0:
@@ -47,10 +57,20 @@ class ACDCSchedule:
             if start < 0 or stop > self.total:
                 raise ValueError(f"sparse phase ({start}, {stop}) lies outside [0, {self.total}]")
             previous = stop
+        if (not isinstance(self.ramp_steps, int) or isinstance(self.ramp_steps, bool)
+                or self.ramp_steps < 0):
+            raise ValueError(f"ramp_steps must be a non-negative integer, got {self.ramp_steps!r}")
+        if self.ramp_steps:
+            if not self.sparse:
+                raise ValueError("ramp_steps needs a sparse phase to ramp")
+            start, stop = self.sparse[0]
+            if self.ramp_steps > stop - start:
+                raise ValueError(f"ramp_steps ({self.ramp_steps}) must fit in the first sparse "
+                                 f"phase ({start}, {stop}): {stop - start} steps")
 
     @classmethod
-    def paper(cls, total_units: int, steps_per_epoch: int = 1,
-              last_dense: float = 0.10) -> "ACDCSchedule":
+    def paper(cls, total_units: int, steps_per_epoch: int = 1, last_dense: float = 0.10,
+              ramp_steps: int = 0) -> "ACDCSchedule":
         """The paper's shape scaled to ``total_units`` epochs: 10% dense warm-up, sparse and
         dense phases of 5% alternating up to 75%, dense to 85%, sparse to the end.
 
@@ -59,6 +79,8 @@ class ACDCSchedule:
         it. The dense member (weights at the end of that phase) recovers from the last
         sparse phase for that long: in short runs 10% is too little for it to catch up with
         dense training.
+
+        ``ramp_steps``: the first sparse phase's ramp, in steps (see the class docstring).
 
         Boundaries are rounded to whole epochs. In short runs, where 5% is under one epoch,
         every phase still lasts at least one epoch and is followed by at least one dense
@@ -84,7 +106,7 @@ class ACDCSchedule:
             previous = stop
         sparse.append((final_start, total_units))
         return cls([(a * steps_per_epoch, b * steps_per_epoch) for a, b in sparse],
-                   total_units * steps_per_epoch, steps_per_epoch)
+                   total_units * steps_per_epoch, steps_per_epoch, ramp_steps)
 
     @classmethod
     def alternating(cls, total: int, warmup: int, sparse_len: int, dense_len: int,
@@ -107,6 +129,17 @@ class ACDCSchedule:
         past ``total`` the last phase holds, so a run ending sparse keeps its sparse member."""
         step = min(step, self.total - 1)
         return "sparse" if any(a <= step < b for a, b in self.sparse) else "dense"
+
+    def sparsity_fraction(self, step: int) -> float:
+        """The fraction of the target sparsity for the step about to run (``step`` steps
+        done) in a sparse phase: 1 but in the first phase's ramp (see ``ramp_steps``)."""
+        if not self.ramp_steps:
+            return 1.0
+        into = min(step, self.total - 1) - self.sparse[0][0]
+        if not 0 <= into < self.ramp_steps:
+            return 1.0
+        stage = into * RAMP_STAGES // self.ramp_steps + 1
+        return 1.0 - (1.0 - stage / RAMP_STAGES) ** 3
 
     @property
     def prune_steps(self) -> List[int]:
