@@ -95,6 +95,30 @@ def test_forged_sizes_are_refused_before_anything_is_allocated():
         codec.decode(cp.Payload(with_prefix(data, nnz, length_bits + 64, rest_bits)))
 
 
+def test_on_an_accelerator_the_decoder_checks_the_stated_length_reading_it_once(monkeypatch):
+    """Given the element count, an accelerator's decode reads no header (the host read would
+    stall the stream): a variable-length payload is held to its bound without looking at it,
+    and the decoder checks the length its body states as it reads the statement, once."""
+    from commpress.codecs import elias, wire
+    codec = cp.EliasQSGD(levels=4)
+    data = codec.encode(torch.randn(2000), torch.Generator().manual_seed(0)).data
+    reads = []
+    stated_sizes = elias._stated_sizes
+    monkeypatch.setattr(elias, "_stated_sizes", lambda body: reads.append(1) or stated_sizes(body))
+    out = torch.empty(2000)
+    wire._check_layout(codec, data, 2000)
+    codec._decode_body(data[HEADER_BYTES:], out)
+    assert len(reads) == 1 and torch.equal(out, codec.decode(cp.Payload(data)))
+    for wrong in (torch.cat([data, data[:1]]), data[:-1]):  # a byte too many, one too few
+        wire._check_layout(codec, wrong, 2000)  # within the bound
+        with pytest.raises(ValueError, match="its prefix states"):
+            codec._decode_body(wrong[HEADER_BYTES:], out)
+    over = torch.zeros(codec.wire_bytes(2000) + 1, dtype=torch.uint8)
+    for outside in (over, data[:HEADER_BYTES]):
+        with pytest.raises(ValueError, match="lies outside"):
+            wire._check_layout(codec, outside, 2000)
+
+
 def test_every_single_byte_change_decodes_or_raises_value_error():
     """Each byte of a payload (header, sizes, scales, both streams) set to 4 other values:
     decoding gives the right length or raises ValueError, nothing else."""

@@ -87,7 +87,9 @@ class Codec:
 
     def _stated_body_bytes(self, body: torch.Tensor, numel: int) -> int:
         """The length of a body of ``numel`` values: for a variable-length codec the one it
-        states (``ValueError`` if that is impossible for ``numel`` values)."""
+        states (``ValueError`` if that is impossible for ``numel`` values). Its
+        :meth:`_decode_body` checks that length too: on an accelerator, where reading the
+        statement stalls the stream, the decoders read it once (see ``wire._check_layout``)."""
         return self._body_bytes(numel)
 
     def _decode_body(self, body: torch.Tensor, out: torch.Tensor, alpha: Optional[float] = None) -> None:

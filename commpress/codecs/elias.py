@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -279,7 +279,9 @@ class EliasQSGD(EvenLevels, BucketedLevelCodec):
         lengths, rests = self._stream_bounds(numel)
         return _PREFIX.size + 4 * self._buckets(numel) + -(-lengths // 8) + -(-rests // 8)
 
-    def _stated_body_bytes(self, body: torch.Tensor, numel: int) -> int:
+    def _stated_streams(self, body: torch.Tensor, numel: int) -> Tuple[int, int, int, int]:
+        """``(nnz, length_bits, rest_bits, body bytes)`` as the body's prefix states them (a
+        host read), refused where impossible for ``numel`` values."""
         if body.numel() < _PREFIX.size:
             raise ValueError(f"payload truncated: its {body.numel()}-byte body is shorter than "
                              f"the {_PREFIX.size}-byte size prefix")
@@ -289,8 +291,11 @@ class EliasQSGD(EvenLevels, BucketedLevelCodec):
                 and nnz <= rest_bits <= max_rests and (nnz > 0 or length_bits == rest_bits == 0)):
             raise ValueError(f"payload states impossible sizes for {numel} values: {nnz} "
                              f"non-zeros in {length_bits} + {rest_bits} bits")
-        return (_PREFIX.size + 4 * self._buckets(numel) + -(-length_bits // 8)
-                + -(-rest_bits // 8))
+        stated = _PREFIX.size + 4 * self._buckets(numel) + -(-length_bits // 8) + -(-rest_bits // 8)
+        return nnz, length_bits, rest_bits, stated
+
+    def _stated_body_bytes(self, body: torch.Tensor, numel: int) -> int:
+        return self._stated_streams(body, numel)[3]
 
     @property
     def short_name(self) -> str:
@@ -359,9 +364,11 @@ class EliasQSGD(EvenLevels, BucketedLevelCodec):
 
     # -- decode ---------------------------------------------------------------------------
     def _sparse_levels(self, body: torch.Tensor, numel: int):
-        """``(scales, positions, signed levels)`` of a length-checked body; raises
-        ``ValueError`` on streams that contradict its prefix, before reading past them."""
-        nnz, length_bits, rest_bits = _stated_sizes(body)
+        """``(scales, positions, signed levels)`` of a body; raises ``ValueError`` on a
+        length or streams that contradict its prefix, before reading past them."""
+        nnz, length_bits, rest_bits, stated = self._stated_streams(body, numel)
+        if body.numel() != stated:
+            raise ValueError(f"payload's body is {body.numel()} bytes, its prefix states {stated}")
         at = _PREFIX.size + 4 * self._buckets(numel)
         scales = aligned(body[_PREFIX.size: at], 4).view(torch.float32)
         length_stream = body[at: at + -(-length_bits // 8)]

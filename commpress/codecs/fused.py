@@ -52,11 +52,14 @@ def mean_of_payloads(codec, gathered: torch.Tensor, count: int, out: torch.Tenso
     share = 1.0 / count
     out[done:].zero_()
     for index, body in enumerate(bodies):
-        if index == rank and local is not None:
-            codec._decode_from(body, local, done)
-            codec._store(local[done:], out[done:], share)
-        else:
-            codec._decode_from(body, out, done, share)
+        try:  # a variable-length body's streams are checked as they are read
+            if index == rank and local is not None:
+                codec._decode_from(body, local, done)
+                codec._store(local[done:], out[done:], share)
+            else:
+                codec._decode_from(body, out, done, share)
+        except ValueError as exc:
+            raise PayloadError(index, str(exc)) from None
     return out
 
 

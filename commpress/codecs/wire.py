@@ -142,10 +142,18 @@ def checked(codec, payload: Payload, dtype: Optional[torch.dtype], numel: Option
 
 
 def _check_layout(codec, data: torch.Tensor, numel: int) -> None:
-    """The checks of :func:`read_header` that need no look at the bytes."""
+    """The checks of :func:`read_header` that need no look at the bytes. A variable-length
+    payload is held to its bound here; its decoder checks the length its body states when it
+    reads that statement (one host read per payload, not two)."""
     if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
         raise ValueError("a payload must be a 1-D uint8 tensor")
-    expected = _expected_bytes(codec, data, numel)
+    if codec.variable_length:
+        bound = codec.wire_bytes(numel)
+        if not HEADER_BYTES < data.numel() <= bound:
+            raise ValueError(f"payload length {data.numel()} lies outside the {HEADER_BYTES + 1}"
+                             f"-{bound} bytes {codec!r} produces for {numel} elements")
+        return
+    expected = codec.wire_bytes(numel)
     if data.numel() != expected:
         raise ValueError(f"payload length {data.numel()} does not match the {expected} bytes "
                          f"{codec!r} produces for {numel} elements")
