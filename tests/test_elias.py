@@ -154,6 +154,12 @@ def test_decode_mean_spans_are_checked():
         codec.decode_mean(gathered, 2, out, spans=[(0, 5), (5, gathered.numel())])
     with pytest.raises(ValueError, match="payload 1"):  # a span cutting a payload short
         codec.decode_mean(gathered, 2, out, spans=[spans[0], (spans[1][0], spans[1][1] - 1)])
+    streams = spans[1][0] + HEADER_BYTES + 24 + 4  # payload 1's streams (one bucket's scale)
+    emptied = gathered.clone()
+    emptied[streams:] = 0  # the right length, but no codes where the prefix states some
+    with pytest.raises(cp.codecs.PayloadError, match="payload 1: payload's length stream") as error:
+        codec.decode_mean(emptied, 2, out, spans=spans)
+    assert error.value.index == 1
 
 
 def unequal_inputs(rank, n):
