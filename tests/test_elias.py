@@ -81,6 +81,19 @@ def with_prefix(data, nnz, length_bits, rest_bits):
     return forged
 
 
+@pytest.mark.parametrize("density", [0.0, 0.002, 0.05, 0.2, 0.7, 1.0])
+def test_set_bits_torch_and_numpy_paths_agree(density):
+    """The CPU scans bits with numpy, other devices with torch operations (a sparse and a
+    dense path): the same positions, most significant bit first."""
+    from commpress.codecs.elias import _set_bits, _set_bits_torch
+    bits = (torch.rand(8 * 4099, generator=torch.Generator().manual_seed(3)) < density)
+    section = (bits.view(-1, 8).to(torch.uint8) << torch.arange(7, -1, -1, dtype=torch.uint8)
+               ).sum(1, dtype=torch.uint8)
+    expected = bits.nonzero().view(-1)
+    assert torch.equal(_set_bits(section, expected.numel()), expected)
+    assert torch.equal(_set_bits_torch(section, expected.numel()), expected)
+
+
 def test_forged_sizes_are_refused_before_anything_is_allocated():
     codec = cp.EliasQSGD(levels=4)
     data = codec.encode(torch.randn(2000), torch.Generator().manual_seed(0)).data
