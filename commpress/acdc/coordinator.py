@@ -207,7 +207,7 @@ class ACDC:
                 "dense_snapshot": self.dense_snapshot, "sparse_snapshot": self.sparse_snapshot}
 
     def load_state_dict(self, state: Dict) -> None:
-        self._validate_state_dict(state)
+        validate_checkpoint(state, {name: w.shape for name, w in self.weights})
         if (state["sparsity"], state["scope"]) != (self.sparsity, self.scope):
             raise ValueError(f"checkpoint is AC/DC at sparsity {state['sparsity']} ({state['scope']}), "
                              f"this coordinator at {self.sparsity} ({self.scope})")
@@ -220,30 +220,30 @@ class ACDC:
         if self.state is not None:
             self.state.phase = self.phase
 
-    def _validate_state_dict(self, state) -> None:
-        """Refuse, naming the problem, a checkpoint that is not this coordinator's: masks are
-        multiplied into the weights, so one of another shape or with values other than 0/1
-        would corrupt them silently."""
-        required = ("steps", "phase", "sparsity", "scope", "masks", "dense_snapshot")
-        missing = [k for k in required if not isinstance(state, dict) or k not in state]
-        if missing:
-            raise ValueError(f"not an AC/DC checkpoint (ACDC.state_dict()): missing {missing}")
-        steps, phase, masks = state["steps"], state["phase"], state["masks"]
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-            raise ValueError(f"AC/DC checkpoint: steps must be a non-negative integer, got {steps!r}")
-        if phase not in ("dense", "sparse"):
-            raise ValueError(f"AC/DC checkpoint: phase must be 'dense' or 'sparse', got {phase!r}")
-        shapes = {name: w.shape for name, w in self.weights}
-        if not isinstance(masks, dict) or (phase == "sparse") != bool(masks):
-            raise ValueError(f"AC/DC checkpoint: a {phase} phase needs "
-                             f"{'a mask per prunable weight' if phase == 'sparse' else 'no masks'}")
-        if masks and set(masks) != set(shapes):
-            raise ValueError(f"AC/DC checkpoint masks {sorted(masks)} are not this model's "
-                             f"prunable weights {sorted(shapes)}")
-        for name, mask in masks.items():
-            if not isinstance(mask, torch.Tensor) or mask.shape != shapes[name]:
-                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise ValueError(f"AC/DC checkpoint mask {name!r} is {got}, the weight "
-                                 f"{tuple(shapes[name])}")
-            if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError(f"AC/DC checkpoint mask {name!r} holds values other than 0 and 1")
+
+def validate_checkpoint(state, shapes: Dict[str, torch.Size]) -> None:
+    """Refuse, naming the problem, an :meth:`ACDC.state_dict` that is not of a coordinator of
+    the weights ``shapes`` (name: shape): masks are multiplied into the weights, so one of
+    another shape or with values other than 0/1 would corrupt them silently."""
+    required = ("steps", "phase", "sparsity", "scope", "masks", "dense_snapshot")
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"not an AC/DC checkpoint (ACDC.state_dict()): missing {missing}")
+    steps, phase, masks = state["steps"], state["phase"], state["masks"]
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"AC/DC checkpoint: steps must be a non-negative integer, got {steps!r}")
+    if phase not in ("dense", "sparse"):
+        raise ValueError(f"AC/DC checkpoint: phase must be 'dense' or 'sparse', got {phase!r}")
+    if not isinstance(masks, dict) or (phase == "sparse") != bool(masks):
+        raise ValueError(f"AC/DC checkpoint: a {phase} phase needs "
+                         f"{'a mask per prunable weight' if phase == 'sparse' else 'no masks'}")
+    if masks and set(masks) != set(shapes):
+        raise ValueError(f"AC/DC checkpoint masks {sorted(masks)} are not this model's "
+                         f"prunable weights {sorted(shapes)}")
+    for name, mask in masks.items():
+        if not isinstance(mask, torch.Tensor) or mask.shape != shapes[name]:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"AC/DC checkpoint mask {name!r} is {got}, the weight "
+                             f"{tuple(shapes[name])}")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"AC/DC checkpoint mask {name!r} holds values other than 0 and 1")
