@@ -94,6 +94,29 @@ def test_set_bits_torch_and_numpy_paths_agree(density):
     assert torch.equal(_set_bits_torch(section, expected.numel()), expected)
 
 
+def test_scattered_decode_is_the_dense_one_and_a_non_finite_bucket_stays_whole():
+    """The non-zeros are scattered into the output (no full-size temporary); a bucket whose
+    scale is not finite decodes as a whole non-finite bucket, zeros included (0 * inf), as
+    the fixed-width codecs' do."""
+    codec = cp.EliasQSGD(levels=4, bucket_size=64)
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(5))
+    data = codec.encode(x, torch.Generator().manual_seed(0)).data
+    scales, position, signed, finite = codec._sparse_levels(data[HEADER_BYTES:], 1000)
+    dense = torch.zeros(16 * 64)
+    dense[position] = signed.float() / 4
+    dense = (dense.view(-1, 64) * scales.unsqueeze(1)).view(-1)[:1000]
+    assert finite and torch.equal(codec.decode(cp.Payload(data)), dense)
+    start = torch.randn(1000, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(codec.decode_into(cp.Payload(data), start.clone(), alpha=0.5),
+                       start + dense * 0.5)
+    half = codec.decode(cp.Payload(data), dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, dense.to(torch.bfloat16))
+    x[200] = float("inf")  # in bucket 3 (values 192-255)
+    decoded = codec.decode(codec.encode(x, torch.Generator().manual_seed(0)))
+    assert not torch.isfinite(decoded[192:256]).any()
+    assert torch.isfinite(torch.cat([decoded[:192], decoded[256:]])).all()
+
+
 def test_forged_sizes_are_refused_before_anything_is_allocated():
     codec = cp.EliasQSGD(levels=4)
     data = codec.encode(torch.randn(2000), torch.Generator().manual_seed(0)).data

@@ -374,8 +374,9 @@ class EliasQSGD(EvenLevels, BucketedLevelCodec):
 
     # -- decode ---------------------------------------------------------------------------
     def _sparse_levels(self, body: torch.Tensor, numel: int):
-        """``(scales, positions, signed levels)`` of a body; raises ``ValueError`` on a
-        length or streams that contradict its prefix, before reading past them."""
+        """``(scales, positions, signed levels, whether every scale is finite)`` of a body;
+        raises ``ValueError`` on a length or streams that contradict its prefix, before
+        reading past them."""
         nnz, length_bits, rest_bits, stated = self._stated_streams(body, numel)
         if body.numel() != stated:
             raise ValueError(f"payload's body is {body.numel()} bytes, its prefix states {stated}")
@@ -390,7 +391,7 @@ class EliasQSGD(EvenLevels, BucketedLevelCodec):
                              f"{length_bits} bits, not the {nnz * self._codes_per_value} it states")
         if not nnz:
             empty = torch.zeros(0, dtype=torch.int64, device=body.device)
-            return scales, empty, empty
+            return scales, empty, empty, False  # (nothing to scatter: the dense path)
         key = repr(self)
         gap_k, level_k, widths, record_ends = _run(
             ("elias-lengths", key, body.device.type), self._kernel(_lengths), numel, ends)
@@ -403,18 +404,28 @@ class EliasQSGD(EvenLevels, BucketedLevelCodec):
         position, signed = _run(("elias-read", key, body.device.type), self._kernel(_read_records),
                                 numel, _bytes_to_words(rest_stream), gap_k, level_k, widths,
                                 record_ends)
-        largest, last = torch.stack([signed.abs().max(), position[-1]]).tolist()
+        largest, last, finite = torch.stack([signed.abs().max(), position[-1],
+                                             torch.isfinite(scales).all()]).tolist()
         if largest > self.levels or last >= numel:
             raise ValueError(f"payload holds a level of {largest} (at most {self.levels}) or a "
                              f"non-zero at position {last} of {numel}")
-        return scales, position, signed
+        return scales, position, signed, bool(finite)
 
     def _decode_body(self, body, out, alpha=None):
         numel, d = out.numel(), self.bucket_size
-        scales, position, signed = self._sparse_levels(body, numel)
+        scales, position, signed, finite = self._sparse_levels(body, numel)
+        if finite:  # the non-zeros scattered into out: no full-size temporary, nothing to add
+            values = self._level_magnitudes(signed.float()) * scales[position // d]
+            if alpha is None:
+                out.zero_()
+                out[position] = values.to(out.dtype)
+            else:  # as _store adds: the product rounded, then the sum
+                out.index_add_(0, position, values * alpha)
+            return
+        # a non-finite scale makes its whole bucket non-finite, zeros included (0 * inf)
         values = torch.zeros(self._buckets(numel) * d, dtype=torch.float32, device=out.device)
         values[position] = self._level_magnitudes(signed.float())
-        values.view(-1, d).mul_(scales.unsqueeze(1))  # 0 * a non-finite scale stays non-finite
+        values.view(-1, d).mul_(scales.unsqueeze(1))
         self._store(values[:numel], out, alpha)
 
     def _decode_mean_body(self, bodies, out, local, rank) -> int:
