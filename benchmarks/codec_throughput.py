@@ -38,6 +38,9 @@ CODECS = {
     "natural": cp.NaturalCompression(), "dithering": cp.NaturalDithering(),
     "sign": cp.ScaledSign(), "signr": cp.Rotated(cp.ScaledSign()),
     "qsgd4r": cp.Rotated(cp.QSGD(bits=4)),
+    # QSGD's variable-length (Elias) coding: L2 buckets with 1 and 8 levels, max-norm QSGD-2
+    "elias1": cp.codec_from_name("elias1"), "elias8": cp.codec_from_name("elias8"),
+    "qsgd2e": cp.codec_from_name("qsgd2e"),
 }
 
 
