@@ -391,7 +391,7 @@ class EliasQSGD(EvenLevels, BucketedLevelCodec):
                              f"{length_bits} bits, not the {nnz * self._codes_per_value} it states")
         if not nnz:
             empty = torch.zeros(0, dtype=torch.int64, device=body.device)
-            return scales, empty, empty, False  # (nothing to scatter: the dense path)
+            return scales, empty, empty, bool(torch.isfinite(scales).all())
         key = repr(self)
         gap_k, level_k, widths, record_ends = _run(
             ("elias-lengths", key, body.device.type), self._kernel(_lengths), numel, ends)
