@@ -194,7 +194,7 @@ def run_steps(model, opt, acdc, rank, first, last, check=None):
                 assert torch.all(w[~acdc.masks[name]] == 0), f"pruned weights of {name} moved"
 
 
-def acdc_worker(rank, world_size, spec, tied, schedule=None):
+def acdc_worker(rank, world_size, spec, tied, schedule=None, policy="fixed"):
     # dense 0-4 (0-1 plain all-reduce), sparse 4-8, dense 8-10
     schedule = schedule or cp.ACDCSchedule([(4, 8)], 10)
     model = big_model()
@@ -203,7 +203,7 @@ def acdc_worker(rank, world_size, spec, tied, schedule=None):
             for p in model.parameters():
                 p.copy_(torch.sign(p) * (torch.rand(p.shape, generator=torch.Generator().manual_seed(0)) < 0.5) * 0.01 + 0.01)
     ddp = DDP(model, bucket_cap_mb=25)
-    state = cp.register_hook(ddp, spec, log_every=0, policy="fixed")
+    state = cp.register_hook(ddp, spec, log_every=0, policy=policy)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     acdc = cp.ACDC(ddp, opt, state, sparsity=0.9, schedule=schedule)
     seen_masks, grads_outside = [], []
@@ -247,12 +247,14 @@ def test_masks_identical_with_tied_magnitudes():
         assert all(torch.equal(m0[k], m1[k]) for k in m0)
 
 
-def test_ramped_first_prune_nests_its_masks_on_every_rank():
+@pytest.mark.parametrize("policy", ["calibrated", "fixed"])
+def test_ramped_first_prune_nests_its_masks_on_every_rank(policy):
     """The ramp re-prunes during the first sparse phase: each stage keeps a subset of the last
     stage's weights (the pruned ones are zero, the smallest magnitudes), the same on both
-    ranks, and the hook sends only the current stage's entries."""
+    ranks, and the hook sends only the current stage's entries (under the default policy
+    too)."""
     schedule = cp.ACDCSchedule([(2, 10)], 12, ramp_steps=5)
-    results = run_workers(acdc_worker, 2, "fp32", False, schedule)
+    results = run_workers(acdc_worker, 2, "qsgd4", False, schedule, policy)
     expected = [1 - 0.9 * schedule.sparsity_fraction(t) for t in range(2, 10)]
     for r in results:
         assert r["densities"] == pytest.approx(expected, abs=1e-3)
