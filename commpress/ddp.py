@@ -25,6 +25,7 @@ from .comm.calibration import CALIBRATED
 from .comm.ordered import OrderedExecutor
 from .comm.transport import (TorchTransport, Transport, new_group, node_layout,
                              torch_hierarchical_transport)
+from .engine.averaging import Group
 from .engine.reduction import split_segments
 from .engine.runtime import Runtime, close_when_collected
 from .engine.state import EngineState
@@ -152,42 +153,8 @@ class CompressionState(EngineState):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call "
                                "torch.distributed.init_process_group() first")
-        group = self.process_group or dist.group.WORLD
-        # A private copy of the group: DDP issues collectives of its own on the user's group
-        # (e.g. the unused-parameter map) from the backward thread while the hook's reductions
-        # run on the worker; sharing one group would let them interleave differently per rank.
-        ranks = dist.get_process_group_ranks(group)
-        private = new_group(ranks, group, every_rank_calls=len(ranks) == dist.get_world_size())
-        if device is None or dist.get_backend(group) != "nccl":
-            device = None  # the group's default: CPU for gloo
-        control = None
-        if dist.get_backend(group) != "gloo":
-            control = TorchTransport(new_group(ranks, group, every_rank_calls=len(ranks) ==
-                                               dist.get_world_size(), backend="gloo"))
-        runtime = Runtime(TorchTransport(private, device), control)
-        try:
-            transport = runtime.transport
-            agree(runtime.control, self._agreement_fields(), runtime.control.device)
-            auto = self.collective == "auto" and not self.codec.summable
-            if self.collective == "hierarchical" or auto:
-                layout = node_layout(transport)
-                even = len({len(ranks) for ranks in layout}) == 1
-                if self.collective == "hierarchical" and len(layout) == 1:
-                    warnings.warn("commpress: collective 'hierarchical' with every rank on one "
-                                  "node: it reduces in fp32 inside a node and compresses only "
-                                  "between nodes, so nothing is compressed here; use 'auto' or "
-                                  "a flat collective to compress across these ranks",
-                                  stacklevel=3)
-                if self.collective == "hierarchical" or (even and 1 < len(layout) < transport.world_size):
-                    runtime.compressed_transport = torch_hierarchical_transport(transport, layout)
-                    runtime.groups += [runtime.compressed_transport.intra.group,
-                                       runtime.compressed_transport.inter.group]
-                elif not even:
-                    logger.info("commpress: nodes hold different numbers of ranks (%s): 'auto' "
-                                "uses flat collectives", [len(r) for r in layout])
-        except BaseException:
-            runtime.close()
-            raise
+        runtime = _group_runtime(self.process_group or dist.group.WORLD, device,
+                                 self._agreement_fields(), self.collective, self.codec.summable)
         self._runtime_box.append(runtime)
         self._release = weakref.finalize(self, close_when_collected, self._runtime_box)
         self._check_loaded_rank()
@@ -317,6 +284,50 @@ class CompressionState(EngineState):
                        "reset to the default group")
 
 
+def _group_runtime(group: dist.ProcessGroup, device: Optional[torch.device], fields: Dict,
+                   collective: str, summable: bool) -> Runtime:
+    """A DDP state's runtime over a private copy of ``group``, after checking that every rank
+    agrees on ``fields``: with a gloo control group beside another backend, and for the
+    hierarchical collective (or ``auto`` on several nodes of the same number of ranks) the
+    node groups. ``device``: the model's, where NCCL wants the few tensors of this setup."""
+    # A private copy of the group: DDP issues collectives of its own on the user's group
+    # (e.g. the unused-parameter map) from the backward thread while the hook's reductions
+    # run on the worker; sharing one group would let them interleave differently per rank.
+    ranks = dist.get_process_group_ranks(group)
+    private = new_group(ranks, group, every_rank_calls=len(ranks) == dist.get_world_size())
+    if device is None or dist.get_backend(group) != "nccl":
+        device = None  # the group's default: CPU for gloo
+    control = None
+    if dist.get_backend(group) != "gloo":
+        control = TorchTransport(new_group(ranks, group, every_rank_calls=len(ranks) ==
+                                           dist.get_world_size(), backend="gloo"))
+    runtime = Runtime(TorchTransport(private, device), control)
+    try:
+        transport = runtime.transport
+        agree(runtime.control, fields, runtime.control.device)
+        auto = collective == "auto" and not summable
+        if collective == "hierarchical" or auto:
+            layout = node_layout(transport)
+            even = len({len(ranks) for ranks in layout}) == 1
+            if collective == "hierarchical" and len(layout) == 1:
+                warnings.warn("commpress: collective 'hierarchical' with every rank on one "
+                              "node: it reduces in fp32 inside a node and compresses only "
+                              "between nodes, so nothing is compressed here; use 'auto' or "
+                              "a flat collective to compress across these ranks",
+                              stacklevel=4)
+            if collective == "hierarchical" or (even and 1 < len(layout) < transport.world_size):
+                runtime.compressed_transport = torch_hierarchical_transport(transport, layout)
+                runtime.groups += [runtime.compressed_transport.intra.group,
+                                   runtime.compressed_transport.inter.group]
+            elif not even:
+                logger.info("commpress: nodes hold different numbers of ranks (%s): 'auto' "
+                            "uses flat collectives", [len(r) for r in layout])
+    except BaseException:
+        runtime.close()
+        raise
+    return runtime
+
+
 def _check_buffer(buffer: torch.Tensor) -> None:
     if buffer.layout != torch.strided:
         raise TypeError("commpress: sparse gradients (e.g. nn.Embedding(sparse=True)) are not "
@@ -349,7 +360,7 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
     # in model order when bound: DDP's first iteration uses registration order, later ones
     # the order in which gradients become ready
     small, big = split_segments(bucket.parameters(), state.min_numel, state.param_index)
-    return state.engine.issue(runtime, index, last, buffer, small, big,
+    return state.engine.issue(runtime, index, last, Group(buffer, small, big),
                               compress=state.iter >= state.start_iter)
 
 

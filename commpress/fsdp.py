@@ -171,7 +171,7 @@ class FSDPCompressionState(EngineState):
         # never the step's last group: the step is closed at its end (drift included)
         ticket = Ticket(self.iter, 0, False, True, self._policy.calibrating,
                         self._policy.step_plan, self.phase, None)
-        self.engine.run_chosen(ticket, numel, calibrate, run, uncompressed)
+        self._policy.run_group(ticket, numel, calibrate, run, uncompressed)
         if closes_step:
             self._end_step(transport)
 
@@ -202,7 +202,7 @@ class CompressedReduceScatter(ReduceScatter):
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
                  group: dist.ProcessGroup, op, async_op: bool = False):
         state = self.state
-        scale = _scale_of(op, group.size())
+        _scale_of(op, group.size())  # refuses an op it cannot honour before anything is sent
         if input_tensor.dtype not in _REDUCE_DTYPES:
             raise TypeError(f"commpress.fsdp: reduce dtype {input_tensor.dtype} is not one the "
                             f"codecs take (float32, bfloat16, float16): set "
@@ -211,15 +211,16 @@ class CompressedReduceScatter(ReduceScatter):
         transport = state.transport(group, device)
         w, flat, out = transport.world_size, input_tensor.reshape(-1), output_tensor.reshape(-1)
         state.reduce(transport, device, flat.numel(), (w - 1) * 4 * flat.numel() // w, OWN,
-                     lambda: self._calibrate(flat, out, group, op, transport),
-                     lambda choice: self._reduce(choice, flat, out, group, op, scale, transport,
+                     lambda: self._calibrate(flat, out, op, transport),
+                     lambda choice: self._reduce(choice, flat, out, op, transport,
                                                  state.feedback, state.stats))
         return _Completed() if async_op else None
 
-    def _reduce(self, choice: Candidate, flat, out, group, op, scale: float,
-                transport: TorchTransport, feedback: Optional[ErrorFeedback],
-                stats: Optional[CommStats]) -> None:
-        """``out`` = this rank's shard of the reduction of ``flat`` as ``choice`` says."""
+    def _reduce(self, choice: Candidate, flat, out, op, transport: TorchTransport,
+                feedback: Optional[ErrorFeedback], stats: Optional[CommStats]) -> None:
+        """``out`` = this rank's shard of the reduction (``op``) of ``flat`` over the
+        transport's group, as ``choice`` says."""
+        group, scale = transport.group, _scale_of(op, transport.world_size)
         if choice in (OWN, FP32, IN_BF16):
             wire = torch.bfloat16 if choice == IN_BF16 else flat.dtype
             started = time.perf_counter()
@@ -253,7 +254,7 @@ class CompressedReduceScatter(ReduceScatter):
             mean.mul_(scale)
         out.copy_(saturating_cast(mean, out.dtype))
 
-    def _calibrate(self, flat, out, group, op, transport: TorchTransport) -> None:
+    def _calibrate(self, flat, out, op, transport: TorchTransport) -> None:
         """Time every candidate on this module's reduce-scatter (on a sample of each shard
         past :data:`~commpress.comm.calibration.SAMPLE_NUMEL` values in all), with error
         feedback on a scratch memory so that its cost counts."""
@@ -263,11 +264,9 @@ class CompressedReduceScatter(ReduceScatter):
         sample = flat.view(w, n)[:, :k].reshape(-1)
         scratch, shard = torch.empty_like(sample), torch.empty(k, dtype=out.dtype, device=out.device)
         feedback = ErrorFeedback(self.state.error_feedback) if self.state.feedback else None
-        scale = _scale_of(op, w)
 
         def run(choice):
-            return lambda: self._reduce(choice, scratch, shard, group, op, scale, transport,
-                                        feedback, None)
+            return lambda: self._reduce(choice, scratch, shard, op, transport, feedback, None)
         self.state._policy.calibrate(flat.numel(), self.state._candidates(w, False), run,
                                      transport, flat.device,
                                      prepare=lambda: scratch.copy_(sample), scale=n / k)

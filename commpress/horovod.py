@@ -29,6 +29,7 @@ from .comm.collectives import Channel
 from .comm.pipeline import Layout, reduce_gradient
 from .comm.transport import Pending, Transport, operation_timeout, wait_until
 from .config import CompressionConfig
+from .engine.averaging import Group
 from .engine.reduction import buckets, split_segments
 from .engine.runtime import Runtime
 from .engine.state import EngineState
@@ -266,8 +267,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             group = self._cp_groups[index]
             flat = torch.cat([self._cp_grad(p).reshape(-1).float() for p in group])
             self._cp_started.append((group, engine.issue(
-                runtime, index, index == len(self._cp_groups) - 1, flat,
-                *self._cp_segments[index], compress=engine.iter >= compression.start_iter)))
+                runtime, index, index == len(self._cp_groups) - 1,
+                Group(flat, *self._cp_segments[index]),
+                compress=engine.iter >= compression.start_iter)))
 
     def _cp_grad(self, p) -> torch.Tensor:
         if p.grad is None:

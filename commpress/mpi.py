@@ -32,6 +32,7 @@ from .comm.pipeline import Layout, reduce_gradient
 from .comm.segments import Segments
 from .comm.transport import Transport, operation_timeout, wait_until
 from .config import CompressionConfig
+from .engine.averaging import Group
 from .engine.reduction import buckets, split_segments
 from .engine.runtime import Runtime
 from .engine.state import EngineState
@@ -254,7 +255,7 @@ class GradientReducer(EngineState):
         for index, (group, (small, big)) in enumerate(zip(self._groups, self._segments)):
             grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in group]
             flat = torch.cat([g.reshape(-1).float() for g in grads])
-            mean = engine.issue(self.runtime, index, index == count - 1, flat, small, big,
+            mean = engine.issue(self.runtime, index, index == count - 1, Group(flat, small, big),
                                 compress=engine.iter >= self.start_iter).wait()
             for p, part in zip(group, mean.split([p.numel() for p in group])):
                 if p.grad is None:

@@ -9,7 +9,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commpress as cp
-import commpress.engine.reduction
+import commpress.engine.averaging
+from commpress.engine.averaging import GroupAverager
 from commpress.engine.reduction import ReductionEngine
 import commpress.engine.policy
 from commpress.comm import LoopbackGroup
@@ -396,11 +397,11 @@ def sampled_calibration_worker(rank, world_size, spec):
     """Buckets over SAMPLE_NUMEL values are timed on a sample (lowered here to 3000 of a
     bucket of 8580, cutting a parameter): every candidate reduces the sample
     only, with error feedback on a scratch memory of the sample's size."""
-    commpress.engine.reduction.SAMPLE_NUMEL = 3000
+    commpress.engine.averaging.SAMPLE_NUMEL = 3000
     reduced = []
-    reduce_as = ReductionEngine.reduce_as
-    ReductionEngine.reduce_as = lambda engine, runtime, buffer, *a: (
-        reduced.append(buffer.numel()), reduce_as(engine, runtime, buffer, *a))[1]
+    average = GroupAverager.average
+    GroupAverager.average = lambda averager, runtime, group, *a: (
+        reduced.append(group.buffer.numel()), average(averager, runtime, group, *a))[1]
     model, data = model_and_data(rank, width=64)
     ddp = DDP(model, bucket_cap_mb=25)
     state = cp.register_hook(ddp, spec, log_every=0, min_numel=256)

@@ -25,12 +25,40 @@ from ..stats import CommStats
 logger = logging.getLogger("commpress")
 
 
-class FixedPolicy:
+class _Policy:
+    """What both policies do alike."""
+
+    plan: Optional[Plan] = None
+
+    def run_group(self, ticket, numel: int, calibrate: Callable[[], None],
+                  run: Callable[[Candidate], None], uncompressed: Candidate = FP32,
+                  cuda_timed: bool = False) -> None:
+        """The policy's part of one group's reduction (``ticket``: the engine's
+        :class:`~.reduction.Ticket`), for every front end: on a calibration step
+        ``calibrate()`` and ``run(uncompressed)``, else ``run`` the plan's choice for
+        ``numel`` values, timed for drift once a plan is adopted (``cuda_timed``: by CUDA
+        events, where the host only queues the work)."""
+        if ticket.calibrating:
+            calibrate()
+            choice = uncompressed
+        else:
+            choice = self.choose(numel, ticket.compress, ticket.plan)
+        adopted = ticket.plan is not None and ticket.plan is self.plan  # not on trial
+        drift = self.drift if adopted else None
+        timer = CudaTimer() if adopted and cuda_timed else None
+        start = time.perf_counter()
+        run(choice)
+        if timer is not None:
+            drift.add_timer(timer.stop(), ticket.last)
+        elif drift is not None:
+            drift.add(time.perf_counter() - start, ticket.last)
+
+
+class FixedPolicy(_Policy):
     """The configured codec and collective on every group once compression has started,
     whatever it costs (studies, exact reproductions of a method). Never times anything."""
 
     name = FIXED
-    plan: Optional[Plan] = None
     pinned = False
     calibrating = False
     step_plan: Optional[Plan] = None
@@ -57,7 +85,7 @@ class FixedPolicy:
                                  "keeps no plan")
 
 
-class CalibratedPolicy:
+class CalibratedPolicy(_Policy):
     """Compress only where it pays, as measured (see :mod:`commpress.comm.calibration`).
 
     The first plan is measured in step ``max(start_iter - 1, 1)`` (after DDP's bucket
@@ -175,6 +203,21 @@ class CalibratedPolicy:
     def adopt(self, plan: Plan) -> None:
         self.plan = plan
         self.drift.reset()
+
+    def timed_step(self, done: torch.futures.Future) -> torch.futures.Future:
+        """``done`` (the future of an adopted plan's last all-reduce of a step), recording the
+        step's reduction time for drift when it completes. The callback holds the monitor and
+        timer only, never a front end's state (see :meth:`Runtime.all_reduce_mean`)."""
+        started, drift, timer = self.step_started[1], self.drift, self.step_timer
+
+        def watch(reduced: torch.futures.Future) -> torch.Tensor:
+            mean = reduced.value()
+            if timer is not None:  # on the GPU: after the all-reduce
+                drift.add_timer(timer.stop(), step_done=True)
+            else:
+                drift.add(time.perf_counter() - started, step_done=True)
+            return mean
+        return done.then(watch)
 
     # -- persistence ----------------------------------------------------------------------
     def state_dict(self) -> Dict:

@@ -1,9 +1,9 @@
 """The reduction of a front end's gradient groups: one engine behind DDP, Horovod and MPI.
 
 A front end cuts its gradients into groups (a DDP bucket, a Horovod group, an MPI call's
-arrays), each a flat ``buffer`` with the segments sent uncompressed (``small``) and through
-the codec (``big``), as ``(offset, numel, key)`` lists, and hands them to its
-:class:`ReductionEngine` in the same order on every rank:
+arrays), each a :class:`~.averaging.Group` (a flat buffer, the segments sent uncompressed and
+through the codec), and hands them to its :class:`ReductionEngine` in the same order on every
+rank (:meth:`~ReductionEngine.issue`):
 
 1. on the thread that issues the step, :meth:`~ReductionEngine.begin_step` at its first group
    (the policy decides whether the step calibrates and which plan it runs), then
@@ -11,8 +11,9 @@ the codec (``big``), as ``(offset, numel, key)`` lists, and hands them to its
    plan, what ranks must agree on);
 2. wherever the front end runs its reductions (a worker thread, or inline),
    :meth:`~ReductionEngine.reduce` with that ticket: the agreement, the policy's choice (or
-   its calibration), the codec's collective with error feedback and the AC/DC mask, the
-   statistics, the end of the step after its last group.
+   its calibration), the choice carried out by its :class:`~.averaging.GroupAverager` (the
+   codec's collective with error feedback and the AC/DC mask), the statistics, the end of
+   the step after its last group.
 
 The engine holds what a resumed run needs (:meth:`~ReductionEngine.state_dict`: the step, the
 random generators, the error-feedback memories, the statistics, the policy's plan and trial
@@ -22,28 +23,23 @@ front end owns its runtime (:mod:`commpress.engine.runtime`) and passes it in.
 from __future__ import annotations
 
 import logging
-import time
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
-from ..codecs import FP16, Identity
 from ..comm.agreement import agree
-from ..comm.calibration import FP32, SAMPLE_NUMEL, Candidate, CudaTimer, Plan
-from ..comm.collectives import Channel, start_mean
+from ..comm.calibration import Plan
 from ..comm.masks import GradientMask
-from ..comm.pipeline import Layout, reduce_gradient
-from ..comm.segments import Segments
 from ..config import CompressionConfig
 from ..feedback import ErrorFeedback, flat_numel
 from ..stats import CommStats
+from .averaging import Group, GroupAverager
 from .generators import RankGenerators
 from .policy import report_plan
 from .runtime import Runtime
 
 logger = logging.getLogger("commpress")
 
-_FP32, _FP16 = Identity(), FP16()
 #: every group's layout is checked across ranks in this many first steps of a process (DDP
 #: rebuilds its buckets after the first; later checks happen whenever a group changes)
 LAYOUT_CHECK_STEPS = 3
@@ -79,6 +75,7 @@ class ReductionEngine:
         self.phase = "dense"
         self.phase_stats = {phase: CommStats() for phase in PHASES}
         self.mask = GradientMask()       # the AC/DC policy: which entries to send
+        self.averager = GroupAverager(config, self.mask)
         self.iter = 0
         self.process_steps = 0           # steps of this process (not restored by a checkpoint)
         self.failed_step: Optional[int] = None  # a step in which a group's reduction failed
@@ -107,10 +104,6 @@ class ReductionEngine:
             self.feedback.mask_(self.mask.masks)  # flat, as the memories are
 
     # -- the issuing thread ---------------------------------------------------------------
-    def candidates(self, runtime: Runtime) -> List[Candidate]:
-        """What the calibrated policy times on this runtime's world."""
-        return self.policy.candidates(runtime.transport.world_size, runtime.hierarchical)
-
     def begin_step(self, compress: bool, runtime: Runtime, device: torch.device) -> None:
         """At a step's first group, while nothing of the step is in flight (see
         :meth:`CalibratedPolicy.begin_step`)."""
@@ -126,8 +119,7 @@ class ReductionEngine:
         return (compress and not self.policy.calibrating and plan is not None
                 and plan.all_reduce and not self.mask)
 
-    def ticket(self, index: int, last: bool, buffer: torch.Tensor, small, big,
-               compress: bool) -> Ticket:
+    def ticket(self, index: int, last: bool, group: Group, compress: bool) -> Ticket:
         """The decisions for group ``index`` of the current step (after :meth:`begin_step`
         for its first group); the step counter advances at the last group."""
         step, phase = self.iter, self.phase
@@ -136,37 +128,35 @@ class ReductionEngine:
             fields.update(step=step, phase=phase, compress=compress)
         # the layout: in the first steps of the process, then whenever it changes (decided
         # from counters every rank shares, so every rank checks at the same groups)
-        layout = (buffer.numel(), str(buffer.dtype), [n for _, n, _ in small],
-                  [n for _, n, _ in big], compress, phase, bool(self.mask))
+        layout = (group.buffer.numel(), str(group.buffer.dtype), [n for _, n, _ in group.small],
+                  [n for _, n, _ in group.big], compress, phase, bool(self.mask))
         if self.process_steps < LAYOUT_CHECK_STEPS or self._agreed_layout.get(index) != layout:
             fields.update(**{self.unit: index}, layout=layout)
             self._agreed_layout[index] = layout
         if last:
-            self.iter += 1
-            self.process_steps += 1
+            self._count_step()
         return Ticket(step, index, last, compress, self.policy.calibrating,
                       self.policy.step_plan, phase, fields or None)
 
-    def issue(self, runtime: Runtime, index: int, last: bool, buffer: torch.Tensor, small, big,
+    def issue(self, runtime: Runtime, index: int, last: bool, group: Group,
               compress: bool) -> torch.futures.Future:
-        """Group ``index`` of a step (``last``: its last), in place in ``buffer``: the step
+        """Group ``index`` of a step (``last``: its last), in place in its buffer: the step
         begun at its first group, then the group handed to the runtime, or under a plan of
         all-reduces only issued at once (:meth:`reduce_direct`)."""
+        device = group.buffer.device
         if index == 0:  # nothing of this step is in flight yet
-            self.begin_step(compress, runtime, buffer.device)
+            self.begin_step(compress, runtime, device)
         if self.runs_all_reduce_plan(compress):
             if index == 0:  # as every path does: a rank a step or a phase apart fails, named
                 agree(runtime.control, {"step": self.iter, "phase": self.phase,
                                         "path": "all-reduce plan"}, runtime.control.device)
-            return self.reduce_direct(runtime, buffer, last)
-        ticket = self.ticket(index, last, buffer, small, big, compress)
-        return runtime.run(lambda: self.reduce(runtime, buffer, small, big, ticket),
-                           buffer.device)
+            return self.reduce_direct(runtime, group.buffer, last)
+        ticket = self.ticket(index, last, group, compress)
+        return runtime.run(lambda: self.reduce(runtime, group, ticket), device)
 
     # -- the reduction --------------------------------------------------------------------
-    def reduce(self, runtime: Runtime, buffer: torch.Tensor, small, big,
-               ticket: Ticket) -> torch.Tensor:
-        """One group's mean over ranks, in place in ``buffer``. Once a group of a step has
+    def reduce(self, runtime: Runtime, group: Group, ticket: Ticket) -> torch.Tensor:
+        """One group's mean over ranks, in place in its buffer. Once a group of a step has
         failed, this rank's later groups of that step fail without communicating: the failure
         (ranks disagreeing, a peer's bad payload) is symmetric, so every rank stops there,
         and collectives issued after it would no longer pair up across ranks."""
@@ -175,89 +165,36 @@ class ReductionEngine:
                                f"reduced: an earlier {self.unit} of this step failed (that "
                                f"error is the one to read)")
         try:
-            return self._reduce_agreed(runtime, buffer, small, big, ticket)
+            return self._reduce_agreed(runtime, group, ticket)
         except BaseException:
             self.failed_step = ticket.step
             raise
 
-    def _reduce_agreed(self, runtime: Runtime, buffer, small, big, ticket: Ticket):
+    def _reduce_agreed(self, runtime: Runtime, group: Group, ticket: Ticket) -> torch.Tensor:
         if ticket.fields is not None:
             agree(runtime.control, ticket.fields, runtime.control.device)
-        w = runtime.transport.world_size
+        w, rank, buffer = runtime.transport.world_size, runtime.transport.rank, group.buffer
         self.stats.add(fp32_bytes=2 * (w - 1) * 4 * buffer.numel() // w)
 
         def calibrate():  # every candidate measured on the group, which then goes in fp32
-            self._calibrate(runtime, buffer, small, big)
+            options = self.policy.candidates(w, runtime.hierarchical)
+            self.averager.calibrate(self.policy, runtime, group, options)
             if ticket.last:
-                self.calibration_done(w, runtime.hierarchical, runtime.transport.rank)
-        generator = self.generator(buffer.device, runtime.transport.rank)
+                self.calibration_done(w, runtime.hierarchical, rank)
+        generator = self.generator(buffer.device, rank)
         # inline on a GPU the host only queues the work: timed by events (a worker thread
         # synchronizes its side stream, so its clock is the work's)
-        self.run_chosen(ticket, buffer.numel(), calibrate, lambda choice: self.reduce_as(
-            runtime, buffer, small, big, choice, generator, self.stats, self.feedback),
-            cuda_timed=runtime.inline and buffer.is_cuda)
+        self.policy.run_group(ticket, buffer.numel(), calibrate,
+                              lambda choice: self.averager.average(
+                                  runtime, group, choice, generator, self.stats, self.feedback),
+                              cuda_timed=runtime.inline and buffer.is_cuda)
         if ticket.last:
-            self.end_step(ticket.phase, runtime.transport.rank)
+            self.end_step(ticket.phase, rank)
         return buffer
 
-    def run_chosen(self, ticket: Ticket, numel: int, calibrate: Callable[[], None],
-                   run: Callable[[Candidate], None], uncompressed: Candidate = FP32,
-                   cuda_timed: bool = False) -> None:
-        """The policy's part of one group's reduction, for every front end: on a calibration
-        step ``calibrate()`` and ``run(uncompressed)``, else ``run`` the plan's choice for
-        ``numel`` values, timed for drift once a plan is adopted (``cuda_timed``: by CUDA
-        events, where the host only queues the work)."""
-        if ticket.calibrating:
-            calibrate()
-            choice = uncompressed
-        else:
-            choice = self.policy.choose(numel, ticket.compress, ticket.plan)
-        adopted = ticket.plan is not None and ticket.plan is self.plan  # not on trial
-        drift = self.policy.drift if adopted else None
-        timer = CudaTimer() if adopted and cuda_timed else None
-        start = time.perf_counter()
-        run(choice)
-        if timer is not None:
-            drift.add_timer(timer.stop(), ticket.last)
-        elif drift is not None:
-            drift.add(time.perf_counter() - start, ticket.last)
-
-    def reduce_as(self, runtime: Runtime, buffer, small, big, choice: Candidate,
-                  generator: Optional[torch.Generator], stats: Optional[CommStats],
-                  feedback: Optional[ErrorFeedback]) -> None:
-        """Average ``buffer`` over ranks in place as ``choice`` says: the small segments in
-        fp32, the large ones through the choice's codec and collective (everything in one fp32
-        all-reduce when the choice is fp32). Error feedback applies to the configured codec
-        only."""
-        if choice == FP32:
-            small, big = small + big, []
-        small_done = None
-        if small and big and buffer.dtype == torch.float32 and not self.mask:
-            # on the wire while the large ones are encoded: a blocking all-reduce here would
-            # hold back the first compressed piece by a round trip
-            small_done = start_mean(Segments([buffer[o:o + n] for o, n, _ in small]), _FP32,
-                                    runtime.transport, stats)
-        elif small:
-            self._reduce_segments(buffer, small, _FP32, "allreduce", None, runtime.transport,
-                                  generator, stats)
-        if big:
-            codec = self.codec if choice.codec == "codec" else _FP16
-            transport = (runtime.compressed_transport
-                         if choice.collective in ("auto", "hierarchical") else runtime.transport)
-            self._reduce_segments(buffer, big, codec, choice.collective,
-                                  feedback if choice.codec == "codec" else None, transport,
-                                  generator, stats)
-        if small_done is not None:
-            small_done()
-
-    def _reduce_segments(self, buffer, segments, codec, collective, feedback, transport,
-                         generator, stats) -> None:
-        """Average the gradients of ``segments`` over ranks, where they lie in the buffer."""
-        keys = [k for _, _, k in segments]
-        reduce_gradient(Segments([buffer[o:o + n] for o, n, _ in segments]),
-                        Layout(keys, keep=self.mask.kept_indices(keys, buffer.device)),
-                        Channel(codec, transport, generator, stats), collective=collective,
-                        feedback=feedback, agreed=True)
+    def _count_step(self) -> None:
+        self.iter += 1
+        self.process_steps += 1
 
     def end_step(self, phase: str, rank: int) -> None:
         self.stats.end_step()
@@ -275,53 +212,14 @@ class ReductionEngine:
         worker, and the front end waits for every group of a step before the next begins);
         ranks hold the same plan, so they take this path at the same groups."""
         plan = self.policy.step_plan
-        choice = plan.entry_for(buffer.numel()).choice
-        wire = (torch.float32 if choice == FP32 else
-                _FP16.wire_dtype if choice.codec == "fp16" else self.codec.wire_dtype)
-        w = runtime.transport.world_size
-        self.stats.add(fp32_bytes=2 * (w - 1) * 4 * buffer.numel() // w,
-                       wire_bytes=2 * (w - 1) * buffer.numel() * wire.itemsize // w)
+        done = self.averager.all_reduce(runtime, buffer, plan.entry_for(buffer.numel()).choice,
+                                        self.stats)
         if last:
-            self.iter += 1
-            self.process_steps += 1
+            self._count_step()
             self.end_step(self.phase, runtime.transport.rank)
-        done = runtime.all_reduce_mean(buffer, wire, self.stats)
-        if not (last and plan is self.plan):
-            return done
-        # the callback must not hold the front end's state (see Runtime.all_reduce_mean)
-        policy = self.policy
-        started, drift, timer = policy.step_started[1], policy.drift, policy.step_timer
-
-        def watch(reduced: torch.futures.Future) -> torch.Tensor:
-            mean = reduced.value()
-            if timer is not None:  # on the GPU: after the all-reduce
-                drift.add_timer(timer.stop(), step_done=True)
-            else:
-                drift.add(time.perf_counter() - started, step_done=True)
-            return mean
-        return done.then(watch)
+        return self.policy.timed_step(done) if last and plan is self.plan else done
 
     # -- calibration ----------------------------------------------------------------------
-    def _calibrate(self, runtime: Runtime, buffer, small, big) -> None:
-        """Time every candidate on a copy of ``buffer`` (or of a sample of it) for the pending
-        plan. Candidates draw rounding noise from a generator of their own (the training's
-        stream is untouched) and feed back into a scratch memory (so error feedback's cost is
-        counted)."""
-        sample, small, big = _calibration_sample(buffer, small, big)
-        scratch = torch.empty_like(sample)
-        generator = torch.Generator(device=buffer.device) if self.codec.stochastic else None
-        if generator is not None:
-            generator.manual_seed(self.config.rank_seed(runtime.transport.rank))
-        feedback = (ErrorFeedback(self.config.error_feedback, self.config.server_feedback)
-                    if self.feedback else None)
-
-        def run(choice):
-            return lambda: self.reduce_as(runtime, scratch, small, big, choice, generator, None,
-                                          feedback)
-        self.policy.calibrate(buffer.numel(), self.candidates(runtime), run, runtime.control,
-                              buffer.device, prepare=lambda: scratch.copy_(sample),
-                              scale=buffer.numel() / sample.numel())
-
     def calibration_done(self, world_size: int, hierarchical: bool, rank: int) -> None:
         """After a calibration step's last group (see :meth:`CalibratedPolicy.calibration_done`)."""
         before = self.policy.plan
@@ -452,23 +350,3 @@ def validate_state(state: Dict, config: Dict, feedback: Optional[ErrorFeedback],
     if set(state["phase_stats"]) - set(PHASES):
         raise ValueError(f"checkpoint entry 'phase_stats' has unknown phases "
                          f"{sorted(set(state['phase_stats']) - set(PHASES))}")
-
-
-def _calibration_sample(buffer: torch.Tensor, small, big):
-    """``(sample, small, big)``: the buffer itself, or for one of more than
-    :data:`~commpress.comm.calibration.SAMPLE_NUMEL` values its first ones, with the
-    segments cut to them (a cut segment's key stands in as a shape-only tensor, so the scratch
-    error-feedback memory has the sample's size)."""
-    cap = SAMPLE_NUMEL
-    if buffer.numel() <= cap:
-        return buffer, small, big
-
-    def cut(segments):
-        kept = []
-        for offset, numel, key in segments:
-            if offset + numel <= cap:
-                kept.append((offset, numel, key))
-            elif offset < cap:
-                kept.append((offset, cap - offset, torch.empty(cap - offset, device="meta")))
-        return kept
-    return buffer[:cap], cut(small), cut(big)
