@@ -67,38 +67,27 @@ class CompressionState(EngineState):
         seed: stochastic rounding on rank ``r`` uses a generator seeded from ``(seed, r)``, so
             noise is independent across ranks and runs are reproducible.
         log_every: log :attr:`stats` on rank 0 every this many steps (0: never).
-        policy: ``"calibrated"`` (default): in a warm-up step (step ``max(start_iter - 1, 1)``,
-            after DDP's bucket rebuild) time, per bucket, the fp32 all-reduce, an fp16
-            all-reduce and ``codec`` under each applicable collective (only ``collective`` when
-            one is named), on the real buckets and group; pick per bucket the most exact choice
-            within 5% of the fastest; then let the plans that come near (all-fp32, all-fp16,
-            that per-bucket plan) run 5 real steps each and adopt the fastest (see
-            :mod:`commpress.comm.calibration`). A step is then not slower than fp32 by more
-            than the timing noise, and on a fast link, or on one node, nothing is compressed. ``"fixed"``: ``codec`` on every bucket
-            from ``start_iter`` on, whatever it costs (studies, exact reproductions of a method).
+        policy: ``"calibrated"`` (default): compress only the buckets where it pays, as
+            measured (see :class:`commpress.engine.policy.CalibratedPolicy`): the fp32 and fp16
+            all-reduces and ``codec`` timed per bucket in step ``max(start_iter - 1, 1)``, the
+            close plans then tried over real steps, the fastest adopted on every rank; on a fast
+            link, or on one node, nothing is compressed. ``"fixed"``: ``codec`` on every bucket
+            from ``start_iter`` on, whatever it costs (studies, exact reproductions).
         recalibrate_every: with ``"calibrated"``, every this many steps after a plan, ranks
-            agree whether the reduction time per step moved by more than 2x (a congested or a
-            freed link) and, if any saw it, calibrate again (0: never).
+            vote on whether the reduction time per step moved by more than 2x and, if any saw
+            it, calibrate again (0: never).
         plan: with ``"calibrated"``, pin the plan instead of measuring one: a previous run's
-            ``state.plan.state_dict()`` (or its whole :meth:`state_dict`), or the path of a
-            JSON file holding either (see :meth:`save_plan`). The policy then never times
-            anything, so a run's numerics do not depend on timings (reproducible runs, tests).
+            ``state.plan`` state dict (or its whole :meth:`state_dict`), or a JSON file of
+            either (:meth:`save_plan`); a run's numerics then do not depend on timings.
 
-    The plan (:attr:`plan`) is the same on every rank, in :meth:`state_dict` (a resumed run
-    reduces as the original did; a checkpoint saved during the trial steps holds their
-    progress, so the resumed run goes on with the same trial plans), in :attr:`stats`'
-    summary (which says when error feedback is idle because no bucket uses the codec) and, on
-    rank 0, in the log.
-
-    Its process groups and worker thread are created on the caller's thread by
-    :func:`register_hook` (or at the first hook call), after one check that every rank has the
-    same configuration; :meth:`close` (or dropping the state, or ``with state:``) releases them.
-    One state serves one model. float64 gradients are reduced in float32; sparse gradients are
-    not supported.
-
-    Like PyTorch's ``PowerSGDState``, it pickles without its process group (which falls back to
-    the default group) and has ``state_dict()``/``load_state_dict()`` covering the step
-    counter, the error-feedback memories, the random generators and the statistics.
+    The plan (:attr:`plan`) is the same on every rank, in :meth:`state_dict` (with the trial
+    steps' progress), in :attr:`stats`' summary and, on rank 0, in the log. Process groups and
+    the worker thread are created by :func:`register_hook` (or at the first hook call), after
+    one check that every rank has the same configuration; :meth:`close` (or dropping the
+    state, or ``with state:``) releases them. One state serves one model. float64 gradients
+    are reduced in float32; sparse gradients are not supported. Like PyTorch's
+    ``PowerSGDState``, it pickles without its process group (which falls back to the default
+    group).
 
     Example::
 

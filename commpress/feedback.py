@@ -21,7 +21,7 @@ the mean, with what was sent and what the kind asked the collective for
 piece; :attr:`~ErrorFeedback.keeps_local`: this rank's compressed contribution ``C(p)``), and
 the server residual (:meth:`~ErrorFeedback.server_memory`): this module knows nothing of
 collectives, and they know nothing of the kinds. Memories are fp32 and live
-on the gradient's device. Keys are parameters (:func:`flat_numel` gives the split) or, for
+on the gradient's device. Keys are parameters (:func:`commpress.layout.flat_numel` gives the split) or, for
 front ends without parameters (MPI arrays), names with explicit ``sizes``.
 """
 from __future__ import annotations
@@ -30,42 +30,10 @@ from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 
-from .codecs import Codec, contractive_factor, kernels
+from .codecs import Codec, contractive_factor
 from .config import FEEDBACK_KINDS
-
-
-def flat_numel(param: torch.Tensor) -> int:
-    """How many values ``param``'s gradient takes in a flat real vector such as a DDP bucket,
-    which holds a complex value as its two reals (``torch.view_as_real``)."""
-    return param.numel() * (2 if param.is_complex() else 1)
-
-
-def _memory_order(param: torch.Tensor) -> list:
-    """``param``'s dimensions, outermost in memory first: DDP lays a dense parameter's gradient
-    out in the bucket with the parameter's strides (a channels_last weight is not row-major)."""
-    order = sorted(range(param.dim()), key=lambda d: -param.stride(d))
-    return order if param.permute(order).is_contiguous() else list(range(param.dim()))
-
-
-def _real_layout(param: torch.Tensor):
-    """``(shape, order)`` of ``param``'s values as reals (a complex value is its two reals,
-    adjacent): the logical shape and the bucket's order of its dimensions."""
-    extra = [2] if param.is_complex() else []
-    return list(param.shape) + extra, _memory_order(param) + ([param.dim()] if extra else [])
-
-
-def to_bucket_order(param: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """``flat`` (``param``'s values, row-major) in the order the bucket holds them."""
-    shape, order = _real_layout(param)
-    return flat.reshape(shape).permute(order).reshape(-1)
-
-
-def to_row_major(param: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`to_bucket_order`: checkpoints hold memories row-major, so that
-    one saved from a channels_last model resumes into a contiguous one (or back)."""
-    shape, order = _real_layout(param)
-    inverse = sorted(range(len(order)), key=order.__getitem__)
-    return flat.reshape([shape[d] for d in order]).permute(inverse).reshape(-1)
+from .finite import keep_finite
+from .layout import flat_numel, to_bucket_order, to_row_major
 
 
 def _sizes(params: Sequence, sizes) -> list:
@@ -209,7 +177,7 @@ class ErrorFeedback:
     def _assign(self, memory: str, params, new: torch.Tensor, sizes=None, add: bool = False) -> None:
         """Set each parameter's memory to its part of ``new`` (``add``: add it to the memory,
         computing in ``new``, which is overwritten), in place where it exists; an entry that
-        would not be finite keeps its old value (see :func:`keep_finite`). A new memory is a
+        would not be finite keeps its old value (see :func:`commpress.finite.keep_finite`). A new memory is a
         copy: ``new`` may be the caller's buffer."""
         store = self.memories[memory]
         for param, part in zip(params, new.split(_sizes(params, sizes))):
@@ -325,46 +293,6 @@ class EF21(ErrorFeedback):
 #: the kinds, by the name ``error_feedback=`` takes
 KINDS = {"ef": EF, "ef21": EF21}
 assert tuple(KINDS) == FEEDBACK_KINDS
-
-
-#: keep_finite works in slices of this many elements, so its temporaries stay small:
-#: ``isfinite`` computes ``|x|`` in fp32 plus two masks, 6 bytes per element (at 4M elements
-#: a slice, 24 MB: 0.3x of an 80 MB bucket on top of error feedback's 2x)
-_FINITE_SLICE = 1 << 18
-
-
-def keep_finite(new: torch.Tensor, memory: torch.Tensor, add: bool = False) -> torch.Tensor:
-    """``new`` where finite, else ``memory``, written into ``memory``: an overflowing step
-    (which loss scaling will skip) must not poison an error-feedback memory for every later
-    step. ``add``: ``new += memory`` first (in ``new``, which the caller reads afterwards).
-
-    Large vectors take one compiled pass (EF21's two estimate updates, about 3x faster than
-    eagerly; see the benchmark report). Eagerly, on the CPU a slice whose sum is finite (so are its values)
-    is copied as it is: one reduction instead of ``isfinite``'s four passes and a select."""
-    if kernels.usable(new.device, new.numel()) and kernels.run(
-            ("keep_finite", new.device.type, add), lambda: _finite_update(add), new, memory) is not None:
-        return memory
-    if add:
-        new.add_(memory)
-    host = new.device.type == "cpu"  # where reading the sum back costs no sync
-    for lo in range(0, new.numel(), _FINITE_SLICE):
-        part, old = new[lo:lo + _FINITE_SLICE], memory[lo:lo + _FINITE_SLICE]
-        if host and bool(torch.isfinite(part.sum())):
-            old.copy_(part)
-        else:
-            torch.where(torch.isfinite(part), part, old, out=old)
-    return memory
-
-
-def _finite_update(add: bool):
-    """:func:`keep_finite` as a function to compile."""
-    def update(new, memory):
-        if add:
-            new.add_(memory)
-        # returns the memory: kernels.run reads None as "not run", and the eager path would
-        # then add a second time
-        return memory.copy_(torch.where(torch.isfinite(new), new, memory))
-    return update
 
 
 def _check_fits(memory: str, name: str, value: torch.Tensor, by_name: Dict) -> None:

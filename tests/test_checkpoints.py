@@ -127,7 +127,8 @@ def test_memories_resume_into_another_memory_format():
     there; a complex value is two reals); checkpoints hold them row-major, so a residual saved
     from a channels_last model lands on the same entries of a contiguous one, and back. They
     used to be saved in bucket order and loaded as it, permuted."""
-    from commpress.feedback import ErrorFeedback, to_bucket_order
+    from commpress.feedback import ErrorFeedback
+    from commpress.layout import to_bucket_order
 
     def conv(channels_last, dtype=torch.float32):
         model = nn.Conv2d(3, 4, 2, dtype=dtype)

@@ -288,6 +288,13 @@ def test_bad_arguments_are_named():
         cp.NaturalCompression().encode(torch.empty(10, device="meta"))  # was "Cannot copy out"
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         cp.QSGD().encode(torch.randn(10), generator=0)
+    payload = cp.QSGD().encode(torch.randn(10))
+    for dtype in (5, torch.int32, "float32"):
+        with pytest.raises(TypeError, match="decode's dtype must be a floating torch.dtype"):
+            cp.QSGD().decode(payload, dtype=dtype)
+    for numel in (-1, 10.0, True):
+        with pytest.raises(TypeError, match="decode's numel must be a non-negative int"):
+            cp.QSGD().decode(payload, dtype=torch.float32, numel=numel)
     assert cp.get_codec("qsgd", bits=8) == cp.QSGD(bits=8)
     assert cp.get_codec("cnat") == cp.NaturalCompression()
 

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commpress as cp
+from commpress.comm.calibration import Candidate, Plan, PlanEntry
 from distributed import run_workers
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=8)
@@ -19,10 +20,16 @@ GROUP_TIMEOUT = datetime.timedelta(seconds=8)
 
 def faulty_peer_worker(rank, world_size, policy, fault, at_step, hook="qsgd4+ef"):
     """Rank 1 exits or stops itself at ``at_step``; the others train until their step fails
-    and return where and how it failed."""
+    and return where and how it failed. ``policy="pinned"``: the calibrated policy with a
+    plan that sends the bucket through the codec under allgather (what it adopts on a slow
+    link; on loopback it would adopt all-reduces)."""
     torch.manual_seed(0)
     model = DDP(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)))
-    state = cp.register_hook(model, hook, log_every=0, policy=policy)
+    settings = {"policy": policy}
+    if policy == "pinned":
+        numel = sum(p.numel() for p in model.parameters())
+        settings = {"plan": Plan(0, {numel: PlanEntry(numel, Candidate("codec", "allgather"), {})})}
+    state = cp.register_hook(model, hook, log_every=0, **settings)
     for step in range(at_step + 10):
         if rank == 1 and step == at_step:
             if fault == "exit":
@@ -47,12 +54,16 @@ def faulty_peer_worker(rank, world_size, policy, fault, at_step, hook="qsgd4+ef"
     ("fixed", "exit", 4, "qsgd4+ef"),
     ("fixed", "stop", 4, "qsgd4+ef"),
     ("fixed", "stop", 4, "elias8"),  # variable-length payloads: their sizes are exchanged first
+    ("calibrated", "stop", 1, "elias8"),  # the default policy timing variable-length payloads
+    ("pinned", "stop", 4, "elias8"),      # ... and sending them, as on a slow link
 ])
 def test_survivor_raises_when_a_peer_dies_or_hangs(policy, fault, at_step, hook):
     survivor = run_workers(faulty_peer_worker, 2, policy, fault, at_step, hook, timeout=120,
                            pg_timeout=GROUP_TIMEOUT, survivors=[0])[0]
     assert survivor["step"] == at_step, f"rank 0 trained on alone: {survivor}"
     assert survivor["seconds"] < GROUP_TIMEOUT.total_seconds() + 10, survivor
+    if policy == "pinned":
+        assert "elias8/allgather" in survivor["plan"], survivor["plan"]
 
 
 def fsdp_faulty_peer_worker(rank, world_size, policy, fault, at_step, across_nodes=None):

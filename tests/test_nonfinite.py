@@ -78,14 +78,14 @@ def test_grad_scaler_skips_the_step_on_every_rank(spec):
 def test_keep_finite_keeps_old_values_exactly_where_new_ones_are_not_finite(monkeypatch):
     """Every slice: all finite (copied), one NaN, +inf and -inf together (their sum is NaN),
     and finite values whose sum overflows (still copied, through the slow path)."""
-    from commpress import feedback
-    monkeypatch.setattr(feedback, "_FINITE_SLICE", 4)
+    from commpress import finite
+    monkeypatch.setattr(finite, "_FINITE_SLICE", 4)
     new = torch.tensor([1.0, 2.0, 3.0, 4.0,
                         5.0, math.nan, 7.0, 8.0,
                         math.inf, 10.0, -math.inf, 12.0,
                         3e38, 3e38, 3e38, -1.0, 0.5])
     memory = torch.full((17,), -9.0)
-    feedback.keep_finite(new, memory)
+    finite.keep_finite(new, memory)
     expected = torch.where(torch.isfinite(new), new, torch.full((17,), -9.0))
     assert torch.equal(memory, expected)
 
@@ -94,7 +94,7 @@ def test_keep_finite_keeps_old_values_exactly_where_new_ones_are_not_finite(monk
 def test_keep_finite_compiled_pass_matches_the_eager_slices(add):
     """A vector large enough for the compiled pass: the same memory (and, with ``add``, the
     same ``new + memory`` left in ``new``) as the eager slices, NaN, +inf and -inf among them."""
-    from commpress import feedback
+    from commpress import finite
     from commpress.codecs import kernels
     n = kernels.MIN_NUMEL * 2 + 5
     gen = torch.Generator().manual_seed(3)
@@ -105,7 +105,7 @@ def test_keep_finite_compiled_pass_matches_the_eager_slices(add):
         kernels.set_enabled(enabled)
         broken = dict(kernels._broken)
         a, m = new.clone(), memory.clone()
-        feedback.keep_finite(a, m, add)
+        finite.keep_finite(a, m, add)
         results.append((a, m))
     kernels.set_enabled(None)
     assert kernels._broken == broken, "the compiled pass fell back to eager"

@@ -126,6 +126,12 @@ def checked(codec, payload: Payload, dtype: Optional[torch.dtype], numel: Option
     """``(data, numel, dtype)`` of a payload that passed the checks :meth:`Codec.decode`
     names, or ``ValueError`` (``TypeError`` for a payload on the meta device)."""
     data = payload.data
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point
+                                  and not dtype.is_complex):
+        raise TypeError(f"decode's dtype must be a floating torch.dtype (e.g. torch.float32), "
+                        f"got {dtype!r}")
+    if numel is not None and (not isinstance(numel, int) or isinstance(numel, bool) or numel < 0):
+        raise TypeError(f"decode's numel must be a non-negative int, got {numel!r}")
     if isinstance(data, torch.Tensor) and data.is_meta:
         raise TypeError("a payload on the meta device holds no bytes to decode (move it to "
                         "the CPU or the GPU it was encoded on)")

@@ -37,7 +37,7 @@ import torch
 from ..codecs import Codec, Payload, PayloadError, contractive_factor, kernels
 from ..codecs.wire import FORMAT_VERSION
 from ..config import ALGORITHMS
-from ..feedback import keep_finite
+from ..finite import keep_finite
 from ..stats import CommStats
 from .agreement import agree
 from .segments import Segments, destination, window

@@ -6,7 +6,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..feedback import flat_numel, to_bucket_order
+from ..layout import flat_numel, to_bucket_order
 
 
 def in_bucket_order(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ from ..comm.agreement import agree
 from ..comm.calibration import Plan
 from ..comm.masks import GradientMask
 from ..config import CompressionConfig
-from ..feedback import ErrorFeedback, flat_numel
+from ..feedback import ErrorFeedback
+from ..layout import flat_numel
 from ..stats import CommStats
 from .averaging import Group, GroupAverager
 from .generators import RankGenerators
