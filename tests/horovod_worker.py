@@ -126,8 +126,8 @@ args["clip_identical"] = len({t.numpy().tobytes() for t in hvd.allgather_object(
 args["clip_steps"] = opt.comm_stats.steps
 
 # a group's reduction failing (on every rank): step() raises it once every group has ended,
-# and the next backward, without zero_grad(), is a fresh step (it used to report "gradients
-# were computed more than backward_passes_per_step times")
+# and the next backward, without zero_grad(), is a fresh step (not "gradients were computed
+# more than backward_passes_per_step times")
 class FailingOnce(cp.Identity):  # fp32 payloads through the allgather: exact means
     armed = True
 

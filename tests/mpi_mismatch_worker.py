@@ -1,6 +1,7 @@
 """Run under mpirun by tests/test_mpi.py: ranks passing different codecs, collectives, lengths
-or dtypes to the MPI front end, and complex gradients. Every case must fail on every rank with a named difference (it
-used to hang, abort with MPI_ERR_TRUNCATE, or return a wrong mean). Rank 0 writes JSON."""
+or dtypes to the MPI front end, and complex gradients. Every case must fail on every rank with
+a named difference, never hang, abort with MPI_ERR_TRUNCATE, or return a wrong mean. Rank 0
+writes JSON."""
 import json
 import sys
 

@@ -36,8 +36,9 @@ def test_paper_schedule_with_a_longer_last_dense_phase():
 
 
 def test_paper_schedule_keeps_distinct_phases_in_short_runs():
-    """5% of a short run is under one epoch: phases used to round to nothing or run into each
-    other (15 epochs gave (3, 4), (4, 5): one sparse phase where the paper has two)."""
+    """5% of a short run is under one epoch: phases must neither round to nothing nor run
+    into each other (15 epochs must not give (3, 4), (4, 5): one sparse phase where the paper
+    has two)."""
     assert cp.ACDCSchedule.paper(10).sparse == [(1, 2), (3, 4), (5, 6), (8, 10)]
     for epochs in range(2, 60):
         s = cp.ACDCSchedule.paper(epochs)
@@ -87,7 +88,7 @@ def test_bad_schedules_and_settings_raise():
     with pytest.raises(ValueError, match="steps_per_unit must be a positive integer, got 0"):
         cp.ACDCSchedule([(1, 3)], 5, steps_per_unit=0)
     schedule = cp.ACDCSchedule([(0, 1)], 2)
-    # each used to be accepted, or to fail later with an AttributeError
+    # each refused here, not accepted or failing later with an AttributeError
     other = torch.optim.SGD(torch.nn.Linear(4, 4).parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"optimizer does not update the model's weights \['0.weight'\]"):
         cp.ACDC(model, other, schedule=schedule)
@@ -101,7 +102,7 @@ def test_bad_schedules_and_settings_raise():
 
 def test_checkpoint_of_another_model_or_malformed_is_refused_by_name():
     """Masks are multiplied into the weights: a checkpoint's masks of another shape, for other
-    layers, or holding values other than 0/1 used to load silently (then broadcast into the
+    layers, or holding values other than 0/1 must not load (they would broadcast into the
     weights, scale them, or fail at the next step with a KeyError)."""
     def coordinator(*widths):
         model = torch.nn.Sequential(*[torch.nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
@@ -336,8 +337,8 @@ def schedule_mismatch_worker(rank, world_size, policy):
 
 @pytest.mark.parametrize("policy", ["fixed", "calibrated", "pinned"])
 def test_sparse_phase_starting_a_step_apart_fails_with_a_named_error(policy):
-    """Used to end only at the group timeout (30 minutes by default); under the calibrated
-    default, whose plans of plain all-reduces skipped the per-step agreement, it still did."""
+    """Fails at once, not at the group timeout (30 minutes by default), under every policy:
+    the calibrated default's plans of plain all-reduces agree on the step and phase too."""
     for message in run_workers(schedule_mismatch_worker, 2, policy, timeout=120,
                                pg_timeout=datetime.timedelta(seconds=20)):
         assert "configured differently" in message and "acdc_phase" in message, message
@@ -362,8 +363,8 @@ def train_alone(optimizer_name, sparsity, schedule, steps=30):
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
 def test_sparsity_zero_trains_exactly_like_no_acdc(optimizer_name):
-    """Phase changes used to clear the whole optimizer state: with 3-step phases at sparsity 0,
-    commpress train lost 17 points on digits (76.9% against fp32's 93.6%)."""
+    """Phase changes must not clear the whole optimizer state: with 3-step phases at sparsity
+    0, that costs commpress train 17 points on digits (76.9% against fp32's 93.6%)."""
     schedule = cp.ACDCSchedule([(3, 6), (9, 12), (15, 18), (21, 24)], 30)
     plain, _, _ = train_alone(optimizer_name, 0.0, None)
     phased, _, _ = train_alone(optimizer_name, 0.0, schedule)

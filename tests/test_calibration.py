@@ -315,8 +315,8 @@ def test_trial_steps_take_turns_then_every_rank_adopts_one_plan():
 
 def trial_resume_worker(rank, world_size):
     """A checkpoint saved during the trial steps: the resumed run goes on with the same trial
-    plans at the same steps (it used to calibrate again, in fp32, and drift from the
-    uninterrupted run by rounding)."""
+    plans at the same steps (calibrating again, in fp32, would drift from the uninterrupted
+    run by rounding)."""
     commpress.engine.policy.measure = fake_timings
     fake_timings.seconds = [0.10, 0.09, 0.08]  # three finalists: trials over steps 2..16
     model, data = model_and_data(rank)

@@ -74,7 +74,7 @@ def corrupt(sd, what):
     ("unknown entry", "surprise"), ("empty plan", "'plan'"), ("plan bucket size", "'plan'"),
     ("trial progress", "'calibration'")])
 def test_bad_entries_are_refused_with_their_name(what, named):
-    """These used to load and fail later inside the hook, or silently train to NaN."""
+    """Refused at load, not failing later inside the hook or silently training to NaN."""
     state, _ = bound_state()
     before = state.state_dict()
     with pytest.raises(ValueError, match=named):
@@ -114,7 +114,8 @@ def rank0_checkpoint_worker(rank, world_size):
 
 
 def test_rank0_checkpoint_loaded_everywhere_rederives_per_rank_state():
-    """Every rank used to take rank 0's generator: rounding noise perfectly correlated."""
+    """Not every rank on rank 0's generator (rounding noise perfectly correlated): each
+    re-derives its own."""
     results = run_workers(rank0_checkpoint_worker, 2)
     (rng0, saved0, logs0, _), (rng1, _, logs1, consistent1) = results
     assert torch.equal(rng0, saved0) and not logs0           # rank 0 resumes exactly
@@ -125,8 +126,8 @@ def test_rank0_checkpoint_loaded_everywhere_rederives_per_rank_state():
 def test_memories_resume_into_another_memory_format():
     """Memories live in bucket order (a channels_last weight's gradient is not row-major
     there; a complex value is two reals); checkpoints hold them row-major, so a residual saved
-    from a channels_last model lands on the same entries of a contiguous one, and back. They
-    used to be saved in bucket order and loaded as it, permuted."""
+    from a channels_last model lands on the same entries of a contiguous one, and back (saved
+    in bucket order and loaded as it, they would be permuted)."""
     from commpress.feedback import ErrorFeedback
     from commpress.layout import to_bucket_order
 

@@ -271,7 +271,7 @@ def test_bad_arguments_are_named():
     for bits in (0, 9, True, 4.0):
         with pytest.raises(ValueError, match=r"QSGD bits must be an integer in 1\.\.8"):
             cp.QSGD(bits=bits)
-    for bucket_size in (0, True, 2 ** 32, 512.0):  # the too large one used to say "positive"
+    for bucket_size in (0, True, 2 ** 32, 512.0):  # the too large one too, by its range
         with pytest.raises(ValueError, match=r"bucket_size must be an integer in 1\.\.2\*\*32 - 1"):
             cp.QSGD(bits=4, bucket_size=bucket_size)
     with pytest.raises(ValueError, match="norm"):
@@ -283,9 +283,9 @@ def test_bad_arguments_are_named():
     with pytest.raises(TypeError, match="int64"):
         cp.QSGD().encode(torch.arange(10))
     with pytest.raises(TypeError, match="dense .strided. tensors, got torch.sparse_coo"):
-        cp.QSGD().encode(torch.randn(10).to_sparse())  # was torch's "reshape is not implemented"
+        cp.QSGD().encode(torch.randn(10).to_sparse())  # not torch's "reshape is not implemented"
     with pytest.raises(TypeError, match="hold data, got a meta tensor"):
-        cp.NaturalCompression().encode(torch.empty(10, device="meta"))  # was "Cannot copy out"
+        cp.NaturalCompression().encode(torch.empty(10, device="meta"))  # not "Cannot copy out"
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         cp.QSGD().encode(torch.randn(10), generator=0)
     payload = cp.QSGD().encode(torch.randn(10))
@@ -414,7 +414,7 @@ def test_unknown_format_version_and_meta_payloads_are_refused_by_name(codec):
                    lambda p: codec.decode_into(p, torch.zeros(1000))):
         with pytest.raises(ValueError, match=f"format version {FORMAT_VERSION + 1}"):
             decode(Payload(data, payload.shape))
-    with pytest.raises(TypeError, match="meta device holds no bytes"):  # was NotImplementedError
+    with pytest.raises(TypeError, match="meta device holds no bytes"):  # not NotImplementedError
         codec.decode(Payload(payload.data.to("meta"), payload.shape))
 
 

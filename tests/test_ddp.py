@@ -205,7 +205,7 @@ def test_state_rejects_unsafe_settings():
         cp.CompressionState(cp.QSGD(), start_iter=True)
     unbuilt = DDP.__new__(DDP)  # passes register_hook's model check, touched no further
     with pytest.raises(TypeError, match="a CompressionState, a hook name .* or a Codec, got int"):
-        cp.register_hook(unbuilt, 4)  # was "'int' object has no attribute 'bind'"
+        cp.register_hook(unbuilt, 4)  # not "'int' object has no attribute 'bind'"
     with pytest.raises(TypeError, match="configured already"):
         cp.register_hook(unbuilt, cp.CompressionState(cp.QSGD()), seed=1)
 
@@ -221,8 +221,8 @@ def codec_object_worker(rank, world_size):
 
 
 def test_register_hook_takes_a_codec_object():
-    """``register_hook(model, QSGD(bits=4))`` used to fail with "'QSGD' object has no attribute
-    'bind'"; a codec (with the state's keyword arguments) now makes the state."""
+    """``register_hook(model, QSGD(bits=4))``: a codec (with the state's keyword arguments)
+    makes the state."""
     (codec, steps, sent, fp32), _ = run_workers(codec_object_worker, 2)
     assert codec == cp.QSGD(bits=4) and steps == 1 and 0 < sent < fp32 / 5
 
@@ -359,10 +359,10 @@ def failed_step_worker(rank, world_size):
 
 
 def test_a_failed_bucket_stops_the_rest_of_its_step_without_communicating():
-    """Bucket 1 used to go on: rank 0 (its layout changed) checked it with its peers while
-    rank 1 (nothing changed) reduced it, so the two issued collectives that did not pair up,
-    and one could be left pending in gloo (a rank then aborted at exit, "terminate called
-    without an active exception", seen in CI once run_workers checked exit codes)."""
+    """Bucket 1 must not go on: rank 0 (its layout changed) would check it with its peers while
+    rank 1 (nothing changed) reduced it, two collectives that do not pair up, one of them
+    left pending in gloo (a rank then aborts at exit, "terminate called without an active
+    exception")."""
     for first, second in run_workers(failed_step_worker, 2, timeout=120):
         assert "configured differently" in first and "phase:" in first, first
         assert "bucket 1 of step 3 not reduced: an earlier bucket of this step failed" in second
@@ -371,6 +371,6 @@ def test_a_failed_bucket_stops_the_rest_of_its_step_without_communicating():
 @pytest.mark.parametrize("field", ["codec", "collective", "start_iter", "policy", "phase", "layout"])
 def test_mismatched_ranks_fail_with_a_clear_error(field):
     """Named errors on every rank, at registration or at the first differing step, never a
-    hang or a gloo abort (layout: 85 of 100 such cases used to abort the process)."""
+    hang or a gloo abort of the process."""
     for message in run_workers(mismatch_worker, 2, field, timeout=120):
         assert "configured differently" in message and f"{field}:" in message, message

@@ -55,8 +55,8 @@ def gan_worker(rank, world_size, direct):
 
 @pytest.mark.parametrize("direct", [False, True])
 def test_two_models_two_states_in_one_process(direct):
-    """Used to hang in 5 of 10 runs, or fail "group name already registered": each state
-    created its group lazily from its own worker thread."""
+    """No hang, no "group name already registered": each state creates its group on the
+    caller's thread, not lazily from its own worker thread."""
     for _ in range(2):
         results = run_workers(gan_worker, 2, direct, timeout=120)
         for params, steps in results:
@@ -76,7 +76,8 @@ def subgroup_worker(rank, world_size):
 
 
 def test_model_on_subgroup_averages_over_its_group():
-    """A model built with process_group=[0,1] / [2,3] used to average over all four ranks."""
+    """A model built with process_group=[0,1] / [2,3] averages over its group, not all four
+    ranks."""
     grads = run_workers(subgroup_worker, 4)
     # the local gradient of rank r is 2 (r+1) in every entry
     assert torch.allclose(grads[0], torch.full((4, 8), 3.0)) and torch.equal(grads[0], grads[1])
@@ -290,8 +291,8 @@ def leak_worker(rank, world_size):
 
 
 def test_dropped_and_closed_states_release_groups_threads_and_fds():
-    """25 dropped models used to leave 96 threads, 120 file descriptors and 24 process groups
-    behind: the worker loop kept its last job, a closure over the state."""
+    """25 dropped models leave no threads, file descriptors or process groups behind (a
+    worker loop keeping its last job, a closure over the state, would keep them all)."""
     for before, after, closed in run_workers(leak_worker, 2, timeout=240):
         assert after == before, (before, after)
         assert closed == before, (before, closed)
@@ -326,8 +327,8 @@ def release_on_gloo_thread_worker(rank, world_size):
 
 
 def test_state_released_on_its_own_groups_thread():
-    """Released there, destroying the group joined the thread doing it ("Resource deadlock
-    avoided": the process aborted); the release now runs on a thread of its own."""
+    """Released there, destroying the group would join the thread doing it ("Resource
+    deadlock avoided": the process aborts); the release runs on a thread of its own."""
     results = run_workers(release_on_gloo_thread_worker, 2)
     assert results[0][0] == [False]  # rank 0's callback did run off the main thread
     for _, left in results:
@@ -422,8 +423,8 @@ def memory_worker(rank, world_size):
 
 
 def test_dropped_states_release_their_buffers():
-    """Each dropped model used to keep ~158 MB alive: the worker loop held its last job, a
-    closure over the state and the bucket buffer, so the state never died."""
+    """A dropped model's state and bucket buffers die with it (a worker loop holding its last
+    job, a closure over both, would keep ~158 MB alive per model)."""
     for alive in run_workers(memory_worker, 2, timeout=240):
         assert not any(alive), alive
 
@@ -438,7 +439,7 @@ def test_executor_completes_the_future_on_any_failure():
     def fail():
         raise Boom("not an Exception")
 
-    future = executor.submit(fail)  # used to kill the worker: DDP then waited forever
+    future = executor.submit(fail)  # must not kill the worker: DDP would wait forever
     with pytest.raises(BaseException, match="Boom: not an Exception"):
         future.wait()
     assert executor.submit(lambda: torch.ones(1)).wait().item() == 1  # the worker survived

@@ -53,7 +53,7 @@ def test_natural_compression_top_binade_is_finite():
                                    cp.NaturalCompression()], ids=repr)
 @pytest.mark.parametrize("scale", [1e-39, 1e-42, 3e-38])
 def test_tiny_magnitudes_stay_unbiased(codec, scale):
-    """A bucket whose largest value is below ~2e-38 used to decode to all zeros."""
+    """A bucket whose largest value is below ~2e-38 decodes unbiased, not to all zeros."""
     x = torch.rand(512, generator=torch.Generator().manual_seed(0)) * scale
     gen = torch.Generator().manual_seed(1)
     trials = 400

@@ -34,7 +34,7 @@ def test_commpress_train_reports(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["qsgd9"], "unknown hook 'qsgd9'"), (["--eval-every", "0"], "--eval-every must be >= 1"),
-    # these three used to fail inside the workers: UnboundLocalError, ZeroDivisionError, torch's
+    # these three are refused before the workers start, not inside them
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
