@@ -282,14 +282,15 @@ def _group_runtime(group: dist.ProcessGroup, device: Optional[torch.device], fie
     # A private copy of the group: DDP issues collectives of its own on the user's group
     # (e.g. the unused-parameter map) from the backward thread while the hook's reductions
     # run on the worker; sharing one group would let them interleave differently per rank.
-    ranks = dist.get_process_group_ranks(group)
-    private = new_group(ranks, group, every_rank_calls=len(ranks) == dist.get_world_size())
-    if device is None or dist.get_backend(group) != "nccl":
+    ranks, backend = dist.get_process_group_ranks(group), dist.get_backend(group)
+    every_rank_calls = len(ranks) == dist.get_world_size()
+    private = new_group(ranks, group, every_rank_calls=every_rank_calls)
+    if backend != "nccl":
         device = None  # the group's default: CPU for gloo
     control = None
-    if dist.get_backend(group) != "gloo":
-        control = TorchTransport(new_group(ranks, group, every_rank_calls=len(ranks) ==
-                                           dist.get_world_size(), backend="gloo"))
+    if backend != "gloo":
+        control = TorchTransport(new_group(ranks, group, every_rank_calls=every_rank_calls,
+                                           backend="gloo"))
     runtime = Runtime(TorchTransport(private, device), control)
     try:
         transport = runtime.transport

@@ -48,10 +48,8 @@ class _Policy:
         timer = CudaTimer() if adopted and cuda_timed else None
         start = time.perf_counter()
         run(choice)
-        if timer is not None:
-            drift.add_timer(timer.stop(), ticket.last)
-        elif drift is not None:
-            drift.add(time.perf_counter() - start, ticket.last)
+        if drift is not None:
+            _record(drift, timer, start, ticket.last)
 
 
 class FixedPolicy(_Policy):
@@ -212,10 +210,7 @@ class CalibratedPolicy(_Policy):
 
         def watch(reduced: torch.futures.Future) -> torch.Tensor:
             mean = reduced.value()
-            if timer is not None:  # on the GPU: after the all-reduce
-                drift.add_timer(timer.stop(), step_done=True)
-            else:
-                drift.add(time.perf_counter() - started, step_done=True)
+            _record(drift, timer, started, step_done=True)  # on the GPU: after the all-reduce
             return mean
         return done.then(watch)
 
@@ -231,6 +226,16 @@ class CalibratedPolicy(_Policy):
         self.trials = Trials.from_state_dict(trials, self.all_candidates()) if trials else None
         self.pending = None
         self.drift.reset()
+
+
+def _record(drift: DriftMonitor, timer: Optional[CudaTimer], started: float,
+            step_done: bool) -> None:
+    """Add a reduction's time to ``drift``: the CUDA events' where the host only queued the
+    work (``timer``), else the host clock's since ``started``."""
+    if timer is not None:
+        drift.add_timer(timer.stop(), step_done)
+    else:
+        drift.add(time.perf_counter() - started, step_done)
 
 
 def make_policy(name: str, codec: Codec, collective: str, start_iter: int,
