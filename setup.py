@@ -16,6 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["commpress", "commpress.*"]),
+    package_data={"commpress.codecs": ["elias_coder.cpp"]},  # compiled at first use (native.py)
     install_requires=["torch>=2.2", "numpy", "tqdm"],
     extras_require={
         "train": ["scikit-learn"],

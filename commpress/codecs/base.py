@@ -80,9 +80,11 @@ class Codec:
         """Write the body of non-empty ``flat`` into ``out`` (``_body_bytes`` uint8s)."""
         raise NotImplementedError
 
-    def _encode_sized_body(self, flat: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """A variable-length codec's body of non-empty ``flat`` (uint8, at most
-        ``_body_bytes(numel)`` long)."""
+    def _encode_sized_body(self, flat: torch.Tensor, generator: Optional[torch.Generator],
+                           room: int = 0) -> torch.Tensor:
+        """A variable-length codec's body of ``flat`` (uint8, at most ``_body_bytes(numel)``
+        long) after ``room`` bytes it leaves unset (the header, so the payload is written
+        where it will be sent, not copied there)."""
         raise NotImplementedError
 
     def _stated_body_bytes(self, body: torch.Tensor, numel: int) -> int:
@@ -158,15 +160,15 @@ class Codec:
             raise TypeError(f"generator must be a torch.Generator or None, got "
                             f"{type(generator).__name__}")
         numel = tensor.numel()
-        body = self._encode_sized_body(tensor.reshape(-1), generator) if self.variable_length else None
-        nbytes = self.wire_bytes(numel) if body is None else HEADER_BYTES + body.numel()
-        # storage in whole 8-byte words: a compiled kernel may write the body as wider words
-        data = torch.empty(-(-nbytes // 8) * 8, dtype=torch.uint8, device=tensor.device)[:nbytes]
+        if self.variable_length:
+            data = self._encode_sized_body(tensor.reshape(-1), generator, room=HEADER_BYTES)
+        else:
+            nbytes = self.wire_bytes(numel)
+            # storage in whole 8-byte words: a compiled kernel may write the body as wider words
+            data = torch.empty(-(-nbytes // 8) * 8, dtype=torch.uint8, device=tensor.device)[:nbytes]
+            if numel:
+                self._encode_body(tensor.reshape(-1), generator, data[HEADER_BYTES:])
         data[:HEADER_BYTES].copy_(header_bytes(self, tensor.dtype, numel, tensor.device))
-        if body is not None:
-            data[HEADER_BYTES:] = body
-        elif numel:
-            self._encode_body(tensor.reshape(-1), generator, data[HEADER_BYTES:])
         return Payload(data, tensor.shape)
 
     def decode(self, payload: Payload, dtype: Optional[torch.dtype] = None,

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 
-from . import kernels
+from . import kernels, native
 from .base import chunk_ranges
 from .registry import register_codec
 from .bucketed import BucketedLevelCodec, aligned, uniform_1_2
@@ -219,6 +219,16 @@ def _flags(codes: torch.Tensor, levels: int):
     return _packed(nonzero), nonzero.sum(dtype=torch.int64)
 
 
+class _Sections(NamedTuple):
+    """A body's parts: the three stated sizes, the scales and the two streams."""
+    nnz: int
+    length_bits: int
+    rest_bits: int
+    scales: torch.Tensor
+    lengths: torch.Tensor
+    rests: torch.Tensor
+
+
 def _run(key, fn, numel: int, *args):
     """``fn(*args)``, compiled (:func:`kernels.run`) when a payload of ``numel`` values is worth
     it; eagerly for fewer than two non-zeros (sizes 0 and 1 would each compile anew)."""
@@ -335,10 +345,16 @@ class EliasQSGD(EvenLevels, BucketedLevelCodec):
             return scales
         return codes
 
-    def _encode_sized_body(self, flat: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    def _encode_sized_body(self, flat: torch.Tensor, generator: Optional[torch.Generator],
+                           room: int = 0) -> torch.Tensor:
         numel, device, d = flat.numel(), flat.device, self.bucket_size
-        scales = torch.empty(self._buckets(numel), dtype=torch.float32, device=device)
-        codes = torch.full((-(-numel // 8) * 8,), self.levels, dtype=torch.uint8, device=device)
+        at = room + _PREFIX.size + 4 * self._buckets(numel)  # where the streams start
+        coder = native.library() if device.type == "cpu" else None
+        # the native coder writes its streams in place, after the scales (4-byte aligned)
+        data = torch.empty(at + 2 * self._stream_capacity(numel) if coder else at,
+                           dtype=torch.uint8, device=device)
+        scales = data[room + _PREFIX.size: at].view(torch.float32)
+        codes = torch.empty(-(-numel // 8) * 8, dtype=torch.uint8, device=device)
         done = numel // d * d  # whole buckets: one compiled pass; the rest eagerly
         fused = None
         if d % 2 == 0 and kernels.usable(device, done):
@@ -349,9 +365,43 @@ class EliasQSGD(EvenLevels, BucketedLevelCodec):
             done = 0
         else:
             scales[: done // d] = fused
+        codes[numel:] = self.levels  # zero codes past the end
         for lo, hi in chunk_ranges(numel, d, device, first=done):
             part_scales, codes[lo:hi] = self._quantize(flat[lo:hi], uniform_1_2(hi - lo, device, generator))
             scales[lo // d: lo // d + part_scales.numel()] = part_scales
+        if coder is not None:
+            nnz, length_bits, rest_bits = self._native_streams(coder, codes, numel, data[at:])
+            data = data[: at + -(-length_bits // 8) + -(-rest_bits // 8)]
+        else:
+            nnz, length_bits, rest_bits, streams = self._vectorised_streams(codes, numel)
+            data = torch.cat([data, *streams])
+        data[room: room + _PREFIX.size] = torch.frombuffer(
+            bytearray(_PREFIX.pack(nnz, length_bits, rest_bits)), dtype=torch.uint8).to(device)
+        return data
+
+    def _stream_capacity(self, numel: int) -> int:
+        """Bytes the native coder needs for either stream (its bound and words to spare)."""
+        return -(-max(self._stream_bounds(numel)) // 8) + 32
+
+    def _native_streams(self, coder, codes: torch.Tensor, numel: int, out: torch.Tensor):
+        """``(nnz, length bits, rest bits)``: the two streams of the codes written to ``out``
+        (twice :meth:`_stream_capacity` bytes), the length stream's bytes then the rest
+        stream's, by the serial coder (:mod:`.native`) on up to ``torch.get_num_threads()``
+        threads."""
+        sizes = torch.empty(3, dtype=torch.int64)
+        coder.commpress_elias_encode(codes.data_ptr(), numel, self.levels, out.data_ptr(),
+                                     self._stream_capacity(numel), torch.get_num_threads(),
+                                     native.THREAD_CODES, sizes.data_ptr())
+        nnz, length_bits, rest_bits = sizes.tolist()
+        if min(length_bits, rest_bits) < 0:
+            raise RuntimeError(f"{self!r}: streams past their bound for {numel} values")
+        return nnz, length_bits, rest_bits
+
+    def _vectorised_streams(self, codes: torch.Tensor, numel: int):
+        """``(nnz, length bits, rest bits, [lengths, rests])`` of the codes in torch operations
+        (any device; the native coder's reference): the positions of the non-zero codes, their
+        records and the two prefix sums of their widths, then every field written at once."""
+        device = codes.device
         flags, count = _run(("elias-flags", self.levels, device.type), self._kernel(_flags), numel,
                             codes)
         position = _set_bits(flags, int(count))
@@ -367,42 +417,86 @@ class EliasQSGD(EvenLevels, BucketedLevelCodec):
         if record.numel():
             words = _run(("elias-write", device.type), _write_fields, numel, record, widths,
                          record_ends, words)
-        streams = [unary, _words_to_bytes(words)[: -(-rest_bits // 8)]]
-        prefix = torch.frombuffer(bytearray(_PREFIX.pack(position.numel(), length_bits, rest_bits)),
-                                  dtype=torch.uint8).to(device)
-        return torch.cat([prefix, scales.view(torch.uint8), *streams])
+        return position.numel(), length_bits, rest_bits, [
+            unary[: -(-length_bits // 8)], _words_to_bytes(words)[: -(-rest_bits // 8)]]
 
     # -- decode ---------------------------------------------------------------------------
-    def _sparse_levels(self, body: torch.Tensor, numel: int):
-        """``(scales, positions, signed levels, whether every scale is finite)`` of a body;
-        raises ``ValueError`` on a length or streams that contradict its prefix, before
-        reading past them."""
+    def _sections(self, body: torch.Tensor, numel: int) -> "_Sections":
+        """The body's parts, refused where its length contradicts its prefix."""
         nnz, length_bits, rest_bits, stated = self._stated_streams(body, numel)
         if body.numel() != stated:
             raise ValueError(f"payload's body is {body.numel()} bytes, its prefix states {stated}")
         at = _PREFIX.size + 4 * self._buckets(numel)
         scales = aligned(body[_PREFIX.size: at], 4).view(torch.float32)
-        length_stream = body[at: at + -(-length_bits // 8)]
-        rest_stream = body[at + length_stream.numel():]
+        lengths = body[at: at + -(-length_bits // 8)]
+        return _Sections(nnz, length_bits, rest_bits, scales, lengths, body[at + lengths.numel():])
+
+    def _sparse_levels(self, body: torch.Tensor, numel: int):
+        """``(scales, positions, signed levels, whether every scale is finite)`` of a body;
+        raises ``ValueError`` on a length or streams that contradict its prefix, before
+        reading past them."""
+        sections = self._sections(body, numel)
+        coder = native.library() if body.device.type == "cpu" else None
+        if coder is not None:
+            position, signed = self._read_natively(coder, sections, numel)
+            return sections.scales, position, signed, bool(torch.isfinite(sections.scales).all())
+        return self._read_vectorised(sections, numel)
+
+    def _read_natively(self, coder, sections: "_Sections", numel: int,
+                       out: Optional[torch.Tensor] = None, alpha: Optional[float] = None):
+        """The serial decoder (:mod:`.native`): ``(positions, signed levels)``, or with an fp32
+        ``out`` (contiguous, every scale finite), the values written into it (added times
+        ``alpha`` with one) as :meth:`_decode_body` writes them. On a malformed payload it
+        raises ``ValueError``, ``out`` partly written."""
+        nnz, length_bits, rest_bits = sections.nnz, sections.length_bits, sections.rest_bits
+        lengths, rests = sections.lengths.contiguous(), sections.rests.contiguous()
+        scales = sections.scales.contiguous()
+        magnitudes = self._level_magnitudes(
+            torch.arange(-self.levels, self.levels + 1, dtype=torch.float32))
+        if out is None:
+            position, signed = (torch.empty(nnz, dtype=torch.int64) for _ in range(2))
+            mode, target = 0, 0
+        else:
+            position = signed = torch.empty(0, dtype=torch.int64)
+            mode, target = (1 if alpha is None else 2), out.data_ptr()
+        error = coder.commpress_elias_decode(
+            lengths.data_ptr(), length_bits, rests.data_ptr(), rest_bits, nnz, self.levels, numel,
+            self.bucket_size, magnitudes.data_ptr(), scales.data_ptr(), target, mode,
+            1.0 if alpha is None else alpha, position.data_ptr(), signed.data_ptr(),
+            torch.get_num_threads(), native.THREAD_CODES)
+        if error == 1:
+            raise ValueError(f"payload's length stream does not hold the "
+                             f"{nnz * self._codes_per_value} codes it states in {length_bits} bits")
+        if error == 2:
+            raise ValueError(f"payload's records do not fill the {rest_bits} bits it states with "
+                             f"codes of {self!r}")
+        if error == 3:
+            raise ValueError(f"payload holds a level above {self.levels} or a non-zero past "
+                             f"position {numel - 1}")
+        return position, signed
+
+    def _read_vectorised(self, sections: "_Sections", numel: int):
+        """:meth:`_sparse_levels` in torch operations (any device)."""
+        nnz, length_bits, rest_bits, scales = sections[:4]
         # (a forged stream with more ones, or ones past length_bits, is refused just below)
-        ends = _set_bits(length_stream, nnz * self._codes_per_value)
+        ends = _set_bits(sections.lengths, nnz * self._codes_per_value)
         if ends.numel() != nnz * self._codes_per_value or (nnz and int(ends[-1]) != length_bits - 1):
             raise ValueError(f"payload's length stream holds {ends.numel()} codes in "
                              f"{length_bits} bits, not the {nnz * self._codes_per_value} it states")
         if not nnz:
-            empty = torch.zeros(0, dtype=torch.int64, device=body.device)
+            empty = torch.zeros(0, dtype=torch.int64, device=scales.device)
             return scales, empty, empty, bool(torch.isfinite(scales).all())
-        key = repr(self)
+        key, device = repr(self), scales.device.type
         gap_k, level_k, widths, record_ends = _run(
-            ("elias-lengths", key, body.device.type), self._kernel(_lengths), numel, ends)
+            ("elias-lengths", key, device), self._kernel(_lengths), numel, ends)
         longest_gap, longest_level, total = torch.stack(
             [gap_k.max(), level_k.max(), record_ends[-1]]).tolist()
         if longest_gap > _MAX_GAP_LOG2 or longest_level > self._level_log2 or total != rest_bits:
             raise ValueError(f"payload's records take {total} bits (it states {rest_bits}), with "
                              f"codes of up to 2^{longest_gap} and 2^{longest_level}: not a "
                              f"payload of {self!r}")
-        position, signed = _run(("elias-read", key, body.device.type), self._kernel(_read_records),
-                                numel, _bytes_to_words(rest_stream), gap_k, level_k, widths,
+        position, signed = _run(("elias-read", key, device), self._kernel(_read_records),
+                                numel, _bytes_to_words(sections.rests), gap_k, level_k, widths,
                                 record_ends)
         largest, last, finite = torch.stack([signed.abs().max(), position[-1],
                                              torch.isfinite(scales).all()]).tolist()
@@ -413,6 +507,12 @@ class EliasQSGD(EvenLevels, BucketedLevelCodec):
 
     def _decode_body(self, body, out, alpha=None):
         numel, d = out.numel(), self.bucket_size
+        coder = native.library() if body.device.type == "cpu" else None
+        if coder is not None and out.dtype == torch.float32 and out.is_contiguous():
+            sections = self._sections(body, numel)
+            if bool(torch.isfinite(sections.scales).all()):  # straight into out, in one pass
+                self._read_natively(coder, sections, numel, out, alpha)
+                return
         scales, position, signed, finite = self._sparse_levels(body, numel)
         if finite:  # the non-zeros scattered into out: no full-size temporary, nothing to add
             values = self._level_magnitudes(signed.float()) * scales[position // d]

@@ -149,8 +149,8 @@ class Rotated(Codec):
     def _encode_body(self, flat, generator, out) -> None:
         self.inner._encode_body(self.rotate(flat), generator, out)
 
-    def _encode_sized_body(self, flat, generator):
-        return self.inner._encode_sized_body(self.rotate(flat), generator)
+    def _encode_sized_body(self, flat, generator, room=0):
+        return self.inner._encode_sized_body(self.rotate(flat), generator, room)
 
     def _stated_body_bytes(self, body, numel) -> int:
         return self.inner._stated_body_bytes(body, numel)
