@@ -1,8 +1,10 @@
 """Encode/decode throughput of every codec, in fp32 input GB/s (GB = 1e9 bytes).
 
-Usage: python benchmarks/codec_throughput.py [--quick] [--paths fused eager] [--out PATH]
+Usage: python benchmarks/codec_throughput.py [--quick] [--paths fused vectorised eager] [--out PATH]
 
-For each codec, size and path (the fused, compiled kernels or the eager reference): the
+For each codec, size and path (the fused, compiled kernels with, for the variable-length codecs
+on the CPU, the native coder; the same with the vectorised torch coder instead; or the eager
+reference): the
 median over timed repeats (after one untimed first call, whose time, compilation included, is
 reported) of encode and of decode, with a persistent generator as in training, next to a plain
 copy of the input into a buffer (the memory-bandwidth floor: on a GPU, what the device's memory
@@ -25,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 import commpress as cp
-from commpress.codecs import kernels
+from commpress.codecs import kernels, native
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/report.py
 from report import out_argument  # noqa: E402
@@ -69,7 +71,8 @@ def timed(fn, repeats):
 def run(sizes, repeats, device, paths, names=None):
     rows = []
     chosen = {name: codec for name, codec in CODECS.items() if not names or name in names}
-    jobs = [(name, codec, n, path) for n in sizes for path in paths for name, codec in chosen.items()]
+    jobs = [(name, codec, n, path) for n in sizes for path in paths for name, codec in chosen.items()
+            if path != "vectorised" or codec.variable_length]
     for n in sizes:  # the physical floor: a plain copy of the same fp32 input
         x = torch.randn(n, device=device)
         out = torch.empty_like(x)
@@ -80,7 +83,8 @@ def run(sizes, repeats, device, paths, names=None):
                      "encode_GBps": round(4 * n / 1e9 / t_copy, 3), "decode_GBps": None,
                      "roundtrip_GBps": round(4 * n / 1e9 / t_copy, 3)})
     for name, codec, n, path in tqdm(jobs, desc="codecs", disable=not sys.stderr.isatty()):
-        kernels.set_enabled(path == "fused")
+        kernels.set_enabled(path != "eager")
+        native.set_enabled(False if path == "vectorised" else None)
         x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
         gen = torch.Generator(device=device).manual_seed(0)
         start = time.perf_counter()  # first call: compiles the fused kernels (or loads them)
@@ -99,6 +103,7 @@ def run(sizes, repeats, device, paths, names=None):
             "roundtrip_GBps": round(gb / (t_enc + t_dec), 3),
         })
     kernels.set_enabled(None)
+    native.set_enabled(None)
     return rows
 
 
@@ -118,9 +123,12 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[1 << 20, 25_000_000])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--paths", nargs="+", default=["fused", "eager"], choices=["fused", "eager"],
-                        help="fused: the compiled kernels (commpress.codecs.kernels); eager: "
-                             "the reference torch code")
+    parser.add_argument("--paths", nargs="+", default=["fused", "vectorised", "eager"],
+                        choices=["fused", "vectorised", "eager"],
+                        help="fused: the compiled kernels (commpress.codecs.kernels) and, for "
+                             "variable-length codecs on the CPU, the native coder "
+                             "(commpress.codecs.native); vectorised: the same without the native "
+                             "coder (variable-length codecs only); eager: the reference torch code")
     parser.add_argument("--codecs", nargs="+", choices=list(CODECS), help="(default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes, 2 repeats: checks the script runs (CI); its figures "

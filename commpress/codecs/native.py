@@ -10,8 +10,9 @@ The source is compiled with the C++ compiler ``torch.compile``'s CPU backend use
 ``$XDG_CACHE_HOME/commpress`` or ``~/.cache/commpress``), keyed by the source, the compiler
 and the machine, and renamed into place atomically, so concurrent ranks share one build. No
 ninja and no torch headers: about a second, once. The native coder is not used when the
-compiled kernels are switched off (``COMMPRESS_COMPILE=0``), on a big-endian machine, or
-when no compiler works (logged once; the vectorised coder from then on).
+compiled kernels are switched off (``COMMPRESS_COMPILE=0``) or it is (:func:`set_enabled`),
+on a big-endian machine, or when no compiler works (logged once; the vectorised coder from
+then on).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ THREAD_CODES = 1 << 20
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
 _failure: Optional[str] = None
+_override: Optional[bool] = None
 
 _i64, _i32, _f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 _ptr = ctypes.c_void_p
@@ -124,10 +126,18 @@ def _load() -> ctypes.CDLL:
     return library
 
 
+def set_enabled(flag: Optional[bool]) -> None:
+    """Force the native coder on (True: where it can be built) or off (False) in this
+    process; None: back to following the compiled kernels' switch (:func:`kernels.enabled`)."""
+    global _override
+    _override = flag
+
+
 def library() -> Optional[ctypes.CDLL]:
     """The loaded coder, or None where it is switched off or could not be built."""
     global _library, _failure
-    if not kernels.enabled() or sys.byteorder != "little":
+    wanted = kernels.enabled() if _override is None else _override
+    if not wanted or sys.byteorder != "little":
         return None
     if _library is not None or _failure is not None:
         return _library
