@@ -11,9 +11,8 @@
 #include <string.h>
 
 #include <algorithm>
-#include <atomic>
+#include <new>
 #include <memory>
-#include <thread>
 #include <vector>
 #ifdef __SSE2__
 #include <emmintrin.h>
@@ -60,6 +59,7 @@ enum {
     BAD_LENGTH_STREAM = 1,  // not nnz * codes-per-value unary codes ending at its last bit
     BAD_RECORDS = 2,        // a code too long, or records not filling the stated bits
     BAD_VALUES = 3,         // a level above ``levels`` or a position past ``numel``
+    OUT_OF_MEMORY = 4,      // scratch space could not be allocated
 };
 
 // Bit ``j`` set where code ``j`` of the ``words`` (at most 8) 8-code words at ``codes`` is not
@@ -350,24 +350,16 @@ auto with_scatter(int32_t mode, float* out, int32_t levels, int64_t bucket_size,
     return body(scatter);
 }
 
-// Runs ``work(t)`` for t in [0, parts): 1 .. parts-1 on threads of their own, 0 on this one.
+// Runs ``work(t)`` for t in [0, parts), on OpenMP's threads where it is built with them:
+// torch's own pool (its libgomp), whose threads are still spinning, hot, after the compiled
+// kernel that ran just before. Threads of our own would share the cores with those spinners.
 template <class Work>
 void in_parallel(int64_t parts, Work&& work) {
-    std::vector<std::thread> workers;
-    for (int64_t t = 1; t < parts; ++t) {
-        try {
-            workers.emplace_back(work, t);
-        } catch (...) {  // no thread to be had: this one does it
-            work(t);
-        }
-    }
-    work(0);
-    for (auto& worker : workers) worker.join();
+#ifdef _OPENMP
+#pragma omp parallel for num_threads((int)parts) schedule(static, 1)
+#endif
+    for (int64_t t = 0; t < parts; ++t) work(t);
 }
-
-}  // namespace
-
-extern "C" {
 
 // Writes the streams of ``codes`` (``numel`` codes, 2 * levels + 1 values, levels the zero
 // one, padded with zero codes to a multiple of 8) to ``out``, the length stream's bytes then
@@ -376,9 +368,8 @@ extern "C" {
 // to ``threads`` threads of at least ``thread_codes`` codes each (each writes the streams of a
 // range of codes, appended in order at the end). ``sizes`` gets (non-zeros, length bits, rest
 // bits), a size of -1 where a stream did not fit.
-void commpress_elias_encode(const uint8_t* codes, int64_t numel, int32_t levels, uint8_t* out,
-                            int64_t capacity, int32_t threads, int64_t thread_codes,
-                            int64_t* sizes) {
+void encode(const uint8_t* codes, int64_t numel, int32_t levels, uint8_t* out, int64_t capacity,
+            int32_t threads, int64_t thread_codes, int64_t* sizes) {
     uint8_t* lengths = out;
     uint8_t* rests = out + capacity;
     const uint64_t zero = 0x0101010101010101ULL * (uint8_t)levels;
@@ -389,11 +380,11 @@ void commpress_elias_encode(const uint8_t* codes, int64_t numel, int32_t levels,
     for (int64_t t = 0; t < parts; ++t) bounds[t] = (words * t / parts) & ~(int64_t)7;
     std::vector<Coded> coded(parts);
     std::vector<std::unique_ptr<uint8_t[]>> scratch(2 * parts);
+    for (int64_t t = 1; t < parts; ++t) {
+        scratch[2 * t].reset(new uint8_t[capacity]);
+        scratch[2 * t + 1].reset(new uint8_t[capacity]);
+    }
     in_parallel(parts, [&](int64_t t) {
-        if (t) {
-            scratch[2 * t].reset(new uint8_t[capacity]);
-            scratch[2 * t + 1].reset(new uint8_t[capacity]);
-        }
         uint8_t* unary = t ? scratch[2 * t].get() : lengths;
         uint8_t* records = t ? scratch[2 * t + 1].get() : rests;
         coded[t] = encode_words(codes, bounds[t], bounds[t + 1],
@@ -429,12 +420,10 @@ void commpress_elias_encode(const uint8_t* codes, int64_t numel, int32_t levels,
 // width is its unary lengths' bits less one per length beyond the first) with positions
 // relative to the range, then placed by as many threads once every range's last position is
 // known. Returns one of the error codes; on an error ``out`` is partly written.
-int32_t commpress_elias_decode(const uint8_t* length_stream, int64_t length_bits,
-                               const uint8_t* rest_stream, int64_t rest_bits, int64_t nnz,
-                               int32_t levels, int64_t numel, int64_t bucket_size,
-                               const float* magnitudes, const float* scales, float* out,
-                               int32_t mode, float alpha, int64_t* positions,
-                               int64_t* signed_levels, int32_t threads, int64_t thread_codes) {
+int32_t decode(const uint8_t* length_stream, int64_t length_bits, const uint8_t* rest_stream,
+               int64_t rest_bits, int64_t nnz, int32_t levels, int64_t numel, int64_t bucket_size,
+               const float* magnitudes, const float* scales, float* out, int32_t mode, float alpha,
+               int64_t* positions, int64_t* signed_levels, int32_t threads, int64_t thread_codes) {
     const int64_t codes_per_value = levels > 1 ? 2 : 1;
     const Stream lengths{length_stream, (length_bits + 7) >> 3}, rests{rest_stream, (rest_bits + 7) >> 3};
     // the unary codes: exactly nnz * codes_per_value ones, the last one the stream's last bit
@@ -523,6 +512,37 @@ int32_t commpress_elias_decode(const uint8_t* length_stream, int64_t length_bits
         });
     });
     return OK;
+}
+
+}  // namespace
+
+// The entry points: no exception crosses into the caller (ctypes), a failed allocation is
+// reported as such.
+extern "C" {
+
+void commpress_elias_encode(const uint8_t* codes, int64_t numel, int32_t levels, uint8_t* out,
+                            int64_t capacity, int32_t threads, int64_t thread_codes,
+                            int64_t* sizes) {
+    try {
+        encode(codes, numel, levels, out, capacity, threads, thread_codes, sizes);
+    } catch (...) {
+        sizes[0] = sizes[1] = sizes[2] = -2;
+    }
+}
+
+int32_t commpress_elias_decode(const uint8_t* length_stream, int64_t length_bits,
+                               const uint8_t* rest_stream, int64_t rest_bits, int64_t nnz,
+                               int32_t levels, int64_t numel, int64_t bucket_size,
+                               const float* magnitudes, const float* scales, float* out,
+                               int32_t mode, float alpha, int64_t* positions,
+                               int64_t* signed_levels, int32_t threads, int64_t thread_codes) {
+    try {
+        return decode(length_stream, length_bits, rest_stream, rest_bits, nnz, levels, numel,
+                      bucket_size, magnitudes, scales, out, mode, alpha, positions,
+                      signed_levels, threads, thread_codes);
+    } catch (...) {
+        return OUT_OF_MEMORY;
+    }
 }
 
 }  // extern "C"
