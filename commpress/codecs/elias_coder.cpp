@@ -8,10 +8,10 @@
 // the C++ compiler torch.compile's CPU backend uses, without -ffast-math or FMA contraction,
 // so its fp32 products round exactly as torch's do.
 #include <stdint.h>
+#include <limits.h>
 #include <string.h>
 
 #include <algorithm>
-#include <new>
 #include <memory>
 #include <vector>
 #ifdef __SSE2__
@@ -412,6 +412,57 @@ void encode(const uint8_t* codes, int64_t numel, int32_t levels, uint8_t* out, i
     sizes[2] = total.rest_bits;
 }
 
+// :func:`decode` on several threads, one range of non-zeros each (``starts``): each range is
+// read apart, positions relative to its start (as if the non-zero before it were at -1) kept
+// in ``position_of`` (``positions`` itself for mode 0), then placed once every range's last
+// position is known.
+template <class Position>
+int32_t decode_ranges(Stream lengths, Stream rests, const std::vector<Start>& starts,
+                      int32_t levels, int64_t numel, int64_t bucket_size, const float* magnitudes,
+                      const float* scales, float* out, int32_t mode, float alpha,
+                      int64_t* positions, int64_t* signed_levels, Position* position_of) {
+    const int64_t parts = (int64_t)starts.size() - 1, nnz = starts[parts].index;
+    std::unique_ptr<int8_t[]> levels_read(new int8_t[nnz]);
+    std::vector<int32_t> errors(parts, OK);
+    in_parallel(parts, [&](int64_t t) {
+        int64_t first = starts[t].index;
+        errors[t] = read_records(lengths, rests, starts[t], starts[t + 1].index - first, -1,
+                                 levels, numel, [&](int64_t i, int64_t position, int64_t level) {
+                                     position_of[first + i] = (Position)position;
+                                     levels_read[first + i] = (int8_t)level;
+                                 });
+    });
+    for (int32_t error : errors) {
+        if (error == BAD_RECORDS) return BAD_RECORDS;
+    }
+    for (int32_t error : errors) {
+        if (error != OK) return error;
+    }
+    std::vector<int64_t> base(parts, 0);  // the first position after the ranges before
+    for (int64_t t = 1; t < parts; ++t) {
+        int64_t last = starts[t].index - 1;
+        base[t] = last >= starts[t - 1].index ? base[t - 1] + position_of[last] + 1 : base[t - 1];
+        int64_t own_last = starts[t + 1].index - 1;
+        if (own_last >= starts[t].index && base[t] + position_of[own_last] >= numel) return BAD_VALUES;
+    }
+    in_parallel(parts, [&](int64_t t) {
+        int64_t first = starts[t].index, end = starts[t + 1].index;
+        if (mode == 0) {
+            for (int64_t i = first; i < end; ++i) {
+                positions[i] = base[t] + position_of[i];
+                signed_levels[i] = levels_read[i];
+            }
+            return;
+        }
+        with_scatter(mode, out, levels, bucket_size, base[t], t + 1 < parts ? base[t + 1] : numel,
+                     magnitudes, scales, alpha, [&](auto& scatter) {
+            for (int64_t i = first; i < end; ++i) scatter(base[t] + position_of[i], levels_read[i]);
+            scatter.finish();
+        });
+    });
+    return OK;
+}
+
 // Decodes the streams (``length_bits`` and ``rest_bits`` long) of ``nnz`` non-zeros. ``mode`` 0:
 // ``positions`` and ``signed_levels`` (nnz each) only; 1: ``out = values``; 2: ``out +=
 // values * alpha``, where a value is ``magnitudes[levels + signed level]`` times its bucket's
@@ -465,53 +516,17 @@ int32_t decode(const uint8_t* length_stream, int64_t length_bits, const uint8_t*
             return error;
         });
     }
-    // each range read apart: positions relative to the range's start (as if the non-zero
-    // before it were at -1), then placed once every range's last position is known
-    std::unique_ptr<int64_t[]> own_positions;
-    std::unique_ptr<int8_t[]> levels_read(new int8_t[nnz]);
-    int64_t* position_of = positions;
-    if (mode != 0) {
-        own_positions.reset(new int64_t[nnz]);
-        position_of = own_positions.get();
+    if (mode == 0) return decode_ranges(lengths, rests, starts, levels, numel, bucket_size,
+                                        magnitudes, scales, out, mode, alpha, positions,
+                                        signed_levels, positions);
+    if (numel <= INT32_MAX) {  // relative positions in 4 bytes, not 8
+        std::unique_ptr<int32_t[]> relative(new int32_t[nnz]);
+        return decode_ranges(lengths, rests, starts, levels, numel, bucket_size, magnitudes,
+                             scales, out, mode, alpha, positions, signed_levels, relative.get());
     }
-    std::vector<int32_t> errors(parts, OK);
-    in_parallel(parts, [&](int64_t t) {
-        int64_t first = starts[t].index;
-        errors[t] = read_records(lengths, rests, starts[t], starts[t + 1].index - first, -1,
-                                 levels, numel, [&](int64_t i, int64_t position, int64_t level) {
-                                     position_of[first + i] = position;
-                                     levels_read[first + i] = (int8_t)level;
-                                 });
-    });
-    for (int32_t error : errors) {
-        if (error == BAD_RECORDS) return BAD_RECORDS;
-    }
-    for (int32_t error : errors) {
-        if (error != OK) return error;
-    }
-    std::vector<int64_t> base(parts, 0);  // the first position after the ranges before
-    for (int64_t t = 1; t < parts; ++t) {
-        int64_t last = starts[t].index - 1;
-        base[t] = last >= starts[t - 1].index ? base[t - 1] + position_of[last] + 1 : base[t - 1];
-        int64_t own_last = starts[t + 1].index - 1;
-        if (own_last >= starts[t].index && base[t] + position_of[own_last] >= numel) return BAD_VALUES;
-    }
-    in_parallel(parts, [&](int64_t t) {
-        int64_t first = starts[t].index, end = starts[t + 1].index;
-        if (mode == 0) {
-            for (int64_t i = first; i < end; ++i) {
-                positions[i] += base[t];
-                signed_levels[i] = levels_read[i];
-            }
-            return;
-        }
-        with_scatter(mode, out, levels, bucket_size, base[t], t + 1 < parts ? base[t + 1] : numel,
-                     magnitudes, scales, alpha, [&](auto& scatter) {
-            for (int64_t i = first; i < end; ++i) scatter(base[t] + position_of[i], levels_read[i]);
-            scatter.finish();
-        });
-    });
-    return OK;
+    std::unique_ptr<int64_t[]> relative(new int64_t[nnz]);
+    return decode_ranges(lengths, rests, starts, levels, numel, bucket_size, magnitudes, scales,
+                         out, mode, alpha, positions, signed_levels, relative.get());
 }
 
 }  // namespace
