@@ -23,6 +23,7 @@ except ImportError:
     from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 
 import commpress as cp
+from commpress.comm.transport import release_default_group
 from commpress.lightning import CompressedDDPStrategy
 
 STEPS = 8
@@ -83,6 +84,10 @@ def main(out: Path, mode: str) -> None:
         "params": [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().sum().item()
                    for p in model.parameters()],
         "warnings": [str(w.message) for w in caught if "commpress" in str(w.message)]}))
+    # as PyTorch asks of every script: destroy the group Lightning made (else a gloo thread
+    # still releasing the last step's work when the interpreter finalizes aborts the process)
+    del trainer, model, strategy, state
+    release_default_group()
 
 
 if __name__ == "__main__":
