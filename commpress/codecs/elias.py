@@ -27,7 +27,7 @@ forged one cannot push past :meth:`Codec.wire_bytes`, the bound for its element 
 
 Two coders write and read these bytes. On the CPU, a native serial one (:mod:`.native`,
 ``elias_coder.cpp``: each code's bits written once, the unary lengths read as the set bits of
-whole words, ranges of values on several threads), 3-6x faster; elsewhere, and where it cannot
+whole words, ranges of values on several threads), 3-10x faster here; elsewhere, and where it cannot
 be built, the vectorised torch coder below (prefix sums of the lengths place every field; the
 same source compiles to Triton on a GPU), which is the reference: both give the same bytes,
 the same values and the same refusals (``tests/test_native_coder.py``).
