@@ -37,10 +37,6 @@ def random_codes(codec, numel, density, seed):
     return codes
 
 
-def sections(codec, data, numel):
-    return codec._sections(data[HEADER_BYTES:], numel)
-
-
 @pytest.mark.parametrize("thread_codes", [native.THREAD_CODES, 64, 1000], ids=lambda n: f"{n}-per-thread")
 @pytest.mark.parametrize("codec", CODECS, ids=repr)
 def test_native_and_vectorised_streams_are_the_same_bytes(coder, codec, thread_codes, monkeypatch):
@@ -73,7 +69,7 @@ def test_native_decoder_reads_what_the_vectorised_one_reads(coder, codec, thread
         x = (torch.randn(numel, generator=torch.Generator().manual_seed(seed)) ** 3 if seed >= 0
              else torch.full((numel,), -0.75))
         data = codec.encode(x, torch.Generator().manual_seed(abs(seed))).data
-        parts = sections(codec, data, numel)
+        parts = codec._sections(data[HEADER_BYTES:], numel)
         assert all(torch.equal(a, b) for a, b in zip(
             codec._read_natively(coder, parts, numel), codec._read_vectorised(parts, numel)[1:3]))
         start = torch.randn(numel, generator=torch.Generator().manual_seed(9))

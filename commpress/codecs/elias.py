@@ -460,8 +460,7 @@ class EliasQSGD(EvenLevels, BucketedLevelCodec):
         nnz, length_bits, rest_bits = sections.nnz, sections.length_bits, sections.rest_bits
         lengths, rests = sections.lengths.contiguous(), sections.rests.contiguous()
         scales = sections.scales.contiguous()
-        magnitudes = self._level_magnitudes(
-            torch.arange(-self.levels, self.levels + 1, dtype=torch.float32))
+        magnitudes = self._table(torch.device("cpu"))  # by code: levels + signed level
         if out is None:
             position, signed = (torch.empty(nnz, dtype=torch.int64) for _ in range(2))
             mode, target = 0, 0

@@ -245,19 +245,22 @@ void append_bits(uint8_t* dst, int64_t dst_bits, const uint8_t* src, int64_t src
     store_be(to + i, carry);
 }
 
-// The bit after the ``count``-th set bit of a big-endian stream (0 for none).
-int64_t after_ones(Stream stream, int64_t count) {
-    if (!count) return 0;
+// For each of the ascending ``counts``: the bit after the count-th set bit of a big-endian
+// stream (0 for a count of 0), found in one pass.
+std::vector<int64_t> after_ones(Stream stream, const std::vector<int64_t>& counts) {
+    std::vector<int64_t> after;
     Ones ones(stream, 0);
-    int64_t seen = 0;
-    for (;; ones.base += 64, ones.word = ones.load(ones.base)) {
-        int64_t here = __builtin_popcountll(ones.word);
-        if (seen + here >= count) break;
-        seen += here;
+    int64_t seen = 0, at = -1;
+    for (int64_t count : counts) {
+        while (seen + __builtin_popcountll(ones.word) < count) {
+            seen += __builtin_popcountll(ones.word);
+            ones.base += 64;
+            ones.word = ones.load(ones.base);
+        }
+        for (; seen < count; ++seen) at = ones.next();
+        after.push_back(at + 1);
     }
-    int64_t at = 0;
-    for (; seen < count; ++seen) at = ones.next();
-    return at + 1;
+    return after;
 }
 
 // Where a range of non-zeros starts in the streams: its first index, and each stream's bit.
@@ -265,14 +268,15 @@ struct Start {
     int64_t index, unary_bit, record_bit;
 };
 
-// Reads ``count`` records from ``start``, the non-zero before them at ``previous``, and hands
-// each one's position and signed level to ``sink(i, position, level)``. Returns an error code.
+// Reads ``count`` records from ``start`` and hands each one's position (as if the non-zero
+// before them were at -1) and signed level to ``sink(i, position, level)``. Returns an error
+// code.
 template <class Sink>
-int32_t read_records(Stream lengths, Stream rests, Start start, int64_t count,
-                     int64_t previous, int32_t levels, int64_t numel, Sink&& sink) {
+int32_t read_records(Stream lengths, Stream rests, Start start, int64_t count, int32_t levels,
+                     int64_t numel, Sink&& sink) {
     const int level_log2 = floor_log2((uint64_t)levels);
     Ones ends(lengths, start.unary_bit);
-    int64_t end = start.unary_bit - 1, record_at = start.record_bit;
+    int64_t end = start.unary_bit - 1, record_at = start.record_bit, previous = -1;
     for (int64_t i = 0; i < count; ++i) {
         int64_t gap_end = ends.next();
         int64_t gap_k = gap_end - end - 1, level_k = 0;
@@ -426,8 +430,8 @@ int32_t decode_ranges(Stream lengths, Stream rests, const std::vector<Start>& st
     std::vector<int32_t> errors(parts, OK);
     in_parallel(parts, [&](int64_t t) {
         int64_t first = starts[t].index;
-        errors[t] = read_records(lengths, rests, starts[t], starts[t + 1].index - first, -1,
-                                 levels, numel, [&](int64_t i, int64_t position, int64_t level) {
+        errors[t] = read_records(lengths, rests, starts[t], starts[t + 1].index - first, levels,
+                                 numel, [&](int64_t i, int64_t position, int64_t level) {
                                      position_of[first + i] = (Position)position;
                                      levels_read[first + i] = (int8_t)level;
                                  });
@@ -465,12 +469,12 @@ int32_t decode_ranges(Stream lengths, Stream rests, const std::vector<Start>& st
 
 // Decodes the streams (``length_bits`` and ``rest_bits`` long) of ``nnz`` non-zeros. ``mode`` 0:
 // ``positions`` and ``signed_levels`` (nnz each) only; 1: ``out = values``; 2: ``out +=
-// values * alpha``, where a value is ``magnitudes[levels + signed level]`` times its bucket's
-// scale. With ``threads`` > 1 and ``numel`` >= ``thread_codes``, ranges of non-zeros are read
-// on threads of their own (each finds its start from the count of ones before it: a record's
-// width is its unary lengths' bits less one per length beyond the first) with positions
-// relative to the range, then placed by as many threads once every range's last position is
-// known. Returns one of the error codes; on an error ``out`` is partly written.
+// values * alpha``, where a value is ``magnitudes[levels + signed level]`` (a table by code)
+// times its bucket's scale. With ``threads`` > 1 and ``numel`` >= ``thread_codes``, ranges
+// of non-zeros are read on threads of their own (each finds its start from the count of ones
+// before it: a record's width is its unary lengths' bits less one per length beyond the
+// first) with positions relative to the range, then placed by as many threads once every
+// range's last position is known. Returns one of the error codes; on an error ``out`` is partly written.
 int32_t decode(const uint8_t* length_stream, int64_t length_bits, const uint8_t* rest_stream,
                int64_t rest_bits, int64_t nnz, int32_t levels, int64_t numel, int64_t bucket_size,
                const float* magnitudes, const float* scales, float* out, int32_t mode, float alpha,
@@ -492,15 +496,18 @@ int32_t decode(const uint8_t* length_stream, int64_t length_bits, const uint8_t*
 
     int64_t parts = threads > 1 && numel >= thread_codes ? threads : 1;
     parts = std::max<int64_t>(1, std::min<int64_t>(parts, nnz / 4096));
+    std::vector<int64_t> ones_before(parts);
+    for (int64_t t = 0; t < parts; ++t) ones_before[t] = nnz * t / parts * codes_per_value;
+    std::vector<int64_t> unary_bits = after_ones(lengths, ones_before);
+    unary_bits.push_back(length_bits);
     std::vector<Start> starts(parts + 1);
     for (int64_t t = 0; t <= parts; ++t) {
         int64_t index = nnz * t / parts;
-        int64_t unary_bit = t == parts ? length_bits : after_ones(lengths, index * codes_per_value);
-        starts[t] = {index, unary_bit, unary_bit - index * (codes_per_value - 1)};
+        starts[t] = {index, unary_bits[t], unary_bits[t] - index * (codes_per_value - 1)};
     }
     if (parts == 1) {  // straight into the output
         if (mode == 0) {
-            return read_records(lengths, rests, starts[0], nnz, -1, levels, numel,
+            return read_records(lengths, rests, starts[0], nnz, levels, numel,
                                 [&](int64_t i, int64_t position, int64_t level) {
                                     positions[i] = position;
                                     signed_levels[i] = level;
@@ -508,7 +515,7 @@ int32_t decode(const uint8_t* length_stream, int64_t length_bits, const uint8_t*
         }
         return with_scatter(mode, out, levels, bucket_size, 0, numel, magnitudes, scales, alpha,
                             [&](auto& scatter) {
-            int32_t error = read_records(lengths, rests, starts[0], nnz, -1, levels, numel,
+            int32_t error = read_records(lengths, rests, starts[0], nnz, levels, numel,
                                          [&](int64_t, int64_t position, int64_t level) {
                                              scatter(position, level);
                                          });
